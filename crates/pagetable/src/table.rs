@@ -1,0 +1,945 @@
+//! The hashed (inverted) page table. See `docs/concurrency.md` for the protocol in prose.
+//!
+//! Layout:
+//! - `slots`: the descriptors, one 64-byte cache line each, in an append-only segmented array.
+//!   A slot index is a mapping's stable identity; removed slots go on a free list.
+//! - `buckets`: linear-hashing buckets, one cache line each: a sequence counter, a link to an
+//!   overflow bucket, and 8 entries of (16-bit tag, 32-bit slot handle). Entries of a chain are
+//!   packed, so a lookup stops at the first empty entry.
+//! - `overflow`: more buckets of the same shape, chained from a full bucket. No mapping is ever
+//!   evicted: a full bucket grows a chain.
+//!
+//! Readers take no lock: they read a bucket's sequence counter, the entries and the descriptor,
+//! and retry if the counter moved (a seqlock per bucket). Writers hold one writer lock (the note's
+//! `vm_map_mutex`), and make every change to a chain and to the descriptors it names inside an odd
+//! window of the chain's counter.
+
+use crate::addr::{PageSize, VirtAddr, Vpn};
+use crate::hash::{Fmix64, VpnHasher};
+use crate::lock::{SpinLock, WriterMutex};
+use crate::page::{is_live, meta_of, Page, PageHandle, Words, GEN_MASK, LIVE_BIT, META_SHIFT};
+use crate::segvec::SegVec;
+use crate::sync::{fence, spin_wait, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use alloc::vec::Vec;
+use core::fmt;
+
+#[cfg(not(loom))]
+pub(crate) const BUCKET_SLOTS: usize = 8;
+#[cfg(loom)]
+pub(crate) const BUCKET_SLOTS: usize = 2;
+
+/// Average entries per bucket above which a bucket is split (of [`BUCKET_SLOTS`] per bucket).
+#[cfg(not(loom))]
+const TARGET_LOAD: u64 = 6;
+#[cfg(loom)]
+const TARGET_LOAD: u64 = 1;
+
+#[cfg(not(loom))]
+const MIN_BUCKETS: u64 = 16;
+#[cfg(loom)]
+const MIN_BUCKETS: u64 = 1;
+
+#[cfg(not(loom))]
+const SLOT_SEG_SHIFT: u32 = 12;
+#[cfg(loom)]
+const SLOT_SEG_SHIFT: u32 = 1;
+#[cfg(not(loom))]
+const BUCKET_SEG_SHIFT: u32 = 10;
+#[cfg(loom)]
+const BUCKET_SEG_SHIFT: u32 = 1;
+
+/// Slot handles are stored as `index + 1` in 32 bits, 0 meaning "empty".
+const MAX_SLOTS: u64 = u32::MAX as u64 - 1;
+
+#[repr(C, align(64))]
+#[derive(Default)]
+struct Bucket {
+    seq: AtomicU32,
+    /// 1 + index of the next overflow bucket; 0 ends the chain. Free overflow buckets are chained
+    /// through it too.
+    next: AtomicU32,
+    tags: [AtomicU16; BUCKET_SLOTS],
+    /// 1 + slot index; 0 is an empty entry (and ends the chain's packed entries).
+    handles: [AtomicU32; BUCKET_SLOTS],
+}
+
+#[cfg(not(loom))]
+const _: () = assert!(core::mem::size_of::<Bucket>() == 64);
+
+#[repr(C, align(64))]
+#[derive(Default)]
+struct Slot {
+    words: [AtomicU64; 8],
+}
+
+#[cfg(not(loom))]
+const _: () = assert!(core::mem::size_of::<Slot>() == 64);
+
+impl Slot {
+    #[inline]
+    fn load(&self) -> Words {
+        let mut w = [0u64; 8];
+        for (dst, src) in w.iter_mut().zip(self.words.iter()) {
+            *dst = src.load(Ordering::Relaxed);
+        }
+        w
+    }
+
+    fn store(&self, w: &Words) {
+        for (dst, src) in self.words.iter().zip(w.iter()) {
+            dst.store(*src, Ordering::Relaxed);
+        }
+    }
+}
+
+#[repr(align(64))]
+struct CachePadded<T>(T);
+
+/// State only writers touch, guarded by the writer lock.
+struct Writer {
+    /// Slots ever handed out (the high-water mark).
+    next_slot: u32,
+    /// 1 + index of the first free slot, chained through word 0 of free slots.
+    free_slot: u32,
+    /// Overflow buckets ever handed out.
+    next_overflow: u32,
+    /// 1 + index of the first free overflow bucket, chained through `next`.
+    free_overflow: u32,
+    len: usize,
+    overflow_in_use: usize,
+}
+
+/// What a walk holds while it runs: the note's `lock` argument of `vm_map_map_do_for_all`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WalkLock {
+    /// Hold the writer lock for the whole walk: writers wait until it ends; changes the callback
+    /// makes are stored. The note's `lock != 0`.
+    Map,
+    /// Hold the writer lock only while visiting each bucket group (a handful of pages): writers
+    /// interleave between groups; changes the callback makes are stored.
+    Page,
+    /// Hold nothing: the callback sees consistent copies, and its changes are discarded. Mappings
+    /// present for the whole walk are visited exactly once; ones added or removed meanwhile may or
+    /// may not be. The note's `lock == 0`.
+    None,
+}
+
+/// Errors of the page table.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PageTableError {
+    /// Every slot handle is in use.
+    #[error("page table is full: it holds at most {limit} mappings; unmap pages before mapping more")]
+    CapacityExceeded {
+        /// The most mappings one table can hold.
+        limit: u64,
+    },
+}
+
+/// Sizes and memory of a table, for tests, docs and benchmarks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TableStats {
+    /// Mappings held.
+    pub mappings: usize,
+    /// Primary buckets.
+    pub buckets: u64,
+    /// Overflow buckets linked into chains.
+    pub overflow_buckets: usize,
+    /// Descriptor slots allocated (live, free and not yet used).
+    pub slot_capacity: usize,
+    /// Heap bytes held by the table.
+    pub heap_bytes: usize,
+}
+
+impl TableStats {
+    /// Heap bytes per mapping (0 for an empty table).
+    pub fn bytes_per_mapping(&self) -> f64 {
+        if self.mappings == 0 {
+            0.0
+        } else {
+            self.heap_bytes as f64 / self.mappings as f64
+        }
+    }
+}
+
+/// A concurrent hashed page table for 64-bit virtual addresses.
+///
+/// `H` is the hash function and `L` the writers' lock kind (see [`crate::hash`] and
+/// [`crate::lock`]). Readers ([`get_page`](Self::get_page), [`handle`](Self::handle),
+/// [`get_by_handle`](Self::get_by_handle), [`for_each`](Self::for_each) with [`WalkLock::None`])
+/// never wait for each other or take the writer lock.
+pub struct PageTable<H: VpnHasher = Fmix64, L: lock_api::RawMutex = SpinLock> {
+    /// Linear-hashing shape: the number of primary buckets (only grows).
+    shape: CachePadded<AtomicU64>,
+    /// Mirrors of writer state that readers may look at.
+    len: CachePadded<AtomicUsize>,
+    overflow_high: AtomicU32,
+    buckets: SegVec<Bucket, BUCKET_SEG_SHIFT>,
+    overflow: SegVec<Bucket, BUCKET_SEG_SHIFT>,
+    slots: SegVec<Slot, SLOT_SEG_SHIFT>,
+    writer: WriterMutex<L, Writer>,
+    hasher: H,
+    page_size: PageSize,
+}
+
+impl PageTable {
+    /// An empty table of 4 KiB pages with the default hash and writer lock (`vm_map_map_init`).
+    pub fn new() -> Self {
+        Self::with_config(PageSize::KIB_4, 0)
+    }
+
+    /// An empty table of 4 KiB pages sized for `mappings` without growing.
+    pub fn with_capacity(mappings: usize) -> Self {
+        Self::with_config(PageSize::KIB_4, mappings)
+    }
+}
+
+impl Default for PageTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<H: VpnHasher, L: lock_api::RawMutex> fmt::Debug for PageTable<H, L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PageTable")
+            .field("len", &self.len())
+            .field("buckets", &self.shape.0.load(Ordering::Relaxed))
+            .field("page_size", &self.page_size.bytes())
+            .finish()
+    }
+}
+
+#[inline]
+fn bucket_index(h: u64, n: u64) -> usize {
+    let level = 63 - n.leading_zeros();
+    let low = 1u64 << level;
+    let b = h & (low - 1);
+    let b = if b < n - low { h & ((low << 1) - 1) } else { b };
+    // `b < n`, and `n` never exceeds the bucket array's length, which fits in usize.
+    b as usize
+}
+
+fn write_begin(b: &Bucket) {
+    let s = b.seq.load(Ordering::Relaxed);
+    debug_assert!(s & 1 == 0, "nested write window");
+    b.seq.store(s.wrapping_add(1), Ordering::Relaxed);
+    fence(Ordering::Release);
+}
+
+fn write_end(b: &Bucket) {
+    let s = b.seq.load(Ordering::Relaxed);
+    b.seq.store(s.wrapping_add(1), Ordering::Release);
+}
+
+/// Which entry a reader or writer is looking for.
+#[derive(Clone, Copy)]
+enum Key {
+    /// The mapping of this page-aligned address, found by tag.
+    Addr { vaddr: u64, tag: u16 },
+    /// A handle: this slot, this address, this generation.
+    Handle { vaddr: u64, slot: u32, gen: u16 },
+}
+
+impl Key {
+    #[inline]
+    fn entry_may_match(&self, tag: u16, handle: u32) -> bool {
+        match *self {
+            Key::Addr { tag: t, .. } => t == tag,
+            Key::Handle { slot, .. } => handle == slot + 1,
+        }
+    }
+
+    #[inline]
+    fn words_match(&self, w: &Words) -> bool {
+        match *self {
+            Key::Addr { vaddr, .. } => w[0] == vaddr && is_live(w),
+            Key::Handle { vaddr, gen, .. } => {
+                w[0] == vaddr && is_live(w) && u64::from(meta_of(w)) & GEN_MASK == u64::from(gen)
+            }
+        }
+    }
+}
+
+/// A position in a chain, seen by a writer.
+struct Found<'a> {
+    bucket: &'a Bucket,
+    entry: usize,
+    slot: u32,
+}
+
+/// The end of a chain, seen by a writer.
+struct ChainEnd<'a> {
+    /// The bucket before `last`, when `last` is an overflow bucket.
+    prev: Option<&'a Bucket>,
+    last: &'a Bucket,
+    /// `last`'s overflow index, when it is one.
+    last_overflow: Option<u32>,
+    /// Entries used in `last`.
+    used: usize,
+}
+
+impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
+    /// An empty table for pages of `page_size`, sized for `mappings` without growing.
+    pub fn with_config(page_size: PageSize, mappings: usize) -> Self {
+        let table = PageTable {
+            shape: CachePadded(AtomicU64::new(MIN_BUCKETS)),
+            len: CachePadded(AtomicUsize::new(0)),
+            overflow_high: AtomicU32::new(0),
+            buckets: SegVec::new(),
+            overflow: SegVec::new(),
+            slots: SegVec::new(),
+            writer: WriterMutex::new(Writer {
+                next_slot: 0,
+                free_slot: 0,
+                next_overflow: 0,
+                free_overflow: 0,
+                len: 0,
+                overflow_in_use: 0,
+            }),
+            hasher: H::default(),
+            page_size,
+        };
+        let mut want = (mappings as u64).div_ceil(TARGET_LOAD).max(MIN_BUCKETS);
+        let max_buckets = SegVec::<Bucket, BUCKET_SEG_SHIFT>::max_len() as u64;
+        want = want.min(max_buckets);
+        // Both reservations are capped at what the arrays can name, so they cannot fail.
+        table.buckets.reserve(want as usize);
+        table.slots.reserve(mappings.min(MAX_SLOTS as usize));
+        if want > MIN_BUCKETS {
+            // Splitting empty buckets moves nothing; publish the shape directly.
+            table.shape.0.store(want, Ordering::Release);
+        }
+        table
+    }
+
+    /// The page size this table maps.
+    pub fn page_size(&self) -> PageSize {
+        self.page_size
+    }
+
+    /// A fresh descriptor for the page containing `vaddr` (`vm_map_page_init`). It is not stored
+    /// until it is passed to [`set_page`](Self::set_page).
+    pub fn page_init(&self, vaddr: VirtAddr) -> Page {
+        Page::new(self.page_size.align_down(vaddr))
+    }
+
+    /// How many mappings the table holds.
+    pub fn len(&self) -> usize {
+        self.len.0.load(Ordering::Relaxed)
+    }
+
+    /// True if the table holds no mapping.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sizes and heap bytes.
+    pub fn stats(&self) -> TableStats {
+        let w = self.writer.lock();
+        TableStats {
+            mappings: w.len,
+            buckets: self.shape.0.load(Ordering::Relaxed),
+            overflow_buckets: w.overflow_in_use,
+            slot_capacity: self.slots.capacity(),
+            heap_bytes: self.buckets.heap_bytes()
+                + self.overflow.heap_bytes()
+                + self.slots.heap_bytes()
+                + core::mem::size_of::<Self>(),
+        }
+    }
+
+    #[inline]
+    fn hash_key(&self, vaddr: VirtAddr) -> (u64, u64, u16) {
+        let vaddr = self.page_size.align_down(vaddr);
+        let h = self.hasher.hash(self.page_size.vpn(vaddr).0);
+        // The top 16 bits of the hash; the low bits pick the bucket.
+        #[allow(clippy::cast_possible_truncation)]
+        let tag = (h >> 48) as u16;
+        (vaddr.0, h, tag)
+    }
+
+    #[inline]
+    fn overflow_bucket(&self, link: u32) -> Option<&Bucket> {
+        self.overflow.get(link.checked_sub(1)? as usize)
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Readers
+
+    /// Lock-free: the slot and words of the entry `key` in the chain for hash `h`.
+    fn read(&self, h: u64, key: Key) -> Option<(u32, Words)> {
+        loop {
+            let n = self.shape.0.load(Ordering::Acquire);
+            let Some(head) = self.buckets.get(bucket_index(h, n)) else {
+                // Unreachable: buckets are allocated before the shape naming them is published.
+                spin_wait();
+                continue;
+            };
+            let s1 = head.seq.load(Ordering::Acquire);
+            if s1 & 1 != 0 {
+                spin_wait();
+                continue;
+            }
+            // A split publishes the new shape before it closes the source bucket's window; having
+            // acquired that close, a stale shape here means our bucket choice may be stale too.
+            if self.shape.0.load(Ordering::Relaxed) != n {
+                continue;
+            }
+            let found = self.scan(head, key);
+            fence(Ordering::Acquire);
+            if head.seq.load(Ordering::Relaxed) == s1 {
+                return found;
+            }
+            spin_wait();
+        }
+    }
+
+    /// Racy scan of a chain; only meaningful if the head's sequence did not move meanwhile.
+    #[inline]
+    fn scan(&self, head: &Bucket, key: Key) -> Option<(u32, Words)> {
+        let limit = self.overflow_high.load(Ordering::Relaxed);
+        let mut bucket = head;
+        let mut hops = 0u32;
+        loop {
+            for i in 0..BUCKET_SLOTS {
+                let handle = bucket.handles[i].load(Ordering::Relaxed);
+                if handle == 0 {
+                    return None;
+                }
+                if key.entry_may_match(bucket.tags[i].load(Ordering::Relaxed), handle) {
+                    if let Some(slot) = self.slots.get((handle - 1) as usize) {
+                        let w = slot.load();
+                        if key.words_match(&w) {
+                            return Some((handle - 1, w));
+                        }
+                    }
+                }
+            }
+            let next = bucket.next.load(Ordering::Relaxed);
+            if next == 0 || hops >= limit {
+                return None;
+            }
+            hops += 1;
+            bucket = self.overflow_bucket(next)?;
+        }
+    }
+
+    /// A copy of the descriptor of the page containing `vaddr` (`get_page`), or `None` if it is
+    /// not mapped. Never blocks and never takes the writer lock.
+    #[inline]
+    pub fn get_page(&self, vaddr: VirtAddr) -> Option<Page> {
+        let (vaddr, h, tag) = self.hash_key(vaddr);
+        self.read(h, Key::Addr { vaddr, tag }).map(|(_, w)| Page::from_words(&w))
+    }
+
+    /// The stable handle of the mapping of the page containing `vaddr`.
+    pub fn handle(&self, vaddr: VirtAddr) -> Option<PageHandle> {
+        let (aligned, h, tag) = self.hash_key(vaddr);
+        self.read(h, Key::Addr { vaddr: aligned, tag }).map(|(slot, w)| self.handle_of(slot, &w))
+    }
+
+    /// A copy of the descriptor `handle` names, or `None` if that mapping no longer exists (even
+    /// if the same address was mapped again since).
+    pub fn get_by_handle(&self, handle: PageHandle) -> Option<Page> {
+        let (vaddr, h, _) = self.hash_key(self.page_size.addr(handle.vpn));
+        self.read(h, Key::Handle { vaddr, slot: handle.slot, gen: handle.gen }).map(|(_, w)| Page::from_words(&w))
+    }
+
+    fn handle_of(&self, slot: u32, w: &Words) -> PageHandle {
+        #[allow(clippy::cast_possible_truncation)] // GEN_MASK is 15 bits
+        let gen = (u64::from(meta_of(w)) & GEN_MASK) as u16;
+        PageHandle { vpn: self.page_size.vpn(VirtAddr(w[0])), slot, gen }
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Writer helpers (the writer lock is held)
+
+    fn head(&self, h: u64) -> &Bucket {
+        let n = self.shape.0.load(Ordering::Relaxed);
+        match self.buckets.get(bucket_index(h, n)) {
+            Some(b) => b,
+            // The shape never names a bucket that was not allocated first.
+            None => unreachable!("bucket {} of {n} not allocated", bucket_index(h, n)),
+        }
+    }
+
+    fn slot(&self, slot: u32) -> &Slot {
+        match self.slots.get(slot as usize) {
+            Some(s) => s,
+            None => unreachable!("slot {slot} named by a chain is not allocated"),
+        }
+    }
+
+    fn next_in_chain(&self, b: &Bucket) -> Option<(u32, &Bucket)> {
+        let link = b.next.load(Ordering::Relaxed);
+        let idx = link.checked_sub(1)?;
+        self.overflow.get(idx as usize).map(|b| (idx, b))
+    }
+
+    fn find<'a>(&'a self, head: &'a Bucket, key: Key) -> Option<Found<'a>> {
+        let mut bucket = head;
+        loop {
+            for entry in 0..BUCKET_SLOTS {
+                let handle = bucket.handles[entry].load(Ordering::Relaxed);
+                if handle == 0 {
+                    return None;
+                }
+                if key.entry_may_match(bucket.tags[entry].load(Ordering::Relaxed), handle)
+                    && key.words_match(&self.slot(handle - 1).load())
+                {
+                    return Some(Found { bucket, entry, slot: handle - 1 });
+                }
+            }
+            bucket = self.next_in_chain(bucket)?.1;
+        }
+    }
+
+    fn chain_end<'a>(&'a self, head: &'a Bucket) -> ChainEnd<'a> {
+        let mut end = ChainEnd { prev: None, last: head, last_overflow: None, used: 0 };
+        loop {
+            let used = end.last.handles.iter().take_while(|h| h.load(Ordering::Relaxed) != 0).count();
+            if used < BUCKET_SLOTS {
+                end.used = used;
+                return end;
+            }
+            match self.next_in_chain(end.last) {
+                Some((idx, next)) => {
+                    end = ChainEnd { prev: Some(end.last), last: next, last_overflow: Some(idx), used: 0 };
+                }
+                None => {
+                    end.used = used;
+                    return end;
+                }
+            }
+        }
+    }
+
+    fn alloc_overflow(&self, w: &mut Writer) -> Result<u32, PageTableError> {
+        let idx = if let Some(idx) = w.free_overflow.checked_sub(1) {
+            let b = self.overflow_bucket(w.free_overflow).unwrap_or_else(|| unreachable!("free overflow bucket"));
+            w.free_overflow = b.next.load(Ordering::Relaxed);
+            idx
+        } else {
+            let idx = w.next_overflow;
+            if u64::from(idx) >= MAX_SLOTS || !self.overflow.reserve(idx as usize + 1) {
+                return Err(PageTableError::CapacityExceeded { limit: MAX_SLOTS });
+            }
+            w.next_overflow += 1;
+            // Readers bound chain walks by this; it must cover every bucket before it is linked.
+            self.overflow_high.store(w.next_overflow, Ordering::Relaxed);
+            idx
+        };
+        w.overflow_in_use += 1;
+        Ok(idx)
+    }
+
+    /// Clears an unlinked overflow bucket and puts it on the free list. Callers are inside the
+    /// write window of the chain it belonged to.
+    fn free_overflow(&self, w: &mut Writer, idx: u32, b: &Bucket) {
+        for h in b.handles.iter() {
+            h.store(0, Ordering::Relaxed);
+        }
+        b.next.store(w.free_overflow, Ordering::Relaxed);
+        w.free_overflow = idx + 1;
+        w.overflow_in_use -= 1;
+    }
+
+    fn alloc_slot(&self, w: &mut Writer) -> Result<u32, PageTableError> {
+        if let Some(idx) = w.free_slot.checked_sub(1) {
+            // Free slots are chained through word 0 (1 + next free index).
+            #[allow(clippy::cast_possible_truncation)]
+            let next = self.slot(idx).words[0].load(Ordering::Relaxed) as u32;
+            w.free_slot = next;
+            return Ok(idx);
+        }
+        let idx = w.next_slot;
+        if u64::from(idx) >= MAX_SLOTS || !self.slots.reserve(idx as usize + 1) {
+            return Err(PageTableError::CapacityExceeded { limit: MAX_SLOTS });
+        }
+        w.next_slot += 1;
+        Ok(idx)
+    }
+
+    /// Appends an entry at the end of a chain whose end is `end`, linking `spare` (an overflow
+    /// bucket the caller allocated) if the last bucket is full. Inside the chain's write window.
+    fn append(&self, w: &mut Writer, end: &ChainEnd<'_>, tag: u16, handle: u32, spare: Option<u32>) {
+        if end.used < BUCKET_SLOTS {
+            end.last.tags[end.used].store(tag, Ordering::Relaxed);
+            end.last.handles[end.used].store(handle, Ordering::Relaxed);
+            if let Some(idx) = spare {
+                // Not needed after all: give it back.
+                let b = self.overflow.get(idx as usize).unwrap_or_else(|| unreachable!("spare bucket"));
+                self.free_overflow(w, idx, b);
+            }
+            return;
+        }
+        let idx = spare.unwrap_or_else(|| unreachable!("caller allocates a spare for a full chain"));
+        let b = self.overflow.get(idx as usize).unwrap_or_else(|| unreachable!("spare bucket"));
+        b.next.store(0, Ordering::Relaxed);
+        for (i, h) in b.handles.iter().enumerate() {
+            h.store(if i == 0 { handle } else { 0 }, Ordering::Relaxed);
+        }
+        b.tags[0].store(tag, Ordering::Relaxed);
+        end.last.next.store(idx + 1, Ordering::Relaxed);
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Writers
+
+    /// Stores `page` under its address (`set_page`): inserts a new mapping or replaces the
+    /// descriptor of an existing one, which keeps its handle. `page.vaddr` is rounded down to its
+    /// page. Waits for the writer lock (and so for a [`WalkLock::Map`] walk).
+    pub fn set_page(&self, page: Page) -> Result<PageHandle, PageTableError> {
+        let (vaddr, h, tag) = self.hash_key(page.vaddr);
+        let page = Page { vaddr: VirtAddr(vaddr), ..page };
+        let mut w = self.writer.lock();
+        let head = self.head(h);
+        if let Some(found) = self.find(head, Key::Addr { vaddr, tag }) {
+            let slot = self.slot(found.slot);
+            let meta = meta_of(&slot.load());
+            write_begin(head);
+            slot.store(&page.to_words(meta));
+            write_end(head);
+            return Ok(self.handle_of(found.slot, &page.to_words(meta)));
+        }
+        let end = self.chain_end(head);
+        let spare = if end.used == BUCKET_SLOTS { Some(self.alloc_overflow(&mut w)?) } else { None };
+        let slot_idx = match self.alloc_slot(&mut w) {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(idx) = spare {
+                    let b = self.overflow.get(idx as usize).unwrap_or_else(|| unreachable!("spare bucket"));
+                    self.free_overflow(&mut w, idx, b);
+                }
+                return Err(e);
+            }
+        };
+        let slot = self.slot(slot_idx);
+        let old_gen = u64::from(meta_of(&slot.load())) & GEN_MASK;
+        #[allow(clippy::cast_possible_truncation)] // 16 bits: live bit and 15-bit generation
+        let meta = ((LIVE_BIT >> META_SHIFT) | ((old_gen + 1) & GEN_MASK)) as u16;
+        let words = page.to_words(meta);
+        write_begin(head);
+        slot.store(&words);
+        self.append(&mut w, &end, tag, slot_idx + 1, spare);
+        write_end(head);
+        w.len += 1;
+        self.len.0.store(w.len, Ordering::Relaxed);
+        self.grow(&mut w);
+        Ok(self.handle_of(slot_idx, &words))
+    }
+
+    /// Applies `f` to the descriptor of the page containing `vaddr` and stores the result, as
+    /// one atomic read-modify-write. `None` if the page is not mapped. The key (`vaddr`) cannot be
+    /// changed by `f`.
+    pub fn update<R>(&self, vaddr: VirtAddr, f: impl FnOnce(&mut Page) -> R) -> Option<R> {
+        let (vaddr, h, tag) = self.hash_key(vaddr);
+        self.update_key(h, Key::Addr { vaddr, tag }, f)
+    }
+
+    /// [`update`](Self::update) through a handle: `None` if its mapping no longer exists.
+    pub fn update_by_handle<R>(&self, handle: PageHandle, f: impl FnOnce(&mut Page) -> R) -> Option<R> {
+        let (vaddr, h, _) = self.hash_key(self.page_size.addr(handle.vpn));
+        self.update_key(h, Key::Handle { vaddr, slot: handle.slot, gen: handle.gen }, f)
+    }
+
+    fn update_key<R>(&self, h: u64, key: Key, f: impl FnOnce(&mut Page) -> R) -> Option<R> {
+        let _w = self.writer.lock();
+        let head = self.head(h);
+        let found = self.find(head, key)?;
+        Some(self.modify(head, self.slot(found.slot), f))
+    }
+
+    /// Runs `f` on a copy of `slot` and stores it back if it changed. Writer lock held.
+    fn modify<R>(&self, head: &Bucket, slot: &Slot, f: impl FnOnce(&mut Page) -> R) -> R {
+        let words = slot.load();
+        let before = Page::from_words(&words);
+        let mut page = before;
+        let r = f(&mut page);
+        page.vaddr = before.vaddr;
+        if page != before {
+            write_begin(head);
+            slot.store(&page.to_words(meta_of(&words)));
+            write_end(head);
+        }
+        r
+    }
+
+    /// Removes the mapping of the page containing `vaddr` and returns its last descriptor.
+    pub fn remove(&self, vaddr: VirtAddr) -> Option<Page> {
+        let (vaddr, h, tag) = self.hash_key(vaddr);
+        let mut w = self.writer.lock();
+        let head = self.head(h);
+        let found = self.find(head, Key::Addr { vaddr, tag })?;
+        let end = self.chain_end(head);
+        let slot = self.slot(found.slot);
+        let words = slot.load();
+        // The last entry of the chain fills the hole, keeping entries packed.
+        let last = end.used - 1;
+        write_begin(head);
+        if !(core::ptr::eq(found.bucket, end.last) && found.entry == last) {
+            found.bucket.tags[found.entry].store(end.last.tags[last].load(Ordering::Relaxed), Ordering::Relaxed);
+            found.bucket.handles[found.entry].store(end.last.handles[last].load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        end.last.handles[last].store(0, Ordering::Relaxed);
+        if last == 0 {
+            if let (Some(prev), Some(idx)) = (end.prev, end.last_overflow) {
+                prev.next.store(0, Ordering::Relaxed);
+                self.free_overflow(&mut w, idx, end.last);
+            }
+        }
+        // Dead: live bit cleared (generation kept), word 0 links the free list.
+        slot.words[7].store(words[7] & !LIVE_BIT, Ordering::Relaxed);
+        slot.words[0].store(u64::from(w.free_slot), Ordering::Relaxed);
+        write_end(head);
+        w.free_slot = found.slot + 1;
+        w.len -= 1;
+        self.len.0.store(w.len, Ordering::Relaxed);
+        Some(Page::from_words(&words))
+    }
+
+    /// Linear hashing: split one bucket whenever the average load passes the target. Each split
+    /// moves one chain (a bounded step), so no operation ever rehashes the whole table.
+    fn grow(&self, w: &mut Writer) {
+        let n = self.shape.0.load(Ordering::Relaxed);
+        if (w.len as u64) <= n * TARGET_LOAD || !self.buckets.reserve(n as usize + 1) {
+            return;
+        }
+        let low = 1u64 << (63 - n.leading_zeros());
+        let (src_idx, dst_idx) = ((n - low) as usize, n as usize);
+        let (Some(src), Some(dst)) = (self.buckets.get(src_idx), self.buckets.get(dst_idx)) else {
+            return;
+        };
+        // Gather the chain and decide where each entry goes before touching anything.
+        let mut stay = Vec::new();
+        let mut moved = Vec::new();
+        let mut spare = Vec::new();
+        let mut bucket = src;
+        loop {
+            for i in 0..BUCKET_SLOTS {
+                let handle = bucket.handles[i].load(Ordering::Relaxed);
+                if handle == 0 {
+                    break;
+                }
+                let tag = bucket.tags[i].load(Ordering::Relaxed);
+                let vaddr = VirtAddr(self.slot(handle - 1).words[0].load(Ordering::Relaxed));
+                let h = self.hasher.hash(self.page_size.vpn(vaddr).0);
+                if h & low != 0 { moved.push((tag, handle)) } else { stay.push((tag, handle)) }
+            }
+            match self.next_in_chain(bucket) {
+                Some((idx, next)) => {
+                    spare.push(idx);
+                    bucket = next;
+                }
+                None => break,
+            }
+        }
+        // Two chains never need more overflow buckets than the one they came from; check anyway,
+        // before the write windows open, so a failure changes nothing.
+        let need = |k: usize| k.max(1).div_ceil(BUCKET_SLOTS) - 1;
+        let linked = spare.len();
+        while spare.len() < need(stay.len()) + need(moved.len()) {
+            match self.alloc_overflow(w) {
+                Ok(idx) => spare.push(idx),
+                Err(_) => {
+                    // Give back only what was allocated here; the chain keeps its own buckets.
+                    for idx in spare.drain(linked..) {
+                        let b = self.overflow.get(idx as usize).unwrap_or_else(|| unreachable!("spare"));
+                        self.free_overflow(w, idx, b);
+                    }
+                    return;
+                }
+            }
+        }
+        write_begin(src);
+        write_begin(dst);
+        let mut spare = spare.into_iter();
+        self.rebuild(src, &stay, &mut spare);
+        self.rebuild(dst, &moved, &mut spare);
+        for idx in spare {
+            let b = self.overflow.get(idx as usize).unwrap_or_else(|| unreachable!("spare"));
+            self.free_overflow(w, idx, b);
+        }
+        self.shape.0.store(n + 1, Ordering::Release);
+        write_end(dst);
+        write_end(src);
+    }
+
+    /// Rewrites the chain at `head` to hold exactly `entries`, packed, taking overflow buckets
+    /// from `spare`. Inside the chain's write window.
+    fn rebuild(&self, head: &Bucket, entries: &[(u16, u32)], spare: &mut impl Iterator<Item = u32>) {
+        let mut bucket = head;
+        let mut chunks = entries.chunks(BUCKET_SLOTS).peekable();
+        loop {
+            let chunk = chunks.next().unwrap_or(&[]);
+            for i in 0..BUCKET_SLOTS {
+                let (tag, handle) = chunk.get(i).copied().unwrap_or((0, 0));
+                bucket.tags[i].store(tag, Ordering::Relaxed);
+                bucket.handles[i].store(handle, Ordering::Relaxed);
+            }
+            if chunks.peek().is_none() {
+                bucket.next.store(0, Ordering::Relaxed);
+                return;
+            }
+            let idx = spare.next().unwrap_or_else(|| unreachable!("spare buckets counted before"));
+            bucket.next.store(idx + 1, Ordering::Relaxed);
+            bucket = self.overflow.get(idx as usize).unwrap_or_else(|| unreachable!("spare bucket"));
+        }
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Walks
+
+    /// Calls `f` once for every mapping (`vm_map_map_do_for_all`); returns how many it visited.
+    /// `lock` says what the walk holds and whether `f`'s changes are stored (see [`WalkLock`]).
+    /// With [`WalkLock::Map`] or [`WalkLock::Page`], `f` must not call this table's writers (it
+    /// would wait for itself); readers are fine.
+    pub fn for_each(&self, lock: WalkLock, mut f: impl FnMut(&mut Page)) -> usize {
+        match lock {
+            WalkLock::Map => {
+                let _w = self.writer.lock();
+                let n = self.shape.0.load(Ordering::Relaxed);
+                (0..n as usize).map(|b| self.visit_chain_locked(b, &mut f)).sum()
+            }
+            WalkLock::Page => {
+                let groups = self.walk_groups();
+                let mut visited = 0;
+                for g in 0..groups {
+                    let _w = self.writer.lock();
+                    let n = self.shape.0.load(Ordering::Relaxed) as usize;
+                    visited += (g..n).step_by(groups).map(|b| self.visit_chain_locked(b, &mut f)).sum::<usize>();
+                }
+                visited
+            }
+            WalkLock::None => {
+                let groups = self.walk_groups();
+                let mut copies = Vec::new();
+                let mut visited = 0;
+                for g in 0..groups {
+                    self.read_group(g, groups, &mut copies);
+                    for w in &copies {
+                        let mut page = Page::from_words(w);
+                        f(&mut page);
+                    }
+                    visited += copies.len();
+                }
+                visited
+            }
+        }
+    }
+
+    /// Walks go group by group: group `g` is every bucket whose index is `g` modulo the power of
+    /// two at or below the bucket count when the walk starts. Splits only move entries within a
+    /// group, so a mapping cannot slip from an unvisited group into a visited one.
+    fn walk_groups(&self) -> usize {
+        let n = self.shape.0.load(Ordering::Acquire);
+        1usize << (63 - n.leading_zeros())
+    }
+
+    fn visit_chain_locked(&self, b: usize, f: &mut impl FnMut(&mut Page)) -> usize {
+        let Some(head) = self.buckets.get(b) else { return 0 };
+        let mut visited = 0;
+        let mut bucket = head;
+        loop {
+            for i in 0..BUCKET_SLOTS {
+                let handle = bucket.handles[i].load(Ordering::Relaxed);
+                if handle == 0 {
+                    return visited;
+                }
+                self.modify(head, self.slot(handle - 1), &mut *f);
+                visited += 1;
+            }
+            match self.next_in_chain(bucket) {
+                Some((_, next)) => bucket = next,
+                None => return visited,
+            }
+        }
+    }
+
+    /// Lock-free consistent copies of every descriptor in group `g`.
+    fn read_group(&self, g: usize, groups: usize, out: &mut Vec<Words>) {
+        let mut seqs: Vec<(usize, u32)> = Vec::new();
+        let in_group = |n: usize| if n > g { (n - g).div_ceil(groups) } else { 0 };
+        'retry: loop {
+            out.clear();
+            seqs.clear();
+            let n = self.shape.0.load(Ordering::Acquire) as usize;
+            for b in (g..n).step_by(groups) {
+                let Some(head) = self.buckets.get(b) else { continue 'retry };
+                let s1 = head.seq.load(Ordering::Acquire);
+                if s1 & 1 != 0 {
+                    spin_wait();
+                    continue 'retry;
+                }
+                seqs.push((b, s1));
+                self.scan_all(head, out);
+            }
+            // A bucket added to this group since we read the shape means an entry may have moved
+            // out of a bucket we read after the move (see `read`).
+            if in_group(self.shape.0.load(Ordering::Relaxed) as usize) != in_group(n) {
+                continue 'retry;
+            }
+            fence(Ordering::Acquire);
+            for &(b, s1) in &seqs {
+                match self.buckets.get(b) {
+                    Some(head) if head.seq.load(Ordering::Relaxed) == s1 => {}
+                    _ => {
+                        spin_wait();
+                        continue 'retry;
+                    }
+                }
+            }
+            return;
+        }
+    }
+
+    /// Racy copy of every live descriptor in a chain (validated by the caller).
+    fn scan_all(&self, head: &Bucket, out: &mut Vec<Words>) {
+        let limit = self.overflow_high.load(Ordering::Relaxed);
+        let mut bucket = head;
+        let mut hops = 0u32;
+        loop {
+            for i in 0..BUCKET_SLOTS {
+                let handle = bucket.handles[i].load(Ordering::Relaxed);
+                if handle == 0 {
+                    return;
+                }
+                if let Some(slot) = self.slots.get((handle - 1) as usize) {
+                    let w = slot.load();
+                    if is_live(&w) {
+                        out.push(w);
+                    }
+                }
+            }
+            let next = bucket.next.load(Ordering::Relaxed);
+            if next == 0 || hops >= limit {
+                return;
+            }
+            hops += 1;
+            let Some(b) = self.overflow_bucket(next) else { return };
+            bucket = b;
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_index_follows_linear_hashing() {
+        // 16 buckets: plain mask.
+        assert_eq!(bucket_index(0x35, 16), 0x5);
+        // 18 buckets: buckets 0 and 1 were split, so their hashes use one more bit.
+        assert_eq!(bucket_index(0x11, 18), 0x11);
+        assert_eq!(bucket_index(0x01, 18), 0x01);
+        assert_eq!(bucket_index(0x12, 18), 0x2);
+        for h in 0..1000u64 {
+            for n in 1..200u64 {
+                assert!((bucket_index(h, n) as u64) < n);
+            }
+        }
+    }
+}
