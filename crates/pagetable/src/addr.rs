@@ -156,7 +156,7 @@ mod tests {
         let ps = PageSize::KIB_4;
         let top = VirtAddr(u64::MAX);
         assert_eq!(ps.vpn(top), Vpn(u64::MAX >> 12));
-        assert_eq!(ps.addr(ps.vpn(top)), VirtAddr(u64::MAX & !0xfff));
+        assert_eq!(ps.addr(ps.vpn(top)), VirtAddr(!0xfff));
         assert_eq!(ps.align_down(VirtAddr(0x1234_5678)), VirtAddr(0x1234_5000));
     }
 

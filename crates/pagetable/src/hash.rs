@@ -72,7 +72,7 @@ mod tests {
         // 4096 pages at strides of 1 page, 16 pages (64 KiB) and 512 pages (2 MiB) into 4096 buckets:
         // a uniform hash fills about 63% of them; the prototype fills at most 256.
         for stride in [1u64, 16, 512] {
-            let vpns = || (0..4096u64).map(move |i| 0x7fff_0000_0 + i * stride);
+            let vpns = || (0..4096u64).map(move |i| 0x0007_fff0_0000 + i * stride);
             let fm = distinct_buckets(&Fmix64, vpns(), 12);
             let fib = distinct_buckets(&Fibonacci, vpns(), 12);
             let proto = distinct_buckets(&PrototypeModulo, vpns(), 12);
@@ -84,7 +84,8 @@ mod tests {
 
     #[test]
     fn tags_differ_for_neighbouring_pages() {
-        let tags: alloc::collections::BTreeSet<u64> = (0..1000u64).map(|v| Fmix64.hash(v) >> 48).collect();
+        let tags: alloc::collections::BTreeSet<u64> =
+            (0..1000u64).map(|v| Fmix64.hash(v) >> 48).collect();
         // 1000 uniform 16-bit tags collide about 7.6 times (birthday bound).
         assert!(tags.len() > 975, "{}", tags.len());
     }

@@ -179,7 +179,13 @@ mod tests {
     #[test]
     fn new_page_is_all_zero_but_its_address() {
         let p = Page::new(VirtAddr(0x5000));
-        assert_eq!(p, Page { vaddr: VirtAddr(0x5000), ..Page::default() });
+        assert_eq!(
+            p,
+            Page {
+                vaddr: VirtAddr(0x5000),
+                ..Page::default()
+            }
+        );
         assert_eq!(PAGE_DESCRIPTOR_BYTES, 64);
     }
 }

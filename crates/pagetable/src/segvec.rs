@@ -53,7 +53,10 @@ impl<T: Default, const SEG_SHIFT: u32> SegVec<T, SEG_SHIFT> {
     /// The element at `i`, or `None` if its segment does not exist (yet). Lock-free.
     #[inline]
     pub(crate) fn get(&self, i: usize) -> Option<&T> {
-        let mid = self.top.get(i >> (SEG_SHIFT + MID_SHIFT))?.load(Ordering::Acquire);
+        let mid = self
+            .top
+            .get(i >> (SEG_SHIFT + MID_SHIFT))?
+            .load(Ordering::Acquire);
         if mid.is_null() {
             return None;
         }
@@ -91,7 +94,12 @@ impl<T: Default, const SEG_SHIFT: u32> SegVec<T, SEG_SHIFT> {
             let fresh = Box::into_raw(Box::new(Mid {
                 segs: core::array::from_fn(|_| AtomicPtr::new(ptr::null_mut())),
             }));
-            match self.top[ti].compare_exchange(ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire) {
+            match self.top[ti].compare_exchange(
+                ptr::null_mut(),
+                fresh,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => mid = fresh,
                 Err(existing) => {
                     // SAFETY: `fresh` came from `Box::into_raw` just above and was never shared.
@@ -105,7 +113,10 @@ impl<T: Default, const SEG_SHIFT: u32> SegVec<T, SEG_SHIFT> {
         let seg: Box<[T]> = (0..Self::SEG).map(|_| T::default()).collect();
         let seg = Box::into_raw(seg).cast::<T>();
         let slot = &mid.segs[n & (MID - 1)];
-        if slot.compare_exchange(ptr::null_mut(), seg, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        if slot
+            .compare_exchange(ptr::null_mut(), seg, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
             // SAFETY: `seg` is the unshared allocation of `SEG` elements made just above.
             drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(seg, Self::SEG)) });
         }
@@ -166,7 +177,7 @@ mod tests {
         assert!(v.reserve(3));
         assert_eq!(v.capacity(), 4);
         let first = v.get(0).map(|e| e as *const AtomicU64);
-        v.get(3).map(|e| e.store(33, Ordering::Relaxed));
+        v.get(3).expect("reserved").store(33, Ordering::Relaxed);
         assert!(v.get(4).is_none());
         assert!(v.reserve(5000));
         assert_eq!(v.get(0).map(|e| e as *const AtomicU64), first);

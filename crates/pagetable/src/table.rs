@@ -14,7 +14,7 @@
 //! `vm_map_mutex`), and make every change to a chain and to the descriptors it names inside an odd
 //! window of the chain's counter.
 
-use crate::addr::{PageSize, VirtAddr, Vpn};
+use crate::addr::{PageSize, VirtAddr};
 use crate::hash::{Fmix64, VpnHasher};
 use crate::lock::{SpinLock, WriterMutex};
 use crate::page::{is_live, meta_of, Page, PageHandle, Words, GEN_MASK, LIVE_BIT, META_SHIFT};
@@ -129,7 +129,9 @@ pub enum WalkLock {
 #[non_exhaustive]
 pub enum PageTableError {
     /// Every slot handle is in use.
-    #[error("page table is full: it holds at most {limit} mappings; unmap pages before mapping more")]
+    #[error(
+        "page table is full: it holds at most {limit} mappings; unmap pages before mapping more"
+    )]
     CapacityExceeded {
         /// The most mappings one table can hold.
         limit: u64,
@@ -221,16 +223,17 @@ fn bucket_index(h: u64, n: u64) -> usize {
     b as usize
 }
 
+// Writers are serialised by the writer lock, so a plain load and store would do; the bumps are
+// read-modify-writes so that loom's partial-order reduction sees them conflict with the readers'
+// loads (it tracks the last access to each atomic, and a writer's own load would hide them).
 fn write_begin(b: &Bucket) {
-    let s = b.seq.load(Ordering::Relaxed);
+    let s = b.seq.fetch_add(1, Ordering::Relaxed);
     debug_assert!(s & 1 == 0, "nested write window");
-    b.seq.store(s.wrapping_add(1), Ordering::Relaxed);
     fence(Ordering::Release);
 }
 
 fn write_end(b: &Bucket) {
-    let s = b.seq.load(Ordering::Relaxed);
-    b.seq.store(s.wrapping_add(1), Ordering::Release);
+    b.seq.fetch_add(1, Ordering::Release);
 }
 
 /// Which entry a reader or writer is looking for.
@@ -431,26 +434,46 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     #[inline]
     pub fn get_page(&self, vaddr: VirtAddr) -> Option<Page> {
         let (vaddr, h, tag) = self.hash_key(vaddr);
-        self.read(h, Key::Addr { vaddr, tag }).map(|(_, w)| Page::from_words(&w))
+        self.read(h, Key::Addr { vaddr, tag })
+            .map(|(_, w)| Page::from_words(&w))
     }
 
     /// The stable handle of the mapping of the page containing `vaddr`.
     pub fn handle(&self, vaddr: VirtAddr) -> Option<PageHandle> {
         let (aligned, h, tag) = self.hash_key(vaddr);
-        self.read(h, Key::Addr { vaddr: aligned, tag }).map(|(slot, w)| self.handle_of(slot, &w))
+        self.read(
+            h,
+            Key::Addr {
+                vaddr: aligned,
+                tag,
+            },
+        )
+        .map(|(slot, w)| self.handle_of(slot, &w))
     }
 
     /// A copy of the descriptor `handle` names, or `None` if that mapping no longer exists (even
     /// if the same address was mapped again since).
     pub fn get_by_handle(&self, handle: PageHandle) -> Option<Page> {
         let (vaddr, h, _) = self.hash_key(self.page_size.addr(handle.vpn));
-        self.read(h, Key::Handle { vaddr, slot: handle.slot, gen: handle.gen }).map(|(_, w)| Page::from_words(&w))
+        self.read(
+            h,
+            Key::Handle {
+                vaddr,
+                slot: handle.slot,
+                gen: handle.gen,
+            },
+        )
+        .map(|(_, w)| Page::from_words(&w))
     }
 
     fn handle_of(&self, slot: u32, w: &Words) -> PageHandle {
         #[allow(clippy::cast_possible_truncation)] // GEN_MASK is 15 bits
         let gen = (u64::from(meta_of(w)) & GEN_MASK) as u16;
-        PageHandle { vpn: self.page_size.vpn(VirtAddr(w[0])), slot, gen }
+        PageHandle {
+            vpn: self.page_size.vpn(VirtAddr(w[0])),
+            slot,
+            gen,
+        }
     }
 
     // ----------------------------------------------------------------------------------------
@@ -489,7 +512,11 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
                 if key.entry_may_match(bucket.tags[entry].load(Ordering::Relaxed), handle)
                     && key.words_match(&self.slot(handle - 1).load())
                 {
-                    return Some(Found { bucket, entry, slot: handle - 1 });
+                    return Some(Found {
+                        bucket,
+                        entry,
+                        slot: handle - 1,
+                    });
                 }
             }
             bucket = self.next_in_chain(bucket)?.1;
@@ -497,16 +524,31 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     }
 
     fn chain_end<'a>(&'a self, head: &'a Bucket) -> ChainEnd<'a> {
-        let mut end = ChainEnd { prev: None, last: head, last_overflow: None, used: 0 };
+        let mut end = ChainEnd {
+            prev: None,
+            last: head,
+            last_overflow: None,
+            used: 0,
+        };
         loop {
-            let used = end.last.handles.iter().take_while(|h| h.load(Ordering::Relaxed) != 0).count();
+            let used = end
+                .last
+                .handles
+                .iter()
+                .take_while(|h| h.load(Ordering::Relaxed) != 0)
+                .count();
             if used < BUCKET_SLOTS {
                 end.used = used;
                 return end;
             }
             match self.next_in_chain(end.last) {
                 Some((idx, next)) => {
-                    end = ChainEnd { prev: Some(end.last), last: next, last_overflow: Some(idx), used: 0 };
+                    end = ChainEnd {
+                        prev: Some(end.last),
+                        last: next,
+                        last_overflow: Some(idx),
+                        used: 0,
+                    };
                 }
                 None => {
                     end.used = used;
@@ -518,7 +560,9 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
 
     fn alloc_overflow(&self, w: &mut Writer) -> Result<u32, PageTableError> {
         let idx = if let Some(idx) = w.free_overflow.checked_sub(1) {
-            let b = self.overflow_bucket(w.free_overflow).unwrap_or_else(|| unreachable!("free overflow bucket"));
+            let b = self
+                .overflow_bucket(w.free_overflow)
+                .unwrap_or_else(|| unreachable!("free overflow bucket"));
             w.free_overflow = b.next.load(Ordering::Relaxed);
             idx
         } else {
@@ -564,19 +608,33 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
 
     /// Appends an entry at the end of a chain whose end is `end`, linking `spare` (an overflow
     /// bucket the caller allocated) if the last bucket is full. Inside the chain's write window.
-    fn append(&self, w: &mut Writer, end: &ChainEnd<'_>, tag: u16, handle: u32, spare: Option<u32>) {
+    fn append(
+        &self,
+        w: &mut Writer,
+        end: &ChainEnd<'_>,
+        tag: u16,
+        handle: u32,
+        spare: Option<u32>,
+    ) {
         if end.used < BUCKET_SLOTS {
             end.last.tags[end.used].store(tag, Ordering::Relaxed);
             end.last.handles[end.used].store(handle, Ordering::Relaxed);
             if let Some(idx) = spare {
                 // Not needed after all: give it back.
-                let b = self.overflow.get(idx as usize).unwrap_or_else(|| unreachable!("spare bucket"));
+                let b = self
+                    .overflow
+                    .get(idx as usize)
+                    .unwrap_or_else(|| unreachable!("spare bucket"));
                 self.free_overflow(w, idx, b);
             }
             return;
         }
-        let idx = spare.unwrap_or_else(|| unreachable!("caller allocates a spare for a full chain"));
-        let b = self.overflow.get(idx as usize).unwrap_or_else(|| unreachable!("spare bucket"));
+        let idx =
+            spare.unwrap_or_else(|| unreachable!("caller allocates a spare for a full chain"));
+        let b = self
+            .overflow
+            .get(idx as usize)
+            .unwrap_or_else(|| unreachable!("spare bucket"));
         b.next.store(0, Ordering::Relaxed);
         for (i, h) in b.handles.iter().enumerate() {
             h.store(if i == 0 { handle } else { 0 }, Ordering::Relaxed);
@@ -593,7 +651,10 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     /// page. Waits for the writer lock (and so for a [`WalkLock::Map`] walk).
     pub fn set_page(&self, page: Page) -> Result<PageHandle, PageTableError> {
         let (vaddr, h, tag) = self.hash_key(page.vaddr);
-        let page = Page { vaddr: VirtAddr(vaddr), ..page };
+        let page = Page {
+            vaddr: VirtAddr(vaddr),
+            ..page
+        };
         let mut w = self.writer.lock();
         let head = self.head(h);
         if let Some(found) = self.find(head, Key::Addr { vaddr, tag }) {
@@ -605,12 +666,19 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
             return Ok(self.handle_of(found.slot, &page.to_words(meta)));
         }
         let end = self.chain_end(head);
-        let spare = if end.used == BUCKET_SLOTS { Some(self.alloc_overflow(&mut w)?) } else { None };
+        let spare = if end.used == BUCKET_SLOTS {
+            Some(self.alloc_overflow(&mut w)?)
+        } else {
+            None
+        };
         let slot_idx = match self.alloc_slot(&mut w) {
             Ok(s) => s,
             Err(e) => {
                 if let Some(idx) = spare {
-                    let b = self.overflow.get(idx as usize).unwrap_or_else(|| unreachable!("spare bucket"));
+                    let b = self
+                        .overflow
+                        .get(idx as usize)
+                        .unwrap_or_else(|| unreachable!("spare bucket"));
                     self.free_overflow(&mut w, idx, b);
                 }
                 return Err(e);
@@ -640,9 +708,21 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     }
 
     /// [`update`](Self::update) through a handle: `None` if its mapping no longer exists.
-    pub fn update_by_handle<R>(&self, handle: PageHandle, f: impl FnOnce(&mut Page) -> R) -> Option<R> {
+    pub fn update_by_handle<R>(
+        &self,
+        handle: PageHandle,
+        f: impl FnOnce(&mut Page) -> R,
+    ) -> Option<R> {
         let (vaddr, h, _) = self.hash_key(self.page_size.addr(handle.vpn));
-        self.update_key(h, Key::Handle { vaddr, slot: handle.slot, gen: handle.gen }, f)
+        self.update_key(
+            h,
+            Key::Handle {
+                vaddr,
+                slot: handle.slot,
+                gen: handle.gen,
+            },
+            f,
+        )
     }
 
     fn update_key<R>(&self, h: u64, key: Key, f: impl FnOnce(&mut Page) -> R) -> Option<R> {
@@ -680,8 +760,14 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         let last = end.used - 1;
         write_begin(head);
         if !(core::ptr::eq(found.bucket, end.last) && found.entry == last) {
-            found.bucket.tags[found.entry].store(end.last.tags[last].load(Ordering::Relaxed), Ordering::Relaxed);
-            found.bucket.handles[found.entry].store(end.last.handles[last].load(Ordering::Relaxed), Ordering::Relaxed);
+            found.bucket.tags[found.entry].store(
+                end.last.tags[last].load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+            found.bucket.handles[found.entry].store(
+                end.last.handles[last].load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
         }
         end.last.handles[last].store(0, Ordering::Relaxed);
         if last == 0 {
@@ -726,7 +812,11 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
                 let tag = bucket.tags[i].load(Ordering::Relaxed);
                 let vaddr = VirtAddr(self.slot(handle - 1).words[0].load(Ordering::Relaxed));
                 let h = self.hasher.hash(self.page_size.vpn(vaddr).0);
-                if h & low != 0 { moved.push((tag, handle)) } else { stay.push((tag, handle)) }
+                if h & low != 0 {
+                    moved.push((tag, handle))
+                } else {
+                    stay.push((tag, handle))
+                }
             }
             match self.next_in_chain(bucket) {
                 Some((idx, next)) => {
@@ -746,7 +836,10 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
                 Err(_) => {
                     // Give back only what was allocated here; the chain keeps its own buckets.
                     for idx in spare.drain(linked..) {
-                        let b = self.overflow.get(idx as usize).unwrap_or_else(|| unreachable!("spare"));
+                        let b = self
+                            .overflow
+                            .get(idx as usize)
+                            .unwrap_or_else(|| unreachable!("spare"));
                         self.free_overflow(w, idx, b);
                     }
                     return;
@@ -759,7 +852,10 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         self.rebuild(src, &stay, &mut spare);
         self.rebuild(dst, &moved, &mut spare);
         for idx in spare {
-            let b = self.overflow.get(idx as usize).unwrap_or_else(|| unreachable!("spare"));
+            let b = self
+                .overflow
+                .get(idx as usize)
+                .unwrap_or_else(|| unreachable!("spare"));
             self.free_overflow(w, idx, b);
         }
         self.shape.0.store(n + 1, Ordering::Release);
@@ -769,7 +865,12 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
 
     /// Rewrites the chain at `head` to hold exactly `entries`, packed, taking overflow buckets
     /// from `spare`. Inside the chain's write window.
-    fn rebuild(&self, head: &Bucket, entries: &[(u16, u32)], spare: &mut impl Iterator<Item = u32>) {
+    fn rebuild(
+        &self,
+        head: &Bucket,
+        entries: &[(u16, u32)],
+        spare: &mut impl Iterator<Item = u32>,
+    ) {
         let mut bucket = head;
         let mut chunks = entries.chunks(BUCKET_SLOTS).peekable();
         loop {
@@ -783,9 +884,14 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
                 bucket.next.store(0, Ordering::Relaxed);
                 return;
             }
-            let idx = spare.next().unwrap_or_else(|| unreachable!("spare buckets counted before"));
+            let idx = spare
+                .next()
+                .unwrap_or_else(|| unreachable!("spare buckets counted before"));
             bucket.next.store(idx + 1, Ordering::Relaxed);
-            bucket = self.overflow.get(idx as usize).unwrap_or_else(|| unreachable!("spare bucket"));
+            bucket = self
+                .overflow
+                .get(idx as usize)
+                .unwrap_or_else(|| unreachable!("spare bucket"));
         }
     }
 
@@ -801,7 +907,9 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
             WalkLock::Map => {
                 let _w = self.writer.lock();
                 let n = self.shape.0.load(Ordering::Relaxed);
-                (0..n as usize).map(|b| self.visit_chain_locked(b, &mut f)).sum()
+                (0..n as usize)
+                    .map(|b| self.visit_chain_locked(b, &mut f))
+                    .sum()
             }
             WalkLock::Page => {
                 let groups = self.walk_groups();
@@ -809,7 +917,10 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
                 for g in 0..groups {
                     let _w = self.writer.lock();
                     let n = self.shape.0.load(Ordering::Relaxed) as usize;
-                    visited += (g..n).step_by(groups).map(|b| self.visit_chain_locked(b, &mut f)).sum::<usize>();
+                    visited += (g..n)
+                        .step_by(groups)
+                        .map(|b| self.visit_chain_locked(b, &mut f))
+                        .sum::<usize>();
                 }
                 visited
             }
@@ -839,7 +950,9 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     }
 
     fn visit_chain_locked(&self, b: usize, f: &mut impl FnMut(&mut Page)) -> usize {
-        let Some(head) = self.buckets.get(b) else { return 0 };
+        let Some(head) = self.buckets.get(b) else {
+            return 0;
+        };
         let mut visited = 0;
         let mut bucket = head;
         loop {
@@ -867,7 +980,9 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
             seqs.clear();
             let n = self.shape.0.load(Ordering::Acquire) as usize;
             for b in (g..n).step_by(groups) {
-                let Some(head) = self.buckets.get(b) else { continue 'retry };
+                let Some(head) = self.buckets.get(b) else {
+                    continue 'retry;
+                };
                 let s1 = head.seq.load(Ordering::Acquire);
                 if s1 & 1 != 0 {
                     spin_wait();
@@ -918,7 +1033,9 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
                 return;
             }
             hops += 1;
-            let Some(b) = self.overflow_bucket(next) else { return };
+            let Some(b) = self.overflow_bucket(next) else {
+                return;
+            };
             bucket = b;
         }
     }

@@ -3,8 +3,8 @@
 #![cfg(not(loom))]
 
 use pagesnap_pagetable::{
-    BlockingLock, DiskPage, Epoch, Fibonacci, Fmix64, Page, PageFlags, PageSize, PageTable, PhysAddr,
-    PrototypeModulo, SpinLock, VirtAddr, VpnHasher, WalkLock, PAGE_DESCRIPTOR_BYTES,
+    BlockingLock, DiskPage, Epoch, Fibonacci, Fmix64, Page, PageFlags, PageSize, PageTable,
+    PhysAddr, PrototypeModulo, SpinLock, VirtAddr, VpnHasher, WalkLock, PAGE_DESCRIPTOR_BYTES,
 };
 use proptest::prelude::*;
 use std::collections::BTreeMap;
@@ -67,7 +67,10 @@ fn remove_and_stale_handles<H: VpnHasher, L: lock_api::RawMutex>() {
     assert!(t.get_by_handle(h).is_none());
     assert!(t.update_by_handle(h, |p| p.wired_count = 99).is_none());
     assert_eq!(t.update_by_handle(h2, |p| p.wired_count = 99), Some(()));
-    assert_eq!(t.get_page(VirtAddr(0x1000)).map(|p| p.wired_count), Some(99));
+    assert_eq!(
+        t.get_page(VirtAddr(0x1000)).map(|p| p.wired_count),
+        Some(99)
+    );
 }
 
 fn update_is_read_modify_write<H: VpnHasher, L: lock_api::RawMutex>() {
@@ -80,7 +83,10 @@ fn update_is_read_modify_write<H: VpnHasher, L: lock_api::RawMutex>() {
         p.access_count
     });
     assert_eq!(seen, Some(15));
-    assert_eq!(t.get_page(VirtAddr(0x2000)).map(|p| p.access_count), Some(15));
+    assert_eq!(
+        t.get_page(VirtAddr(0x2000)).map(|p| p.access_count),
+        Some(15)
+    );
     assert!(t.get_page(VirtAddr(0xdead_0000)).is_none());
 }
 
@@ -94,14 +100,22 @@ fn many_pages_none_lost<H: VpnHasher, L: lock_api::RawMutex>(n: u64) {
     }
     assert_eq!(t.len() as u64, n);
     for i in 0..n {
-        assert_eq!(t.get_page(VirtAddr(addr(i))), Some(page(addr(i), i)), "page {i} lost");
+        assert_eq!(
+            t.get_page(VirtAddr(addr(i))),
+            Some(page(addr(i), i)),
+            "page {i} lost"
+        );
     }
     // Remove every other one; the rest stay.
     for i in (0..n).step_by(2) {
         assert!(t.remove(VirtAddr(addr(i))).is_some());
     }
     for i in 0..n {
-        assert_eq!(t.get_page(VirtAddr(addr(i))).is_some(), i % 2 == 1, "page {i}");
+        assert_eq!(
+            t.get_page(VirtAddr(addr(i))).is_some(),
+            i % 2 == 1,
+            "page {i}"
+        );
     }
     assert_eq!(t.for_each(WalkLock::None, |_| {}), (n / 2) as usize);
 }
@@ -115,9 +129,15 @@ fn huge_addresses<H: VpnHasher, L: lock_api::RawMutex>() {
     t.set_page(page(0, 1000)).expect("page zero");
     for i in 0..100u64 {
         let a = (u64::MAX - i * 4096) & !0xfff;
-        assert_eq!(t.get_page(VirtAddr(a)).map(|p| p.curr_page), Some(DiskPage(i)));
+        assert_eq!(
+            t.get_page(VirtAddr(a)).map(|p| p.curr_page),
+            Some(DiskPage(i))
+        );
     }
-    assert_eq!(t.get_page(VirtAddr(0xfff)).map(|p| p.curr_page), Some(DiskPage(1000)));
+    assert_eq!(
+        t.get_page(VirtAddr(0xfff)).map(|p| p.curr_page),
+        Some(DiskPage(1000))
+    );
 }
 
 fn walks<H: VpnHasher, L: lock_api::RawMutex>() {
@@ -126,19 +146,34 @@ fn walks<H: VpnHasher, L: lock_api::RawMutex>() {
         t.set_page(page(i << 12, i)).expect("insert");
     }
     let mut seen = Vec::new();
-    assert_eq!(t.for_each(WalkLock::None, |p| {
-        seen.push(p.vaddr.0 >> 12);
-        p.wired_count = 77; // discarded
-    }), 2000);
+    assert_eq!(
+        t.for_each(WalkLock::None, |p| {
+            seen.push(p.vaddr.0 >> 12);
+            p.wired_count = 77; // discarded
+        }),
+        2000
+    );
     seen.sort_unstable();
-    assert_eq!(seen, (0..2000).collect::<Vec<_>>(), "each mapping exactly once");
+    assert_eq!(
+        seen,
+        (0..2000).collect::<Vec<_>>(),
+        "each mapping exactly once"
+    );
     assert!(t.get_page(VirtAddr(0)).is_some_and(|p| p.wired_count == 2));
 
-    assert_eq!(t.for_each(WalkLock::Page, |p| p.flags |= PageFlags::PHYS_DIRTY), 2000);
-    assert_eq!(t.for_each(WalkLock::Map, |p| p.idle_count = p.curr_page.0 as u32), 2000);
+    assert_eq!(
+        t.for_each(WalkLock::Page, |p| p.flags |= PageFlags::PHYS_DIRTY),
+        2000
+    );
+    assert_eq!(
+        t.for_each(WalkLock::Map, |p| p.idle_count = p.curr_page.0 as u32),
+        2000
+    );
     for i in 0..2000u64 {
         let p = t.get_page(VirtAddr(i << 12)).expect("mapped");
-        assert!(p.flags.contains(PageFlags::PHYS_DIRTY | PageFlags::PHYS_MEM));
+        assert!(p
+            .flags
+            .contains(PageFlags::PHYS_DIRTY | PageFlags::PHYS_MEM));
         assert_eq!(u64::from(p.idle_count), i);
     }
 }
@@ -167,7 +202,10 @@ fn map_walk_holds_writers<H: VpnHasher + 'static, L: lock_api::RawMutex + Send +
         // Readers still run during a locked walk...
         assert!(t.get_page(VirtAddr(0)).is_some());
         // ...and the writer, now trying, cannot have finished.
-        assert!(!done.load(Ordering::SeqCst), "set_page completed during a Map walk");
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "set_page completed during a Map walk"
+        );
     });
     writer.join().expect("writer thread");
     assert!(done.load(Ordering::SeqCst));
@@ -179,11 +217,18 @@ fn with_capacity_memory_and_no_growth<H: VpnHasher, L: lock_api::RawMutex>() {
     let t = PageTable::<H, L>::with_config(PageSize::KIB_4, n as usize);
     let before = t.stats();
     for i in 0..n {
-        t.set_page(page(0x7f00_0000_0000 + (i << 12), i)).expect("insert");
+        t.set_page(page(0x7f00_0000_0000 + (i << 12), i))
+            .expect("insert");
     }
     let after = t.stats();
-    assert_eq!(after.buckets, before.buckets, "presized table split buckets");
-    assert_eq!(after.slot_capacity, before.slot_capacity, "presized table grew its slots");
+    assert_eq!(
+        after.buckets, before.buckets,
+        "presized table split buckets"
+    );
+    assert_eq!(
+        after.slot_capacity, before.slot_capacity,
+        "presized table grew its slots"
+    );
     assert_eq!(after.mappings, n as usize);
 }
 
@@ -230,7 +275,10 @@ fn memory_per_mapping_is_within_1_3x_the_descriptor() {
         }
         let s = t.stats();
         let per = s.bytes_per_mapping();
-        assert!(per <= 1.3 * PAGE_DESCRIPTOR_BYTES as f64, "{n} mappings: {per:.1} bytes each ({s:?})");
+        assert!(
+            per <= 1.3 * PAGE_DESCRIPTOR_BYTES as f64,
+            "{n} mappings: {per:.1} bytes each ({s:?})"
+        );
     }
 }
 
@@ -279,9 +327,19 @@ fn run_model<H: VpnHasher, L: lock_api::RawMutex>(ops: &[Op]) -> Result<(), Test
     for op in ops {
         match *op {
             Op::Set(a, v) => {
-                let p = Page { vaddr: VirtAddr(a), ..page(0, v) };
-                t.set_page(p).map_err(|e| TestCaseError::fail(e.to_string()))?;
-                model.insert(key(a), Page { vaddr: VirtAddr(key(a)), ..p });
+                let p = Page {
+                    vaddr: VirtAddr(a),
+                    ..page(0, v)
+                };
+                t.set_page(p)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                model.insert(
+                    key(a),
+                    Page {
+                        vaddr: VirtAddr(key(a)),
+                        ..p
+                    },
+                );
             }
             Op::Get(a) => prop_assert_eq!(t.get_page(VirtAddr(a)), model.get(&key(a)).copied()),
             Op::Update(a, d) => {
@@ -313,7 +371,11 @@ fn run_model<H: VpnHasher, L: lock_api::RawMutex>(ops: &[Op]) -> Result<(), Test
     let mut count = 0;
     t.for_each(WalkLock::Map, |p| {
         count += 1;
-        assert_eq!(model.get(&p.vaddr.0), Some(&*p), "walk found a page the model does not have");
+        assert_eq!(
+            model.get(&p.vaddr.0),
+            Some(&*p),
+            "walk found a page the model does not have"
+        );
     });
     prop_assert_eq!(count, model.len());
     Ok(())

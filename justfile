@@ -1,0 +1,33 @@
+# pagesnap recipes. CI runs `.ci/run`, which is `just pre` without needing just.
+
+default: pre
+
+# Everything CI checks: format, lints, tests, a reduced loom run.
+pre:
+    bash .ci/run
+
+# The test suite (the README's test command).
+test:
+    cargo test --workspace --release
+
+fmt:
+    cargo fmt --all
+
+clippy:
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Model-check the page table's protocol with loom (all models, preemption bound 2: ~10 minutes).
+loom:
+    RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test -p pagesnap-pagetable --release --test loom --target-dir target/loom
+
+# The reduced loom run CI does (preemption bound 1, the long model skipped).
+loom-ci:
+    RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=1 cargo test -p pagesnap-pagetable --release --test loom --target-dir target/loom -- --skip across_a_split
+
+# Benchmarks (the page-table tour until the bench crate lands).
+bench:
+    cargo run --release -p pagesnap-pagetable --example tour
+
+# API docs for every crate, warnings denied.
+doc:
+    RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
