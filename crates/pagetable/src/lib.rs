@@ -49,7 +49,7 @@ pub use addr::{DiskPage, Epoch, PageSize, PhysAddr, VirtAddr, Vpn};
 pub use hash::{Fibonacci, Fmix64, PrototypeModulo, VpnHasher};
 #[cfg(feature = "std")]
 pub use lock::BlockingLock;
-pub use lock::SpinLock;
+pub use lock::{SpinLock, WriterLock};
 pub use page::{Page, PageFlags, PageHandle, PAGE_DESCRIPTOR_BYTES};
 pub use table::{PageTable, PageTableError, TableStats, WalkLock};
 

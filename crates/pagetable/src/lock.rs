@@ -5,6 +5,9 @@
 //! Readers never take this lock. Under `cfg(loom)` the lock is replaced by loom's mutex so that the
 //! model checker sees every hand-over.
 
+/// The bound on the writer-lock type parameter: any raw mutex of the `lock_api` family.
+pub use lock_api::RawMutex as WriterLock;
+
 /// A spinning lock, usable without an OS (the default writer lock).
 pub type SpinLock = spin::mutex::SpinMutex<()>;
 
