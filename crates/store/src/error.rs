@@ -1,0 +1,108 @@
+//! Typed errors of the store. Each names the file and the step, and says what to do.
+
+use crate::SnapshotId;
+use std::io;
+use std::path::PathBuf;
+
+fn io_hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(28) => " (the disk is full: free space and retry; nothing committed was changed)",
+        Some(5) => " (an I/O error from the device: check the disk; nothing committed was changed)",
+        Some(13) | Some(1) => " (permission denied: check the store directory's owner and mode)",
+        _ if e.kind() == io::ErrorKind::NotFound => {
+            " (missing: is this the right store directory?)"
+        }
+        _ => "",
+    }
+}
+
+/// Errors of the snapshot store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// An I/O operation failed.
+    #[error("{}: {step} failed: {source}{}", .path.display(), io_hint(.source))]
+    Io {
+        /// The file (or directory) involved.
+        path: PathBuf,
+        /// The step that failed, e.g. "sync segment".
+        step: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// No valid superblock: not a store (or not initialised).
+    #[error("{} is not a pagesnap store (no superblock); create one with `pagesnap init`", .path.display())]
+    NotAStore {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// `init` on a directory that already holds a store.
+    #[error("{} already holds a pagesnap store; use it, or choose an empty directory", .path.display())]
+    AlreadyExists {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// Written by a newer pagesnap.
+    #[error("{} was written by store format {found}, newer than this pagesnap reads ({supported}); upgrade pagesnap", .path.display())]
+    NewerVersion {
+        /// The directory.
+        path: PathBuf,
+        /// The format found.
+        found: u32,
+        /// The newest format this build reads.
+        supported: u32,
+    },
+    /// Another writer holds the store.
+    #[error("{} is locked by another writer ({holder}); wait for it to finish", .path.display())]
+    Locked {
+        /// The directory.
+        path: PathBuf,
+        /// Who holds it, as it wrote in the lock file.
+        holder: String,
+    },
+    /// Bytes on disk fail their checks.
+    #[error("{}: damaged {what} at offset {offset}: {detail}; run `pagesnap verify` to see what is affected", .path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What was being read.
+        what: &'static str,
+        /// Where.
+        offset: u64,
+        /// What is wrong.
+        detail: String,
+    },
+    /// No such snapshot.
+    #[error("no snapshot {0} in this store; `pagesnap list` shows the snapshots")]
+    UnknownSnapshot(SnapshotId),
+    /// A change was asked of a store opened for reading.
+    #[error("the store is open read-only; open it as the writer to change it")]
+    ReadOnly,
+    /// A page of the wrong size.
+    #[error("a page of {len} bytes was given; this store's pages are {page_size} bytes")]
+    PageSize {
+        /// Bytes given.
+        len: usize,
+        /// The store's page size.
+        page_size: u32,
+    },
+    /// `put`, `remove` or `commit` without `begin`, or `begin` twice.
+    #[error("{0}")]
+    Usage(&'static str),
+    /// The superblock cannot list more segments.
+    #[error(
+        "the store has {count} segment files, more than a superblock can list; run `pagesnap gc`"
+    )]
+    TooManySegments {
+        /// Segments in use.
+        count: usize,
+    },
+}
+
+impl StoreError {
+    /// True if this is corruption (verify should name it) rather than an I/O or usage problem.
+    pub fn is_corruption(&self) -> bool {
+        matches!(self, StoreError::Corrupt { .. })
+    }
+}

@@ -1,0 +1,430 @@
+//! An in-memory [`Storage`] that fails or crashes on demand, for tests (SQLite's crash VFS and
+//! FoundationDB's non-durable file are the model).
+//!
+//! Every operation has an index (0, 1, 2, …). A [`FaultPlan`] can make operation *n* fail with an
+//! I/O error (ENOSPC, EIO) and carry on, or *crash*: operation *n* and every later one fail, and
+//! [`FaultyStorage::crash_image`] then gives the directory as a machine would find it after the
+//! crash. In that image:
+//! - data written since a file's last `sync` lands whole, partly (a torn prefix), garbled (random
+//!   bytes over the written range) or not at all — each write independently, chosen by a seed;
+//! - a `set_len` since the last `sync` happens or not;
+//! - creations, renames and removals since the last `sync_dir` are kept as an in-order prefix of
+//!   their log (metadata journals replay in order): any prefix, chosen by the seed;
+//! - everything synced is there exactly.
+
+use crate::storage::{LockGuard, Storage};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// When to fail or crash.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultPlan {
+    /// Operation index at which the "machine" crashes: it and every later operation fail.
+    pub crash_at: Option<u64>,
+    /// Operation index that fails with this OS error number (28 = ENOSPC, 5 = EIO), once.
+    pub fail_at: Option<(u64, i32)>,
+}
+
+#[derive(Clone, Debug)]
+enum Pending {
+    Data { offset: u64, bytes: Vec<u8> },
+    SetLen(u64),
+}
+
+#[derive(Clone, Debug, Default)]
+struct Inode {
+    durable: Vec<u8>,
+    current: Vec<u8>,
+    pending: Vec<Pending>,
+}
+
+#[derive(Clone, Debug)]
+enum DirOp {
+    Link(String, u64),
+    Unlink(String),
+}
+
+#[derive(Debug, Default)]
+struct State {
+    inodes: BTreeMap<u64, Inode>,
+    next_inode: u64,
+    names: BTreeMap<String, u64>,
+    durable_names: BTreeMap<String, u64>,
+    dir_log: Vec<DirOp>,
+    ops: u64,
+    plan: FaultPlan,
+    crashed: bool,
+    locks: BTreeSet<String>,
+}
+
+/// The in-memory, fault-injecting backend.
+#[derive(Debug, Clone)]
+pub struct FaultyStorage {
+    state: Arc<Mutex<State>>,
+    dir: PathBuf,
+}
+
+impl Default for FaultyStorage {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// SplitMix64: a small deterministic generator for crash fates.
+#[derive(Debug)]
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+}
+
+fn apply(content: &mut Vec<u8>, p: &Pending) {
+    match p {
+        Pending::Data { offset, bytes } => write_into(content, *offset, bytes),
+        Pending::SetLen(len) => content.resize(usize::try_from(*len).unwrap_or(usize::MAX), 0),
+    }
+}
+
+fn write_into(content: &mut Vec<u8>, offset: u64, bytes: &[u8]) {
+    let start = usize::try_from(offset).unwrap_or(usize::MAX);
+    let end = start.saturating_add(bytes.len());
+    if content.len() < end {
+        content.resize(end, 0);
+    }
+    content[start..end].copy_from_slice(bytes);
+}
+
+fn crashed() -> io::Error {
+    io::Error::other("simulated crash: the machine is down")
+}
+
+fn not_found(name: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, format!("{name}: no such file"))
+}
+
+impl FaultyStorage {
+    /// An empty directory with no faults planned.
+    pub fn new() -> Self {
+        FaultyStorage {
+            state: Arc::new(Mutex::new(State::default())),
+            dir: PathBuf::from("<memory>"),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the fault plan; operation indices count from the next operation.
+    pub fn set_plan(&self, plan: FaultPlan) {
+        let mut s = self.lock();
+        let base = s.ops;
+        s.plan = FaultPlan {
+            crash_at: plan.crash_at.map(|n| n + base),
+            fail_at: plan.fail_at.map(|(n, e)| (n + base, e)),
+        };
+    }
+
+    /// Operations performed so far.
+    pub fn ops(&self) -> u64 {
+        self.lock().ops
+    }
+
+    /// True once a planned crash happened.
+    pub fn has_crashed(&self) -> bool {
+        self.lock().crashed
+    }
+
+    /// The directory as it would be found after a crash now, with fates chosen by `seed`. The
+    /// image is a new, fault-free backend with everything durable.
+    pub fn crash_image(&self, seed: u64) -> FaultyStorage {
+        let s = self.lock();
+        let mut rng = Rng(seed);
+        let keep = rng.below(s.dir_log.len() as u64 + 1) as usize;
+        let mut names = s.durable_names.clone();
+        for op in &s.dir_log[..keep] {
+            match op {
+                DirOp::Link(name, ino) => {
+                    names.insert(name.clone(), *ino);
+                }
+                DirOp::Unlink(name) => {
+                    names.remove(name);
+                }
+            }
+        }
+        let mut inodes = BTreeMap::new();
+        for ino in names.values() {
+            let Some(node) = s.inodes.get(ino) else {
+                continue;
+            };
+            let mut content = node.durable.clone();
+            for p in &node.pending {
+                match (p, rng.below(4)) {
+                    (_, 0) => {}
+                    (Pending::SetLen(_), _) => apply(&mut content, p),
+                    (Pending::Data { .. }, 1) => apply(&mut content, p),
+                    (Pending::Data { offset, bytes }, 2) => {
+                        // Torn: a prefix, cut at a 512-byte sector or anywhere.
+                        let cut = rng.below(bytes.len() as u64 + 1) as usize;
+                        write_into(&mut content, *offset, &bytes[..cut]);
+                    }
+                    (Pending::Data { offset, bytes }, _) => {
+                        let garbage: Vec<u8> = (0..bytes.len()).map(|_| rng.next() as u8).collect();
+                        write_into(&mut content, *offset, &garbage);
+                    }
+                }
+            }
+            inodes.insert(
+                *ino,
+                Inode {
+                    durable: content.clone(),
+                    current: content,
+                    pending: Vec::new(),
+                },
+            );
+        }
+        let state = State {
+            inodes,
+            next_inode: s.next_inode,
+            durable_names: names.clone(),
+            names,
+            ..State::default()
+        };
+        FaultyStorage {
+            state: Arc::new(Mutex::new(state)),
+            dir: self.dir.clone(),
+        }
+    }
+
+    /// Flips bit `bit` of byte `offset` of `name`, durably (media corruption).
+    pub fn flip_bit(&self, name: &str, offset: u64, bit: u8) -> io::Result<()> {
+        let mut s = self.lock();
+        let ino = *s.names.get(name).ok_or_else(|| not_found(name))?;
+        let node = s.inodes.get_mut(&ino).ok_or_else(|| not_found(name))?;
+        let i = usize::try_from(offset).map_err(io::Error::other)?;
+        for content in [&mut node.current, &mut node.durable] {
+            if let Some(b) = content.get_mut(i) {
+                *b ^= 1 << (bit % 8);
+            }
+        }
+        Ok(())
+    }
+
+    /// A file's current bytes (for tests).
+    pub fn contents(&self, name: &str) -> Option<Vec<u8>> {
+        let s = self.lock();
+        s.names
+            .get(name)
+            .and_then(|i| s.inodes.get(i))
+            .map(|n| n.current.clone())
+    }
+
+    /// Counts the operation and applies the plan.
+    fn op(&self) -> io::Result<MutexGuard<'_, State>> {
+        let mut s = self.lock();
+        if s.crashed {
+            return Err(crashed());
+        }
+        let n = s.ops;
+        s.ops += 1;
+        if s.plan.crash_at == Some(n) {
+            s.crashed = true;
+            return Err(crashed());
+        }
+        if let Some((at, errno)) = s.plan.fail_at {
+            if at == n {
+                return Err(io::Error::from_raw_os_error(errno));
+            }
+        }
+        Ok(s)
+    }
+}
+
+fn inode<'a>(s: &'a mut State, name: &str) -> io::Result<&'a mut Inode> {
+    let ino = *s.names.get(name).ok_or_else(|| not_found(name))?;
+    s.inodes.get_mut(&ino).ok_or_else(|| not_found(name))
+}
+
+#[derive(Debug)]
+struct MemLock {
+    state: Arc<Mutex<State>>,
+    name: String,
+}
+impl LockGuard for MemLock {}
+impl Drop for MemLock {
+    fn drop(&mut self) {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .locks
+            .remove(&self.name);
+    }
+}
+
+impl Storage for FaultyStorage {
+    fn location(&self) -> &Path {
+        &self.dir
+    }
+
+    fn list(&self) -> io::Result<Vec<String>> {
+        Ok(self.op()?.names.keys().cloned().collect())
+    }
+
+    fn create(&self, name: &str) -> io::Result<()> {
+        let mut s = self.op()?;
+        if s.names.contains_key(name) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{name} exists"),
+            ));
+        }
+        let ino = s.next_inode;
+        s.next_inode += 1;
+        s.inodes.insert(ino, Inode::default());
+        s.names.insert(name.to_string(), ino);
+        s.dir_log.push(DirOp::Link(name.to_string(), ino));
+        Ok(())
+    }
+
+    fn len(&self, name: &str) -> io::Result<u64> {
+        let mut s = self.op()?;
+        Ok(inode(&mut s, name)?.current.len() as u64)
+    }
+
+    fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut s = self.op()?;
+        let node = inode(&mut s, name)?;
+        let start = usize::try_from(offset).map_err(io::Error::other)?;
+        let src = start
+            .checked_add(buf.len())
+            .and_then(|end| node.current.get(start..end))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{name}: read past the end"),
+                )
+            })?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn write(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut s = self.op()?;
+        let node = inode(&mut s, name)?;
+        write_into(&mut node.current, offset, data);
+        node.pending.push(Pending::Data {
+            offset,
+            bytes: data.to_vec(),
+        });
+        Ok(())
+    }
+
+    fn set_len(&self, name: &str, len: u64) -> io::Result<()> {
+        let mut s = self.op()?;
+        let node = inode(&mut s, name)?;
+        let p = Pending::SetLen(len);
+        apply(&mut node.current, &p);
+        node.pending.push(p);
+        Ok(())
+    }
+
+    fn sync(&self, name: &str) -> io::Result<()> {
+        let mut s = self.op()?;
+        let node = inode(&mut s, name)?;
+        node.durable = node.current.clone();
+        node.pending.clear();
+        Ok(())
+    }
+
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        let mut s = self.op()?;
+        let ino = s.names.remove(from).ok_or_else(|| not_found(from))?;
+        s.names.insert(to.to_string(), ino);
+        s.dir_log.push(DirOp::Unlink(from.to_string()));
+        s.dir_log.push(DirOp::Link(to.to_string(), ino));
+        Ok(())
+    }
+
+    fn remove(&self, name: &str) -> io::Result<()> {
+        let mut s = self.op()?;
+        s.names.remove(name).ok_or_else(|| not_found(name))?;
+        s.dir_log.push(DirOp::Unlink(name.to_string()));
+        Ok(())
+    }
+
+    fn sync_dir(&self) -> io::Result<()> {
+        let mut s = self.op()?;
+        s.durable_names = s.names.clone();
+        s.dir_log.clear();
+        Ok(())
+    }
+
+    fn try_lock(&self, name: &str) -> io::Result<Option<Box<dyn LockGuard>>> {
+        let mut s = self.op()?;
+        if !s.locks.insert(name.to_string()) {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(MemLock {
+            state: self.state.clone(),
+            name: name.to_string(),
+        })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synced_data_survives_and_unsynced_creations_may_vanish() {
+        let fs = FaultyStorage::new();
+        fs.create("a").expect("create");
+        fs.write("a", 0, b"hello").expect("write");
+        fs.sync("a").expect("sync");
+        fs.sync_dir().expect("dir");
+        fs.write("a", 5, b" world").expect("write");
+        fs.create("b").expect("create");
+        let mut seen_whole = false;
+        let mut seen_lost = false;
+        let mut seen_b = [false, false];
+        for seed in 0..64 {
+            let img = fs.crash_image(seed);
+            let a = img.contents("a").expect("synced file survives");
+            assert_eq!(&a[..5], b"hello", "synced bytes changed");
+            seen_whole |= a == b"hello world";
+            seen_lost |= a == b"hello";
+            seen_b[usize::from(img.contents("b").is_some())] = true;
+        }
+        assert!(seen_whole && seen_lost && seen_b == [true, true]);
+    }
+
+    #[test]
+    fn planned_failures_and_crashes() {
+        let fs = FaultyStorage::new();
+        fs.create("a").expect("create");
+        fs.set_plan(FaultPlan {
+            fail_at: Some((1, 28)),
+            crash_at: Some(3),
+        });
+        fs.write("a", 0, b"x").expect("op 0");
+        let e = fs.write("a", 0, b"y").expect_err("op 1 fails");
+        assert_eq!(e.raw_os_error(), Some(28));
+        fs.write("a", 0, b"z").expect("op 2 works again");
+        assert!(fs.sync("a").is_err() && fs.has_crashed());
+        assert!(fs.len("a").is_err(), "everything fails after the crash");
+    }
+}

@@ -1,0 +1,453 @@
+//! Byte layouts of everything on disk (see `docs/format.md`). All integers are little-endian and
+//! fixed-width; nothing is `usize` on disk. Decoders check magic, lengths and the crc32 before they
+//! interpret anything, and never allocate by a length they have not bounded.
+
+/// The format version this code writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+pub(crate) const SUPERBLOCK_FILE: &str = "superblock";
+pub(crate) const LOCK_FILE: &str = "lock";
+pub(crate) const SLOT_SIZE: usize = 4096;
+pub(crate) const SB_MAGIC: [u8; 8] = *b"PGSNAPSB";
+pub(crate) const SEG_MAGIC: [u8; 8] = *b"PGSNAPSG";
+/// Bytes of a segment file before its first record.
+pub(crate) const SEG_HEADER: u64 = 64;
+pub(crate) const REC_MAGIC: [u8; 4] = *b"PREC";
+/// Record header: magic 4, kind 1, reserved 3, payload length 4, reserved 4, key 8, hash 32.
+pub(crate) const REC_HEADER: usize = 56;
+/// crc32 after the payload.
+pub(crate) const REC_TRAILER: usize = 4;
+/// No record is larger than this (a 16 MiB page plus its header).
+pub(crate) const MAX_RECORD: u64 = (16 << 20) + 64;
+/// At most this many segment ids fit in a superblock slot.
+pub(crate) const MAX_SEGMENTS: usize = 900;
+
+/// Record kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Kind {
+    Page = 1,
+    Node = 2,
+    Manifest = 3,
+}
+
+impl Kind {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kind::Page => "page record",
+            Kind::Node => "index node",
+            Kind::Manifest => "snapshot manifest",
+        }
+    }
+}
+
+pub(crate) fn seg_name(id: u32) -> String {
+    format!("seg-{id:08}.pss")
+}
+
+pub(crate) fn parse_seg_name(name: &str) -> Option<u32> {
+    name.strip_prefix("seg-")?
+        .strip_suffix(".pss")?
+        .parse()
+        .ok()
+}
+
+/// Where a record lives: segment, byte offset, total length (header, payload and crc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Location {
+    /// Segment file id.
+    pub segment: u32,
+    /// Byte offset of the record in the segment file.
+    pub offset: u64,
+    /// Record length in bytes.
+    pub len: u32,
+}
+
+/// A content hash and where the record with that content lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ref {
+    /// blake3 of the record's payload (pages, manifests).
+    pub hash: [u8; 32],
+    /// The record.
+    pub loc: Location,
+}
+
+/// A pointer to an index node: where it is, and its Merkle hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NodePtr {
+    /// The node record.
+    pub loc: Location,
+    /// Merkle hash of the subtree (independent of where records live).
+    pub merkle: [u8; 32],
+}
+
+pub(crate) const LOCATION_BYTES: usize = 16;
+pub(crate) const REF_BYTES: usize = 32 + LOCATION_BYTES;
+pub(crate) const NODEPTR_BYTES: usize = LOCATION_BYTES + 32;
+
+/// Little-endian writer.
+#[derive(Default)]
+pub(crate) struct Enc(pub(crate) Vec<u8>);
+
+impl Enc {
+    pub(crate) fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    pub(crate) fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    pub(crate) fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    pub(crate) fn bytes(&mut self, v: &[u8]) {
+        self.0.extend_from_slice(v);
+    }
+    pub(crate) fn loc(&mut self, l: &Location) {
+        self.u32(l.segment);
+        self.u32(l.len);
+        self.u64(l.offset);
+    }
+    pub(crate) fn reference(&mut self, r: &Ref) {
+        self.bytes(&r.hash);
+        self.loc(&r.loc);
+    }
+    pub(crate) fn node_ptr(&mut self, p: &NodePtr) {
+        self.loc(&p.loc);
+        self.bytes(&p.merkle);
+    }
+}
+
+/// Little-endian reader over bytes already bounded and checksummed.
+pub(crate) struct Dec<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+/// Not enough bytes: the caller names what it was decoding.
+#[derive(Debug)]
+pub(crate) struct Short;
+
+impl<'a> Dec<'a> {
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
+        Dec { buf, pos: 0 }
+    }
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], Short> {
+        let end = self.pos.checked_add(n).ok_or(Short)?;
+        let s = self.buf.get(self.pos..end).ok_or(Short)?;
+        self.pos = end;
+        Ok(s)
+    }
+    pub(crate) fn u8(&mut self) -> Result<u8, Short> {
+        Ok(self.take(1)?[0])
+    }
+    pub(crate) fn u32(&mut self) -> Result<u32, Short> {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(self.take(4)?);
+        Ok(u32::from_le_bytes(b))
+    }
+    pub(crate) fn u64(&mut self) -> Result<u64, Short> {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(b))
+    }
+    pub(crate) fn hash(&mut self) -> Result<[u8; 32], Short> {
+        let mut h = [0u8; 32];
+        h.copy_from_slice(self.take(32)?);
+        Ok(h)
+    }
+    pub(crate) fn loc(&mut self) -> Result<Location, Short> {
+        let segment = self.u32()?;
+        let len = self.u32()?;
+        let offset = self.u64()?;
+        Ok(Location {
+            segment,
+            offset,
+            len,
+        })
+    }
+    pub(crate) fn reference(&mut self) -> Result<Ref, Short> {
+        let hash = self.hash()?;
+        Ok(Ref {
+            hash,
+            loc: self.loc()?,
+        })
+    }
+    pub(crate) fn node_ptr(&mut self) -> Result<NodePtr, Short> {
+        let loc = self.loc()?;
+        Ok(NodePtr {
+            loc,
+            merkle: self.hash()?,
+        })
+    }
+    pub(crate) fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+}
+
+/// Total on-disk length of a record with `payload` bytes, padded to 8.
+pub(crate) fn record_len(payload: usize) -> usize {
+    (REC_HEADER + payload + REC_TRAILER).next_multiple_of(8)
+}
+
+/// A whole record: header, payload, crc32 over both, zero padding to 8 bytes.
+pub(crate) fn encode_record(kind: Kind, key: u64, hash: &[u8; 32], payload: &[u8]) -> Vec<u8> {
+    let mut e = Enc(Vec::with_capacity(record_len(payload.len())));
+    e.bytes(&REC_MAGIC);
+    e.u8(kind as u8);
+    e.bytes(&[0; 3]);
+    // Payloads are bounded by MAX_RECORD (16 MiB) long before u32 overflows.
+    e.u32(u32::try_from(payload.len()).unwrap_or(u32::MAX));
+    e.u32(0);
+    e.u64(key);
+    e.bytes(hash);
+    e.bytes(payload);
+    let crc = crc32fast::hash(&e.0);
+    e.u32(crc);
+    e.0.resize(record_len(payload.len()), 0);
+    e.0
+}
+
+/// What is wrong with bytes that should be a record.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum RecordError {
+    Magic,
+    Kind(u8),
+    Length,
+    Checksum,
+}
+
+impl std::fmt::Display for RecordError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecordError::Magic => write!(f, "no record magic"),
+            RecordError::Kind(k) => write!(f, "unexpected record kind {k}"),
+            RecordError::Length => write!(f, "record length does not match its header"),
+            RecordError::Checksum => write!(f, "crc32 mismatch"),
+        }
+    }
+}
+
+/// A decoded record borrowing its payload.
+pub(crate) struct Record<'a> {
+    pub(crate) key: u64,
+    pub(crate) hash: [u8; 32],
+    pub(crate) payload: &'a [u8],
+}
+
+/// Checks and decodes a record of `kind` from exactly the bytes its location names.
+pub(crate) fn decode_record(bytes: &[u8], kind: Kind) -> Result<Record<'_>, RecordError> {
+    let mut d = Dec::new(bytes);
+    let magic = d.take(4).map_err(|_| RecordError::Length)?;
+    if magic != REC_MAGIC {
+        return Err(RecordError::Magic);
+    }
+    let k = d.u8().map_err(|_| RecordError::Length)?;
+    d.take(3).map_err(|_| RecordError::Length)?;
+    let plen = d.u32().map_err(|_| RecordError::Length)? as usize;
+    d.u32().map_err(|_| RecordError::Length)?;
+    let key = d.u64().map_err(|_| RecordError::Length)?;
+    let hash = d.hash().map_err(|_| RecordError::Length)?;
+    if record_len(plen) != bytes.len() {
+        return Err(RecordError::Length);
+    }
+    let payload = d.take(plen).map_err(|_| RecordError::Length)?;
+    let crc = d.u32().map_err(|_| RecordError::Length)?;
+    if crc32fast::hash(&bytes[..REC_HEADER + plen]) != crc {
+        return Err(RecordError::Checksum);
+    }
+    if k != kind as u8 {
+        return Err(RecordError::Kind(k));
+    }
+    Ok(Record { key, hash, payload })
+}
+
+/// The committed state a superblock slot names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Superblock {
+    pub(crate) generation: u64,
+    pub(crate) page_size: u32,
+    pub(crate) next_snapshot: u64,
+    pub(crate) catalog: Option<NodePtr>,
+    pub(crate) dedup: Option<NodePtr>,
+    pub(crate) active_segment: u32,
+    pub(crate) active_len: u64,
+    /// Every live segment, the active one included, ascending.
+    pub(crate) segments: Vec<u32>,
+}
+
+/// Why a superblock slot was not used.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum SlotError {
+    /// No magic: never written (or not a store).
+    Empty,
+    Checksum,
+    Newer(u32),
+    Malformed,
+}
+
+impl Superblock {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut e = Enc::default();
+        e.bytes(&SB_MAGIC);
+        e.u32(FORMAT_VERSION);
+        e.u32(self.page_size);
+        e.u64(self.generation);
+        e.u64(self.next_snapshot);
+        for root in [&self.catalog, &self.dedup] {
+            match root {
+                Some(p) => {
+                    e.u8(1);
+                    e.node_ptr(p);
+                }
+                None => {
+                    e.u8(0);
+                    e.bytes(&[0; NODEPTR_BYTES]);
+                }
+            }
+        }
+        e.u32(self.active_segment);
+        e.u64(self.active_len);
+        e.u32(u32::try_from(self.segments.len()).unwrap_or(u32::MAX));
+        for s in &self.segments {
+            e.u32(*s);
+        }
+        e.0.resize(SLOT_SIZE - 4, 0);
+        let crc = crc32fast::hash(&e.0);
+        e.u32(crc);
+        e.0
+    }
+
+    pub(crate) fn decode(slot: &[u8]) -> Result<Superblock, SlotError> {
+        if slot.len() != SLOT_SIZE || slot[..8] != SB_MAGIC {
+            return Err(SlotError::Empty);
+        }
+        let mut crc = [0u8; 4];
+        crc.copy_from_slice(&slot[SLOT_SIZE - 4..]);
+        if crc32fast::hash(&slot[..SLOT_SIZE - 4]) != u32::from_le_bytes(crc) {
+            return Err(SlotError::Checksum);
+        }
+        let mut d = Dec::new(&slot[8..SLOT_SIZE - 4]);
+        let m = |_| SlotError::Malformed;
+        let version = d.u32().map_err(m)?;
+        if version > FORMAT_VERSION {
+            return Err(SlotError::Newer(version));
+        }
+        let page_size = d.u32().map_err(m)?;
+        let generation = d.u64().map_err(m)?;
+        let next_snapshot = d.u64().map_err(m)?;
+        let mut roots = [None, None];
+        for root in roots.iter_mut() {
+            let present = d.u8().map_err(m)?;
+            let p = d.node_ptr().map_err(m)?;
+            *root = (present == 1).then_some(p);
+        }
+        let active_segment = d.u32().map_err(m)?;
+        let active_len = d.u64().map_err(m)?;
+        let n = d.u32().map_err(m)? as usize;
+        if n > MAX_SEGMENTS || n * 4 > d.remaining() {
+            return Err(SlotError::Malformed);
+        }
+        let mut segments = Vec::with_capacity(n);
+        for _ in 0..n {
+            segments.push(d.u32().map_err(m)?);
+        }
+        if !page_size.is_power_of_two() || !segments.contains(&active_segment) {
+            return Err(SlotError::Malformed);
+        }
+        let [catalog, dedup] = roots;
+        Ok(Superblock {
+            generation,
+            page_size,
+            next_snapshot,
+            catalog,
+            dedup,
+            active_segment,
+            active_len,
+            segments,
+        })
+    }
+}
+
+/// The 64-byte header of segment file `id`.
+pub(crate) fn segment_header(id: u32) -> Vec<u8> {
+    let mut e = Enc::default();
+    e.bytes(&SEG_MAGIC);
+    e.u32(FORMAT_VERSION);
+    e.u32(id);
+    e.0.resize(SEG_HEADER as usize - 4, 0);
+    let crc = crc32fast::hash(&e.0);
+    e.u32(crc);
+    e.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_every_flipped_bit_is_caught() {
+        let rec = encode_record(Kind::Page, 42, &[7; 32], b"hello page");
+        assert_eq!(rec.len() % 8, 0);
+        let r = decode_record(&rec, Kind::Page).expect("valid");
+        assert_eq!(
+            (r.key, r.hash, r.payload),
+            (42, [7; 32], &b"hello page"[..])
+        );
+        assert_eq!(
+            decode_record(&rec, Kind::Node).err(),
+            Some(RecordError::Kind(1))
+        );
+        let covered = REC_HEADER + 10 + REC_TRAILER;
+        for bit in 0..covered * 8 {
+            let mut bad = rec.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                decode_record(&bad, Kind::Page).is_err(),
+                "bit {bit} not detected"
+            );
+        }
+        assert_eq!(
+            decode_record(&rec[..rec.len() - 8], Kind::Page).err(),
+            Some(RecordError::Length)
+        );
+    }
+
+    #[test]
+    fn superblock_round_trips_and_refuses_damage_and_newer_versions() {
+        let sb = Superblock {
+            generation: 9,
+            page_size: 4096,
+            next_snapshot: 4,
+            catalog: Some(NodePtr {
+                loc: Location {
+                    segment: 1,
+                    offset: 64,
+                    len: 200,
+                },
+                merkle: [3; 32],
+            }),
+            dedup: None,
+            active_segment: 2,
+            active_len: 1234,
+            segments: vec![1, 2],
+        };
+        let bytes = sb.encode();
+        assert_eq!(bytes.len(), SLOT_SIZE);
+        assert_eq!(Superblock::decode(&bytes), Ok(sb.clone()));
+        let mut bad = bytes.clone();
+        bad[100] ^= 1;
+        assert_eq!(Superblock::decode(&bad), Err(SlotError::Checksum));
+        assert_eq!(Superblock::decode(&[0; SLOT_SIZE]), Err(SlotError::Empty));
+        let mut newer = bytes.clone();
+        newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let crc = crc32fast::hash(&newer[..SLOT_SIZE - 4]);
+        newer[SLOT_SIZE - 4..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(Superblock::decode(&newer), Err(SlotError::Newer(2)));
+    }
+
+    #[test]
+    fn segment_names_parse_back() {
+        assert_eq!(parse_seg_name(&seg_name(17)), Some(17));
+        assert_eq!(parse_seg_name("seg-x.pss"), None);
+        assert_eq!(parse_seg_name("superblock"), None);
+    }
+}

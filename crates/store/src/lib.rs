@@ -1,0 +1,218 @@
+//! # pagesnap-store
+//!
+//! Where snapshots live: a directory holding append-only segment files of checksummed records and
+//! a two-slot superblock. Built for the engine (dirty pages of a persistent address space) and the
+//! CLI (pages of raw disk images).
+//!
+//! - **Page records**: header (page number, length, blake3 of the content), the content, crc32
+//!   over both. All-zero pages are never stored; identical contents are stored once across all
+//!   snapshots (dedup by blake3).
+//! - **Incremental index**: each snapshot's page index is a copy-on-write trie
+//!   ([`docs/format.md`](../../docs/format.md)) sharing every unchanged node with its parent, so
+//!   a snapshot that changes D pages writes O(D · depth) metadata, and a lookup reads one path.
+//!   Each node carries a Merkle hash; a snapshot's Merkle root names its contents.
+//! - **Atomic commit**: data and index are synced, then the other superblock slot is written and
+//!   synced. A snapshot is entirely there after a crash, or not at all.
+//! - **Damage is contained and reported**: every read is checked (crc32, blake3, Merkle) and
+//!   never returns wrong bytes; [`Store::verify`] lists damaged snapshots and pages; open reports
+//!   the newest snapshot that still reads back.
+//! - **Delete and GC**: deleting is a commit; [`Store::gc`] copies live records to new segments
+//!   and drops the old ones; [`Store::check`] reports leaked bytes (0 after gc).
+//! - **One writer**: an advisory lock; a second writer gets [`StoreError::Locked`] naming the
+//!   holder. Readers use the last committed state.
+//! - **One I/O seam**: [`Storage`], implemented by [`FsStorage`] (std::fs and memmap2) and by
+//!   [`fault::FaultyStorage`], which fails or crashes at any operation for the crash tests.
+//!
+//! ```
+//! use pagesnap_store::{Mode, SnapshotMeta, Store, StoreOptions};
+//! use pagesnap_pagetable::Vpn;
+//!
+//! let dir = tempfile::tempdir().expect("temp dir");
+//! let mut store = Store::init(dir.path(), StoreOptions::default()).expect("init");
+//! store.begin(None).expect("begin");
+//! store.put(Vpn(3), &[7u8; 4096]).expect("put");
+//! let first = store.commit(SnapshotMeta::default()).expect("commit");
+//! drop(store);
+//! let (store, _report) = Store::open(dir.path(), Mode::Read).expect("open");
+//! assert_eq!(store.read_page(first.id, Vpn(3)).expect("read"), Some(vec![7u8; 4096]));
+//! assert_eq!(store.read_page(first.id, Vpn(4)).expect("read"), None); // zero page
+//! ```
+
+mod error;
+pub mod fault;
+mod format;
+mod manifest;
+mod storage;
+mod store;
+mod trie;
+
+pub use error::StoreError;
+pub use format::{Location, NodePtr, Ref, FORMAT_VERSION};
+pub use manifest::MAX_LABEL;
+pub use pagesnap_pagetable::{Epoch, Vpn};
+pub use storage::{FsStorage, LockGuard, SharedStorage, Storage};
+pub use store::{Mode, Store, EMPTY_ROOT};
+
+use std::fmt;
+
+/// A snapshot's id: 1, 2, 3, … in commit order, never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SnapshotId(pub u64);
+
+impl fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Settings for creating (and writing) a store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Bytes per page: a power of two, 512 B to 16 MiB. Fixed when the store is created.
+    pub page_size: u32,
+    /// A segment file is closed once it reaches this size.
+    pub segment_bytes: u64,
+    /// Segment files grow in steps of this many bytes (pre-sized for the memory map).
+    pub preallocate: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            page_size: 4096,
+            segment_bytes: 256 << 20,
+            preallocate: 8 << 20,
+        }
+    }
+}
+
+/// What the caller records with a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotMeta {
+    /// The epoch the snapshot seals.
+    pub epoch: Epoch,
+    /// A label (at most [`MAX_LABEL`] bytes are kept).
+    pub label: Option<String>,
+    /// Logical size in bytes (a disk image's length).
+    pub logical_size: u64,
+    /// Commit time; now when `None`.
+    pub time_unix_ms: Option<u64>,
+}
+
+/// What the store knows about a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Its id.
+    pub id: SnapshotId,
+    /// The snapshot it was written on top of.
+    pub parent: Option<SnapshotId>,
+    /// The epoch it seals.
+    pub epoch: Epoch,
+    /// Commit time, milliseconds since the Unix epoch.
+    pub time_unix_ms: u64,
+    /// Its label.
+    pub label: Option<String>,
+    /// Logical size in bytes.
+    pub logical_size: u64,
+    /// Bytes per page.
+    pub page_size: u32,
+    /// Stored (non-zero) pages.
+    pub page_count: u64,
+    /// Merkle root over its (page, content hash) pairs.
+    pub merkle_root: [u8; 32],
+    /// New page records it wrote (content not already in the store).
+    pub pages_written: u64,
+    /// Bytes of page records it wrote.
+    pub data_bytes: u64,
+    /// Bytes of index, manifest and catalog records it wrote.
+    pub meta_bytes: u64,
+}
+
+/// The result of a commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommitReport {
+    /// The new snapshot.
+    pub id: SnapshotId,
+    /// New page records written.
+    pub pages_written: u64,
+    /// Index entries changed against the parent.
+    pub pages_changed: u64,
+    /// Stored pages in the snapshot.
+    pub page_count: u64,
+    /// Bytes of page records written.
+    pub data_bytes: u64,
+    /// Bytes of metadata written (index nodes, manifest, catalog and dedup nodes).
+    pub meta_bytes: u64,
+    /// The snapshot's Merkle root.
+    pub merkle_root: [u8; 32],
+}
+
+/// What open found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    /// The committed generation in use.
+    pub generation: u64,
+    /// Which superblock slot holds it.
+    pub superblock_slot: usize,
+    /// A superblock slot failed its checksum (a torn superblock write, or damage); the other was used.
+    pub damaged_slot: bool,
+    /// The newest snapshot whose manifest and index root read back.
+    pub latest: Option<SnapshotId>,
+    /// Newer snapshots passed over because they are damaged (newest first).
+    pub damaged: Vec<SnapshotId>,
+}
+
+/// One finding of [`Store::verify`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Damage {
+    /// The snapshot affected (`None`: the store's own indexes).
+    pub snapshot: Option<SnapshotId>,
+    /// The page affected, when one is.
+    pub vpn: Option<Vpn>,
+    /// What is wrong, naming the file and offset.
+    pub detail: String,
+}
+
+/// The result of [`Store::verify`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Snapshots checked.
+    pub snapshots_checked: u64,
+    /// Distinct page records checked.
+    pub pages_checked: u64,
+    /// Distinct index nodes checked.
+    pub nodes_checked: u64,
+    /// What is damaged; empty when the store is clean.
+    pub damage: Vec<Damage>,
+}
+
+impl VerifyReport {
+    /// True when nothing is damaged.
+    pub fn is_clean(&self) -> bool {
+        self.damage.is_empty()
+    }
+}
+
+/// Space use (see [`Store::check`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpaceReport {
+    /// Bytes of records in segment files.
+    pub record_bytes: u64,
+    /// Bytes of records something retained uses.
+    pub live_bytes: u64,
+    /// The rest.
+    pub leaked_bytes: u64,
+}
+
+/// The result of [`Store::gc`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Record bytes before.
+    pub bytes_before: u64,
+    /// Record bytes after.
+    pub bytes_after: u64,
+    /// Bytes reclaimed.
+    pub bytes_freed: u64,
+    /// Old segment files removed.
+    pub segments_removed: usize,
+}

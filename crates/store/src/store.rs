@@ -1,0 +1,1413 @@
+//! The store: a directory of segment files and a two-slot superblock. See `docs/format.md` for the
+//! layout and the commit protocol, and why a crash at any step loses nothing committed.
+
+use crate::error::StoreError;
+use crate::format::{
+    decode_record, encode_record, parse_seg_name, seg_name, segment_header, Kind, Location,
+    NodePtr, Ref, SlotError, Superblock, FORMAT_VERSION, LOCK_FILE, MAX_RECORD, MAX_SEGMENTS,
+    SEG_HEADER, SEG_MAGIC, SLOT_SIZE, SUPERBLOCK_FILE,
+};
+use crate::manifest::{Manifest, RootRecord, MAX_LABEL};
+use crate::storage::{FsStorage, LockGuard, SharedStorage, Storage};
+use crate::trie::{self, Delta, Node, NodeIo, Slot};
+use crate::{
+    CommitReport, Damage, GcReport, OpenReport, SnapshotId, SnapshotInfo, SnapshotMeta,
+    SpaceReport, StoreOptions, VerifyReport,
+};
+use pagesnap_pagetable::{Epoch, Vpn};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// The Merkle root of an empty snapshot.
+pub const EMPTY_ROOT: [u8; 32] = [0; 32];
+/// Node cache bound (entries); cleared when exceeded.
+const CACHE_LIMIT: usize = 1 << 16;
+
+/// Open for reading only, or as the one writer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Read the last committed state; takes no lock.
+    Read,
+    /// Take the writer lock; recover leftovers of an interrupted writer.
+    Write,
+}
+
+struct Pending {
+    parent: Option<SnapshotId>,
+    base_root: Option<NodePtr>,
+    base_count: u64,
+    changes: BTreeMap<u64, Option<Ref>>,
+    /// Page records written in this snapshot, by content hash (dedup within the snapshot).
+    fresh: HashMap<[u8; 32], Ref>,
+    pages_written: u64,
+}
+
+struct Writer {
+    _lock: Box<dyn LockGuard>,
+    seg: u32,
+    off: u64,
+    cap: u64,
+    segments: Vec<u32>,
+    touched: BTreeSet<u32>,
+    created: Vec<u32>,
+    dir_dirty: bool,
+    data_appended: u64,
+    meta_appended: u64,
+    pending: Option<Pending>,
+}
+
+/// A snapshot store in a directory.
+pub struct Store {
+    io: SharedStorage,
+    opts: StoreOptions,
+    sb: Superblock,
+    cache: Mutex<HashMap<Location, Arc<Node>>>,
+    writer: Option<Writer>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.io.location())
+            .field("generation", &self.sb.generation)
+            .field("writer", &self.writer.is_some())
+            .finish()
+    }
+}
+
+fn io_err(
+    io: &dyn Storage,
+    name: &str,
+    step: &'static str,
+) -> impl FnOnce(io::Error) -> StoreError {
+    let path = io.location().join(name);
+    move |source| StoreError::Io { path, step, source }
+}
+
+fn corrupt(
+    io: &dyn Storage,
+    name: &str,
+    what: &'static str,
+    offset: u64,
+    detail: impl Into<String>,
+) -> StoreError {
+    StoreError::Corrupt {
+        path: io.location().join(name),
+        what,
+        offset,
+        detail: detail.into(),
+    }
+}
+
+/// Reads and checks the record at `loc`. `segments` are the live segments.
+fn read_record(
+    io: &dyn Storage,
+    segments: &[u32],
+    loc: &Location,
+    kind: Kind,
+) -> Result<(u64, [u8; 32], Vec<u8>), StoreError> {
+    let name = seg_name(loc.segment);
+    if !segments.contains(&loc.segment) {
+        return Err(corrupt(
+            io,
+            &name,
+            kind.name(),
+            loc.offset,
+            "points into a segment the store does not have",
+        ));
+    }
+    if u64::from(loc.len) > MAX_RECORD || loc.offset < SEG_HEADER {
+        return Err(corrupt(
+            io,
+            &name,
+            kind.name(),
+            loc.offset,
+            format!("implausible record length {}", loc.len),
+        ));
+    }
+    let mut buf = vec![0u8; loc.len as usize];
+    io.read(&name, loc.offset, &mut buf).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            corrupt(
+                io,
+                &name,
+                kind.name(),
+                loc.offset,
+                "points past the end of the segment",
+            )
+        } else {
+            io_err(io, &name, "read record")(e)
+        }
+    })?;
+    let rec = decode_record(&buf, kind)
+        .map_err(|e| corrupt(io, &name, kind.name(), loc.offset, e.to_string()))?;
+    let (key, hash, start, plen) = (
+        rec.key,
+        rec.hash,
+        crate::format::REC_HEADER,
+        rec.payload.len(),
+    );
+    buf.truncate(start + plen);
+    buf.drain(..start);
+    Ok((key, hash, buf))
+}
+
+/// Node access for readers.
+struct ReadIo<'a> {
+    io: &'a dyn Storage,
+    segments: &'a [u32],
+    cache: &'a Mutex<HashMap<Location, Arc<Node>>>,
+}
+
+fn load_node(
+    io: &dyn Storage,
+    segments: &[u32],
+    cache: &Mutex<HashMap<Location, Arc<Node>>>,
+    ptr: &NodePtr,
+) -> Result<Arc<Node>, StoreError> {
+    if let Some(n) = cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&ptr.loc)
+    {
+        return Ok(n.clone());
+    }
+    let (_, hash, payload) = read_record(io, segments, &ptr.loc, Kind::Node)?;
+    let name = seg_name(ptr.loc.segment);
+    let node = Node::decode(&payload)
+        .map_err(|e| corrupt(io, &name, "index node", ptr.loc.offset, e.0))?;
+    if hash != ptr.merkle {
+        return Err(corrupt(
+            io,
+            &name,
+            "index node",
+            ptr.loc.offset,
+            "Merkle hash differs from its parent's record",
+        ));
+    }
+    let node = Arc::new(node);
+    let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if c.len() >= CACHE_LIMIT {
+        c.clear();
+    }
+    c.insert(ptr.loc, node.clone());
+    Ok(node)
+}
+
+impl NodeIo for ReadIo<'_> {
+    fn load(&mut self, ptr: &NodePtr) -> Result<Arc<Node>, StoreError> {
+        load_node(self.io, self.segments, self.cache, ptr)
+    }
+    fn store(&mut self, _node: &Node) -> Result<NodePtr, StoreError> {
+        Err(StoreError::ReadOnly)
+    }
+}
+
+/// Node access for the writer: loads through the cache, stores by appending.
+struct WriteIo<'a> {
+    io: &'a dyn Storage,
+    opts: &'a StoreOptions,
+    cache: &'a Mutex<HashMap<Location, Arc<Node>>>,
+    w: &'a mut Writer,
+}
+
+impl NodeIo for WriteIo<'_> {
+    fn load(&mut self, ptr: &NodePtr) -> Result<Arc<Node>, StoreError> {
+        load_node(self.io, &self.w.segments, self.cache, ptr)
+    }
+    fn store(&mut self, node: &Node) -> Result<NodePtr, StoreError> {
+        let merkle = node.merkle();
+        let loc = append(
+            self.io,
+            self.opts,
+            self.w,
+            Kind::Node,
+            u64::from(node.depth),
+            &merkle,
+            &node.encode(),
+        )?;
+        self.w.meta_appended += u64::from(loc.len);
+        Ok(NodePtr { loc, merkle })
+    }
+}
+
+fn new_segment(io: &dyn Storage, opts: &StoreOptions, w: &mut Writer) -> Result<(), StoreError> {
+    if w.segments.len() >= MAX_SEGMENTS {
+        return Err(StoreError::TooManySegments {
+            count: w.segments.len(),
+        });
+    }
+    let id = w.segments.iter().copied().max().unwrap_or(0) + 1;
+    let name = seg_name(id);
+    io.create(&name)
+        .map_err(io_err(io, &name, "create segment"))?;
+    w.created.push(id);
+    w.segments.push(id);
+    w.dir_dirty = true;
+    let cap = opts.preallocate.min(opts.segment_bytes).max(SEG_HEADER);
+    io.set_len(&name, cap)
+        .map_err(io_err(io, &name, "size segment"))?;
+    io.write(&name, 0, &segment_header(id))
+        .map_err(io_err(io, &name, "write segment header"))?;
+    w.touched.insert(id);
+    w.seg = id;
+    w.off = SEG_HEADER;
+    w.cap = cap;
+    Ok(())
+}
+
+fn append(
+    io: &dyn Storage,
+    opts: &StoreOptions,
+    w: &mut Writer,
+    kind: Kind,
+    key: u64,
+    hash: &[u8; 32],
+    payload: &[u8],
+) -> Result<Location, StoreError> {
+    let rec = encode_record(kind, key, hash, payload);
+    let len = rec.len() as u64;
+    if w.off + len > opts.segment_bytes && w.off > SEG_HEADER {
+        // Trim the full segment to its records and move on to a new one.
+        let name = seg_name(w.seg);
+        io.set_len(&name, w.off)
+            .map_err(io_err(io, &name, "trim segment"))?;
+        w.touched.insert(w.seg);
+        new_segment(io, opts, w)?;
+    }
+    let name = seg_name(w.seg);
+    if w.off + len > w.cap {
+        let cap = (w.cap + opts.preallocate)
+            .max(w.off + len)
+            .min(opts.segment_bytes.max(w.off + len));
+        io.set_len(&name, cap)
+            .map_err(io_err(io, &name, "grow segment"))?;
+        w.cap = cap;
+    }
+    io.write(&name, w.off, &rec)
+        .map_err(io_err(io, &name, "write record"))?;
+    let loc = Location {
+        segment: w.seg,
+        offset: w.off,
+        len: u32::try_from(len).unwrap_or(u32::MAX),
+    };
+    w.off += len;
+    w.touched.insert(w.seg);
+    Ok(loc)
+}
+
+fn is_zero(data: &[u8]) -> bool {
+    let words = data.chunks_exact(8);
+    let tail = words.remainder();
+    words.into_iter().all(|w| w == [0u8; 8]) && tail.iter().all(|b| *b == 0)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn info(m: &Manifest) -> SnapshotInfo {
+    SnapshotInfo {
+        id: SnapshotId(m.id),
+        parent: m.parent.map(SnapshotId),
+        epoch: Epoch(m.epoch),
+        time_unix_ms: m.time_unix_ms,
+        label: m.label.clone(),
+        logical_size: m.logical_size,
+        page_size: m.page_size,
+        page_count: m.page_count,
+        merkle_root: m.merkle_root,
+        pages_written: m.pages_written,
+        data_bytes: m.data_bytes,
+        meta_bytes: m.meta_bytes,
+    }
+}
+
+impl Store {
+    /// Creates a store in the existing directory `dir` (std::fs backend).
+    pub fn init(dir: impl AsRef<Path>, opts: StoreOptions) -> Result<Store, StoreError> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.into(),
+            step: "create store directory",
+            source,
+        })?;
+        Self::init_with(Arc::new(FsStorage::new(dir, true)), opts)
+    }
+
+    /// Opens the store in `dir` (std::fs backend).
+    pub fn open(dir: impl AsRef<Path>, mode: Mode) -> Result<(Store, OpenReport), StoreError> {
+        let dir = dir.as_ref();
+        match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(StoreError::NotAStore { path: dir.into() }),
+            Err(source) if source.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::NotAStore { path: dir.into() })
+            }
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: dir.into(),
+                    step: "open store directory",
+                    source,
+                })
+            }
+        }
+        Self::open_with(
+            Arc::new(FsStorage::new(dir, mode == Mode::Write)),
+            mode,
+            StoreOptions::default(),
+        )
+    }
+
+    /// Creates a store on `io`.
+    pub fn init_with(io: SharedStorage, opts: StoreOptions) -> Result<Store, StoreError> {
+        if !opts.page_size.is_power_of_two() || !(512..=(16 << 20)).contains(&opts.page_size) {
+            return Err(StoreError::Usage(
+                "the page size must be a power of two from 512 bytes to 16 MiB",
+            ));
+        }
+        let names = io
+            .list()
+            .map_err(io_err(&*io, "", "list store directory"))?;
+        if names.iter().any(|n| n == SUPERBLOCK_FILE) {
+            match Self::read_superblock(&*io) {
+                Err(StoreError::NotAStore { .. }) => {}
+                _ => {
+                    return Err(StoreError::AlreadyExists {
+                        path: io.location().into(),
+                    })
+                }
+            }
+        }
+        let lock = Self::lock(&*io)?;
+        // Leftovers of an interrupted init (no valid superblock) are cleared.
+        for n in names
+            .iter()
+            .filter(|n| parse_seg_name(n).is_some() || *n == SUPERBLOCK_FILE)
+        {
+            io.remove(n)
+                .map_err(io_err(&*io, n, "remove leftover file"))?;
+        }
+        let first = seg_name(1);
+        io.create(&first)
+            .map_err(io_err(&*io, &first, "create segment"))?;
+        io.write(&first, 0, &segment_header(1)).map_err(io_err(
+            &*io,
+            &first,
+            "write segment header",
+        ))?;
+        io.sync(&first)
+            .map_err(io_err(&*io, &first, "sync segment"))?;
+        let sb = Superblock {
+            generation: 1,
+            page_size: opts.page_size,
+            next_snapshot: 1,
+            catalog: None,
+            dedup: None,
+            active_segment: 1,
+            active_len: SEG_HEADER,
+            segments: vec![1],
+        };
+        io.create(SUPERBLOCK_FILE)
+            .map_err(io_err(&*io, SUPERBLOCK_FILE, "create superblock"))?;
+        // Generation g lives in slot g % 2, so each commit overwrites the older slot.
+        let mut slots = vec![0u8; 2 * SLOT_SIZE];
+        let at = (sb.generation % 2) as usize * SLOT_SIZE;
+        slots[at..at + SLOT_SIZE].copy_from_slice(&sb.encode());
+        io.write(SUPERBLOCK_FILE, 0, &slots).map_err(io_err(
+            &*io,
+            SUPERBLOCK_FILE,
+            "write superblock",
+        ))?;
+        io.sync(SUPERBLOCK_FILE)
+            .map_err(io_err(&*io, SUPERBLOCK_FILE, "sync superblock"))?;
+        io.sync_dir()
+            .map_err(io_err(&*io, "", "sync store directory"))?;
+        let writer = Writer::new(lock, &sb, &*io)?;
+        Ok(Store {
+            io,
+            opts,
+            sb,
+            cache: Mutex::new(HashMap::new()),
+            writer: Some(writer),
+        })
+    }
+
+    fn lock(io: &dyn Storage) -> Result<Box<dyn LockGuard>, StoreError> {
+        match io
+            .try_lock(LOCK_FILE)
+            .map_err(io_err(io, LOCK_FILE, "lock store"))?
+        {
+            Some(guard) => {
+                let note = format!("pid {}\n", std::process::id());
+                // Best effort: the note only names the holder in others' error messages.
+                let _ = io
+                    .set_len(LOCK_FILE, 0)
+                    .and_then(|_| io.write(LOCK_FILE, 0, note.as_bytes()));
+                Ok(guard)
+            }
+            None => {
+                let len = io.len(LOCK_FILE).unwrap_or(0).min(256);
+                let mut buf = vec![0u8; len as usize];
+                let holder = match io.read(LOCK_FILE, 0, &mut buf) {
+                    Ok(()) => String::from_utf8_lossy(&buf).trim().to_string(),
+                    Err(_) => String::new(),
+                };
+                let holder = if holder.is_empty() {
+                    "unknown process".to_string()
+                } else {
+                    holder
+                };
+                Err(StoreError::Locked {
+                    path: io.location().into(),
+                    holder,
+                })
+            }
+        }
+    }
+
+    /// The valid superblock slot with the highest generation, and whether a slot was damaged.
+    fn read_superblock(io: &dyn Storage) -> Result<(Superblock, usize, bool), StoreError> {
+        let not_a_store = || StoreError::NotAStore {
+            path: io.location().into(),
+        };
+        let len = match io.len(SUPERBLOCK_FILE) {
+            Ok(l) => l,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_a_store()),
+            Err(e) => return Err(io_err(io, SUPERBLOCK_FILE, "read superblock")(e)),
+        };
+        let mut buf = vec![0u8; 2 * SLOT_SIZE];
+        let have = usize::try_from(len)
+            .unwrap_or(usize::MAX)
+            .min(2 * SLOT_SIZE);
+        io.read(SUPERBLOCK_FILE, 0, &mut buf[..have])
+            .map_err(io_err(io, SUPERBLOCK_FILE, "read superblock"))?;
+        let slots = [
+            Superblock::decode(&buf[..SLOT_SIZE]),
+            Superblock::decode(&buf[SLOT_SIZE..]),
+        ];
+        for s in &slots {
+            if let Err(SlotError::Newer(found)) = s {
+                return Err(StoreError::NewerVersion {
+                    path: io.location().into(),
+                    found: *found,
+                    supported: FORMAT_VERSION,
+                });
+            }
+        }
+        let damaged = slots
+            .iter()
+            .any(|s| matches!(s, Err(SlotError::Checksum) | Err(SlotError::Malformed)));
+        let best = slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().ok().map(|sb| (i, sb)))
+            .max_by_key(|(_, sb)| sb.generation);
+        match best {
+            Some((i, sb)) => Ok((sb.clone(), i, damaged)),
+            None if damaged => Err(corrupt(
+                io,
+                SUPERBLOCK_FILE,
+                "superblock",
+                0,
+                "both slots fail their checksum",
+            )),
+            None => Err(not_a_store()),
+        }
+    }
+
+    /// Opens the store on `io`.
+    pub fn open_with(
+        io: SharedStorage,
+        mode: Mode,
+        opts: StoreOptions,
+    ) -> Result<(Store, OpenReport), StoreError> {
+        let (sb, slot, damaged_slot) = Self::read_superblock(&*io)?;
+        let writer = match mode {
+            Mode::Read => None,
+            Mode::Write => {
+                let lock = Self::lock(&*io)?;
+                // Recovery: segment files the committed state does not list are leftovers of an
+                // interrupted commit or gc.
+                let names = io
+                    .list()
+                    .map_err(io_err(&*io, "", "list store directory"))?;
+                let mut removed = false;
+                for n in &names {
+                    if parse_seg_name(n).is_some_and(|id| !sb.segments.contains(&id)) {
+                        io.remove(n)
+                            .map_err(io_err(&*io, n, "remove leftover segment"))?;
+                        removed = true;
+                    }
+                }
+                if removed {
+                    io.sync_dir()
+                        .map_err(io_err(&*io, "", "sync store directory"))?;
+                }
+                Some(Writer::new(lock, &sb, &*io)?)
+            }
+        };
+        for id in &sb.segments {
+            let name = seg_name(*id);
+            let mut head = [0u8; 8];
+            match io.read(&name, 0, &mut head) {
+                Ok(()) if head == SEG_MAGIC => {}
+                Ok(()) => return Err(corrupt(&*io, &name, "segment header", 0, "bad magic")),
+                Err(e) => return Err(io_err(&*io, &name, "open segment")(e)),
+            }
+        }
+        let opts = StoreOptions {
+            page_size: sb.page_size,
+            ..opts
+        };
+        let store = Store {
+            io,
+            opts,
+            sb,
+            cache: Mutex::new(HashMap::new()),
+            writer,
+        };
+        let mut report = OpenReport {
+            generation: store.sb.generation,
+            superblock_slot: slot,
+            damaged_slot,
+            ..OpenReport::default()
+        };
+        // Damage containment: the newest snapshot whose manifest and index root read back.
+        let ids = store.snapshot_ids()?;
+        for id in ids.iter().rev() {
+            match store
+                .snapshot(*id)
+                .and_then(|s| store.index_root(&s).map(|_| s))
+            {
+                Ok(_) => {
+                    report.latest = Some(*id);
+                    break;
+                }
+                Err(e) if e.is_corruption() => report.damaged.push(*id),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((store, report))
+    }
+
+    fn read_io(&self) -> ReadIo<'_> {
+        let segments = match &self.writer {
+            Some(w) => &w.segments,
+            None => &self.sb.segments,
+        };
+        ReadIo {
+            io: &*self.io,
+            segments,
+            cache: &self.cache,
+        }
+    }
+
+    fn write_io(&mut self) -> Result<WriteIo<'_>, StoreError> {
+        let w = self.writer.as_mut().ok_or(StoreError::ReadOnly)?;
+        Ok(WriteIo {
+            io: &*self.io,
+            opts: &self.opts,
+            cache: &self.cache,
+            w,
+        })
+    }
+
+    /// The directory (or backend location).
+    pub fn location(&self) -> &Path {
+        self.io.location()
+    }
+
+    /// Bytes per page.
+    pub fn page_size(&self) -> u32 {
+        self.sb.page_size
+    }
+
+    /// The committed generation (increases with every commit).
+    pub fn generation(&self) -> u64 {
+        self.sb.generation
+    }
+
+    /// Ids of the retained snapshots, ascending.
+    pub fn snapshot_ids(&self) -> Result<Vec<SnapshotId>, StoreError> {
+        let mut ids = Vec::new();
+        trie::for_each(&mut self.read_io(), self.sb.catalog, &mut |k, _| {
+            ids.push(SnapshotId(k));
+            Ok(())
+        })?;
+        Ok(ids)
+    }
+
+    /// The newest retained snapshot.
+    pub fn latest(&self) -> Result<Option<SnapshotId>, StoreError> {
+        Ok(self.snapshot_ids()?.last().copied())
+    }
+
+    fn manifest(&self, id: SnapshotId) -> Result<Manifest, StoreError> {
+        let r = trie::get(&mut self.read_io(), self.sb.catalog, id.0)?
+            .ok_or(StoreError::UnknownSnapshot(id))?;
+        let segments = &self.read_io().segments.to_vec();
+        let (_, _, payload) = read_record(&*self.io, segments, &r.loc, Kind::Manifest)?;
+        let name = seg_name(r.loc.segment);
+        if *blake3::hash(&payload).as_bytes() != r.hash {
+            return Err(corrupt(
+                &*self.io,
+                &name,
+                "snapshot manifest",
+                r.loc.offset,
+                "blake3 differs from the catalog's",
+            ));
+        }
+        let m = Manifest::from_bytes(&payload)
+            .map_err(|e| corrupt(&*self.io, &name, "snapshot manifest", r.loc.offset, e))?;
+        if m.id != id.0 {
+            return Err(corrupt(
+                &*self.io,
+                &name,
+                "snapshot manifest",
+                r.loc.offset,
+                "manifest names another snapshot",
+            ));
+        }
+        Ok(m)
+    }
+
+    /// What the store knows about snapshot `id`.
+    pub fn snapshot(&self, id: SnapshotId) -> Result<SnapshotInfo, StoreError> {
+        self.manifest(id).map(|m| info(&m))
+    }
+
+    /// Every retained snapshot, ascending by id.
+    pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>, StoreError> {
+        self.snapshot_ids()?
+            .into_iter()
+            .map(|id| self.snapshot(id))
+            .collect()
+    }
+
+    fn index_root(&self, s: &SnapshotInfo) -> Result<Option<NodePtr>, StoreError> {
+        let root = self.manifest(s.id)?.index_root.map(|r| r.ptr());
+        if let Some(p) = &root {
+            self.read_io().load(p)?;
+        }
+        Ok(root)
+    }
+
+    /// The content of page `vpn` in snapshot `id` (`None`: the page is zero), checked against its
+    /// crc32 and blake3 before it is returned.
+    pub fn read_page(&self, id: SnapshotId, vpn: Vpn) -> Result<Option<Vec<u8>>, StoreError> {
+        let root = self.manifest(id)?.index_root.map(|r| r.ptr());
+        match trie::get(&mut self.read_io(), root, vpn.0)? {
+            Some(r) => self.read_ref(&r).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Calls `f` with every stored (non-zero) page of snapshot `id`, in address order.
+    pub fn for_each_page(
+        &self,
+        id: SnapshotId,
+        mut f: impl FnMut(Vpn, &Ref) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let root = self.manifest(id)?.index_root.map(|r| r.ptr());
+        trie::for_each(&mut self.read_io(), root, &mut |k, r| f(Vpn(k), &r))
+    }
+
+    /// The content a page reference names, checked (crc32, then blake3).
+    pub fn read_ref(&self, r: &Ref) -> Result<Vec<u8>, StoreError> {
+        let (_, hash, payload) =
+            read_record(&*self.io, self.read_io().segments, &r.loc, Kind::Page)?;
+        if hash != r.hash || *blake3::hash(&payload).as_bytes() != r.hash {
+            return Err(corrupt(
+                &*self.io,
+                &seg_name(r.loc.segment),
+                "page record",
+                r.loc.offset,
+                "content does not match its blake3 hash",
+            ));
+        }
+        Ok(payload)
+    }
+
+    /// Pages whose content differs between snapshots `a` and `b`, in address order.
+    pub fn diff(&self, a: SnapshotId, b: SnapshotId) -> Result<Vec<Vpn>, StoreError> {
+        let ra = self.manifest(a)?.index_root.map(|r| r.ptr());
+        let rb = self.manifest(b)?.index_root.map(|r| r.ptr());
+        Ok(trie::diff(&mut self.read_io(), ra, rb)?
+            .into_iter()
+            .map(Vpn)
+            .collect())
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Writing a snapshot
+
+    /// Starts a snapshot whose pages are those of `parent` (or none) plus what `put` and
+    /// `remove` change.
+    pub fn begin(&mut self, parent: Option<SnapshotId>) -> Result<(), StoreError> {
+        if self
+            .writer
+            .as_ref()
+            .ok_or(StoreError::ReadOnly)?
+            .pending
+            .is_some()
+        {
+            return Err(StoreError::Usage(
+                "a snapshot is already being written; commit or abort it first",
+            ));
+        }
+        let (base_root, base_count) = match parent {
+            Some(p) => {
+                let m = self.manifest(p)?;
+                (m.index_root.map(|r| r.ptr()), m.page_count)
+            }
+            None => (None, 0),
+        };
+        let w = self.writer.as_mut().ok_or(StoreError::ReadOnly)?;
+        w.pending = Some(Pending {
+            parent,
+            base_root,
+            base_count,
+            changes: BTreeMap::new(),
+            fresh: HashMap::new(),
+            pages_written: 0,
+        });
+        w.data_appended = 0;
+        w.meta_appended = 0;
+        Ok(())
+    }
+
+    /// Sets page `vpn` of the snapshot being written. All-zero pages are not stored (a zero page
+    /// and an absent page are the same). Content already in the store is not written again.
+    pub fn put(&mut self, vpn: Vpn, data: &[u8]) -> Result<(), StoreError> {
+        if data.len() != self.sb.page_size as usize {
+            return Err(StoreError::PageSize {
+                len: data.len(),
+                page_size: self.sb.page_size,
+            });
+        }
+        if is_zero(data) {
+            return self.remove(vpn);
+        }
+        let hash = *blake3::hash(data).as_bytes();
+        let dedup_root = self.sb.dedup;
+        let mut wio = self.write_io()?;
+        let fresh = wio
+            .w
+            .pending
+            .as_ref()
+            .ok_or(StoreError::Usage("put without begin"))?
+            .fresh
+            .get(&hash)
+            .copied();
+        let r = match fresh {
+            Some(r) => r,
+            None => match trie::get(&mut wio, dedup_root, dedup_key(&hash))? {
+                Some(r) if r.hash == hash => r,
+                _ => {
+                    let loc = append(wio.io, wio.opts, wio.w, Kind::Page, vpn.0, &hash, data)?;
+                    wio.w.data_appended += u64::from(loc.len);
+                    let r = Ref { hash, loc };
+                    let p = wio
+                        .w
+                        .pending
+                        .as_mut()
+                        .ok_or(StoreError::Usage("put without begin"))?;
+                    p.fresh.insert(hash, r);
+                    p.pages_written += 1;
+                    r
+                }
+            },
+        };
+        let p = wio
+            .w
+            .pending
+            .as_mut()
+            .ok_or(StoreError::Usage("put without begin"))?;
+        p.changes.insert(vpn.0, Some(r));
+        Ok(())
+    }
+
+    /// Makes page `vpn` zero (absent) in the snapshot being written.
+    pub fn remove(&mut self, vpn: Vpn) -> Result<(), StoreError> {
+        let w = self.writer.as_mut().ok_or(StoreError::ReadOnly)?;
+        let p = w
+            .pending
+            .as_mut()
+            .ok_or(StoreError::Usage("remove without begin"))?;
+        p.changes.insert(vpn.0, None);
+        Ok(())
+    }
+
+    /// Drops the snapshot being written; the store stays as last committed.
+    pub fn abort(&mut self) {
+        self.rollback();
+    }
+
+    fn rollback(&mut self) {
+        let sb = self.sb.clone();
+        if let Some(w) = self.writer.as_mut() {
+            w.pending = None;
+            for id in w.created.drain(..) {
+                // Best effort; open removes segments the superblock does not list anyway.
+                let _ = self.io.remove(&seg_name(id));
+            }
+            w.segments = sb.segments.clone();
+            w.seg = sb.active_segment;
+            w.off = sb.active_len;
+            w.cap = self.io.len(&seg_name(sb.active_segment)).unwrap_or(0);
+            w.touched.clear();
+        }
+    }
+
+    /// Commits the snapshot being written: after `Ok`, it survives any crash.
+    pub fn commit(&mut self, meta: SnapshotMeta) -> Result<CommitReport, StoreError> {
+        let result = self.commit_inner(meta);
+        if result.is_err() {
+            self.rollback();
+        }
+        result
+    }
+
+    fn commit_inner(&mut self, meta: SnapshotMeta) -> Result<CommitReport, StoreError> {
+        let page_size = self.sb.page_size;
+        let mut sb = self.sb.clone();
+        let mut wio = self.write_io()?;
+        let pending = wio
+            .w
+            .pending
+            .take()
+            .ok_or(StoreError::Usage("commit without begin"))?;
+        // Changes that leave a page as it was in the parent are dropped: they would only rewrite
+        // index nodes.
+        let mut changes = Vec::with_capacity(pending.changes.len());
+        for (k, v) in pending.changes {
+            let old = trie::get(&mut wio, pending.base_root, k)?;
+            if old.map(|r| r.hash) != v.map(|r| r.hash) {
+                changes.push((k, v));
+            }
+        }
+        let mut delta = Delta::default();
+        let root = trie::apply(&mut wio, pending.base_root, &changes, &mut delta)?;
+        let page_count = pending.base_count + delta.added - delta.removed;
+        let id = sb.next_snapshot;
+        let mut label = meta.label;
+        if let Some(l) = label.as_mut() {
+            if l.len() > MAX_LABEL {
+                let mut cut = MAX_LABEL;
+                while !l.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                l.truncate(cut);
+            }
+        }
+        let manifest = Manifest {
+            id,
+            parent: pending.parent.map(|p| p.0),
+            epoch: meta.epoch.0,
+            time_unix_ms: meta.time_unix_ms.unwrap_or_else(now_ms),
+            label,
+            logical_size: meta.logical_size,
+            page_size,
+            page_count,
+            merkle_root: root.map(|p| p.merkle).unwrap_or(EMPTY_ROOT),
+            index_root: root.as_ref().map(RootRecord::from_ptr),
+            pages_written: pending.pages_written,
+            data_bytes: wio.w.data_appended,
+            meta_bytes: wio.w.meta_appended,
+        };
+        let bytes = manifest.to_bytes();
+        let mhash = *blake3::hash(&bytes).as_bytes();
+        let mloc = append(wio.io, wio.opts, wio.w, Kind::Manifest, id, &mhash, &bytes)?;
+        wio.w.meta_appended += u64::from(mloc.len);
+        sb.catalog = trie::apply(
+            &mut wio,
+            sb.catalog,
+            &[(
+                id,
+                Some(Ref {
+                    hash: mhash,
+                    loc: mloc,
+                }),
+            )],
+            &mut Delta::default(),
+        )?;
+        let mut fresh: Vec<(u64, Option<Ref>)> = pending
+            .fresh
+            .values()
+            .map(|r| (dedup_key(&r.hash), Some(*r)))
+            .collect();
+        fresh.sort_unstable_by_key(|(k, _)| *k);
+        fresh.dedup_by_key(|(k, _)| *k);
+        // A 64-bit prefix already taken by other content keeps its first owner.
+        let mut new_keys = Vec::with_capacity(fresh.len());
+        for (k, v) in fresh {
+            if trie::get(&mut wio, sb.dedup, k)?.is_none() {
+                new_keys.push((k, v));
+            }
+        }
+        sb.dedup = trie::apply(&mut wio, sb.dedup, &new_keys, &mut Delta::default())?;
+        sb.next_snapshot = id + 1;
+        let (data_bytes, meta_bytes) = (wio.w.data_appended, wio.w.meta_appended);
+        self.publish(sb)?;
+        Ok(CommitReport {
+            id: SnapshotId(id),
+            pages_written: pending.pages_written,
+            pages_changed: changes.len() as u64,
+            page_count,
+            data_bytes,
+            meta_bytes,
+            merkle_root: manifest.merkle_root,
+        })
+    }
+
+    /// The commit point: sync every segment written, the directory if files were created, then
+    /// write the other superblock slot and sync it.
+    fn publish(&mut self, mut sb: Superblock) -> Result<(), StoreError> {
+        let io = &*self.io;
+        let w = self.writer.as_mut().ok_or(StoreError::ReadOnly)?;
+        for id in &w.touched {
+            let name = seg_name(*id);
+            io.sync(&name).map_err(io_err(io, &name, "sync segment"))?;
+        }
+        if w.dir_dirty {
+            io.sync_dir()
+                .map_err(io_err(io, "", "sync store directory"))?;
+        }
+        sb.generation = self.sb.generation + 1;
+        sb.active_segment = w.seg;
+        sb.active_len = w.off;
+        sb.segments = w.segments.clone();
+        sb.segments.sort_unstable();
+        let slot = sb.generation % 2;
+        io.write(SUPERBLOCK_FILE, slot * SLOT_SIZE as u64, &sb.encode())
+            .map_err(io_err(io, SUPERBLOCK_FILE, "write superblock"))?;
+        io.sync(SUPERBLOCK_FILE)
+            .map_err(io_err(io, SUPERBLOCK_FILE, "sync superblock"))?;
+        w.touched.clear();
+        w.created.clear();
+        w.dir_dirty = false;
+        self.sb = sb;
+        Ok(())
+    }
+
+    /// Deletes snapshots (a commit). Their space is reclaimed by [`Store::gc`].
+    pub fn delete(&mut self, ids: &[SnapshotId]) -> Result<(), StoreError> {
+        if self
+            .writer
+            .as_ref()
+            .ok_or(StoreError::ReadOnly)?
+            .pending
+            .is_some()
+        {
+            return Err(StoreError::Usage(
+                "a snapshot is being written; commit or abort it before deleting",
+            ));
+        }
+        let known = self.snapshot_ids()?;
+        if let Some(missing) = ids.iter().find(|id| !known.contains(id)) {
+            return Err(StoreError::UnknownSnapshot(*missing));
+        }
+        let mut changes: Vec<(u64, Option<Ref>)> = ids.iter().map(|id| (id.0, None)).collect();
+        changes.sort_unstable_by_key(|(k, _)| *k);
+        changes.dedup_by_key(|(k, _)| *k);
+        let result = (|| {
+            let mut sb = self.sb.clone();
+            let mut wio = self.write_io()?;
+            sb.catalog = trie::apply(&mut wio, sb.catalog, &changes, &mut Delta::default())?;
+            self.publish(sb)
+        })();
+        if result.is_err() {
+            self.rollback();
+        }
+        result
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Space: check and gc
+
+    /// Every record location reachable from the committed state, with its length.
+    fn live_records(&self) -> Result<BTreeMap<Location, u64>, StoreError> {
+        let mut live = BTreeMap::new();
+        let mut rio = self.read_io();
+        for root in [self.sb.catalog, self.sb.dedup] {
+            trie::for_each_node(&mut rio, root, &mut |p, _| {
+                Ok(live.insert(p.loc, u64::from(p.loc.len)).is_none())
+            })?;
+        }
+        trie::for_each(&mut rio, self.sb.dedup, &mut |_, r| {
+            live.insert(r.loc, u64::from(r.loc.len));
+            Ok(())
+        })?;
+        trie::for_each(&mut self.read_io(), self.sb.catalog, &mut |_, r| {
+            live.insert(r.loc, u64::from(r.loc.len));
+            Ok(())
+        })?;
+        for id in self.snapshot_ids()? {
+            let root = self.manifest(id)?.index_root.map(|r| r.ptr());
+            let mut rio = self.read_io();
+            let mut pages = Vec::new();
+            trie::for_each_node(&mut rio, root, &mut |p, n| {
+                if live.insert(p.loc, u64::from(p.loc.len)).is_some() {
+                    return Ok(false);
+                }
+                for (_, s) in &n.slots {
+                    if let Slot::Entry(_, r) = s {
+                        pages.push(r.loc);
+                    }
+                }
+                Ok(true)
+            })?;
+            for loc in pages {
+                live.insert(loc, u64::from(loc.len));
+            }
+        }
+        Ok(live)
+    }
+
+    /// Record bytes in the store's segments, how many of them a retained snapshot (or the store's
+    /// own indexes) uses, and the rest: leaked space that [`Store::gc`] reclaims.
+    pub fn check(&self) -> Result<SpaceReport, StoreError> {
+        let live: u64 = self.live_records()?.values().sum();
+        let mut file_bytes = 0;
+        for id in &self.sb.segments {
+            let len = if *id == self.sb.active_segment {
+                self.sb.active_len
+            } else {
+                let name = seg_name(*id);
+                self.io
+                    .len(&name)
+                    .map_err(io_err(&*self.io, &name, "stat segment"))?
+            };
+            file_bytes += len.saturating_sub(SEG_HEADER);
+        }
+        Ok(SpaceReport {
+            record_bytes: file_bytes,
+            live_bytes: live,
+            leaked_bytes: file_bytes.saturating_sub(live),
+        })
+    }
+
+    /// Reclaims every byte no retained snapshot uses, by copying the live records into new
+    /// segments, committing, then removing the old segments. Crash-safe: until the commit the old
+    /// state is intact; after it, old segments are leftovers that open removes.
+    pub fn gc(&mut self) -> Result<GcReport, StoreError> {
+        if self
+            .writer
+            .as_ref()
+            .ok_or(StoreError::ReadOnly)?
+            .pending
+            .is_some()
+        {
+            return Err(StoreError::Usage(
+                "a snapshot is being written; commit or abort it before gc",
+            ));
+        }
+        let before = self.check()?;
+        if before.leaked_bytes == 0 {
+            return Ok(GcReport {
+                bytes_before: before.record_bytes,
+                bytes_after: before.record_bytes,
+                bytes_freed: 0,
+                segments_removed: 0,
+            });
+        }
+        let old_segments = self.sb.segments.clone();
+        let result = self.gc_copy();
+        match result {
+            Ok(()) => {}
+            Err(e) => {
+                self.rollback();
+                return Err(e);
+            }
+        }
+        for id in &old_segments {
+            let name = seg_name(*id);
+            self.io
+                .remove(&name)
+                .map_err(io_err(&*self.io, &name, "remove old segment"))?;
+        }
+        self.io
+            .sync_dir()
+            .map_err(io_err(&*self.io, "", "sync store directory"))?;
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let after = self.check()?;
+        Ok(GcReport {
+            bytes_before: before.record_bytes,
+            bytes_after: after.record_bytes,
+            bytes_freed: before.record_bytes.saturating_sub(after.record_bytes),
+            segments_removed: old_segments.len(),
+        })
+    }
+
+    fn gc_copy(&mut self) -> Result<(), StoreError> {
+        let ids = self.snapshot_ids()?;
+        let manifests: Vec<Manifest> = ids
+            .iter()
+            .map(|id| self.manifest(*id))
+            .collect::<Result<_, _>>()?;
+        let old_segments = self.sb.segments.clone();
+        let mut sb = self.sb.clone();
+        let io = self.io.clone();
+        let mut wio = self.write_io()?;
+        // New records go to fresh segments only.
+        new_segment(&*io, wio.opts, wio.w)?;
+        wio.w
+            .segments
+            .retain(|s| !old_segments.contains(s) || *s == 0);
+        let mut segs_for_read = old_segments.clone();
+        segs_for_read.extend(wio.w.segments.iter().copied());
+        let mut page_map: HashMap<Location, Location> = HashMap::new();
+        let mut node_map: HashMap<Location, NodePtr> = HashMap::new();
+        let mut dedup: BTreeMap<u64, Ref> = BTreeMap::new();
+        let mut catalog = Vec::new();
+        for mut m in manifests {
+            let root = m.index_root.as_ref().map(|r| r.ptr());
+            let new_root = match root {
+                Some(p) => Some(copy_node(
+                    &*io,
+                    &segs_for_read,
+                    &mut wio,
+                    &p,
+                    &mut node_map,
+                    &mut page_map,
+                    &mut dedup,
+                )?),
+                None => None,
+            };
+            m.index_root = new_root.as_ref().map(RootRecord::from_ptr);
+            let bytes = m.to_bytes();
+            let hash = *blake3::hash(&bytes).as_bytes();
+            let loc = append(&*io, wio.opts, wio.w, Kind::Manifest, m.id, &hash, &bytes)?;
+            catalog.push((m.id, Some(Ref { hash, loc })));
+        }
+        sb.catalog = trie::apply(&mut wio, None, &catalog, &mut Delta::default())?;
+        let dedup: Vec<(u64, Option<Ref>)> = dedup.into_iter().map(|(k, r)| (k, Some(r))).collect();
+        sb.dedup = trie::apply(&mut wio, None, &dedup, &mut Delta::default())?;
+        wio.w.dir_dirty = true;
+        self.publish(sb)
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Verify
+
+    /// Checks every crc32, every page's blake3 and every Merkle hash of the given snapshots (all
+    /// when `ids` is empty), and the store's own indexes. Damage is reported, not returned as an
+    /// error; an `Err` means verification itself could not run.
+    pub fn verify(&self, ids: &[SnapshotId]) -> Result<VerifyReport, StoreError> {
+        let mut report = VerifyReport::default();
+        let all = match self.snapshot_ids() {
+            Ok(ids) => ids,
+            Err(e) if e.is_corruption() => {
+                report.damage.push(Damage {
+                    snapshot: None,
+                    vpn: None,
+                    detail: format!("snapshot catalog: {e}"),
+                });
+                return Ok(report);
+            }
+            Err(e) => return Err(e),
+        };
+        let ids: Vec<SnapshotId> = if ids.is_empty() {
+            all.clone()
+        } else {
+            ids.to_vec()
+        };
+        let mut nodes: HashMap<Location, Result<(), String>> = HashMap::new();
+        let mut pages: HashMap<Location, Result<(), String>> = HashMap::new();
+        for id in ids {
+            if !all.contains(&id) {
+                return Err(StoreError::UnknownSnapshot(id));
+            }
+            report.snapshots_checked += 1;
+            let m = match self.manifest(id) {
+                Ok(m) => m,
+                Err(e) if e.is_corruption() => {
+                    report.damage.push(Damage {
+                        snapshot: Some(id),
+                        vpn: None,
+                        detail: e.to_string(),
+                    });
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let root = m.index_root.as_ref().map(|r| r.ptr());
+            let computed = match root {
+                None => Ok(EMPTY_ROOT),
+                Some(p) => self.verify_node(id, &p, &mut nodes, &mut pages, &mut report),
+            };
+            match computed {
+                Ok(h) if h == m.merkle_root => {}
+                Ok(_) => report.damage.push(Damage {
+                    snapshot: Some(id),
+                    vpn: None,
+                    detail: "Merkle root differs from the manifest's".into(),
+                }),
+                Err(detail) => report.damage.push(Damage {
+                    snapshot: Some(id),
+                    vpn: None,
+                    detail,
+                }),
+            }
+        }
+        report.pages_checked = pages.len() as u64;
+        report.nodes_checked = nodes.len() as u64;
+        // The dedup index only steers writes, but damage there is still damage.
+        let mut rio = self.read_io();
+        if let Err(e) = trie::for_each_node(&mut rio, self.sb.dedup, &mut |_, _| Ok(true)) {
+            report.damage.push(Damage {
+                snapshot: None,
+                vpn: None,
+                detail: format!("dedup index: {e}"),
+            });
+        }
+        Ok(report)
+    }
+
+    /// Recomputes the Merkle hash below `ptr`, checking every record; `Err` describes why the
+    /// subtree cannot be trusted. Damaged pages are recorded in `report` and still hash by their
+    /// recorded hash, so one bad page does not hide the rest.
+    fn verify_node(
+        &self,
+        id: SnapshotId,
+        ptr: &NodePtr,
+        nodes: &mut HashMap<Location, Result<(), String>>,
+        pages: &mut HashMap<Location, Result<(), String>>,
+        report: &mut VerifyReport,
+    ) -> Result<[u8; 32], String> {
+        let segments = self.read_io().segments.to_vec();
+        let (_, _, payload) =
+            read_record(&*self.io, &segments, &ptr.loc, Kind::Node).map_err(|e| e.to_string())?;
+        let node =
+            Node::decode(&payload).map_err(|e| format!("index node at {:?}: {}", ptr.loc, e.0))?;
+        for (_, s) in &node.slots {
+            match s {
+                Slot::Entry(vpn, r) => {
+                    let res = pages
+                        .entry(r.loc)
+                        .or_insert_with(|| self.read_ref(r).map(|_| ()).map_err(|e| e.to_string()));
+                    if let Err(detail) = res {
+                        report.damage.push(Damage {
+                            snapshot: Some(id),
+                            vpn: Some(Vpn(*vpn)),
+                            detail: detail.clone(),
+                        });
+                    }
+                }
+                Slot::Child(p) => {
+                    let known = nodes.get(&p.loc).cloned();
+                    let res = match known {
+                        Some(r) => r,
+                        None => {
+                            let r = match self.verify_node(id, p, nodes, pages, report) {
+                                Ok(h) if h == p.merkle => Ok(()),
+                                Ok(_) => Err(format!(
+                                    "index node at {:?}: Merkle hash differs from its parent's",
+                                    p.loc
+                                )),
+                                Err(e) => Err(e),
+                            };
+                            nodes.insert(p.loc, r.clone());
+                            r
+                        }
+                    };
+                    if let Err(detail) = res {
+                        report.damage.push(Damage {
+                            snapshot: Some(id),
+                            vpn: None,
+                            detail,
+                        });
+                    }
+                }
+            }
+        }
+        nodes.entry(ptr.loc).or_insert(Ok(()));
+        Ok(node.merkle())
+    }
+}
+
+/// The dedup index's key for a content hash: its first 8 bytes.
+fn dedup_key(hash: &[u8; 32]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&hash[..8]);
+    u64::from_le_bytes(b)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn copy_node(
+    io: &dyn Storage,
+    segs: &[u32],
+    wio: &mut WriteIo<'_>,
+    ptr: &NodePtr,
+    node_map: &mut HashMap<Location, NodePtr>,
+    page_map: &mut HashMap<Location, Location>,
+    dedup: &mut BTreeMap<u64, Ref>,
+) -> Result<NodePtr, StoreError> {
+    if let Some(p) = node_map.get(&ptr.loc) {
+        return Ok(*p);
+    }
+    let node = load_node(io, segs, wio.cache, ptr)?;
+    let mut slots = Vec::with_capacity(node.slots.len());
+    for (d, s) in &node.slots {
+        let s = match *s {
+            Slot::Entry(k, r) => {
+                let loc = match page_map.get(&r.loc) {
+                    Some(l) => *l,
+                    None => {
+                        let (key, hash, payload) = read_record(io, segs, &r.loc, Kind::Page)?;
+                        if hash != r.hash || *blake3::hash(&payload).as_bytes() != r.hash {
+                            return Err(corrupt(io, &seg_name(r.loc.segment), "page record", r.loc.offset, "content does not match its blake3 hash; delete the damaged snapshot before gc"));
+                        }
+                        let l = append(io, wio.opts, wio.w, Kind::Page, key, &hash, &payload)?;
+                        page_map.insert(r.loc, l);
+                        dedup
+                            .entry(dedup_key(&hash))
+                            .or_insert(Ref { hash, loc: l });
+                        l
+                    }
+                };
+                Slot::Entry(k, Ref { hash: r.hash, loc })
+            }
+            Slot::Child(p) => Slot::Child(copy_node(io, segs, wio, &p, node_map, page_map, dedup)?),
+        };
+        slots.push((*d, s));
+    }
+    let new = wio.store(&Node {
+        depth: node.depth,
+        slots,
+    })?;
+    node_map.insert(ptr.loc, new);
+    Ok(new)
+}
+
+impl Writer {
+    fn new(
+        lock: Box<dyn LockGuard>,
+        sb: &Superblock,
+        io: &dyn Storage,
+    ) -> Result<Writer, StoreError> {
+        let name = seg_name(sb.active_segment);
+        let cap = io
+            .len(&name)
+            .map_err(io_err(io, &name, "open active segment"))?;
+        Ok(Writer {
+            _lock: lock,
+            seg: sb.active_segment,
+            off: sb.active_len,
+            cap,
+            segments: sb.segments.clone(),
+            touched: BTreeSet::new(),
+            created: Vec::new(),
+            dir_dirty: false,
+            data_appended: 0,
+            meta_appended: 0,
+            pending: None,
+        })
+    }
+}
