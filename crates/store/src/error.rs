@@ -90,6 +90,12 @@ pub enum StoreError {
     /// `put`, `remove` or `commit` without `begin`, or `begin` twice.
     #[error("{0}")]
     Usage(&'static str),
+    /// A superblock write failed and could not be undone.
+    #[error("{}: a commit failed half-way and could not be undone, so which state is on disk is unknown; close and reopen the store (it recovers to the last durable commit)", .path.display())]
+    InDoubt {
+        /// The directory.
+        path: PathBuf,
+    },
     /// The superblock cannot list more segments.
     #[error(
         "the store has {count} segment files, more than a superblock can list; run `pagesnap gc`"

@@ -19,12 +19,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// When to fail or crash.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FaultPlan {
     /// Operation index at which the "machine" crashes: it and every later operation fail.
     pub crash_at: Option<u64>,
-    /// Operation index that fails with this OS error number (28 = ENOSPC, 5 = EIO), once.
+    /// Operation index that fails with this OS error number (28 = ENOSPC, 5 = EIO).
     pub fail_at: Option<(u64, i32)>,
+    /// How many operations from `fail_at` on fail (0 counts as 1): a disk that stays full.
+    pub fail_count: u64,
+    /// Only operations on this file fail (and count towards `fail_count`).
+    pub fail_only: Option<&'static str>,
 }
 
 #[derive(Clone, Debug)]
@@ -55,6 +59,7 @@ struct State {
     dir_log: Vec<DirOp>,
     ops: u64,
     plan: FaultPlan,
+    failed: u64,
     crashed: bool,
     locks: BTreeSet<String>,
 }
@@ -132,10 +137,13 @@ impl FaultyStorage {
     /// Sets the fault plan; operation indices count from the next operation.
     pub fn set_plan(&self, plan: FaultPlan) {
         let mut s = self.lock();
+        s.failed = 0;
         let base = s.ops;
         s.plan = FaultPlan {
             crash_at: plan.crash_at.map(|n| n + base),
             fail_at: plan.fail_at.map(|(n, e)| (n + base, e)),
+            fail_count: plan.fail_count,
+            fail_only: plan.fail_only,
         };
     }
 
@@ -235,6 +243,11 @@ impl FaultyStorage {
 
     /// Counts the operation and applies the plan.
     fn op(&self) -> io::Result<MutexGuard<'_, State>> {
+        self.op_on(None)
+    }
+
+    /// Counts an operation on file `name` and applies the plan.
+    fn op_on(&self, name: Option<&str>) -> io::Result<MutexGuard<'_, State>> {
         let mut s = self.lock();
         if s.crashed {
             return Err(crashed());
@@ -246,7 +259,9 @@ impl FaultyStorage {
             return Err(crashed());
         }
         if let Some((at, errno)) = s.plan.fail_at {
-            if at == n {
+            let selected = s.plan.fail_only.is_none_or(|f| name == Some(f));
+            if selected && n >= at && s.failed < s.plan.fail_count.max(1) {
+                s.failed += 1;
                 return Err(io::Error::from_raw_os_error(errno));
             }
         }
@@ -285,7 +300,7 @@ impl Storage for FaultyStorage {
     }
 
     fn create(&self, name: &str) -> io::Result<()> {
-        let mut s = self.op()?;
+        let mut s = self.op_on(Some(name))?;
         if s.names.contains_key(name) {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -301,12 +316,12 @@ impl Storage for FaultyStorage {
     }
 
     fn len(&self, name: &str) -> io::Result<u64> {
-        let mut s = self.op()?;
+        let mut s = self.op_on(Some(name))?;
         Ok(inode(&mut s, name)?.current.len() as u64)
     }
 
     fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let mut s = self.op()?;
+        let mut s = self.op_on(Some(name))?;
         let node = inode(&mut s, name)?;
         let start = usize::try_from(offset).map_err(io::Error::other)?;
         let src = start
@@ -323,7 +338,7 @@ impl Storage for FaultyStorage {
     }
 
     fn write(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
-        let mut s = self.op()?;
+        let mut s = self.op_on(Some(name))?;
         let node = inode(&mut s, name)?;
         write_into(&mut node.current, offset, data);
         node.pending.push(Pending::Data {
@@ -334,7 +349,7 @@ impl Storage for FaultyStorage {
     }
 
     fn set_len(&self, name: &str, len: u64) -> io::Result<()> {
-        let mut s = self.op()?;
+        let mut s = self.op_on(Some(name))?;
         let node = inode(&mut s, name)?;
         let p = Pending::SetLen(len);
         apply(&mut node.current, &p);
@@ -343,7 +358,7 @@ impl Storage for FaultyStorage {
     }
 
     fn sync(&self, name: &str) -> io::Result<()> {
-        let mut s = self.op()?;
+        let mut s = self.op_on(Some(name))?;
         let node = inode(&mut s, name)?;
         node.durable = node.current.clone();
         node.pending.clear();
@@ -360,7 +375,7 @@ impl Storage for FaultyStorage {
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
-        let mut s = self.op()?;
+        let mut s = self.op_on(Some(name))?;
         s.names.remove(name).ok_or_else(|| not_found(name))?;
         s.dir_log.push(DirOp::Unlink(name.to_string()));
         Ok(())
@@ -419,6 +434,8 @@ mod tests {
         fs.set_plan(FaultPlan {
             fail_at: Some((1, 28)),
             crash_at: Some(3),
+            fail_count: 1,
+            fail_only: None,
         });
         fs.write("a", 0, b"x").expect("op 0");
         let e = fs.write("a", 0, b"y").expect_err("op 1 fails");

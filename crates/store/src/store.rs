@@ -56,6 +56,9 @@ struct Writer {
     data_appended: u64,
     meta_appended: u64,
     pending: Option<Pending>,
+    /// A superblock write failed and could not be undone: which state is durable is unknown until
+    /// the store is reopened, so this writer changes nothing more.
+    in_doubt: bool,
 }
 
 /// A snapshot store in a directory.
@@ -63,7 +66,7 @@ pub struct Store {
     io: SharedStorage,
     opts: StoreOptions,
     sb: Superblock,
-    cache: Mutex<HashMap<Location, Arc<Node>>>,
+    cache: Mutex<HashMap<NodePtr, Arc<Node>>>,
     writer: Option<Writer>,
 }
 
@@ -158,20 +161,18 @@ fn read_record(
 struct ReadIo<'a> {
     io: &'a dyn Storage,
     segments: &'a [u32],
-    cache: &'a Mutex<HashMap<Location, Arc<Node>>>,
+    cache: &'a Mutex<HashMap<NodePtr, Arc<Node>>>,
 }
 
 fn load_node(
     io: &dyn Storage,
     segments: &[u32],
-    cache: &Mutex<HashMap<Location, Arc<Node>>>,
+    cache: &Mutex<HashMap<NodePtr, Arc<Node>>>,
     ptr: &NodePtr,
 ) -> Result<Arc<Node>, StoreError> {
-    if let Some(n) = cache
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&ptr.loc)
-    {
+    // Keyed by location *and* Merkle hash: a location reused after a rolled-back commit holds
+    // another node.
+    if let Some(n) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(ptr) {
         return Ok(n.clone());
     }
     let (_, hash, payload) = read_record(io, segments, &ptr.loc, Kind::Node)?;
@@ -192,7 +193,7 @@ fn load_node(
     if c.len() >= CACHE_LIMIT {
         c.clear();
     }
-    c.insert(ptr.loc, node.clone());
+    c.insert(*ptr, node.clone());
     Ok(node)
 }
 
@@ -209,7 +210,7 @@ impl NodeIo for ReadIo<'_> {
 struct WriteIo<'a> {
     io: &'a dyn Storage,
     opts: &'a StoreOptions,
-    cache: &'a Mutex<HashMap<Location, Arc<Node>>>,
+    cache: &'a Mutex<HashMap<NodePtr, Arc<Node>>>,
     w: &'a mut Writer,
 }
 
@@ -610,6 +611,11 @@ impl Store {
 
     fn write_io(&mut self) -> Result<WriteIo<'_>, StoreError> {
         let w = self.writer.as_mut().ok_or(StoreError::ReadOnly)?;
+        if w.in_doubt {
+            return Err(StoreError::InDoubt {
+                path: self.io.location().into(),
+            });
+        }
         Ok(WriteIo {
             io: &*self.io,
             opts: &self.opts,
@@ -750,6 +756,7 @@ impl Store {
     /// Starts a snapshot whose pages are those of `parent` (or none) plus what `put` and
     /// `remove` change.
     pub fn begin(&mut self, parent: Option<SnapshotId>) -> Result<(), StoreError> {
+        self.write_io()?;
         if self
             .writer
             .as_ref()
@@ -851,7 +858,8 @@ impl Store {
 
     fn rollback(&mut self) {
         let sb = self.sb.clone();
-        if let Some(w) = self.writer.as_mut() {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        if let Some(w) = self.writer.as_mut().filter(|w| !w.in_doubt) {
             w.pending = None;
             for id in w.created.drain(..) {
                 // Best effort; open removes segments the superblock does not list anyway.
@@ -984,11 +992,25 @@ impl Store {
         sb.active_len = w.off;
         sb.segments = w.segments.clone();
         sb.segments.sort_unstable();
-        let slot = sb.generation % 2;
-        io.write(SUPERBLOCK_FILE, slot * SLOT_SIZE as u64, &sb.encode())
-            .map_err(io_err(io, SUPERBLOCK_FILE, "write superblock"))?;
-        io.sync(SUPERBLOCK_FILE)
-            .map_err(io_err(io, SUPERBLOCK_FILE, "sync superblock"))?;
+        let at = (sb.generation % 2) * SLOT_SIZE as u64;
+        let written = io
+            .write(SUPERBLOCK_FILE, at, &sb.encode())
+            .map_err(io_err(io, SUPERBLOCK_FILE, "write superblock"))
+            .and_then(|_| {
+                io.sync(SUPERBLOCK_FILE)
+                    .map_err(io_err(io, SUPERBLOCK_FILE, "sync superblock"))
+            });
+        if let Err(e) = written {
+            // The new slot may or may not have reached the disk. Put the committed state in that
+            // slot too, so the failed commit cannot surface later over records we will reuse.
+            let undone = io
+                .write(SUPERBLOCK_FILE, at, &self.sb.encode())
+                .and_then(|_| io.sync(SUPERBLOCK_FILE));
+            if undone.is_err() {
+                w.in_doubt = true;
+            }
+            return Err(e);
+        }
         w.touched.clear();
         w.created.clear();
         w.dir_dirty = false;
@@ -1408,6 +1430,7 @@ impl Writer {
             data_appended: 0,
             meta_appended: 0,
             pending: None,
+            in_doubt: false,
         })
     }
 }
