@@ -59,7 +59,7 @@ fn workload(seed: u64) -> Vec<Step> {
             .map(|_| {
                 (
                     r.next() % 40,
-                    if r.next() % 6 == 0 {
+                    if r.next().is_multiple_of(6) {
                         0
                     } else {
                         1 + r.next() % 30
@@ -68,10 +68,10 @@ fn workload(seed: u64) -> Vec<Step> {
             })
             .collect();
         steps.push(Step::Snapshot(changes));
-        if i >= 2 && r.next() % 3 == 0 {
+        if i >= 2 && r.next().is_multiple_of(3) {
             steps.push(Step::Delete((r.next() % 8) as usize));
         }
-        if i == 3 || r.next() % 4 == 0 {
+        if i == 3 || r.next().is_multiple_of(4) {
             steps.push(Step::Gc);
         }
     }
