@@ -1,0 +1,123 @@
+//! The golden store in `fixtures/store-v1`, written by format version 1. Two checks: this build
+//! reads it back exactly, and this build still writes exactly those bytes for the same history (a
+//! change of format must bump `FORMAT_VERSION` and add a new fixture, keeping this one readable).
+//!
+//! Regenerate (only with a deliberate format change): `PAGESNAP_BLESS=1 cargo test -p pagesnap-store --test golden`.
+
+use pagesnap_store::{Epoch, Mode, SnapshotId, SnapshotMeta, Store, StoreOptions, Vpn};
+use std::path::{Path, PathBuf};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/store-v1")
+}
+
+fn opts() -> StoreOptions {
+    StoreOptions { page_size: 512, segment_bytes: 16 << 10, preallocate: 4 << 10 }
+}
+
+fn page(seed: u64) -> Vec<u8> {
+    (0..512u64).map(|i| (seed.wrapping_mul(31).wrapping_add(i * 7) % 251) as u8).collect()
+}
+
+/// The history: (label, changes as (page, seed; 0 = zero)), each on top of the previous; then
+/// snapshot 2 is deleted and the store collected.
+fn history() -> Vec<(&'static str, Vec<(u64, u64)>)> {
+    vec![
+        ("base", (0..40).map(|v| (v, 1 + v % 13)).collect()),
+        ("edit", vec![(3, 100), (7, 0), (41, 5), (1 << 40, 6)]),
+        ("more", vec![(0, 101), (3, 1), (u64::MAX >> 12, 102)]),
+        ("last", vec![(39, 0), (38, 103)]),
+    ]
+}
+
+fn expected(upto: usize) -> std::collections::BTreeMap<u64, Vec<u8>> {
+    let mut m = std::collections::BTreeMap::new();
+    for (_, changes) in &history()[..=upto] {
+        for (v, s) in changes {
+            if *s == 0 {
+                m.remove(v);
+            } else {
+                m.insert(*v, page(*s));
+            }
+        }
+    }
+    m
+}
+
+fn write(dir: &Path) {
+    let mut store = Store::init(dir, opts()).expect("init");
+    let mut parent = None;
+    for (i, (label, changes)) in history().into_iter().enumerate() {
+        store.begin(parent).expect("begin");
+        for (v, s) in changes {
+            store.put(Vpn(v), &if s == 0 { vec![0; 512] } else { page(s) }).expect("put");
+        }
+        let meta = SnapshotMeta {
+            epoch: Epoch(i as u64 + 1),
+            label: Some(label.into()),
+            logical_size: 1 << 20,
+            time_unix_ms: Some(1_764_460_800_000 + i as u64 * 1000),
+        };
+        parent = Some(store.commit(meta).expect("commit").id);
+    }
+    store.delete(&[SnapshotId(2)]).expect("delete");
+    store.gc().expect("gc");
+    drop(store);
+    std::fs::remove_file(dir.join("lock")).expect("the lock file is not part of the fixture");
+}
+
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("entry"))
+        .filter(|e| e.file_name() != "lock")
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).expect("read")))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn the_golden_store_reads_back_exactly() {
+    if std::env::var_os("PAGESNAP_BLESS").is_some() {
+        let dir = fixture();
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        write(&dir);
+    }
+    // Open a copy: opening must not need to write, but a copy keeps the fixture pristine anyway.
+    let tmp = tempfile::tempdir().expect("tmp");
+    for (name, bytes) in files(&fixture()) {
+        std::fs::write(tmp.path().join(name), bytes).expect("copy");
+    }
+    let (store, report) = Store::open(tmp.path(), Mode::Read).expect("open the golden store");
+    assert_eq!(report.latest, Some(SnapshotId(4)));
+    let infos = store.snapshots().expect("list");
+    let labels: Vec<_> = infos.iter().map(|i| (i.id.0, i.label.clone().unwrap_or_default(), i.epoch.0)).collect();
+    assert_eq!(labels, vec![(1, "base".into(), 1), (3, "more".into(), 3), (4, "last".into(), 4)]);
+    assert!(infos.iter().all(|i| i.logical_size == 1 << 20 && i.page_size == 512));
+    assert_eq!(infos[0].time_unix_ms, 1_764_460_800_000);
+    for (id, upto) in [(1u64, 0usize), (3, 2), (4, 3)] {
+        let mut got = std::collections::BTreeMap::new();
+        store
+            .for_each_page(SnapshotId(id), |v, r| {
+                got.insert(v.0, store.read_ref(r)?);
+                Ok(())
+            })
+            .expect("read");
+        assert_eq!(got, expected(upto), "snapshot {id}");
+    }
+    assert!(store.verify(&[]).expect("verify").is_clean());
+    assert_eq!(store.check().expect("check").leaked_bytes, 0);
+}
+
+#[test]
+fn this_build_writes_the_golden_bytes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    write(tmp.path());
+    let (ours, golden) = (files(tmp.path()), files(&fixture()));
+    assert_eq!(ours.iter().map(|f| &f.0).collect::<Vec<_>>(), golden.iter().map(|f| &f.0).collect::<Vec<_>>());
+    for ((name, a), (_, b)) in ours.iter().zip(golden.iter()) {
+        assert!(a == b, "{name} differs from the golden store: the on-disk format changed (bump FORMAT_VERSION, add a fixture)");
+    }
+}
