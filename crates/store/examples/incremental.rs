@@ -12,14 +12,20 @@ use std::time::Instant;
 fn page(seed: u64) -> Vec<u8> {
     let mut p = vec![0u8; 4096];
     for (i, c) in p.chunks_mut(8).enumerate() {
-        c.copy_from_slice(&(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i as u64) << 32).to_le_bytes());
+        c.copy_from_slice(
+            &(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i as u64) << 32).to_le_bytes(),
+        );
     }
     p
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let pages: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(1_000_000);
+    let pages: u64 = args
+        .next()
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(1_000_000);
     let changed: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(100);
     let dir = tempfile::tempdir()?;
     let mut store = Store::init(dir.path(), StoreOptions::default())?;
@@ -30,7 +36,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for v in 0..pages {
         store.put(Vpn(v), &contents[(v % 4096) as usize])?;
     }
-    let base = store.commit(SnapshotMeta { epoch: Epoch(1), ..SnapshotMeta::default() })?;
+    let base = store.commit(SnapshotMeta {
+        epoch: Epoch(1),
+        ..SnapshotMeta::default()
+    })?;
     println!(
         "base snapshot: {} pages, {} data bytes, {} metadata bytes ({:.1} bytes of index per page), {:.1} s",
         base.page_count,
@@ -48,7 +57,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let v = (i * 7_919 + round * 104_729) % pages;
             store.put(Vpn(v), &page(1_000_000 + round * changed + i))?;
         }
-        let r = store.commit(SnapshotMeta { epoch: Epoch(2 + round), ..SnapshotMeta::default() })?;
+        let r = store.commit(SnapshotMeta {
+            epoch: Epoch(2 + round),
+            ..SnapshotMeta::default()
+        })?;
         println!(
             "snapshot changing {} of {} pages: data {} bytes ({} page records), metadata {} bytes ({:.0} bytes per changed page), {:.1} ms",
             r.pages_changed,

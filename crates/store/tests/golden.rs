@@ -12,11 +12,17 @@ fn fixture() -> PathBuf {
 }
 
 fn opts() -> StoreOptions {
-    StoreOptions { page_size: 512, segment_bytes: 16 << 10, preallocate: 4 << 10 }
+    StoreOptions {
+        page_size: 512,
+        segment_bytes: 16 << 10,
+        preallocate: 4 << 10,
+    }
 }
 
 fn page(seed: u64) -> Vec<u8> {
-    (0..512u64).map(|i| (seed.wrapping_mul(31).wrapping_add(i * 7) % 251) as u8).collect()
+    (0..512u64)
+        .map(|i| (seed.wrapping_mul(31).wrapping_add(i * 7) % 251) as u8)
+        .collect()
 }
 
 /// The history: (label, changes as (page, seed; 0 = zero)), each on top of the previous; then
@@ -50,7 +56,9 @@ fn write(dir: &Path) {
     for (i, (label, changes)) in history().into_iter().enumerate() {
         store.begin(parent).expect("begin");
         for (v, s) in changes {
-            store.put(Vpn(v), &if s == 0 { vec![0; 512] } else { page(s) }).expect("put");
+            store
+                .put(Vpn(v), &if s == 0 { vec![0; 512] } else { page(s) })
+                .expect("put");
         }
         let meta = SnapshotMeta {
             epoch: Epoch(i as u64 + 1),
@@ -71,7 +79,12 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
         .expect("read dir")
         .map(|e| e.expect("entry"))
         .filter(|e| e.file_name() != "lock")
-        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).expect("read")))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).expect("read"),
+            )
+        })
         .collect();
     out.sort();
     out
@@ -93,9 +106,21 @@ fn the_golden_store_reads_back_exactly() {
     let (store, report) = Store::open(tmp.path(), Mode::Read).expect("open the golden store");
     assert_eq!(report.latest, Some(SnapshotId(4)));
     let infos = store.snapshots().expect("list");
-    let labels: Vec<_> = infos.iter().map(|i| (i.id.0, i.label.clone().unwrap_or_default(), i.epoch.0)).collect();
-    assert_eq!(labels, vec![(1, "base".into(), 1), (3, "more".into(), 3), (4, "last".into(), 4)]);
-    assert!(infos.iter().all(|i| i.logical_size == 1 << 20 && i.page_size == 512));
+    let labels: Vec<_> = infos
+        .iter()
+        .map(|i| (i.id.0, i.label.clone().unwrap_or_default(), i.epoch.0))
+        .collect();
+    assert_eq!(
+        labels,
+        vec![
+            (1, "base".into(), 1),
+            (3, "more".into(), 3),
+            (4, "last".into(), 4)
+        ]
+    );
+    assert!(infos
+        .iter()
+        .all(|i| i.logical_size == 1 << 20 && i.page_size == 512));
     assert_eq!(infos[0].time_unix_ms, 1_764_460_800_000);
     for (id, upto) in [(1u64, 0usize), (3, 2), (4, 3)] {
         let mut got = std::collections::BTreeMap::new();
@@ -116,7 +141,10 @@ fn this_build_writes_the_golden_bytes() {
     let tmp = tempfile::tempdir().expect("tmp");
     write(tmp.path());
     let (ours, golden) = (files(tmp.path()), files(&fixture()));
-    assert_eq!(ours.iter().map(|f| &f.0).collect::<Vec<_>>(), golden.iter().map(|f| &f.0).collect::<Vec<_>>());
+    assert_eq!(
+        ours.iter().map(|f| &f.0).collect::<Vec<_>>(),
+        golden.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
     for ((name, a), (_, b)) in ours.iter().zip(golden.iter()) {
         assert!(a == b, "{name} differs from the golden store: the on-disk format changed (bump FORMAT_VERSION, add a fixture)");
     }
