@@ -704,6 +704,16 @@ impl Store {
         Ok(root)
     }
 
+    /// Checks that snapshot `id`'s manifest and index root read back (O(1) in pages): `Ok(None)`
+    /// if they do, `Ok(Some(what is wrong))` if they are damaged.
+    pub fn verify_root(&self, id: SnapshotId) -> Result<Option<String>, StoreError> {
+        match self.snapshot(id).and_then(|s| self.index_root(&s)) {
+            Ok(_) => Ok(None),
+            Err(e) if e.is_corruption() => Ok(Some(e.to_string())),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The content of page `vpn` in snapshot `id` (`None`: the page is zero), checked against its
     /// crc32 and blake3 before it is returned.
     pub fn read_page(&self, id: SnapshotId, vpn: Vpn) -> Result<Option<Vec<u8>>, StoreError> {

@@ -1,0 +1,854 @@
+//! # pagesnap-engine
+//!
+//! A persistent virtual address space ([`Space`]): what PhantomOS does to all of memory, as a
+//! library. Pages live in frames the engine owns, mapped through the page table
+//! (`pagesnap-pagetable`); the first write to a page in an epoch stamps its descriptor and marks it
+//! in the epoch tree (`pagesnap-epochtree`); snapshots persist exactly the pages modified since the
+//! last successful snapshot into the store (`pagesnap-store`).
+//!
+//! - **Snapshot, PhantomOS style but better**: [`Space::begin_snapshot`] pauses the mutator only to
+//!   seal the epoch — O(1), whatever the number of mapped pages — and persists in the background
+//!   while the mutator runs. A page not yet persisted is copied aside on its first write after the
+//!   pause (copy-on-write), so the snapshot holds exactly the state at the pause.
+//! - **Never lose dirty state**: "dirty" means "modified after the last *successful* snapshot's
+//!   epoch". A snapshot that fails (ENOSPC, EIO, a crash) advances nothing, so its pages are
+//!   written by the next one.
+//! - **Restore**: [`Space::restore`] rebuilds any retained snapshot; [`Space::open`] takes the
+//!   newest one that restores, falling back past damaged ones and saying so; [`Space::open_lazy`]
+//!   loads each page from the store on first access (O(1) open, O(1) first touch).
+//! - Mapped-but-zero pages survive: mappings are persisted as bitmap blocks (one store page per
+//!   `8 × page size` pages) under store keys at and above 2^62, beside the page data.
+//!
+//! ```
+//! use pagesnap_engine::Space;
+//! use pagesnap_pagetable::VirtAddr;
+//! use pagesnap_store::{Store, StoreOptions};
+//!
+//! let dir = tempfile::tempdir().expect("temp dir");
+//! let space = Space::create(Store::init(dir.path(), StoreOptions::default()).expect("store")).expect("space");
+//! space.map(VirtAddr(0x7000_0000), 8192).expect("map");
+//! space.write(VirtAddr(0x7000_0010), b"persistent hello").expect("write");
+//! let report = space.snapshot().expect("snapshot");
+//! drop(space);
+//! let (store, _) = Store::open(dir.path(), pagesnap_store::Mode::Write).expect("reopen");
+//! let (space, opened) = Space::open(store).expect("open");
+//! assert_eq!(opened.snapshot, Some(report.id));
+//! let mut buf = [0u8; 16];
+//! space.read(VirtAddr(0x7000_0010), &mut buf).expect("read");
+//! assert_eq!(&buf, b"persistent hello");
+//! ```
+
+use pagesnap_epochtree::{EpochTree, EpochTreeError, EpochView};
+use pagesnap_pagetable::{
+    Epoch, Page, PageFlags, PageSize, PageTable, PageTableError, PhysAddr, VirtAddr, Vpn,
+};
+use pagesnap_store::{SnapshotId, SnapshotMeta, Store, StoreError};
+use parking_lot::{Condvar, Mutex, RwLock};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Store (and epoch-tree) keys at and above this hold mapping bitmaps, not pages.
+pub const MAP_KEY_BASE: u64 = 1 << 62;
+const STRIPES: usize = 256;
+
+/// Errors of the engine.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// An access to a page that is not mapped.
+    #[error("address {0} is not mapped; map it first")]
+    NotMapped(VirtAddr),
+    /// The store failed; nothing committed was lost, and dirty pages stay dirty.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The page table is full.
+    #[error(transparent)]
+    PageTable(#[from] PageTableError),
+    /// The store's page size cannot be a page table's.
+    #[error("the store's page size ({0} bytes) is not a page size the engine supports")]
+    PageSize(u32),
+    /// A range that runs past the end of the 64-bit address space.
+    #[error("{len} bytes at {addr} run past the end of the 64-bit address space")]
+    Range {
+        /// Start of the range.
+        addr: VirtAddr,
+        /// Its length.
+        len: u64,
+    },
+    /// The background snapshot thread died.
+    #[error("the snapshot writer thread panicked; the pages it was writing are still dirty")]
+    WriterPanicked,
+    /// An internal epoch-tree query failed.
+    #[error(transparent)]
+    Epochs(#[from] EpochTreeError),
+}
+
+/// What a snapshot did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotReport {
+    /// The snapshot's id in the store.
+    pub id: SnapshotId,
+    /// The epoch it sealed.
+    pub epoch: Epoch,
+    /// How long the mutator was paused.
+    pub pause: Duration,
+    /// Pages (and mapping blocks) persisted: modified since the last successful snapshot.
+    pub pages_persisted: u64,
+    /// New page records written (content not already in the store).
+    pub pages_written: u64,
+    /// Bytes of page records written.
+    pub data_bytes: u64,
+    /// Bytes of metadata written.
+    pub meta_bytes: u64,
+    /// From the pause to the commit.
+    pub duration: Duration,
+    /// Pages the mutator changed after the pause before they were persisted, whose state at the
+    /// pause was copied aside for this snapshot.
+    pub copied_on_write: u64,
+}
+
+/// What [`Space::open`] restored.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Opened {
+    /// The snapshot restored (`None`: the store held none; the space is empty).
+    pub snapshot: Option<SnapshotId>,
+    /// Newer snapshots passed over because they are damaged, newest first.
+    pub damaged: Vec<(SnapshotId, String)>,
+}
+
+struct Frame(Mutex<Box<[u8]>>);
+
+struct MapBlock {
+    bits: Vec<u8>,
+    epoch: Epoch,
+}
+
+/// A snapshot being persisted.
+struct Job {
+    epoch: Epoch,
+    since: Epoch,
+    view: EpochView,
+    /// Content at the pause of keys changed since (None: unmapped page / empty block).
+    preserved: Mutex<HashMap<u64, Option<Vec<u8>>>>,
+    /// Keys already persisted: later changes need no copy.
+    copied: Mutex<HashSet<u64>>,
+}
+
+struct Persisted {
+    epoch: Epoch,
+    id: Option<SnapshotId>,
+}
+
+struct Inner {
+    ps: PageSize,
+    table: PageTable,
+    frames: RwLock<Vec<Arc<Frame>>>,
+    free: Mutex<Vec<usize>>,
+    maps: Mutex<BTreeMap<u64, MapBlock>>,
+    tree: Mutex<EpochTree>,
+    current: AtomicU64,
+    gate: RwLock<()>,
+    job: RwLock<Option<Arc<Job>>>,
+    running: Mutex<bool>,
+    idle: Condvar,
+    persisted: Mutex<Persisted>,
+    store: Mutex<Store>,
+    lazy: Option<SnapshotId>,
+    stripes: Vec<Mutex<()>>,
+}
+
+/// A persistent virtual address space backed by a snapshot store.
+pub struct Space {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Space {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Space")
+            .field("epoch", &self.current_epoch())
+            .field("resident_pages", &self.inner.table.len())
+            .finish()
+    }
+}
+
+/// A snapshot persisting in the background.
+#[derive(Debug)]
+pub struct SnapshotHandle {
+    pause: Duration,
+    thread: std::thread::JoinHandle<Result<SnapshotReport, EngineError>>,
+    hold: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl SnapshotHandle {
+    /// How long the mutator was paused.
+    pub fn pause(&self) -> Duration {
+        self.pause
+    }
+
+    /// Lets a snapshot begun with [`Space::begin_snapshot_held`] start persisting.
+    pub fn release(&mut self) {
+        if let Some(go) = self.hold.take() {
+            // The writer thread only ends after receiving; a send error means it is gone already.
+            let _ = go.send(());
+        }
+    }
+
+    /// Waits for the snapshot to commit.
+    pub fn wait(mut self) -> Result<SnapshotReport, EngineError> {
+        self.release();
+        self.thread
+            .join()
+            .map_err(|_| EngineError::WriterPanicked)?
+    }
+}
+
+fn bits_shift(ps: PageSize) -> u32 {
+    ps.shift() + 3
+}
+
+impl Inner {
+    fn new(
+        store: Store,
+        lazy: Option<SnapshotId>,
+        persisted: Persisted,
+    ) -> Result<Inner, EngineError> {
+        let ps = PageSize::from_bytes(u64::from(store.page_size()))
+            .ok_or(EngineError::PageSize(store.page_size()))?;
+        let next = persisted.epoch.next();
+        Ok(Inner {
+            ps,
+            table: PageTable::with_config(ps, 0),
+            frames: RwLock::new(Vec::new()),
+            free: Mutex::new(Vec::new()),
+            maps: Mutex::new(BTreeMap::new()),
+            tree: Mutex::new(EpochTree::starting_at(next)),
+            current: AtomicU64::new(next.0),
+            gate: RwLock::new(()),
+            job: RwLock::new(None),
+            running: Mutex::new(false),
+            idle: Condvar::new(),
+            persisted: Mutex::new(persisted),
+            store: Mutex::new(store),
+            lazy,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        })
+    }
+
+    fn stripe(&self, key: u64) -> &Mutex<()> {
+        &self.stripes[(key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as usize % STRIPES]
+    }
+
+    fn frame(&self, page: &Page) -> Arc<Frame> {
+        let idx = (page.paddr.0 >> self.ps.shift()) as usize;
+        match self.frames.read().get(idx) {
+            Some(f) => f.clone(),
+            None => unreachable!("descriptor names frame {idx}, which does not exist"),
+        }
+    }
+
+    fn alloc_frame(&self, content: Option<&[u8]>) -> PhysAddr {
+        let bytes = self.ps.bytes() as usize;
+        let idx = match self.free.lock().pop() {
+            Some(i) => {
+                let f = self.frames.read()[i].clone();
+                let mut g = f.0.lock();
+                match content {
+                    Some(c) => g.copy_from_slice(c),
+                    None => g.fill(0),
+                }
+                i
+            }
+            None => {
+                let data: Box<[u8]> = match content {
+                    Some(c) => c.into(),
+                    None => vec![0u8; bytes].into_boxed_slice(),
+                };
+                let mut frames = self.frames.write();
+                frames.push(Arc::new(Frame(Mutex::new(data))));
+                frames.len() - 1
+            }
+        };
+        PhysAddr((idx as u64) << self.ps.shift())
+    }
+
+    /// The mapping block of `vpn`, loading it from the lazy source on first use. `maps` held.
+    fn block<'a>(
+        &self,
+        maps: &'a mut BTreeMap<u64, MapBlock>,
+        b: u64,
+    ) -> Result<Option<&'a mut MapBlock>, EngineError> {
+        match maps.entry(b) {
+            std::collections::btree_map::Entry::Occupied(o) => Ok(Some(o.into_mut())),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                let Some(id) = self.lazy else { return Ok(None) };
+                let bits = self.store.lock().read_page(id, Vpn(MAP_KEY_BASE + b))?;
+                Ok(bits.map(|bits| {
+                    v.insert(MapBlock {
+                        bits,
+                        epoch: Epoch(0),
+                    })
+                }))
+            }
+        }
+    }
+
+    fn is_mapped(&self, vpn: u64) -> Result<bool, EngineError> {
+        let shift = bits_shift(self.ps);
+        let mut maps = self.maps.lock();
+        let bit = vpn & ((1 << shift) - 1);
+        Ok(self
+            .block(&mut maps, vpn >> shift)?
+            .is_some_and(|b| b.bits[(bit / 8) as usize] & (1 << (bit % 8)) != 0))
+    }
+
+    /// The resident descriptor of a mapped page, faulting it in from the lazy source. Stripe held.
+    fn resident(&self, vpn: u64) -> Result<Option<Page>, EngineError> {
+        let vaddr = self.ps.addr(Vpn(vpn));
+        if let Some(p) = self.table.get_page(vaddr) {
+            return Ok(Some(p));
+        }
+        let Some(id) = self.lazy else { return Ok(None) };
+        if !self.is_mapped(vpn)? {
+            return Ok(None);
+        }
+        let content = self.store.lock().read_page(id, Vpn(vpn))?;
+        let paddr = self.alloc_frame(content.as_deref());
+        let page = Page {
+            paddr,
+            flags: PageFlags::PHYS_MEM | PageFlags::HAVE_CURR,
+            ..self.table.page_init(vaddr)
+        };
+        self.table.set_page(page)?;
+        Ok(Some(page))
+    }
+
+    /// Copy-on-write: before the first change of `key` after a pause, keep its state at the pause
+    /// for the snapshot being persisted, if that snapshot still needs it.
+    fn preserve(&self, key: u64, state: impl FnOnce() -> Option<Vec<u8>>) {
+        let job = self.job.read().clone();
+        let Some(job) = job else { return };
+        if job.copied.lock().contains(&key) {
+            return;
+        }
+        if job
+            .view
+            .last_modified(Vpn(key))
+            .is_some_and(|e| e > job.since)
+        {
+            job.preserved.lock().entry(key).or_insert_with(state);
+        }
+    }
+
+    /// Sets or clears the mapping bit of `vpn`. Stripe of `vpn` held.
+    fn set_mapped(&self, vpn: u64, on: bool, epoch: Epoch) -> Result<(), EngineError> {
+        let shift = bits_shift(self.ps);
+        let (b, bit) = (vpn >> shift, vpn & ((1 << shift) - 1));
+        let mut maps = self.maps.lock();
+        if self.block(&mut maps, b)?.is_none() {
+            maps.insert(
+                b,
+                MapBlock {
+                    bits: vec![0; self.ps.bytes() as usize],
+                    epoch: Epoch(0),
+                },
+            );
+        }
+        let key = MAP_KEY_BASE + b;
+        let Some(block) = maps.get_mut(&b) else {
+            unreachable!("inserted above")
+        };
+        if block.epoch < epoch {
+            let before = block.bits.clone();
+            self.preserve(key, || Some(before).filter(|b| b.iter().any(|x| *x != 0)));
+            block.epoch = epoch;
+            self.tree.lock().mark(Vpn(key));
+        }
+        let byte = &mut block.bits[(bit / 8) as usize];
+        if on {
+            *byte |= 1 << (bit % 8);
+        } else {
+            *byte &= !(1 << (bit % 8));
+        }
+        Ok(())
+    }
+
+    /// The state of `key` at the pause, for the snapshot `job`, and whether it came from a
+    /// copy-on-write copy.
+    fn state_at_pause(&self, job: &Job, key: u64) -> (Option<Vec<u8>>, bool) {
+        if key >= MAP_KEY_BASE {
+            let maps = self.maps.lock();
+            if let Some(p) = job.preserved.lock().remove(&key) {
+                return (p, true);
+            }
+            job.copied.lock().insert(key);
+            return (
+                maps.get(&(key - MAP_KEY_BASE)).map(|b| b.bits.clone()),
+                false,
+            );
+        }
+        let _s = self.stripe(key).lock();
+        if let Some(p) = job.preserved.lock().remove(&key) {
+            return (p, true);
+        }
+        job.copied.lock().insert(key);
+        let Some(page) = self.table.get_page(self.ps.addr(Vpn(key))) else {
+            return (None, false);
+        };
+        let content = self.frame(&page).0.lock().to_vec();
+        (Some(content), false)
+    }
+
+    fn persist(
+        &self,
+        job: &Job,
+        started: Instant,
+        pause: Duration,
+    ) -> Result<SnapshotReport, EngineError> {
+        let keys: Vec<u64> = job
+            .view
+            .modified_since(job.since)?
+            .map(|(v, _)| v.0)
+            .collect();
+        let mut copied_on_write = 0u64;
+        let parent = self.persisted.lock().id;
+        self.store.lock().begin(parent)?;
+        let result = (|| {
+            for &key in &keys {
+                let (state, preserved) = self.state_at_pause(job, key);
+                copied_on_write += u64::from(preserved);
+                let mut store = self.store.lock();
+                match state {
+                    Some(bytes) => store.put(Vpn(key), &bytes)?,
+                    None => store.remove(Vpn(key))?,
+                }
+            }
+            let mapped = self
+                .maps
+                .lock()
+                .values()
+                .map(|b| {
+                    b.bits
+                        .iter()
+                        .map(|x| u64::from(x.count_ones()))
+                        .sum::<u64>()
+                })
+                .sum::<u64>();
+            let meta = SnapshotMeta {
+                epoch: job.epoch,
+                logical_size: mapped * self.ps.bytes(),
+                ..SnapshotMeta::default()
+            };
+            self.store.lock().commit(meta)
+        })();
+        let commit = match result {
+            Ok(c) => c,
+            Err(e) => {
+                // The store rolls a failed commit back; this aborts a failed put. Nothing is marked
+                // persisted, so every page of this snapshot is written by the next one.
+                self.store.lock().abort();
+                return Err(e.into());
+            }
+        };
+        {
+            let mut p = self.persisted.lock();
+            p.epoch = job.epoch;
+            p.id = Some(commit.id);
+        }
+        self.tree.lock().retire_before(job.epoch);
+        for &key in keys.iter().filter(|k| **k < MAP_KEY_BASE) {
+            self.table.update(self.ps.addr(Vpn(key)), |p| {
+                if p.epoch <= job.epoch {
+                    p.flags.remove(PageFlags::PHYS_DIRTY);
+                    p.flags |= PageFlags::HAVE_CURR;
+                }
+            });
+        }
+        Ok(SnapshotReport {
+            id: commit.id,
+            epoch: job.epoch,
+            pause,
+            pages_persisted: keys.len() as u64,
+            pages_written: commit.pages_written,
+            data_bytes: commit.data_bytes,
+            meta_bytes: commit.meta_bytes,
+            duration: started.elapsed(),
+            copied_on_write,
+        })
+    }
+}
+
+impl Space {
+    /// An empty space on `store` (opened as the writer). Snapshots go on top of the store's
+    /// newest snapshot's history only through [`Space::open`]; this starts from nothing.
+    pub fn create(store: Store) -> Result<Space, EngineError> {
+        let epoch = store
+            .snapshots()?
+            .iter()
+            .map(|s| s.epoch)
+            .max()
+            .unwrap_or(Epoch(0));
+        Ok(Space {
+            inner: Arc::new(Inner::new(store, None, Persisted { epoch, id: None })?),
+        })
+    }
+
+    /// Rebuilds snapshot `id` of `store` (opened as the writer) in memory: every mapped page
+    /// resident. New snapshots are taken on top of it.
+    pub fn restore(store: Store, id: SnapshotId) -> Result<Space, EngineError> {
+        let info = store.snapshot(id)?;
+        let inner = Inner::new(
+            store,
+            None,
+            Persisted {
+                epoch: info.epoch,
+                id: Some(id),
+            },
+        )?;
+        let mut pages = Vec::new();
+        {
+            let store = inner.store.lock();
+            store.for_each_page(id, |vpn, r| {
+                let bytes = store.read_ref(r)?;
+                if vpn.0 >= MAP_KEY_BASE {
+                    inner.maps.lock().insert(
+                        vpn.0 - MAP_KEY_BASE,
+                        MapBlock {
+                            bits: bytes,
+                            epoch: Epoch(0),
+                        },
+                    );
+                } else {
+                    pages.push((vpn.0, bytes));
+                }
+                Ok(())
+            })?;
+        }
+        let mut content: HashMap<u64, Vec<u8>> = pages.into_iter().collect();
+        let shift = bits_shift(inner.ps);
+        let mapped: Vec<u64> = inner
+            .maps
+            .lock()
+            .iter()
+            .flat_map(|(b, blk)| {
+                let base = b << shift;
+                blk.bits.iter().enumerate().flat_map(move |(i, byte)| {
+                    (0..8u64)
+                        .filter(move |k| byte & (1 << k) != 0)
+                        .map(move |k| base + i as u64 * 8 + k)
+                })
+            })
+            .collect();
+        for vpn in mapped {
+            let bytes = content.remove(&vpn);
+            let paddr = inner.alloc_frame(bytes.as_deref());
+            let vaddr = inner.ps.addr(Vpn(vpn));
+            inner.table.set_page(Page {
+                paddr,
+                flags: PageFlags::PHYS_MEM | PageFlags::HAVE_CURR,
+                ..inner.table.page_init(vaddr)
+            })?;
+        }
+        Ok(Space {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Like [`Space::restore`], but loads nothing up front: each page (and mapping block) is read
+    /// from the store on its first access.
+    pub fn restore_lazy(store: Store, id: SnapshotId) -> Result<Space, EngineError> {
+        let info = store.snapshot(id)?;
+        let inner = Inner::new(
+            store,
+            Some(id),
+            Persisted {
+                epoch: info.epoch,
+                id: Some(id),
+            },
+        )?;
+        Ok(Space {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Restores the newest snapshot that restores cleanly, passing over damaged newer ones (and
+    /// saying which in [`Opened::damaged`]); an empty space if the store has no snapshot.
+    pub fn open(store: Store) -> Result<(Space, Opened), EngineError> {
+        Self::open_with(store, false)
+    }
+
+    /// [`Space::open`] with lazy loading: O(1) in the number of pages. Damage inside a snapshot is
+    /// found when the damaged page is first touched (as an error, never as wrong data); open only
+    /// checks each candidate's manifest and index root.
+    pub fn open_lazy(store: Store) -> Result<(Space, Opened), EngineError> {
+        Self::open_with(store, true)
+    }
+
+    fn open_with(store: Store, lazy: bool) -> Result<(Space, Opened), EngineError> {
+        let mut opened = Opened::default();
+        let ids = store.snapshot_ids()?;
+        let mut store = Some(store);
+        for id in ids.iter().rev() {
+            let check = match store.as_ref() {
+                Some(s) if lazy => s.verify_root(*id),
+                Some(s) => s.verify(&[*id]).map(|r| {
+                    r.damage
+                        .iter()
+                        .find(|d| d.snapshot == Some(*id))
+                        .map(|d| d.detail.clone())
+                }),
+                None => unreachable!("store is put back after every failed attempt"),
+            };
+            match check {
+                Ok(None) => {
+                    let s = store
+                        .take()
+                        .unwrap_or_else(|| unreachable!("checked above"));
+                    let space = if lazy {
+                        Self::restore_lazy(s, *id)?
+                    } else {
+                        Self::restore(s, *id)?
+                    };
+                    opened.snapshot = Some(*id);
+                    return Ok((space, opened));
+                }
+                Ok(Some(detail)) => opened.damaged.push((*id, detail)),
+                Err(e) if e.is_corruption() => opened.damaged.push((*id, e.to_string())),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let s = store
+            .take()
+            .unwrap_or_else(|| unreachable!("no attempt took it"));
+        Ok((Self::create(s)?, opened))
+    }
+
+    /// The page size.
+    pub fn page_size(&self) -> u64 {
+        self.inner.ps.bytes()
+    }
+
+    /// The epoch writes land in now.
+    pub fn current_epoch(&self) -> Epoch {
+        Epoch(self.inner.current.load(Ordering::Acquire))
+    }
+
+    /// The last snapshot committed (or restored from).
+    pub fn last_snapshot(&self) -> Option<SnapshotId> {
+        self.inner.persisted.lock().id
+    }
+
+    /// Pages resident in memory.
+    pub fn resident_pages(&self) -> usize {
+        self.inner.table.len()
+    }
+
+    fn pages(&self, addr: VirtAddr, len: u64) -> Result<std::ops::Range<u64>, EngineError> {
+        let ps = self.inner.ps;
+        let first = ps.vpn(addr).0;
+        if len == 0 {
+            return Ok(first..first);
+        }
+        let end = addr
+            .0
+            .checked_add(len - 1)
+            .ok_or(EngineError::Range { addr, len })?;
+        Ok(first..ps.vpn(VirtAddr(end)).0 + 1)
+    }
+
+    /// Maps the pages covering `[addr, addr + len)`, zero-filled; pages already mapped keep their
+    /// contents.
+    pub fn map(&self, addr: VirtAddr, len: u64) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        let _g = inner.gate.read();
+        let epoch = self.current_epoch();
+        for vpn in self.pages(addr, len)? {
+            let _s = inner.stripe(vpn).lock();
+            if inner.is_mapped(vpn)? {
+                continue;
+            }
+            inner.preserve(vpn, || None);
+            inner.set_mapped(vpn, true, epoch)?;
+            let paddr = inner.alloc_frame(None);
+            let vaddr = inner.ps.addr(Vpn(vpn));
+            let page = Page {
+                paddr,
+                epoch,
+                flags: PageFlags::PHYS_MEM | PageFlags::PHYS_DIRTY,
+                ..inner.table.page_init(vaddr)
+            };
+            inner.table.set_page(page)?;
+            inner.tree.lock().mark(Vpn(vpn));
+        }
+        Ok(())
+    }
+
+    /// Unmaps the pages covering `[addr, addr + len)`; unmapped pages are skipped.
+    pub fn unmap(&self, addr: VirtAddr, len: u64) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        let _g = inner.gate.read();
+        let epoch = self.current_epoch();
+        for vpn in self.pages(addr, len)? {
+            let _s = inner.stripe(vpn).lock();
+            if !inner.is_mapped(vpn)? {
+                continue;
+            }
+            let vaddr = inner.ps.addr(Vpn(vpn));
+            inner.preserve(vpn, || {
+                inner
+                    .table
+                    .get_page(vaddr)
+                    .map(|p| inner.frame(&p).0.lock().to_vec())
+            });
+            inner.set_mapped(vpn, false, epoch)?;
+            if let Some(p) = inner.table.remove(vaddr) {
+                inner
+                    .free
+                    .lock()
+                    .push((p.paddr.0 >> inner.ps.shift()) as usize);
+            }
+            inner.tree.lock().mark(Vpn(vpn));
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `addr`; every page touched must be mapped.
+    pub fn read(&self, addr: VirtAddr, buf: &mut [u8]) -> Result<(), EngineError> {
+        self.pages(addr, buf.len() as u64)?;
+        let inner = &self.inner;
+        let ps = inner.ps.bytes();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let a = VirtAddr(addr.0.wrapping_add(done as u64));
+            let vpn = inner.ps.vpn(a).0;
+            let off = (a.0 & (ps - 1)) as usize;
+            let n = (ps as usize - off).min(buf.len() - done);
+            let _s = inner.stripe(vpn).lock();
+            let page = inner.resident(vpn)?.ok_or(EngineError::NotMapped(a))?;
+            buf[done..done + n].copy_from_slice(&inner.frame(&page).0.lock()[off..off + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `addr`; every page touched must be mapped. Returns the epoch the write
+    /// landed in: it is in every snapshot sealing that epoch or a later one.
+    pub fn write(&self, addr: VirtAddr, data: &[u8]) -> Result<Epoch, EngineError> {
+        self.pages(addr, data.len() as u64)?;
+        let inner = &self.inner;
+        let _g = inner.gate.read();
+        let epoch = self.current_epoch();
+        let ps = inner.ps.bytes();
+        let mut done = 0usize;
+        while done < data.len() {
+            let a = VirtAddr(addr.0.wrapping_add(done as u64));
+            let vpn = inner.ps.vpn(a).0;
+            let off = (a.0 & (ps - 1)) as usize;
+            let n = (ps as usize - off).min(data.len() - done);
+            let _s = inner.stripe(vpn).lock();
+            let page = inner.resident(vpn)?.ok_or(EngineError::NotMapped(a))?;
+            let frame = inner.frame(&page);
+            if page.epoch < epoch {
+                inner.preserve(vpn, || Some(frame.0.lock().to_vec()));
+                inner.table.update(page.vaddr, |p| {
+                    p.epoch = epoch;
+                    p.flags |= PageFlags::PHYS_DIRTY;
+                });
+                inner.tree.lock().mark(Vpn(vpn));
+            }
+            frame.0.lock()[off..off + n].copy_from_slice(&data[done..done + n]);
+            done += n;
+        }
+        Ok(epoch)
+    }
+
+    /// Takes a snapshot and waits for it to commit.
+    pub fn snapshot(&self) -> Result<SnapshotReport, EngineError> {
+        self.begin_snapshot()?.wait()
+    }
+
+    /// Seals the epoch (the only pause) and persists its pages in the background. Waits first for
+    /// a snapshot still persisting.
+    pub fn begin_snapshot(&self) -> Result<SnapshotHandle, EngineError> {
+        self.begin(false)
+    }
+
+    /// Test hook: [`Space::begin_snapshot`] whose persisting waits for
+    /// [`SnapshotHandle::release`] (or `wait`), so a test can write between the pause and the
+    /// persisting and check that the snapshot still holds the state at the pause.
+    #[doc(hidden)]
+    pub fn begin_snapshot_held(&self) -> Result<SnapshotHandle, EngineError> {
+        self.begin(true)
+    }
+
+    fn begin(&self, held: bool) -> Result<SnapshotHandle, EngineError> {
+        let inner = self.inner.clone();
+        {
+            let mut running = inner.running.lock();
+            while *running {
+                inner.idle.wait(&mut running);
+            }
+            *running = true;
+        }
+        let started = Instant::now();
+        let job = {
+            let _pause = inner.gate.write();
+            let view = inner.tree.lock().seal();
+            let epoch = view.epoch();
+            inner.current.store(epoch.0 + 1, Ordering::Release);
+            let since = inner.persisted.lock().epoch;
+            let job = Arc::new(Job {
+                epoch,
+                since,
+                view,
+                preserved: Mutex::new(HashMap::new()),
+                copied: Mutex::new(HashSet::new()),
+            });
+            *inner.job.write() = Some(job.clone());
+            job
+        };
+        let pause = started.elapsed();
+        let (hold, go) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("pagesnap-snapshot".into())
+            .spawn(move || {
+                if held {
+                    // Released by `release` or `wait`; a dropped handle releases too.
+                    let _ = go.recv();
+                }
+                let result = inner.persist(&job, started, pause);
+                *inner.job.write() = None;
+                *inner.running.lock() = false;
+                inner.idle.notify_all();
+                result
+            })
+            .map_err(|e| {
+                *self.inner.job.write() = None;
+                *self.inner.running.lock() = false;
+                self.inner.idle.notify_all();
+                EngineError::Store(StoreError::Io {
+                    path: "<snapshot thread>".into(),
+                    step: "spawn snapshot writer",
+                    source: e,
+                })
+            })?;
+        Ok(SnapshotHandle {
+            pause,
+            thread,
+            hold: held.then_some(hold),
+        })
+    }
+
+    /// Runs `f` on the store (e.g. to list or verify snapshots) while no snapshot is persisting.
+    pub fn with_store<R>(&self, f: impl FnOnce(&mut Store) -> R) -> R {
+        let inner = &self.inner;
+        let mut running = inner.running.lock();
+        while *running {
+            inner.idle.wait(&mut running);
+        }
+        let r = f(&mut inner.store.lock());
+        drop(running);
+        r
+    }
+}
