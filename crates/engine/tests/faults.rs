@@ -20,13 +20,16 @@ fn opts() -> StoreOptions {
 }
 
 /// A space with one committed snapshot and 16 pages (plus a new mapping) dirty since.
-fn setup() -> (
+/// (backend, space, first snapshot, its pages, the pages now)
+type Setup = (
     Arc<FaultyStorage>,
     Space,
     SnapshotId,
     BTreeMap<u64, u8>,
     BTreeMap<u64, u8>,
-) {
+);
+
+fn setup() -> Setup {
     let io = Arc::new(FaultyStorage::new());
     let space = Space::create(Store::init_with(io.clone(), opts()).expect("store")).expect("space");
     space.map(VirtAddr(0), 32 * PS).expect("map");
