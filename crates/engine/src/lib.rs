@@ -236,8 +236,12 @@ impl Inner {
         })
     }
 
+    fn stripe_index(&self, key: u64) -> usize {
+        (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as usize % STRIPES
+    }
+
     fn stripe(&self, key: u64) -> &Mutex<()> {
-        &self.stripes[(key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as usize % STRIPES]
+        &self.stripes[self.stripe_index(key)]
     }
 
     fn frame(&self, page: &Page) -> Arc<Frame> {
@@ -322,6 +326,56 @@ impl Inner {
         };
         self.table.set_page(page)?;
         Ok(Some(page))
+    }
+
+    /// Locks the stripes of every page in `vpns`, in stripe order (all of them for a large range).
+    fn lock_stripes(&self, vpns: std::ops::Range<u64>) -> Vec<parking_lot::MutexGuard<'_, ()>> {
+        let mut idx: Vec<usize> = if vpns.end - vpns.start >= STRIPES as u64 {
+            (0..STRIPES).collect()
+        } else {
+            vpns.map(|v| self.stripe_index(v)).collect()
+        };
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter().map(|i| self.stripes[i].lock()).collect()
+    }
+
+    /// The resident descriptors of every page in `vpns` (stripes held), or the first unmapped one.
+    fn resident_range(
+        &self,
+        addr: VirtAddr,
+        vpns: std::ops::Range<u64>,
+    ) -> Result<Vec<Page>, EngineError> {
+        let first = vpns.start;
+        vpns.map(|vpn| {
+            let at = if vpn == first {
+                addr
+            } else {
+                self.ps.addr(Vpn(vpn))
+            };
+            self.resident(vpn)?.ok_or(EngineError::NotMapped(at))
+        })
+        .collect()
+    }
+
+    /// Splits `len` bytes at `addr` by page: calls `f(page index in range, offset in page, byte
+    /// range in the caller's buffer)`.
+    fn chunks(
+        &self,
+        addr: VirtAddr,
+        len: usize,
+        mut f: impl FnMut(usize, usize, std::ops::Range<usize>),
+    ) {
+        let ps = self.ps.bytes();
+        let (mut done, mut i) = (0usize, 0usize);
+        while done < len {
+            let a = addr.0.wrapping_add(done as u64);
+            let off = (a & (ps - 1)) as usize;
+            let n = (ps as usize - off).min(len - done);
+            f(i, off, done..done + n);
+            done += n;
+            i += 1;
+        }
     }
 
     /// Copy-on-write: before the first change of `key` after a pause, keep its state at the pause
@@ -713,53 +767,44 @@ impl Space {
         Ok(())
     }
 
-    /// Reads `buf.len()` bytes at `addr`; every page touched must be mapped.
+    /// Reads `buf.len()` bytes at `addr`; every page touched must be mapped. The read is
+    /// consistent: no write lands in the middle of it.
     pub fn read(&self, addr: VirtAddr, buf: &mut [u8]) -> Result<(), EngineError> {
-        self.pages(addr, buf.len() as u64)?;
+        let pages = self.pages(addr, buf.len() as u64)?;
         let inner = &self.inner;
-        let ps = inner.ps.bytes();
-        let mut done = 0usize;
-        while done < buf.len() {
-            let a = VirtAddr(addr.0.wrapping_add(done as u64));
-            let vpn = inner.ps.vpn(a).0;
-            let off = (a.0 & (ps - 1)) as usize;
-            let n = (ps as usize - off).min(buf.len() - done);
-            let _s = inner.stripe(vpn).lock();
-            let page = inner.resident(vpn)?.ok_or(EngineError::NotMapped(a))?;
-            buf[done..done + n].copy_from_slice(&inner.frame(&page).0.lock()[off..off + n]);
-            done += n;
-        }
+        let _locks = inner.lock_stripes(pages.clone());
+        let resident = inner.resident_range(addr, pages)?;
+        inner.chunks(addr, buf.len(), |i, off, range| {
+            buf[range.clone()]
+                .copy_from_slice(&inner.frame(&resident[i]).0.lock()[off..off + range.len()]);
+        });
         Ok(())
     }
 
-    /// Writes `data` at `addr`; every page touched must be mapped. Returns the epoch the write
-    /// landed in: it is in every snapshot sealing that epoch or a later one.
+    /// Writes `data` at `addr`; every page touched must be mapped, or nothing is written. Returns
+    /// the epoch the write landed in: it is in every snapshot sealing that epoch or a later one.
     pub fn write(&self, addr: VirtAddr, data: &[u8]) -> Result<Epoch, EngineError> {
-        self.pages(addr, data.len() as u64)?;
+        let pages = self.pages(addr, data.len() as u64)?;
         let inner = &self.inner;
         let _g = inner.gate.read();
         let epoch = self.current_epoch();
-        let ps = inner.ps.bytes();
-        let mut done = 0usize;
-        while done < data.len() {
-            let a = VirtAddr(addr.0.wrapping_add(done as u64));
-            let vpn = inner.ps.vpn(a).0;
-            let off = (a.0 & (ps - 1)) as usize;
-            let n = (ps as usize - off).min(data.len() - done);
-            let _s = inner.stripe(vpn).lock();
-            let page = inner.resident(vpn)?.ok_or(EngineError::NotMapped(a))?;
-            let frame = inner.frame(&page);
+        let _locks = inner.lock_stripes(pages.clone());
+        let resident = inner.resident_range(addr, pages)?;
+        for page in &resident {
             if page.epoch < epoch {
-                inner.preserve(vpn, || Some(frame.0.lock().to_vec()));
+                let vpn = inner.ps.vpn(page.vaddr);
+                inner.preserve(vpn.0, || Some(inner.frame(page).0.lock().to_vec()));
                 inner.table.update(page.vaddr, |p| {
                     p.epoch = epoch;
                     p.flags |= PageFlags::PHYS_DIRTY;
                 });
-                inner.tree.lock().mark(Vpn(vpn));
+                inner.tree.lock().mark(vpn);
             }
-            frame.0.lock()[off..off + n].copy_from_slice(&data[done..done + n]);
-            done += n;
         }
+        inner.chunks(addr, data.len(), |i, off, range| {
+            inner.frame(&resident[i]).0.lock()[off..off + range.len()]
+                .copy_from_slice(&data[range.clone()]);
+        });
         Ok(epoch)
     }
 
