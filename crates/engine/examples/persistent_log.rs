@@ -69,7 +69,7 @@ fn run(dir: &Path, limit: Option<u64>) -> Result<(), Box<dyn std::error::Error>>
     let stop = limit.map(|l| count + l);
     while stop.is_none_or(|s| count < s) {
         let at = ENTRIES + count * 16;
-        if at % 4096 == 0 || count == 0 {
+        if at.is_multiple_of(4096) || count == 0 {
             space.map(VirtAddr(at & !4095), 4096)?;
         }
         let value = mix(count);
@@ -83,7 +83,7 @@ fn run(dir: &Path, limit: Option<u64>) -> Result<(), Box<dyn std::error::Error>>
         header[..8].copy_from_slice(&count.to_le_bytes());
         header[8..].copy_from_slice(&chain.to_le_bytes());
         space.write(VirtAddr(HEADER), &header)?;
-        if count % EVERY == 0 {
+        if count.is_multiple_of(EVERY) {
             let r = space.snapshot()?;
             println!(
                 "snapshotted {count} entries as snapshot {} (pause {:?})",
