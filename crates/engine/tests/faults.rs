@@ -161,3 +161,65 @@ fn a_crash_during_a_snapshot_brings_back_a_whole_snapshot() {
     assert!(checked > 60);
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
+
+#[test]
+fn open_passes_over_a_damaged_newest_snapshot_and_lazy_reads_refuse_damaged_pages() {
+    let (io, space, s1, first, _) = setup();
+    let s2 = space.snapshot().expect("second snapshot").id;
+    drop(space);
+    // Damage the content of a page only snapshot 2 has (page 3 was rewritten after snapshot 1).
+    let store = Store::open_with(io.clone(), Mode::Read, opts())
+        .expect("open")
+        .0;
+    let mut target = None;
+    store
+        .for_each_page(s2, |v, r| {
+            if v.0 == 3 {
+                target = Some(*r);
+            }
+            Ok(())
+        })
+        .expect("walk");
+    drop(store);
+    let target = target.expect("page 3 in snapshot 2");
+    io.flip_bit(
+        &format!("seg-{:08}.pss", target.loc.segment),
+        target.loc.offset + 200,
+        1,
+    )
+    .expect("flip");
+
+    let store = Store::open_with(io.clone(), Mode::Write, opts())
+        .expect("open")
+        .0;
+    let (space, opened) = Space::open(store).expect("open the space");
+    assert_eq!(opened.snapshot, Some(s1), "fell back to the older snapshot");
+    assert_eq!(
+        opened.damaged.iter().map(|d| d.0).collect::<Vec<_>>(),
+        vec![s2]
+    );
+    assert!(
+        opened.damaged[0].1.contains("verify"),
+        "{:?}",
+        opened.damaged
+    );
+    matches(&space, &first).expect("snapshot 1 restored exactly");
+    drop(space);
+
+    // Lazily, the damage is met on first touch of that page: an error, never wrong bytes.
+    let store = Store::open_with(io, Mode::Write, opts()).expect("open").0;
+    let (space, opened) = Space::open_lazy(store).expect("open lazily");
+    assert_eq!(opened.snapshot, Some(s2));
+    let mut b = vec![0u8; PS as usize];
+    let err = space
+        .read(VirtAddr(3 * PS), &mut b)
+        .expect_err("damaged page");
+    assert!(
+        matches!(err, EngineError::Store(ref e) if e.is_corruption()),
+        "{err}"
+    );
+    space
+        .read(VirtAddr(4 * PS), &mut b)
+        .expect("undamaged page");
+    assert!(b.iter().all(|x| *x == 104));
+}
