@@ -14,6 +14,7 @@ fn opts() -> StoreOptions {
         page_size: PS as u32,
         segment_bytes: 1 << 20,
         preallocate: 64 << 10,
+        ..StoreOptions::default()
     }
 }
 

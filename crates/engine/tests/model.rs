@@ -17,6 +17,8 @@ fn opts() -> StoreOptions {
         page_size: PS as u32,
         segment_bytes: 32 << 10,
         preallocate: 8 << 10,
+        // Tiny, so snapshots also go through intermediate index roots.
+        max_pending_changes: 7,
     }
 }
 

@@ -74,6 +74,9 @@ pub struct StoreOptions {
     pub segment_bytes: u64,
     /// Segment files grow in steps of this many bytes (pre-sized for the memory map).
     pub preallocate: u64,
+    /// Pending page changes held in memory before they are applied to an intermediate index root
+    /// (bounds a snapshot's memory; superseded intermediate nodes are reclaimed by gc).
+    pub max_pending_changes: usize,
 }
 
 impl Default for StoreOptions {
@@ -82,6 +85,7 @@ impl Default for StoreOptions {
             page_size: 4096,
             segment_bytes: 256 << 20,
             preallocate: 8 << 20,
+            max_pending_changes: 1 << 18,
         }
     }
 }
@@ -122,6 +126,8 @@ pub struct SnapshotInfo {
     pub merkle_root: [u8; 32],
     /// New page records it wrote (content not already in the store).
     pub pages_written: u64,
+    /// Pages whose content differs from its parent's.
+    pub pages_changed: u64,
     /// Bytes of page records it wrote.
     pub data_bytes: u64,
     /// Bytes of index, manifest and catalog records it wrote.

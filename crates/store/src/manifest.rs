@@ -50,6 +50,7 @@ pub(crate) struct Manifest {
     pub(crate) merkle_root: [u8; 32],
     pub(crate) index_root: Option<RootRecord>,
     pub(crate) pages_written: u64,
+    pub(crate) pages_changed: u64,
     pub(crate) data_bytes: u64,
     pub(crate) meta_bytes: u64,
 }

@@ -42,6 +42,8 @@ struct Pending {
     /// Page records written in this snapshot, by content hash (dedup within the snapshot).
     fresh: HashMap<[u8; 32], Ref>,
     pages_written: u64,
+    /// Index entries changed by earlier flushes.
+    changed: u64,
 }
 
 struct Writer {
@@ -324,6 +326,7 @@ fn info(m: &Manifest) -> SnapshotInfo {
         page_count: m.page_count,
         merkle_root: m.merkle_root,
         pages_written: m.pages_written,
+        pages_changed: m.pages_changed,
         data_bytes: m.data_bytes,
         meta_bytes: m.meta_bytes,
     }
@@ -734,6 +737,24 @@ impl Store {
         trie::for_each(&mut self.read_io(), root, &mut |k, r| f(Vpn(k), &r))
     }
 
+    /// Calls `f` with every stored page of snapshot `id` whose number is in `range`, in order; only
+    /// the index paths that reach the range are read.
+    pub fn for_each_page_in(
+        &self,
+        id: SnapshotId,
+        range: std::ops::Range<Vpn>,
+        mut f: impl FnMut(Vpn, &Ref) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let root = self.manifest(id)?.index_root.map(|r| r.ptr());
+        trie::for_each_in(
+            &mut self.read_io(),
+            root,
+            range.start.0,
+            range.end.0,
+            &mut |k, r| f(Vpn(k), &r),
+        )
+    }
+
     /// The content a page reference names, checked (crc32, then blake3).
     pub fn read_ref(&self, r: &Ref) -> Result<Vec<u8>, StoreError> {
         let (_, hash, payload) =
@@ -793,6 +814,7 @@ impl Store {
             changes: BTreeMap::new(),
             fresh: HashMap::new(),
             pages_written: 0,
+            changed: 0,
         });
         w.data_appended = 0;
         w.meta_appended = 0;
@@ -811,7 +833,18 @@ impl Store {
         if is_zero(data) {
             return self.remove(vpn);
         }
-        let hash = *blake3::hash(data).as_bytes();
+        self.put_hashed(vpn, data, *blake3::hash(data).as_bytes())
+    }
+
+    /// [`Store::put`] for a caller that already computed the content's blake3 (and knows the page
+    /// is not all zero). The hash is checked again on every read, so a wrong one is caught there.
+    pub fn put_hashed(&mut self, vpn: Vpn, data: &[u8], hash: [u8; 32]) -> Result<(), StoreError> {
+        if data.len() != self.sb.page_size as usize {
+            return Err(StoreError::PageSize {
+                len: data.len(),
+                page_size: self.sb.page_size,
+            });
+        }
         let dedup_root = self.sb.dedup;
         let mut wio = self.write_io()?;
         let fresh = wio
@@ -847,7 +880,45 @@ impl Store {
             .as_mut()
             .ok_or(StoreError::Usage("put without begin"))?;
         p.changes.insert(vpn.0, Some(r));
+        self.flush_if_large()
+    }
+
+    /// Keeps the pending change list bounded: past `max_pending_changes` entries they are applied to
+    /// an intermediate index root (whose superseded nodes gc reclaims), so a snapshot of any size
+    /// is written in bounded memory.
+    fn flush_if_large(&mut self) -> Result<(), StoreError> {
+        let full = self
+            .writer
+            .as_ref()
+            .and_then(|w| w.pending.as_ref())
+            .is_some_and(|p| p.changes.len() >= self.opts.max_pending_changes.max(1));
+        if full {
+            self.flush_pending()?;
+        }
         Ok(())
+    }
+
+    fn flush_pending(&mut self) -> Result<(), StoreError> {
+        let mut wio = self.write_io()?;
+        let Some(mut p) = wio.w.pending.take() else {
+            return Ok(());
+        };
+        let result = (|| {
+            let mut changes = Vec::with_capacity(p.changes.len());
+            for (k, v) in std::mem::take(&mut p.changes) {
+                let old = trie::get(&mut wio, p.base_root, k)?;
+                if old.map(|r| r.hash) != v.map(|r| r.hash) {
+                    changes.push((k, v));
+                }
+            }
+            let mut delta = Delta::default();
+            p.base_root = trie::apply(&mut wio, p.base_root, &changes, &mut delta)?;
+            p.base_count = p.base_count + delta.added - delta.removed;
+            p.changed += changes.len() as u64;
+            Ok(())
+        })();
+        wio.w.pending = Some(p);
+        result
     }
 
     /// Makes page `vpn` zero (absent) in the snapshot being written.
@@ -858,7 +929,7 @@ impl Store {
             .as_mut()
             .ok_or(StoreError::Usage("remove without begin"))?;
         p.changes.insert(vpn.0, None);
-        Ok(())
+        self.flush_if_large()
     }
 
     /// Drops the snapshot being written; the store stays as last committed.
@@ -936,6 +1007,7 @@ impl Store {
             merkle_root: root.map(|p| p.merkle).unwrap_or(EMPTY_ROOT),
             index_root: root.as_ref().map(RootRecord::from_ptr),
             pages_written: pending.pages_written,
+            pages_changed: pending.changed + changes.len() as u64,
             data_bytes: wio.w.data_appended,
             meta_bytes: wio.w.meta_appended,
         };
@@ -976,7 +1048,7 @@ impl Store {
         Ok(CommitReport {
             id: SnapshotId(id),
             pages_written: pending.pages_written,
-            pages_changed: changes.len() as u64,
+            pages_changed: pending.changed + changes.len() as u64,
             page_count,
             data_bytes,
             meta_bytes,

@@ -323,6 +323,49 @@ pub(crate) fn for_each(
     Ok(())
 }
 
+/// Calls `f` for every entry with `lo <= key < hi`, in key order, entering only subtrees whose
+/// key range meets the interval.
+pub(crate) fn for_each_in(
+    io: &mut impl NodeIo,
+    root: Option<NodePtr>,
+    lo: u64,
+    hi: u64,
+    f: &mut impl FnMut(u64, Ref) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    fn walk(
+        io: &mut impl NodeIo,
+        ptr: NodePtr,
+        prefix: u64,
+        lo: u64,
+        hi: u64,
+        f: &mut impl FnMut(u64, Ref) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let node = io.load(&ptr)?;
+        let shift = if node.depth == 0 {
+            60
+        } else {
+            60 - 6 * u32::from(node.depth)
+        };
+        for (d, s) in &node.slots {
+            let start = prefix | (u64::from(*d) << shift);
+            let end = u128::from(start) + (1u128 << shift);
+            if u128::from(hi) <= u128::from(start) || end <= u128::from(lo) {
+                continue;
+            }
+            match *s {
+                Slot::Entry(k, r) if k >= lo && k < hi => f(k, r)?,
+                Slot::Entry(..) => {}
+                Slot::Child(p) => walk(io, p, start, lo, hi, f)?,
+            }
+        }
+        Ok(())
+    }
+    match root {
+        Some(p) if lo < hi => walk(io, p, 0, lo, hi, f),
+        _ => Ok(()),
+    }
+}
+
 /// Calls `f` on every node pointer reachable from `root` (the root first), once per visit.
 pub(crate) fn for_each_node(
     io: &mut impl NodeIo,
@@ -518,6 +561,12 @@ mod tests {
                 prop_assert_eq!(&got, &want);
                 for (k, v) in &model {
                     prop_assert_eq!(get(&mut io, root, *k)?, Some(r(*v)));
+                }
+                for (lo, hi) in [(0u64, 100u64), (5, 6), (1 << 58, u64::MAX), (200, 1 << 63)] {
+                    let mut got = Vec::new();
+                    for_each_in(&mut io, root, lo, hi, &mut |k, _| { got.push(k); Ok(()) })?;
+                    let want: Vec<u64> = model.range(lo..hi).map(|(k, _)| *k).collect();
+                    prop_assert_eq!(got, want);
                 }
                 // Canonical: building the same set from scratch gives the same Merkle hash.
                 let fresh_changes: Vec<(u64, Option<Ref>)> = model.iter().map(|(k, v)| (*k, Some(r(*v)))).collect();

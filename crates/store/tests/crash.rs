@@ -19,6 +19,8 @@ fn opts() -> StoreOptions {
         page_size: PAGE as u32,
         segment_bytes: 12 << 10,
         preallocate: 4 << 10,
+        // Tiny, so snapshots also go through intermediate index roots.
+        max_pending_changes: 5,
     }
 }
 

@@ -16,6 +16,7 @@ fn opts() -> StoreOptions {
         page_size: 512,
         segment_bytes: 16 << 10,
         preallocate: 4 << 10,
+        ..StoreOptions::default()
     }
 }
 
