@@ -24,9 +24,15 @@ loom:
 loom-ci:
     RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=1 cargo test -p pagesnap-pagetable --release --test loom --target-dir target/loom -- --skip across_a_split
 
-# Benchmarks (the page-table tour until the bench crate lands).
+# Figures printed by the examples, until the bench crate lands: page table, store, engine pause.
 bench:
     cargo run --release -p pagesnap-pagetable --example tour
+    cargo run --release -p pagesnap-store --example incremental
+    cargo run --release -p pagesnap-engine --example pause
+
+# The main job: the CLI's demo.
+demo:
+    cargo run --release -p pagesnap -- demo
 
 # API docs for every crate, warnings denied.
 doc:

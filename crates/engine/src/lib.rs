@@ -38,6 +38,8 @@
 //! assert_eq!(&buf, b"persistent hello");
 //! ```
 
+pub mod image;
+
 use pagesnap_epochtree::{EpochTree, EpochTreeError, EpochView};
 use pagesnap_pagetable::{
     Epoch, Page, PageFlags, PageSize, PageTable, PageTableError, PhysAddr, VirtAddr, Vpn,

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 /// The Merkle root of an empty snapshot.
 pub const EMPTY_ROOT: [u8; 32] = [0; 32];
 /// Node cache bound (entries); cleared when exceeded.
-const CACHE_LIMIT: usize = 1 << 16;
+const CACHE_LIMIT: usize = 1 << 13;
 
 /// Open for reading only, or as the one writer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

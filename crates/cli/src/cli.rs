@@ -1,0 +1,114 @@
+//! Command-line arguments (clap). Parsing only: `commands` turns them into actions.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Incremental, page-granular snapshots of raw disk images, restored byte for byte.
+#[derive(Debug, Parser)]
+#[command(name = "pagesnap", version, about, long_about = None, after_help = "Example:\n  pagesnap --store /backup/vm init\n  pagesnap --store /backup/vm snapshot disk.img --label nightly\n  pagesnap --store /backup/vm restore nightly disk-restored.img")]
+pub struct Cli {
+    /// The store directory.
+    #[arg(
+        long,
+        short = 's',
+        env = "PAGESNAP_STORE",
+        global = true,
+        value_name = "DIR"
+    )]
+    pub store: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long, short = 'q', global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create an empty store.
+    #[command(after_help = "Example:\n  pagesnap --store /backup/vm init")]
+    Init,
+    /// Snapshot a raw disk image: only pages changed since the store's last snapshot are written.
+    #[command(
+        after_help = "Example:\n  pagesnap --store /backup/vm snapshot disk.img --label before-upgrade\n\nThe last line of output is the new snapshot's id."
+    )]
+    Snapshot {
+        /// The raw image (a regular file).
+        image: PathBuf,
+        /// A label to find the snapshot by.
+        #[arg(long)]
+        label: Option<String>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the snapshots.
+    #[command(after_help = "Example:\n  pagesnap --store /backup/vm list --json")]
+    List {
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a snapshot out as a raw image, byte for byte (sparse where pages are zero).
+    #[command(
+        after_help = "Example:\n  pagesnap --store /backup/vm restore 3 disk-as-of-3.img\n  pagesnap --store /backup/vm restore nightly disk.img --force"
+    )]
+    Restore {
+        /// Snapshot id, or label (the newest snapshot with it).
+        snapshot: String,
+        /// Where to write the image.
+        output: PathBuf,
+        /// Overwrite OUTPUT if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// The byte ranges that differ between two snapshots.
+    #[command(after_help = "Example:\n  pagesnap --store /backup/vm diff 1 2")]
+    Diff {
+        /// First snapshot (id or label).
+        a: String,
+        /// Second snapshot (id or label).
+        b: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every checksum and Merkle root; exit 1 if anything is damaged.
+    #[command(
+        after_help = "Example:\n  pagesnap --store /backup/vm verify\n  pagesnap --store /backup/vm verify 3 nightly"
+    )]
+    Verify {
+        /// Snapshots to check (all when none).
+        snapshots: Vec<String>,
+    },
+    /// Delete snapshots (their space is reclaimed by gc).
+    #[command(
+        after_help = "Example:\n  pagesnap --store /backup/vm delete 1 2 && pagesnap --store /backup/vm gc"
+    )]
+    Delete {
+        /// Snapshots to delete (ids or labels).
+        #[arg(required = true)]
+        snapshots: Vec<String>,
+    },
+    /// Reclaim the space no retained snapshot uses.
+    #[command(after_help = "Example:\n  pagesnap --store /backup/vm gc")]
+    Gc,
+    /// Store totals: snapshots, logical and stored bytes, dedup ratio.
+    #[command(after_help = "Example:\n  pagesnap --store /backup/vm info --json")]
+    Info {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build a sample image, snapshot it, change it, snapshot again, restore and verify both.
+    #[command(after_help = "Example:\n  pagesnap demo")]
+    Demo,
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Example:\n  pagesnap completions bash > /etc/bash_completion.d/pagesnap"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}

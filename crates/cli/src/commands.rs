@@ -1,0 +1,515 @@
+//! What each command does, on the settings `cli` parsed.
+
+use crate::cli::{Cli, Command};
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use pagesnap_engine::image::{restore_image, snapshot_image};
+use pagesnap_store::{Mode, SnapshotId, SnapshotInfo, Store, StoreOptions, Vpn};
+use serde_json::json;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+/// Exit status: success.
+pub const OK: i32 = 0;
+/// Exit status: verify found damage.
+pub const DAMAGED: i32 = 1;
+
+struct Ctx {
+    store: Option<PathBuf>,
+    quiet: bool,
+}
+
+impl Ctx {
+    fn dir(&self) -> Result<&Path> {
+        self.store
+            .as_deref()
+            .ok_or_else(|| anyhow!("no store given: pass --store DIR or set PAGESNAP_STORE"))
+    }
+
+    fn open(&self, mode: Mode) -> Result<Store> {
+        let dir = self.dir()?;
+        let (store, report) =
+            Store::open(dir, mode).with_context(|| format!("opening store {}", dir.display()))?;
+        if report.damaged_slot {
+            eprintln!("pagesnap: warning: a superblock slot of {} is damaged; using the other (generation {})", dir.display(), report.generation);
+        }
+        if !report.damaged.is_empty() {
+            let ids: Vec<String> = report.damaged.iter().map(|i| i.to_string()).collect();
+            eprintln!(
+                "pagesnap: warning: snapshot(s) {} are damaged; run `pagesnap verify`",
+                ids.join(", ")
+            );
+        }
+        Ok(store)
+    }
+
+    fn bar(&self, total: u64, what: &str) -> ProgressBar {
+        if self.quiet || !std::io::stderr().is_terminal() {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        let style = ProgressStyle::with_template(
+            "{msg:>9} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        bar.set_style(style);
+        bar.set_message(what.to_string());
+        bar
+    }
+}
+
+/// Runs the command; returns the exit status.
+pub fn run(cli: Cli) -> Result<i32> {
+    let ctx = Ctx {
+        store: cli.store,
+        quiet: cli.quiet,
+    };
+    match cli.command {
+        Command::Init => init(&ctx),
+        Command::Snapshot { image, label, json } => snapshot(&ctx, &image, label, json),
+        Command::List { json } => list(&ctx, json),
+        Command::Restore {
+            snapshot,
+            output,
+            force,
+        } => restore(&ctx, &snapshot, &output, force),
+        Command::Diff { a, b, json } => diff(&ctx, &a, &b, json),
+        Command::Verify { snapshots } => verify(&ctx, &snapshots),
+        Command::Delete { snapshots } => delete(&ctx, &snapshots),
+        Command::Gc => gc(&ctx),
+        Command::Info { json } => info(&ctx, json),
+        Command::Demo => demo(ctx.quiet),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "pagesnap", &mut std::io::stdout());
+            Ok(OK)
+        }
+    }
+}
+
+fn init(ctx: &Ctx) -> Result<i32> {
+    let dir = ctx.dir()?;
+    Store::init(dir, StoreOptions::default())
+        .with_context(|| format!("creating store {}", dir.display()))?;
+    println!("created an empty store in {}", dir.display());
+    Ok(OK)
+}
+
+/// A snapshot named by id or label (the newest snapshot with that label).
+fn resolve(store: &Store, name: &str) -> Result<SnapshotId> {
+    let snaps = store.snapshots()?;
+    if let Ok(id) = name.parse::<u64>() {
+        if snaps.iter().any(|s| s.id.0 == id) {
+            return Ok(SnapshotId(id));
+        }
+    }
+    snaps
+        .iter()
+        .rev()
+        .find(|s| s.label.as_deref() == Some(name))
+        .map(|s| s.id)
+        .ok_or_else(|| anyhow!("unknown snapshot '{name}': no snapshot has that id or label; `pagesnap list` shows them"))
+}
+
+fn snapshot(ctx: &Ctx, image: &Path, label: Option<String>, as_json: bool) -> Result<i32> {
+    let size = std::fs::metadata(image)
+        .with_context(|| format!("reading image {}", image.display()))?
+        .len();
+    let mut store = ctx.open(Mode::Write)?;
+    let bar = ctx.bar(size, "snapshot");
+    let report = snapshot_image(&mut store, image, label, &|done| bar.set_position(done))
+        .with_context(|| format!("snapshotting {}", image.display()))?;
+    bar.finish_and_clear();
+    if as_json {
+        println!(
+            "{}",
+            json!({
+                "id": report.id.0,
+                "image_size": report.image_size,
+                "pages_read": report.pages_read,
+                "pages_changed": report.pages_changed,
+                "pages_written": report.pages_written,
+                "bytes_written": report.data_bytes + report.meta_bytes,
+                "data_bytes": report.data_bytes,
+                "meta_bytes": report.meta_bytes,
+                "seconds": report.seconds,
+            })
+        );
+    } else {
+        println!(
+            "{} pages read, {} changed, {} new ({} data + {} metadata) in {:.2} s",
+            report.pages_read,
+            report.pages_changed,
+            report.pages_written,
+            HumanBytes(report.data_bytes),
+            HumanBytes(report.meta_bytes),
+            report.seconds
+        );
+        println!("{}", report.id);
+    }
+    Ok(OK)
+}
+
+/// `YYYY-MM-DD HH:MM:SS` UTC of a Unix time in milliseconds (proleptic Gregorian).
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn list(ctx: &Ctx, as_json: bool) -> Result<i32> {
+    let store = ctx.open(Mode::Read)?;
+    let snaps = store.snapshots()?;
+    if as_json {
+        let rows: Vec<_> = snaps.iter().map(snapshot_json).collect();
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(OK);
+    }
+    println!(
+        "{:>4}  {:<20}  {:<19}  {:>10}  {:>9}  {:>10}",
+        "ID", "LABEL", "TIME (UTC)", "IMAGE", "CHANGED", "ADDED"
+    );
+    for s in &snaps {
+        println!(
+            "{:>4}  {:<20}  {:<19}  {:>10}  {:>9}  {:>10}",
+            s.id.0,
+            s.label.as_deref().unwrap_or("-"),
+            utc(s.time_unix_ms),
+            HumanBytes(s.logical_size).to_string(),
+            s.pages_changed,
+            HumanBytes(s.data_bytes + s.meta_bytes).to_string()
+        );
+    }
+    Ok(OK)
+}
+
+fn snapshot_json(s: &SnapshotInfo) -> serde_json::Value {
+    json!({
+        "id": s.id.0,
+        "label": s.label,
+        "time_unix_ms": s.time_unix_ms,
+        "time": utc(s.time_unix_ms),
+        "image_size": s.logical_size,
+        "page_size": s.page_size,
+        "pages_stored": s.page_count,
+        "pages_changed": s.pages_changed,
+        "pages_written": s.pages_written,
+        "bytes_added": s.data_bytes + s.meta_bytes,
+        "merkle_root": s.merkle_root.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+        "parent": s.parent.map(|p| p.0),
+    })
+}
+
+fn restore(ctx: &Ctx, name: &str, output: &Path, force: bool) -> Result<i32> {
+    let dir = ctx.dir()?;
+    let store = ctx.open(Mode::Read)?;
+    let id = resolve(&store, name)?;
+    let out_dir = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let out_dir = out_dir
+        .canonicalize()
+        .with_context(|| format!("output directory {}", out_dir.display()))?;
+    let store_dir = dir
+        .canonicalize()
+        .with_context(|| format!("store {}", dir.display()))?;
+    if out_dir.starts_with(&store_dir) {
+        bail!(
+            "{} is inside the store {}; restore somewhere else",
+            output.display(),
+            dir.display()
+        );
+    }
+    if output.exists() && !force {
+        bail!("{} exists; pass --force to overwrite it", output.display());
+    }
+    if output.is_dir() {
+        bail!(
+            "{} is a directory; name a file to restore into",
+            output.display()
+        );
+    }
+    let info = store.snapshot(id)?;
+    let bar = ctx.bar(info.logical_size, "restore");
+    let report = restore_image(&store, id, output, &|done| bar.set_position(done))
+        .with_context(|| format!("restoring snapshot {id} to {}", output.display()))?;
+    bar.finish_and_clear();
+    println!(
+        "restored snapshot {id} to {} ({}, {} non-zero pages) in {:.2} s",
+        output.display(),
+        HumanBytes(report.image_size),
+        report.pages_written,
+        report.seconds
+    );
+    Ok(OK)
+}
+
+fn diff(ctx: &Ctx, a: &str, b: &str, as_json: bool) -> Result<i32> {
+    let store = ctx.open(Mode::Read)?;
+    let (ia, ib) = (resolve(&store, a)?, resolve(&store, b)?);
+    let ps = u64::from(store.page_size());
+    let pages = store.diff(ia, ib)?;
+    // Coalesce page numbers into byte ranges.
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for Vpn(v) in pages {
+        match ranges.last_mut() {
+            Some(r) if r.1 == v => r.1 = v + 1,
+            _ => ranges.push((v, v + 1)),
+        }
+    }
+    let (sa, sb) = (
+        store.snapshot(ia)?.logical_size,
+        store.snapshot(ib)?.logical_size,
+    );
+    if as_json {
+        let rows: Vec<_> = ranges
+            .iter()
+            .map(|(s, e)| json!({"start": s * ps, "end": e * ps, "pages": e - s}))
+            .collect();
+        println!(
+            "{}",
+            json!({"a": ia.0, "b": ib.0, "size_a": sa, "size_b": sb, "ranges": rows})
+        );
+        return Ok(OK);
+    }
+    if sa != sb {
+        println!("size: {sa} -> {sb} bytes");
+    }
+    for (s, e) in &ranges {
+        println!("{:#014x}..{:#014x}  {} page(s)", s * ps, e * ps, e - s);
+    }
+    println!(
+        "{} range(s), {} page(s) differ",
+        ranges.len(),
+        ranges.iter().map(|(s, e)| e - s).sum::<u64>()
+    );
+    Ok(OK)
+}
+
+fn verify(ctx: &Ctx, names: &[String]) -> Result<i32> {
+    let store = ctx.open(Mode::Read)?;
+    let ids: Vec<SnapshotId> = names
+        .iter()
+        .map(|n| resolve(&store, n))
+        .collect::<Result<_>>()?;
+    let bar = ctx.bar(0, "verify");
+    let report = store.verify(&ids)?;
+    bar.finish_and_clear();
+    let ps = u64::from(store.page_size());
+    for d in &report.damage {
+        match (d.snapshot, d.vpn) {
+            (Some(s), Some(v)) => println!(
+                "DAMAGED snapshot {s}, page {} (offset {:#x}): {}",
+                v.0,
+                v.0 * ps,
+                d.detail
+            ),
+            (Some(s), None) => println!("DAMAGED snapshot {s}: {}", d.detail),
+            (None, _) => println!("DAMAGED store index: {}", d.detail),
+        }
+    }
+    let mut hit: Vec<u64> = report
+        .damage
+        .iter()
+        .filter_map(|d| d.snapshot.map(|s| s.0))
+        .collect();
+    hit.sort_unstable();
+    hit.dedup();
+    println!(
+        "{} snapshot(s), {} page records and {} index nodes checked: {}",
+        report.snapshots_checked,
+        report.pages_checked,
+        report.nodes_checked,
+        if report.is_clean() {
+            "clean".to_string()
+        } else {
+            format!("damage found in snapshot(s) {:?}", hit)
+        }
+    );
+    Ok(if report.is_clean() { OK } else { DAMAGED })
+}
+
+fn delete(ctx: &Ctx, names: &[String]) -> Result<i32> {
+    let mut store = ctx.open(Mode::Write)?;
+    let ids: Vec<SnapshotId> = names
+        .iter()
+        .map(|n| resolve(&store, n))
+        .collect::<Result<_>>()?;
+    store.delete(&ids)?;
+    let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    println!(
+        "deleted snapshot(s) {}; run `pagesnap gc` to reclaim their space",
+        ids.join(", ")
+    );
+    Ok(OK)
+}
+
+fn gc(ctx: &Ctx) -> Result<i32> {
+    let mut store = ctx.open(Mode::Write)?;
+    let bar = ctx.bar(0, "gc");
+    let report = store.gc()?;
+    bar.finish_and_clear();
+    println!(
+        "freed {} ({} -> {}), {} old segment file(s) removed",
+        HumanBytes(report.bytes_freed),
+        HumanBytes(report.bytes_before),
+        HumanBytes(report.bytes_after),
+        report.segments_removed
+    );
+    Ok(OK)
+}
+
+fn info(ctx: &Ctx, as_json: bool) -> Result<i32> {
+    let store = ctx.open(Mode::Read)?;
+    let snaps = store.snapshots()?;
+    let space = store.check()?;
+    let logical: u64 = snaps.iter().map(|s| s.logical_size).sum();
+    let ratio = if space.record_bytes == 0 {
+        0.0
+    } else {
+        logical as f64 / space.record_bytes as f64
+    };
+    if as_json {
+        println!(
+            "{}",
+            json!({
+                "snapshots": snaps.len(),
+                "logical_bytes": logical,
+                "stored_bytes": space.record_bytes,
+                "live_bytes": space.live_bytes,
+                "reclaimable_bytes": space.leaked_bytes,
+                "dedup_ratio": ratio,
+                "page_size": store.page_size(),
+            })
+        );
+    } else {
+        println!("store        {}", store.location().display());
+        println!("snapshots    {}", snaps.len());
+        println!("logical      {}", HumanBytes(logical));
+        println!(
+            "stored       {} ({} reclaimable by gc)",
+            HumanBytes(space.record_bytes),
+            HumanBytes(space.leaked_bytes)
+        );
+        println!("dedup ratio  {ratio:.2}x");
+    }
+    Ok(OK)
+}
+
+/// The main job on a built-in default: a sample image through snapshot, change, snapshot, restore.
+fn demo(quiet: bool) -> Result<i32> {
+    let work = tempfile::tempdir().context("creating a temporary directory")?;
+    let dir = work.path();
+    let image = dir.join("disk.img");
+    let store_dir = dir.join("store");
+    const MIB: u64 = 1 << 20;
+    let pages = 32 * MIB / 4096;
+    // A sample image: a quarter zero pages, a quarter repeating one of 64 blocks, the rest unique.
+    let mut data = vec![0u8; (32 * MIB) as usize];
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for p in 0..pages as usize {
+        let page = &mut data[p * 4096..(p + 1) * 4096];
+        match p % 4 {
+            0 => {}
+            1 => page
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b = ((p % 64) * 7 + i) as u8),
+            _ => page
+                .chunks_mut(8)
+                .for_each(|c| c.copy_from_slice(&next().to_le_bytes())),
+        }
+    }
+    std::fs::write(&image, &data).context("writing the sample image")?;
+    let ctx = Ctx {
+        store: Some(store_dir.clone()),
+        quiet,
+    };
+    println!("pagesnap demo in {}", dir.display());
+    println!(
+        "sample image: {} ({} pages, a quarter of them zero)",
+        HumanBytes(32 * MIB),
+        pages
+    );
+    Store::init(&store_dir, StoreOptions::default())?;
+    let mut store = ctx.open(Mode::Write)?;
+    let first = snapshot_image(&mut store, &image, Some("first".into()), &|_| {})?;
+    println!(
+        "snapshot {}: {} pages changed, {} written ({} data + {} metadata) in {:.3} s",
+        first.id,
+        first.pages_changed,
+        first.pages_written,
+        HumanBytes(first.data_bytes),
+        HumanBytes(first.meta_bytes),
+        first.seconds
+    );
+    // Change about 1% of the pages in place and grow the image by 1 MiB.
+    let original = data.clone();
+    let changed = pages / 100;
+    for i in 0..changed as usize {
+        let p = (i * 97 + 13) % pages as usize;
+        data[p * 4096..p * 4096 + 64].copy_from_slice(&[0xA5; 64]);
+    }
+    data.extend((0..MIB).map(|i| (i % 251) as u8));
+    std::fs::write(&image, &data).context("changing the sample image")?;
+    let second = snapshot_image(&mut store, &image, Some("second".into()), &|_| {})?;
+    println!(
+        "changed {} pages and grew the image by {}; snapshot {}: {} pages changed, {} written ({} data + {} metadata) in {:.3} s",
+        changed,
+        HumanBytes(MIB),
+        second.id,
+        second.pages_changed,
+        second.pages_written,
+        HumanBytes(second.data_bytes),
+        HumanBytes(second.meta_bytes),
+        second.seconds
+    );
+    for (id, want) in [(first.id, &original), (second.id, &data)] {
+        let out = dir.join(format!("restored-{id}.img"));
+        let r = restore_image(&store, id, &out, &|_| {})?;
+        let got = std::fs::read(&out).context("reading the restored image")?;
+        if &got != want {
+            bail!("restored snapshot {id} differs from the image it was taken of");
+        }
+        println!(
+            "restored snapshot {id}: {} byte-identical to the original in {:.3} s",
+            HumanBytes(r.image_size),
+            r.seconds
+        );
+    }
+    let check = store.verify(&[])?;
+    if !check.is_clean() {
+        bail!("verify found damage: {:?}", check.damage);
+    }
+    let space = store.check()?;
+    let logical = first.image_size + second.image_size;
+    println!(
+        "store: 2 snapshots, {} logical, {} stored, dedup ratio {:.2}x; verify clean",
+        HumanBytes(logical),
+        HumanBytes(space.record_bytes),
+        logical as f64 / space.record_bytes.max(1) as f64
+    );
+    Ok(OK)
+}

@@ -1,0 +1,27 @@
+//! # pagesnap
+//!
+//! The command-line tool: incremental, page-granular snapshots of raw disk images and byte-identical
+//! restore of any of them, on a pagesnap store (`crates/store`), with the image logic of the engine
+//! (`pagesnap_engine::image`). `pagesnap --help` lists the commands; `pagesnap demo` shows them
+//! working on a sample image.
+//!
+//! Exit status: 0 success, 1 `verify` found damage, 2 any other error (one line on stderr naming
+//! the file and what to do).
+
+mod cli;
+mod commands;
+
+use clap::Parser;
+
+fn main() {
+    let cli = cli::Cli::parse();
+    match commands::run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            // Damage met outside `verify` (a restore reading a damaged page) is exit 2: the
+            // command failed. `verify` is the command whose result is damage (exit 1).
+            eprintln!("pagesnap: error: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
