@@ -491,3 +491,21 @@ fn a_real_ext4_image_changed_by_debugfs_and_block_writes() {
         }
     }
 }
+
+#[test]
+fn the_fixture_image_round_trips() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/images/small.img");
+    let want = std::fs::read(&fixture).expect("fixture image");
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["snapshot", fixture.to_str().expect("utf-8"), "--json"]))
+            .expect("json");
+    // 25 pages: 5 zero, the repeated page stored once.
+    assert_eq!(json["pages_read"], 25);
+    assert_eq!(json["pages_changed"], 20);
+    assert_eq!(json["pages_written"], 16);
+    let out = env.path("small.img");
+    env.ok(&["restore", "1", out.to_str().expect("utf-8")]);
+    assert_eq!(std::fs::read(&out).expect("read"), want);
+}
