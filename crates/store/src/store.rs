@@ -788,17 +788,7 @@ impl Store {
     /// `remove` change.
     pub fn begin(&mut self, parent: Option<SnapshotId>) -> Result<(), StoreError> {
         self.write_io()?;
-        if self
-            .writer
-            .as_ref()
-            .ok_or(StoreError::ReadOnly)?
-            .pending
-            .is_some()
-        {
-            return Err(StoreError::Usage(
-                "a snapshot is already being written; commit or abort it first",
-            ));
-        }
+        self.idle_writer("a snapshot is already being written; commit or abort it first")?;
         let (base_root, base_count) = match parent {
             Some(p) => {
                 let m = self.manifest(p)?;
@@ -1100,19 +1090,17 @@ impl Store {
         Ok(())
     }
 
+    /// The writer, with no snapshot being written (else `Usage(busy)`).
+    fn idle_writer(&self, busy: &'static str) -> Result<(), StoreError> {
+        match self.writer.as_ref().ok_or(StoreError::ReadOnly)?.pending {
+            Some(_) => Err(StoreError::Usage(busy)),
+            None => Ok(()),
+        }
+    }
+
     /// Deletes snapshots (a commit). Their space is reclaimed by [`Store::gc`].
     pub fn delete(&mut self, ids: &[SnapshotId]) -> Result<(), StoreError> {
-        if self
-            .writer
-            .as_ref()
-            .ok_or(StoreError::ReadOnly)?
-            .pending
-            .is_some()
-        {
-            return Err(StoreError::Usage(
-                "a snapshot is being written; commit or abort it before deleting",
-            ));
-        }
+        self.idle_writer("a snapshot is being written; commit or abort it before deleting")?;
         let known = self.snapshot_ids()?;
         if let Some(missing) = ids.iter().find(|id| !known.contains(id)) {
             return Err(StoreError::UnknownSnapshot(*missing));
@@ -1201,17 +1189,7 @@ impl Store {
     /// segments, committing, then removing the old segments. Crash-safe: until the commit the old
     /// state is intact; after it, old segments are leftovers that open removes.
     pub fn gc(&mut self) -> Result<GcReport, StoreError> {
-        if self
-            .writer
-            .as_ref()
-            .ok_or(StoreError::ReadOnly)?
-            .pending
-            .is_some()
-        {
-            return Err(StoreError::Usage(
-                "a snapshot is being written; commit or abort it before gc",
-            ));
-        }
+        self.idle_writer("a snapshot is being written; commit or abort it before gc")?;
         let before = self.check()?;
         if before.leaked_bytes == 0 {
             return Ok(GcReport {
