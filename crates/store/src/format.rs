@@ -254,6 +254,14 @@ pub(crate) fn decode_record(bytes: &[u8], kind: Kind) -> Result<Record<'_>, Reco
     if crc32fast::hash(&bytes[..REC_HEADER + plen]) != crc {
         return Err(RecordError::Checksum);
     }
+    // The padding is not under the crc; it must be zero so that no byte of a record can change
+    // unnoticed.
+    if bytes[REC_HEADER + plen + REC_TRAILER..]
+        .iter()
+        .any(|b| *b != 0)
+    {
+        return Err(RecordError::Checksum);
+    }
     if k != kind as u8 {
         return Err(RecordError::Kind(k));
     }
@@ -396,8 +404,7 @@ mod tests {
             decode_record(&rec, Kind::Node).err(),
             Some(RecordError::Kind(1))
         );
-        let covered = REC_HEADER + 10 + REC_TRAILER;
-        for bit in 0..covered * 8 {
+        for bit in 0..rec.len() * 8 {
             let mut bad = rec.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
             assert!(

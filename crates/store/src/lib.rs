@@ -47,6 +47,31 @@ mod store;
 mod trie;
 
 pub use error::StoreError;
+
+/// The decoders, exposed for fuzzing (`fuzz/`) and the arbitrary-bytes smoke tests. Each takes
+/// untrusted bytes and must return an error, never panic or allocate by an unchecked length.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Decodes a record of each kind; true if any kind accepts the bytes.
+    pub fn decode_record(bytes: &[u8]) -> bool {
+        use crate::format::{decode_record, Kind};
+        [Kind::Page, Kind::Node, Kind::Manifest]
+            .into_iter()
+            .any(|k| decode_record(bytes, k).is_ok())
+    }
+    /// Decodes an index node payload.
+    pub fn decode_node(bytes: &[u8]) -> bool {
+        crate::trie::Node::decode(bytes).is_ok()
+    }
+    /// Decodes a superblock slot.
+    pub fn decode_superblock(bytes: &[u8]) -> bool {
+        crate::format::Superblock::decode(bytes).is_ok()
+    }
+    /// Decodes a manifest payload.
+    pub fn decode_manifest(bytes: &[u8]) -> bool {
+        crate::manifest::Manifest::from_bytes(bytes).is_ok()
+    }
+}
 pub use format::{Location, NodePtr, Ref, FORMAT_VERSION};
 pub use manifest::MAX_LABEL;
 pub use pagesnap_pagetable::{Epoch, Vpn};
@@ -166,6 +191,8 @@ pub struct OpenReport {
     pub latest: Option<SnapshotId>,
     /// Newer snapshots passed over because they are damaged (newest first).
     pub damaged: Vec<SnapshotId>,
+    /// The snapshot catalog is damaged: what is wrong (no snapshot can be listed).
+    pub catalog_damage: Option<String>,
 }
 
 /// One finding of [`Store::verify`].

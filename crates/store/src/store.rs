@@ -583,7 +583,16 @@ impl Store {
             ..OpenReport::default()
         };
         // Damage containment: the newest snapshot whose manifest and index root read back.
-        let ids = store.snapshot_ids()?;
+        let ids = match store.snapshot_ids() {
+            Ok(ids) => ids,
+            Err(e) if e.is_corruption() => {
+                // The catalog itself is damaged: no snapshot is reachable, but the store opens so
+                // that verify can say what is wrong.
+                report.catalog_damage = Some(e.to_string());
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        };
         for id in ids.iter().rev() {
             match store
                 .snapshot(*id)
@@ -848,7 +857,10 @@ impl Store {
         let r = match fresh {
             Some(r) => r,
             None => match trie::get(&mut wio, dedup_root, dedup_key(&hash))? {
-                Some(r) if r.hash == hash => r,
+                // Reuse stored content only after reading it back intact: a damaged record must
+                // not be linked into a new snapshot (a fresh copy is written instead, and the
+                // dedup index is pointed at it on commit).
+                Some(r) if r.hash == hash && intact(wio.io, &wio.w.segments, &r, data)? => r,
                 _ => {
                     let loc = append(wio.io, wio.opts, wio.w, Kind::Page, vpn.0, &hash, data)?;
                     wio.w.data_appended += u64::from(loc.len);
@@ -1024,10 +1036,12 @@ impl Store {
             .collect();
         fresh.sort_unstable_by_key(|(k, _)| *k);
         fresh.dedup_by_key(|(k, _)| *k);
-        // A 64-bit prefix already taken by other content keeps its first owner.
+        // A 64-bit prefix already taken by other content keeps its first owner; one taken by the
+        // same content was rewritten because the old record was damaged, and now points here.
         let mut new_keys = Vec::with_capacity(fresh.len());
         for (k, v) in fresh {
-            if trie::get(&mut wio, sb.dedup, k)?.is_none() {
+            let existing = trie::get(&mut wio, sb.dedup, k)?;
+            if existing.is_none() || existing.map(|r| r.hash) == v.map(|r| r.hash) {
                 new_keys.push((k, v));
             }
         }
@@ -1123,8 +1137,10 @@ impl Store {
     // ------------------------------------------------------------------------------------------
     // Space: check and gc
 
-    /// Every record location reachable from the committed state, with its length.
-    fn live_records(&self) -> Result<BTreeMap<Location, u64>, StoreError> {
+    /// Every record location reachable from the committed state, with its length (for `check`
+    /// and the corruption campaign).
+    #[doc(hidden)]
+    pub fn live_records(&self) -> Result<BTreeMap<Location, u64>, StoreError> {
         let mut live = BTreeMap::new();
         let mut rio = self.read_io();
         for root in [self.sb.catalog, self.sb.dedup] {
@@ -1132,10 +1148,8 @@ impl Store {
                 Ok(live.insert(p.loc, u64::from(p.loc.len)).is_none())
             })?;
         }
-        trie::for_each(&mut rio, self.sb.dedup, &mut |_, r| {
-            live.insert(r.loc, u64::from(r.loc.len));
-            Ok(())
-        })?;
+        // Page records only the dedup index names (a deleted snapshot's pages) are not live: gc
+        // drops them and rebuilds the index without them.
         trie::for_each(&mut self.read_io(), self.sb.catalog, &mut |_, r| {
             live.insert(r.loc, u64::from(r.loc.len));
             Ok(())
@@ -1411,6 +1425,15 @@ impl Store {
         }
         nodes.entry(ptr.loc).or_insert(Ok(()));
         Ok(node.merkle())
+    }
+}
+
+/// True if the page record `r` reads back, passes its checks and holds exactly `data`.
+fn intact(io: &dyn Storage, segments: &[u32], r: &Ref, data: &[u8]) -> Result<bool, StoreError> {
+    match read_record(io, segments, &r.loc, Kind::Page) {
+        Ok((_, hash, payload)) => Ok(hash == r.hash && payload == data),
+        Err(e) if e.is_corruption() => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

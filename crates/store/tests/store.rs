@@ -428,3 +428,37 @@ fn open_falls_back_past_a_damaged_newest_snapshot() {
     );
     assert!(store.read_page(s2.id, Vpn(2)).is_err());
 }
+
+#[test]
+fn damaged_content_is_never_reused_by_dedup() {
+    let io = Arc::new(FaultyStorage::new());
+    let mut store = Store::init_with(io.clone(), small()).expect("init");
+    store.begin(None).expect("begin");
+    store.put(Vpn(1), &page(42)).expect("put");
+    let first = store.commit(meta(1)).expect("commit");
+    let mut loc = None;
+    store
+        .for_each_page(first.id, |_, r| {
+            loc = Some(r.loc);
+            Ok(())
+        })
+        .expect("walk");
+    let loc = loc.expect("the page record");
+    io.flip_bit(&format!("seg-{:08}.pss", loc.segment), loc.offset + 80, 2)
+        .expect("flip");
+    // The same content again: the damaged record must not be linked in.
+    store.begin(None).expect("begin");
+    store.put(Vpn(9), &page(42)).expect("put");
+    let second = store.commit(meta(2)).expect("commit");
+    assert_eq!(second.pages_written, 1, "a fresh copy is written");
+    assert_eq!(
+        store.read_page(second.id, Vpn(9)).expect("intact"),
+        Some(page(42))
+    );
+    let report = store.verify(&[second.id]).expect("verify");
+    assert!(report.is_clean(), "{report:?}");
+    // And the next writer of that content finds the fresh copy through the dedup index.
+    store.begin(None).expect("begin");
+    store.put(Vpn(10), &page(42)).expect("put");
+    assert_eq!(store.commit(meta(3)).expect("commit").pages_written, 0);
+}
