@@ -37,3 +37,15 @@ demo:
 # API docs for every crate, warnings denied.
 doc:
     RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
+
+# Fuzz the store's decoders and open path (nightly + cargo-fuzz; `cargo install cargo-fuzz`).
+fuzz seconds="60":
+    cd fuzz && cargo +nightly fuzz run decode -- -max_total_time={{seconds}}
+    cd fuzz && cargo +nightly fuzz run open_store -- -max_total_time={{seconds}} -rss_limit_mb=1024
+
+# The crash campaign at scale: about a million store crash states, 100k corruptions, 5k engine
+# state-machine cases (tens of minutes on 2 cores).
+crash-long:
+    PAGESNAP_CRASH_WORKLOADS=460 cargo test --release -p pagesnap-store --test crash -- --nocapture
+    PAGESNAP_CORRUPTIONS=100000 cargo test --release -p pagesnap-store --test corruption -- --nocapture
+    PAGESNAP_ENGINE_CRASH_CASES=5000 cargo test --release -p pagesnap-engine --test crash_machine -- --nocapture
