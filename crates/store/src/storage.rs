@@ -1,10 +1,10 @@
 //! The one I/O seam: every file operation of the store goes through [`Storage`]. Two
-//! implementations: [`FsStorage`] (std::fs, and memmap2 for segment data) and
+//! implementations: [`FsStorage`] (std::fs; segment data read through memmap2) and
 //! [`crate::fault::FaultyStorage`] (in memory, fails or crashes on demand).
 //!
 //! Names are file names inside the store directory; there are no subdirectories.
 
-use memmap2::{Mmap, MmapMut};
+use memmap2::Mmap;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -43,24 +43,22 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn try_lock(&self, name: &str) -> io::Result<Option<Box<dyn LockGuard>>>;
 }
 
-/// Files the real backend maps for writing: segment data is written by copying into a map of the
-/// pre-sized file and flushed by range.
-fn mapped_for_write(name: &str) -> bool {
+/// Segment files are read through a memory map.
+fn mapped(name: &str) -> bool {
     name.starts_with("seg-")
 }
 
 #[derive(Debug)]
 struct OpenFile {
     file: File,
-    /// Writable map of the whole file (segments, writer side).
-    map: Option<MmapMut>,
-    /// Read-only map (segments, reader side).
-    ro_map: Option<Mmap>,
-    /// Byte range written through the map since the last sync.
-    dirty: Option<(usize, usize)>,
+    /// Read-only map of the file as long as it was when mapped (segments).
+    map: Option<Mmap>,
 }
 
-/// The real backend: `std::fs` on a directory, with memmap2 for segment files.
+/// The real backend: `std::fs` on a directory. Segment data is read through memmap2 maps and
+/// written with `pwrite`: measured, writing through a map of fresh (sparse) file space makes the
+/// kernel fault every page in, zero-filled through readahead, before the copy overwrites it — 44%
+/// of a first snapshot's time in a perf profile.
 #[derive(Debug)]
 pub struct FsStorage {
     dir: PathBuf,
@@ -73,7 +71,7 @@ struct FsLock(#[allow(dead_code)] File);
 impl LockGuard for FsLock {}
 
 impl FsStorage {
-    /// A backend on `dir`. `writable` selects writable maps; readers map read-only.
+    /// A backend on `dir`; `writable` opens files for writing (the store's writer).
     pub fn new(dir: impl Into<PathBuf>, writable: bool) -> Self {
         FsStorage {
             dir: dir.into(),
@@ -102,15 +100,7 @@ impl FsStorage {
                 .read(true)
                 .write(self.writable)
                 .open(self.path(name))?;
-            files.insert(
-                name.to_string(),
-                OpenFile {
-                    file,
-                    map: None,
-                    ro_map: None,
-                    dirty: None,
-                },
-            );
+            files.insert(name.to_string(), OpenFile { file, map: None });
         }
         let entry = files
             .get_mut(name)
@@ -118,27 +108,18 @@ impl FsStorage {
         f(entry)
     }
 
-    fn remap(&self, of: &mut OpenFile, name: &str) -> io::Result<()> {
+    fn remap(of: &mut OpenFile, name: &str) -> io::Result<()> {
         of.map = None;
-        of.ro_map = None;
-        of.dirty = None;
-        let len = of.file.metadata()?.len();
-        if !mapped_for_write(name) || len == 0 {
+        if !mapped(name) || of.file.metadata()?.len() == 0 {
             return Ok(());
         }
-        if self.writable {
-            // SAFETY: the map covers the file's current length. Only the store's single writer
-            // (holding the store lock) writes or resizes segment files, and it drops this map
-            // before any resize (`set_len` calls `remap`), so no access goes past the end of the
-            // file. Another process changing the file under us would break this; the store lock
-            // and the docs forbid it (as ripgrep documents for the files it maps).
-            of.map = Some(unsafe { MmapMut::map_mut(&of.file)? });
-        } else {
-            // SAFETY: as above for readers: the writer only ever appends to segments past the
-            // committed length a reader uses, or removes whole files (unlinking keeps the mapping
-            // valid); truncation happens only to uncommitted tails no reader reads.
-            of.ro_map = Some(unsafe { Mmap::map(&of.file)? });
-        }
+        // SAFETY: the map is read-only and covers the file's length now. The only process that
+        // shrinks segment files is the store's single writer (holding the store lock), and it
+        // drops its own map first (`set_len`) and only cuts bytes past the committed end, which
+        // no reader's committed view reaches; growth and removal (unlinking) never invalidate a
+        // mapping. Another program truncating the store's files would break this, which the docs
+        // forbid (as ripgrep documents for the files it maps).
+        of.map = Some(unsafe { Mmap::map(&of.file)? });
         Ok(())
     }
 }
@@ -173,15 +154,8 @@ impl Storage for FsStorage {
             .write(true)
             .create_new(true)
             .open(self.path(name))?;
-        self.files().insert(
-            name.to_string(),
-            OpenFile {
-                file,
-                map: None,
-                ro_map: None,
-                dirty: None,
-            },
-        );
+        self.files()
+            .insert(name.to_string(), OpenFile { file, map: None });
         Ok(())
     }
 
@@ -191,11 +165,15 @@ impl Storage for FsStorage {
 
     fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.with_file(name, |of| {
-            if of.map.is_none() && of.ro_map.is_none() && mapped_for_write(name) {
-                self.remap(of, name)?;
+            let stale = of
+                .map
+                .as_ref()
+                .is_none_or(|m| in_bounds(offset, buf.len(), m.len()).is_none());
+            if stale && mapped(name) {
+                // Not mapped yet, or the file grew past the map.
+                Self::remap(of, name)?;
             }
-            let mapped: Option<&[u8]> = of.map.as_deref().or(of.ro_map.as_deref());
-            if let Some(map) = mapped {
+            if let Some(map) = of.map.as_ref() {
                 if let Some(start) = in_bounds(offset, buf.len(), map.len()) {
                     buf.copy_from_slice(&map[start..start + buf.len()]);
                     return Ok(());
@@ -207,46 +185,20 @@ impl Storage for FsStorage {
 
     fn write(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
         self.with_file(name, |of| {
-            if of.map.is_none() && mapped_for_write(name) {
-                self.remap(of, name)?;
-            }
-            if let Some(map) = of.map.as_mut() {
-                if let Some(start) = in_bounds(offset, data.len(), map.len()) {
-                    map[start..start + data.len()].copy_from_slice(data);
-                    let end = start + data.len();
-                    of.dirty = Some(match of.dirty {
-                        Some((a, b)) => (a.min(start), b.max(end)),
-                        None => (start, end),
-                    });
-                    return Ok(());
-                }
-            }
             std::os::unix::fs::FileExt::write_all_at(&of.file, data, offset)
         })
     }
 
     fn set_len(&self, name: &str, len: u64) -> io::Result<()> {
         self.with_file(name, |of| {
-            // Flush and drop the map before resizing, so no mapped page outlives the file's end.
-            if let (Some(map), Some((a, b))) = (of.map.as_ref(), of.dirty) {
-                map.flush_range(a, b - a)?;
-            }
+            // Drop the map before resizing, so no mapped page outlives the file's end.
             of.map = None;
-            of.ro_map = None;
-            of.dirty = None;
-            of.file.set_len(len)?;
-            self.remap(of, name)
+            of.file.set_len(len)
         })
     }
 
     fn sync(&self, name: &str) -> io::Result<()> {
-        self.with_file(name, |of| {
-            if let (Some(map), Some((a, b))) = (of.map.as_ref(), of.dirty) {
-                map.flush_range(a, b - a)?;
-            }
-            of.dirty = None;
-            of.file.sync_all()
-        })
+        self.with_file(name, |of| of.file.sync_all())
     }
 
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {

@@ -61,6 +61,8 @@ struct Writer {
     /// A superblock write failed and could not be undone: which state is durable is unknown until
     /// the store is reopened, so this writer changes nothing more.
     in_doubt: bool,
+    /// Records appended but not yet written: they end at `off` in segment `seg`.
+    buf: Vec<u8>,
 }
 
 /// A snapshot store in a directory.
@@ -261,6 +263,21 @@ fn new_segment(io: &dyn Storage, opts: &StoreOptions, w: &mut Writer) -> Result<
     Ok(())
 }
 
+/// Appended records are gathered into writes of this size: whole-page writes spare the
+/// filesystem zero-filling the rest of each fresh page (records are not page-sized).
+const WRITE_BUFFER: usize = 1 << 20;
+
+/// Writes the buffered records of the active segment.
+fn flush_buffer(io: &dyn Storage, w: &mut Writer) -> Result<(), StoreError> {
+    if !w.buf.is_empty() {
+        let name = seg_name(w.seg);
+        io.write(&name, w.off - w.buf.len() as u64, &w.buf)
+            .map_err(io_err(io, &name, "write records"))?;
+        w.buf.clear();
+    }
+    Ok(())
+}
+
 fn append(
     io: &dyn Storage,
     opts: &StoreOptions,
@@ -274,6 +291,7 @@ fn append(
     let len = rec.len() as u64;
     if w.off + len > opts.segment_bytes && w.off > SEG_HEADER {
         // Trim the full segment to its records and move on to a new one.
+        flush_buffer(io, w)?;
         let name = seg_name(w.seg);
         io.set_len(&name, w.off)
             .map_err(io_err(io, &name, "trim segment"))?;
@@ -289,8 +307,7 @@ fn append(
             .map_err(io_err(io, &name, "grow segment"))?;
         w.cap = cap;
     }
-    io.write(&name, w.off, &rec)
-        .map_err(io_err(io, &name, "write record"))?;
+    w.buf.extend_from_slice(&rec);
     let loc = Location {
         segment: w.seg,
         offset: w.off,
@@ -298,6 +315,9 @@ fn append(
     };
     w.off += len;
     w.touched.insert(w.seg);
+    if w.buf.len() >= WRITE_BUFFER {
+        flush_buffer(io, w)?;
+    }
     Ok(loc)
 }
 
@@ -902,6 +922,8 @@ impl Store {
 
     fn flush_pending(&mut self) -> Result<(), StoreError> {
         let mut wio = self.write_io()?;
+        // Index nodes written by an earlier flush are read back below.
+        flush_buffer(wio.io, wio.w)?;
         let Some(mut p) = wio.w.pending.take() else {
             return Ok(());
         };
@@ -953,6 +975,7 @@ impl Store {
             w.off = sb.active_len;
             w.cap = self.io.len(&seg_name(sb.active_segment)).unwrap_or(0);
             w.touched.clear();
+            w.buf.clear();
         }
     }
 
@@ -969,6 +992,8 @@ impl Store {
         let page_size = self.sb.page_size;
         let mut sb = self.sb.clone();
         let mut wio = self.write_io()?;
+        // Index nodes of earlier flushes are read back below.
+        flush_buffer(wio.io, wio.w)?;
         let pending = wio
             .w
             .pending
@@ -1065,6 +1090,7 @@ impl Store {
     fn publish(&mut self, mut sb: Superblock) -> Result<(), StoreError> {
         let io = &*self.io;
         let w = self.writer.as_mut().ok_or(StoreError::ReadOnly)?;
+        flush_buffer(io, w)?;
         for id in &w.touched {
             let name = seg_name(*id);
             io.sync(&name).map_err(io_err(io, &name, "sync segment"))?;
@@ -1514,6 +1540,7 @@ impl Writer {
             meta_appended: 0,
             pending: None,
             in_doubt: false,
+            buf: Vec::with_capacity(WRITE_BUFFER + (64 << 10)),
         })
     }
 }
