@@ -65,7 +65,7 @@ pub struct Rng(pub u64);
 impl Rng {
     /// The next 64 random bits.
     #[inline]
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -102,15 +102,15 @@ pub fn keys(n: usize, pattern: Pattern, seed: u64) -> (Vec<u64>, Vec<u64>) {
     let mut set = std::collections::HashSet::with_capacity(2 * n);
     let make = |r: &mut Rng, i: usize| -> u64 {
         match pattern {
-            Pattern::Sparse => r.next() & ((1 << 36) - 1),
+            Pattern::Sparse => r.next_u64() & ((1 << 36) - 1),
             Pattern::Clustered => {
                 let region = (i % 16) as u64;
                 (region * 0x1_0000_0000) / 16
                     + 0x55_5555
                     + (i / 16) as u64
-                    + (r.next() & 1) * 0x80_0000
+                    + (r.next_u64() & 1) * 0x80_0000
             }
-            Pattern::Colliding => (r.next() & ((1 << 28) - 1)) << 8,
+            Pattern::Colliding => (r.next_u64() & ((1 << 28) - 1)) << 8,
         }
     };
     let mut present = Vec::with_capacity(n);
@@ -277,9 +277,13 @@ impl Map for Flat {
 }
 
 /// A 4-level radix table like x86-64's: 512 entries per level over a 48-bit address space.
+type Leaf = Box<[Option<Page>]>;
+type Level3 = Box<[Option<Leaf>]>;
+type Level2 = Box<[Option<Level3>]>;
+
 #[derive(Debug, Default)]
 pub struct Radix4 {
-    root: Vec<Option<Box<[Option<Box<[Option<Box<[Option<Page>]>>]>>]>>>,
+    root: Vec<Option<Level2>>,
 }
 
 impl Radix4 {
@@ -370,16 +374,17 @@ mod tests {
     fn the_counting_allocator_forwards_and_counts() {
         let layout = Layout::from_size_align(4096, 64).expect("layout");
         let before = live_bytes();
-        // SAFETY: a non-zero-size layout; the block is written within bounds and freed with the
-        // same layout.
-        unsafe {
-            let p = Counting.alloc_zeroed(layout);
-            assert!(!p.is_null());
-            assert_eq!(*p.add(4095), 0);
-            let p = Counting.realloc(p, layout, 8192);
-            assert!(!p.is_null());
-            Counting.dealloc(p, Layout::from_size_align(8192, 64).expect("layout"));
-        }
+        // SAFETY: a non-zero-size layout, as `alloc_zeroed` requires.
+        let p = unsafe { Counting.alloc_zeroed(layout) };
+        assert!(!p.is_null());
+        // SAFETY: `p` points to 4096 initialised (zeroed) bytes; 4095 is in bounds.
+        let last = unsafe { p.wrapping_add(4095).read() };
+        assert_eq!(last, 0);
+        // SAFETY: `p` came from this allocator with `layout`; the new size is non-zero.
+        let p = unsafe { Counting.realloc(p, layout, 8192) };
+        assert!(!p.is_null());
+        // SAFETY: `p` came from this allocator, now with size 8192 and alignment 64.
+        unsafe { Counting.dealloc(p, Layout::from_size_align(8192, 64).expect("layout")) };
         assert_eq!(live_bytes(), before);
     }
 }

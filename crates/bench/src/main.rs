@@ -246,7 +246,7 @@ fn page_table(opts: &Opts) -> Chart {
         let mut r = Rng(7);
         let mut order: Vec<u32> = (0..n as u32).collect();
         for i in (1..order.len()).rev() {
-            order.swap(i, (r.next() % (i as u64 + 1)) as usize);
+            order.swap(i, (r.next_u64() % (i as u64 + 1)) as usize);
         }
         let mut rows = Vec::new();
         let mut skipped: Vec<String> = Vec::new();
@@ -357,7 +357,6 @@ fn page_table(opts: &Opts) -> Chart {
                 m
             }),
         );
-        drop(add);
         let base = rows
             .iter()
             .find(|r| r.name.starts_with("hashbrown"))
@@ -407,7 +406,7 @@ fn patterns_and_writers(ops: usize) {
             let mut r = Rng(3);
             let mut o: Vec<u32> = (0..n as u32).collect();
             for i in (1..o.len()).rev() {
-                o.swap(i, (r.next() % (i as u64 + 1)) as usize);
+                o.swap(i, (r.next_u64() % (i as u64 + 1)) as usize);
             }
             o
         };
@@ -533,7 +532,7 @@ fn epoch_tree() {
         let changed = (n as f64 * pct / 100.0) as u64;
         let mut r = Rng(pct.to_bits());
         for _ in 0..changed {
-            let vpn = 0x5_5555_0000 + r.next() % n;
+            let vpn = 0x5_5555_0000 + r.next_u64() % n;
             tree.mark(Vpn(vpn));
             table.update(VirtAddr(vpn << 12), |p| p.epoch = Epoch(2));
         }
@@ -619,9 +618,9 @@ fn snapshots(opts: &Opts) -> anyhow::Result<()> {
     for (round, pct) in [100.0f64, 0.1, 1.0, 10.0, 100.0].into_iter().enumerate() {
         let dirty = ((n as f64) * pct / 100.0).max(1.0) as u64;
         for i in 0..dirty {
-            let p = if pct >= 100.0 { i } else { r.next() % n };
+            let p = if pct >= 100.0 { i } else { r.next_u64() % n };
             for c in buf.chunks_mut(8) {
-                c.copy_from_slice(&r.next().to_le_bytes());
+                c.copy_from_slice(&r.next_u64().to_le_bytes());
             }
             space.write(VirtAddr(base + p * 4096), &buf)?;
         }
