@@ -24,7 +24,8 @@ cp -a /usr/share/doc "$W/files/doc" 2>/dev/null || true
 mke2fs -q -F -t ext4 -E lazy_itable_init=0,lazy_journal_init=0 -d "$W/files" "$W/disk.img" 1G
 cp "$W/disk.img" "$W/v1.img"
 
-secs() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc; }
+# Each timed command starts with writeback settled, so no tool pays for the previous one.
+secs() { local s e; sync; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc; }
 bytes() { du -sb "$@" | awk '{s+=$1} END {print s}'; }
 
 # First snapshot.

@@ -8,7 +8,11 @@ use pagesnap_pagetable::{Fmix64, SpinLock};
 fn get_hits(c: &mut Criterion) {
     let (present, _) = keys(1 << 16, Pattern::Sparse, 1);
     let table = pagesnap::<Fmix64, SpinLock>(&present);
-    let brown: hashbrown::HashMap<u64, _> = present.iter().enumerate().map(|(i, k)| (*k, page(*k, i as u64))).collect();
+    let brown: hashbrown::HashMap<u64, _> = present
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (*k, page(*k, i as u64)))
+        .collect();
     let mut g = c.benchmark_group("get hit, 64 Ki sparse mappings");
     g.bench_function("pagesnap PageTable", |b| {
         let mut i = 0usize;

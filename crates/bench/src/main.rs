@@ -74,10 +74,21 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or(1),
         if opts.full { " -- --full" } else { "" }
     );
-    let chart = page_table(&opts);
-    epoch_tree();
-    snapshots(&opts)?;
-    draw(&opts.svg, &chart)?;
+    let only = args
+        .iter()
+        .position(|a| a == "--section")
+        .and_then(|i| args.get(i + 1).cloned());
+    let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    if run("pagetable") {
+        let chart = page_table(&opts);
+        draw(&opts.svg, &chart)?;
+    }
+    if run("epochtree") {
+        epoch_tree();
+    }
+    if run("snapshots") {
+        snapshots(&opts)?;
+    }
     println!(
         "\nChart: `{}`. Total time {:.0} s.",
         opts.svg,

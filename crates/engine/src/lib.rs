@@ -40,6 +40,8 @@
 
 pub mod image;
 
+use rayon::prelude::*;
+
 use pagesnap_epochtree::{EpochTree, EpochTreeError, EpochView};
 use pagesnap_pagetable::{
     Epoch, Page, PageFlags, PageSize, PageTable, PageTableError, PhysAddr, VirtAddr, Vpn,
@@ -471,13 +473,26 @@ impl Inner {
         let parent = self.persisted.lock().id;
         self.store.lock().begin(parent)?;
         let result = (|| {
-            for &key in &keys {
-                let (state, preserved) = self.state_at_pause(job, key);
-                copied_on_write += u64::from(preserved);
+            // In batches: take the states at the pause, hash them on every core, then store.
+            for batch in keys.chunks(1024) {
+                let states: Vec<(u64, Option<Vec<u8>>)> = batch
+                    .iter()
+                    .map(|&key| {
+                        let (state, preserved) = self.state_at_pause(job, key);
+                        copied_on_write += u64::from(preserved);
+                        (key, state.filter(|b| b.iter().any(|x| *x != 0)))
+                    })
+                    .collect();
+                let hashes: Vec<Option<[u8; 32]>> = states
+                    .par_iter()
+                    .map(|(_, s)| s.as_ref().map(|b| *blake3::hash(b).as_bytes()))
+                    .collect();
                 let mut store = self.store.lock();
-                match state {
-                    Some(bytes) => store.put(Vpn(key), &bytes)?,
-                    None => store.remove(Vpn(key))?,
+                for ((key, state), hash) in states.iter().zip(hashes) {
+                    match (state, hash) {
+                        (Some(bytes), Some(h)) => store.put_hashed(Vpn(*key), bytes, h)?,
+                        _ => store.remove(Vpn(*key))?,
+                    }
                 }
             }
             let mapped = self
