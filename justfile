@@ -24,11 +24,19 @@ loom:
 loom-ci:
     RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=1 cargo test -p pagesnap-pagetable --release --test loom --target-dir target/loom -- --skip across_a_split
 
-# Figures printed by the examples, until the bench crate lands: page table, store, engine pause.
+# The benchmark tables (quick mode, under 3 minutes), plus the examples' figures.
 bench:
-    cargo run --release -p pagesnap-pagetable --example tour
+    cargo run --release -p pagesnap-bench
     cargo run --release -p pagesnap-store --example incremental
     cargo run --release -p pagesnap-engine --example pause
+
+# The full benchmark run (8 Mi mappings, 1 Mi-page snapshots).
+bench-full:
+    cargo run --release -p pagesnap-bench -- --full
+
+# The CLI against restic, borg and qemu-img (by hand: installs the peers with apt-get).
+bench-peers:
+    bash scripts/bench-peers.sh
 
 # The main job: the CLI's demo.
 demo:
