@@ -77,22 +77,26 @@ impl Default for FaultyStorage {
     }
 }
 
-/// SplitMix64: a small deterministic generator for crash fates.
-#[derive(Debug)]
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
+/// SplitMix64: a small deterministic generator, for crash fates and for tests' workloads.
+#[derive(Clone, Debug)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     }
-    fn below(&mut self, n: u64) -> u64 {
+
+    /// A number below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
         if n == 0 {
             0
         } else {
-            self.next() % n
+            self.next_u64() % n
         }
     }
 }
@@ -161,7 +165,7 @@ impl FaultyStorage {
     /// image is a new, fault-free backend with everything durable.
     pub fn crash_image(&self, seed: u64) -> FaultyStorage {
         let s = self.lock();
-        let mut rng = Rng(seed);
+        let mut rng = SplitMix64(seed);
         let keep = rng.below(s.dir_log.len() as u64 + 1) as usize;
         let mut names = s.durable_names.clone();
         for op in &s.dir_log[..keep] {
@@ -191,7 +195,8 @@ impl FaultyStorage {
                         write_into(&mut content, *offset, &bytes[..cut]);
                     }
                     (Pending::Data { offset, bytes }, _) => {
-                        let garbage: Vec<u8> = (0..bytes.len()).map(|_| rng.next() as u8).collect();
+                        let garbage: Vec<u8> =
+                            (0..bytes.len()).map(|_| rng.next_u64() as u8).collect();
                         write_into(&mut content, *offset, &garbage);
                     }
                 }

@@ -3,7 +3,7 @@
 //! state uses must be detected (by verify, or by open falling back to the other superblock slot);
 //! no read may return wrong bytes; snapshots verify says are clean must restore exactly.
 
-use pagesnap_store::fault::FaultyStorage;
+use pagesnap_store::fault::{FaultyStorage, SplitMix64};
 use pagesnap_store::{Epoch, Mode, SnapshotId, SnapshotMeta, Store, StoreOptions, Vpn};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,17 +16,6 @@ fn opts() -> StoreOptions {
         segment_bytes: 24 << 10,
         preallocate: 4 << 10,
         ..StoreOptions::default()
-    }
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
     }
 }
 
@@ -44,14 +33,14 @@ type Model = BTreeMap<SnapshotId, BTreeMap<u64, u64>>;
 fn build(seed: u64) -> (Arc<FaultyStorage>, Model) {
     let io = Arc::new(FaultyStorage::new());
     let mut store = Store::init_with(io.clone(), opts()).expect("init");
-    let mut r = Rng(seed);
+    let mut r = SplitMix64(seed);
     let mut model = Model::new();
     let mut pages: BTreeMap<u64, u64> = BTreeMap::new();
     let mut parent = None;
     for e in 1..=4u64 {
         store.begin(parent).expect("begin");
-        for _ in 0..(4 + r.next() % 12) {
-            let (v, s) = (r.next() % 48, 1 + r.next() % 40);
+        for _ in 0..(4 + r.next_u64() % 12) {
+            let (v, s) = (r.next_u64() % 48, 1 + r.next_u64() % 40);
             store.put(Vpn(v), &page(s)).expect("put");
             pages.insert(v, s);
         }
@@ -133,10 +122,10 @@ fn every_flip_in_committed_bytes_is_detected_and_never_returned_as_data() {
             let (store, _) = Store::open_with(io.clone(), Mode::Read, opts()).expect("open");
             store.live_records().expect("live records")
         };
-        let mut r = Rng(t);
+        let mut r = SplitMix64(t);
         let damaged = Arc::new(io.crash_image(0));
         // Mostly records; sometimes the superblock's current slot.
-        let (file, offset) = if r.next().is_multiple_of(10) {
+        let (file, offset) = if r.next_u64().is_multiple_of(10) {
             let sb = damaged.contents("superblock").expect("superblock");
             let slot = (0..2)
                 .max_by_key(|s| {
@@ -145,20 +134,20 @@ fn every_flip_in_committed_bytes_is_detected_and_never_returned_as_data() {
                 .expect("slot");
             (
                 "superblock".to_string(),
-                (slot * 4096) as u64 + r.next() % 4096,
+                (slot * 4096) as u64 + r.next_u64() % 4096,
             )
         } else {
             let locs: Vec<_> = live.keys().collect();
-            let loc = locs[(r.next() % locs.len() as u64) as usize];
+            let loc = locs[(r.next_u64() % locs.len() as u64) as usize];
             (
                 format!("seg-{:08}.pss", loc.segment),
-                loc.offset + r.next() % u64::from(loc.len),
+                loc.offset + r.next_u64() % u64::from(loc.len),
             )
         };
-        let bits = 1 + r.next() % 3;
+        let bits = 1 + r.next_u64() % 3;
         for _ in 0..bits {
             damaged
-                .flip_bit(&file, offset + r.next() % 2, (r.next() % 8) as u8)
+                .flip_bit(&file, offset + r.next_u64() % 2, (r.next_u64() % 8) as u8)
                 .expect("flip");
         }
         // Flipping the same bit twice restores it; such a trial changes nothing, skip it.

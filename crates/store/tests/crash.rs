@@ -7,7 +7,7 @@
 //! back byte for byte, nothing half-written may be visible, verify must be clean, gc must leave no
 //! leak, and a new snapshot must commit. The same workloads run with ENOSPC and EIO at every index.
 
-use pagesnap_store::fault::{FaultPlan, FaultyStorage};
+use pagesnap_store::fault::{FaultPlan, FaultyStorage, SplitMix64};
 use pagesnap_store::{Epoch, Mode, SnapshotId, SnapshotMeta, Store, StoreError, StoreOptions, Vpn};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -41,39 +41,28 @@ enum Step {
     Gc,
 }
 
-struct SplitMix(u64);
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 fn workload(seed: u64) -> Vec<Step> {
-    let mut r = SplitMix(seed);
+    let mut r = SplitMix64(seed);
     let mut steps = Vec::new();
     for i in 0..5 {
-        let n = 1 + r.next() % 12;
+        let n = 1 + r.next_u64() % 12;
         let changes = (0..n)
             .map(|_| {
                 (
-                    r.next() % 40,
-                    if r.next().is_multiple_of(6) {
+                    r.next_u64() % 40,
+                    if r.next_u64().is_multiple_of(6) {
                         0
                     } else {
-                        1 + r.next() % 30
+                        1 + r.next_u64() % 30
                     },
                 )
             })
             .collect();
         steps.push(Step::Snapshot(changes));
-        if i >= 2 && r.next().is_multiple_of(3) {
-            steps.push(Step::Delete((r.next() % 8) as usize));
+        if i >= 2 && r.next_u64().is_multiple_of(3) {
+            steps.push(Step::Delete((r.next_u64() % 8) as usize));
         }
-        if i == 3 || r.next().is_multiple_of(4) {
+        if i == 3 || r.next_u64().is_multiple_of(4) {
             steps.push(Step::Gc);
         }
     }
