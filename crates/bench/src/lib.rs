@@ -58,21 +58,8 @@ pub fn live_bytes() -> usize {
     LIVE.load(Ordering::Relaxed)
 }
 
-/// A fast deterministic generator for keys and operation mixes.
-#[derive(Clone, Debug)]
-pub struct Rng(pub u64);
-
-impl Rng {
-    /// The next 64 random bits.
-    #[inline]
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
+/// The deterministic generator for keys and operation mixes (the store's test generator).
+pub use pagesnap_store::fault::SplitMix64 as Rng;
 
 /// How mapped page numbers are laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,68 +1,8 @@
 //! The decoders and the whole open/list/verify/read path on arbitrary and mutated bytes: errors,
 //! never panics (the CI-sized version of the cargo-fuzz targets in `fuzz/`).
 
-use pagesnap_store::fault::FaultyStorage;
-use pagesnap_store::fuzzing;
-use pagesnap_store::{Mode, SnapshotMeta, Storage, Store, StoreOptions, Vpn};
+use pagesnap_store::fuzzing::{self, exercise, sample_store_files as valid_files};
 use proptest::prelude::*;
-use std::sync::Arc;
-
-/// A small valid store's files, to mutate.
-fn valid_files() -> Vec<(String, Vec<u8>)> {
-    let io = Arc::new(FaultyStorage::new());
-    let opts = StoreOptions {
-        page_size: 512,
-        segment_bytes: 16 << 10,
-        preallocate: 4 << 10,
-        ..StoreOptions::default()
-    };
-    let mut store = Store::init_with(io.clone(), opts).expect("init");
-    for round in 0..3u8 {
-        store.begin(store.latest().expect("latest")).expect("begin");
-        for v in 0..6u64 {
-            store
-                .put(Vpn(v + u64::from(round)), &[round + v as u8 + 1; 512])
-                .expect("put");
-        }
-        store
-            .commit(SnapshotMeta {
-                label: Some(format!("r{round}")),
-                ..SnapshotMeta::default()
-            })
-            .expect("commit");
-    }
-    drop(store);
-    io.list()
-        .expect("list")
-        .into_iter()
-        .filter(|n| n != "lock")
-        .map(|n| {
-            let c = io.contents(&n).expect("file");
-            (n, c)
-        })
-        .collect()
-}
-
-fn exercise(files: &[(String, Vec<u8>)]) {
-    let io = Arc::new(FaultyStorage::new());
-    for (name, bytes) in files {
-        io.create(name).expect("create");
-        io.write(name, 0, bytes).expect("write");
-    }
-    for mode in [Mode::Read, Mode::Write] {
-        let Ok((store, _)) = Store::open_with(io.clone(), mode, StoreOptions::default()) else {
-            continue;
-        };
-        let _ = store.verify(&[]);
-        let _ = store.check();
-        if let Ok(ids) = store.snapshot_ids() {
-            for id in ids {
-                let _ = store.snapshot(id);
-                let _ = store.for_each_page(id, |_, r| store.read_ref(r).map(|_| ()));
-            }
-        }
-    }
-}
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
