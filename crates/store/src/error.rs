@@ -96,6 +96,9 @@ pub enum StoreError {
         /// The directory.
         path: PathBuf,
     },
+    /// `delete` of a snapshot that is pinned (see [`crate::Store::pin`]).
+    #[error("snapshot {0} is in use (the parent of the next snapshot or the source of a lazy restore) and cannot be deleted while it is; delete it after the space using it is closed")]
+    Pinned(SnapshotId),
     /// The superblock cannot list more segments.
     #[error(
         "the store has {count} segment files, more than a superblock can list; run `pagesnap gc`"

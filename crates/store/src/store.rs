@@ -72,6 +72,8 @@ pub struct Store {
     sb: Superblock,
     cache: Mutex<HashMap<NodePtr, Arc<Node>>>,
     writer: Option<Writer>,
+    /// Snapshots `delete` refuses: they are in use by whoever holds the store.
+    pinned: BTreeSet<SnapshotId>,
 }
 
 impl std::fmt::Debug for Store {
@@ -458,6 +460,7 @@ impl Store {
             opts,
             sb,
             cache: Mutex::new(HashMap::new()),
+            pinned: BTreeSet::new(),
             writer: Some(writer),
         })
     }
@@ -594,6 +597,7 @@ impl Store {
             opts,
             sb,
             cache: Mutex::new(HashMap::new()),
+            pinned: BTreeSet::new(),
             writer,
         };
         let mut report = OpenReport {
@@ -1138,12 +1142,33 @@ impl Store {
         }
     }
 
-    /// Deletes snapshots (a commit). Their space is reclaimed by [`Store::gc`].
+    /// Makes [`Store::delete`] refuse snapshot `id` until [`Store::unpin`]: for a user of the
+    /// store (the engine) whose next snapshot, or whose lazily read pages, stand on it. Pins live
+    /// in this handle only; they are not persisted.
+    pub fn pin(&mut self, id: SnapshotId) {
+        self.pinned.insert(id);
+    }
+
+    /// Lifts a [`Store::pin`].
+    pub fn unpin(&mut self, id: SnapshotId) {
+        self.pinned.remove(&id);
+    }
+
+    /// The pinned snapshots, ascending.
+    pub fn pinned(&self) -> Vec<SnapshotId> {
+        self.pinned.iter().copied().collect()
+    }
+
+    /// Deletes snapshots (a commit). Their space is reclaimed by [`Store::gc`]. A pinned snapshot
+    /// is refused with [`StoreError::Pinned`] and nothing is deleted.
     pub fn delete(&mut self, ids: &[SnapshotId]) -> Result<(), StoreError> {
         self.idle_writer("a snapshot is being written; commit or abort it before deleting")?;
         let known = self.snapshot_ids()?;
         if let Some(missing) = ids.iter().find(|id| !known.contains(id)) {
             return Err(StoreError::UnknownSnapshot(*missing));
+        }
+        if let Some(pinned) = ids.iter().find(|id| self.pinned.contains(id)) {
+            return Err(StoreError::Pinned(*pinned));
         }
         let mut changes: Vec<(u64, Option<Ref>)> = ids.iter().map(|id| (id.0, None)).collect();
         changes.sort_unstable_by_key(|(k, _)| *k);
