@@ -31,6 +31,21 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    /// Reading a record failed (the device returned an error).
+    #[error("{}: reading the {what} of {len} bytes at offset {offset} failed: {source}{}", .path.display(), io_hint(.source))]
+    Read {
+        /// The segment file.
+        path: PathBuf,
+        /// What was being read.
+        what: &'static str,
+        /// Where.
+        offset: u64,
+        /// How many bytes.
+        len: u32,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// No valid superblock: not a store (or not initialised).
     #[error("{} is not a pagesnap store (no superblock); create one with `pagesnap init`", .path.display())]
     NotAStore {

@@ -2,8 +2,8 @@
 //! fixed-width; nothing is `usize` on disk. Decoders check magic, lengths and the crc32 before they
 //! interpret anything, and never allocate by a length they have not bounded.
 
-/// The format version this code writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this code writes (and the newest it reads; version 1 stores still open).
+pub const FORMAT_VERSION: u32 = 2;
 pub(crate) const SUPERBLOCK_FILE: &str = "superblock";
 pub(crate) const LOCK_FILE: &str = "lock";
 pub(crate) const SLOT_SIZE: usize = 4096;
@@ -18,8 +18,15 @@ pub(crate) const REC_HEADER: usize = 56;
 pub(crate) const REC_TRAILER: usize = 4;
 /// No record is larger than this (a 16 MiB page plus its header).
 pub(crate) const MAX_RECORD: u64 = (16 << 20) + 64;
-/// At most this many segment ids fit in a superblock slot.
-pub(crate) const MAX_SEGMENTS: usize = 900;
+/// At most this many segment ids fit in a version 1 superblock slot.
+const MAX_SEGMENTS_V1: usize = 900;
+/// At most this many runs of consecutive segment ids fit in a version 2 superblock slot. The
+/// writer numbers segments upwards and gc replaces all of them at once, so the live ids are one
+/// run in practice: the number of segments (and the store's size) is not bounded by the slot.
+pub(crate) const MAX_SEGMENT_RUNS: usize = 480;
+/// At most this many live segments (4 Mi: a PiB at the default 256 MiB per segment); bounds what a
+/// decoder allocates.
+pub(crate) const MAX_SEGMENT_IDS: usize = 1 << 22;
 
 /// Record kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -280,6 +287,22 @@ pub(crate) struct Superblock {
     pub(crate) active_len: u64,
     /// Every live segment, the active one included, ascending.
     pub(crate) segments: Vec<u32>,
+    /// The size at which the writer moves to a new segment (0: not recorded, a version 1 store).
+    pub(crate) segment_bytes: u64,
+}
+
+/// `ids` (ascending, distinct) as runs of consecutive ids: (first, count).
+pub(crate) fn segment_runs(ids: &[u32]) -> Vec<(u32, u32)> {
+    let mut runs: Vec<(u32, u32)> = Vec::new();
+    for &id in ids {
+        match runs.last_mut() {
+            Some((first, count)) if u64::from(*first) + u64::from(*count) == u64::from(id) => {
+                *count += 1
+            }
+            _ => runs.push((id, 1)),
+        }
+    }
+    runs
 }
 
 /// Why a superblock slot was not used.
@@ -314,9 +337,15 @@ impl Superblock {
         }
         e.u32(self.active_segment);
         e.u64(self.active_len);
-        e.u32(u32::try_from(self.segments.len()).unwrap_or(u32::MAX));
-        for s in &self.segments {
-            e.u32(*s);
+        e.u64(self.segment_bytes);
+        // The writer refuses a commit with more runs than fit (`TooManySegments`) before it
+        // encodes; truncating here would be a bug, so it is checked in debug builds.
+        let runs = segment_runs(&self.segments);
+        debug_assert!(runs.len() <= MAX_SEGMENT_RUNS);
+        e.u32(u32::try_from(runs.len()).unwrap_or(u32::MAX));
+        for (first, count) in runs.iter().take(MAX_SEGMENT_RUNS) {
+            e.u32(*first);
+            e.u32(*count);
         }
         e.0.resize(SLOT_SIZE - 4, 0);
         let crc = crc32fast::hash(&e.0);
@@ -350,15 +379,36 @@ impl Superblock {
         }
         let active_segment = d.u32().map_err(m)?;
         let active_len = d.u64().map_err(m)?;
-        let n = d.u32().map_err(m)? as usize;
-        if n > MAX_SEGMENTS || n * 4 > d.remaining() {
-            return Err(SlotError::Malformed);
+        let mut segment_bytes = 0;
+        let mut segments = Vec::new();
+        if version == 1 {
+            let n = d.u32().map_err(m)? as usize;
+            if n > MAX_SEGMENTS_V1 || n * 4 > d.remaining() {
+                return Err(SlotError::Malformed);
+            }
+            for _ in 0..n {
+                segments.push(d.u32().map_err(m)?);
+            }
+        } else {
+            segment_bytes = d.u64().map_err(m)?;
+            let n = d.u32().map_err(m)? as usize;
+            if n > MAX_SEGMENT_RUNS || n * 8 > d.remaining() {
+                return Err(SlotError::Malformed);
+            }
+            for _ in 0..n {
+                let (first, count) = (d.u32().map_err(m)?, d.u32().map_err(m)?);
+                if segments.len() + count as usize > MAX_SEGMENT_IDS {
+                    return Err(SlotError::Malformed);
+                }
+                let last = first.checked_add(count.checked_sub(1).ok_or(SlotError::Malformed)?);
+                segments.extend(first..=last.ok_or(SlotError::Malformed)?);
+            }
         }
-        let mut segments = Vec::with_capacity(n);
-        for _ in 0..n {
-            segments.push(d.u32().map_err(m)?);
-        }
-        if !page_size.is_power_of_two() || !segments.contains(&active_segment) {
+        if !page_size.is_power_of_two()
+            || version == 0
+            || !segments.windows(2).all(|w| w[0] < w[1])
+            || segments.binary_search(&active_segment).is_err()
+        {
             return Err(SlotError::Malformed);
         }
         let [catalog, dedup] = roots;
@@ -371,6 +421,7 @@ impl Superblock {
             active_segment,
             active_len,
             segments,
+            segment_bytes,
         })
     }
 }
@@ -435,7 +486,8 @@ mod tests {
             dedup: None,
             active_segment: 2,
             active_len: 1234,
-            segments: vec![1, 2],
+            segments: vec![1, 2, 5, 6, 7],
+            segment_bytes: 1 << 20,
         };
         let bytes = sb.encode();
         assert_eq!(bytes.len(), SLOT_SIZE);
@@ -445,10 +497,80 @@ mod tests {
         assert_eq!(Superblock::decode(&bad), Err(SlotError::Checksum));
         assert_eq!(Superblock::decode(&[0; SLOT_SIZE]), Err(SlotError::Empty));
         let mut newer = bytes.clone();
-        newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+        newer[8..12].copy_from_slice(&3u32.to_le_bytes());
         let crc = crc32fast::hash(&newer[..SLOT_SIZE - 4]);
         newer[SLOT_SIZE - 4..].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(Superblock::decode(&newer), Err(SlotError::Newer(2)));
+        assert_eq!(Superblock::decode(&newer), Err(SlotError::Newer(3)));
+    }
+
+    fn with_crc(mut slot: Vec<u8>) -> Vec<u8> {
+        slot.resize(SLOT_SIZE - 4, 0);
+        let crc = crc32fast::hash(&slot);
+        slot.extend_from_slice(&crc.to_le_bytes());
+        slot
+    }
+
+    #[test]
+    fn segment_ids_are_stored_as_runs_without_a_count_limit() {
+        assert_eq!(segment_runs(&[1, 2, 3, 7, 9, 10]), vec![(1, 3), (7, 1), (9, 2)]);
+        // 100,000 segments (25 TiB at 256 MiB each) in one run: format 1 stopped at 900.
+        let sb = Superblock {
+            generation: 3,
+            page_size: 4096,
+            next_snapshot: 1,
+            catalog: None,
+            dedup: None,
+            active_segment: 100_000,
+            active_len: 64,
+            segments: (1..=100_000).collect(),
+            segment_bytes: 256 << 20,
+        };
+        assert_eq!(Superblock::decode(&sb.encode()), Ok(sb));
+        // A run longer than any store may hold, or overlapping runs, is refused without a large
+        // allocation.
+        let mut e = Enc::default();
+        e.bytes(&SB_MAGIC);
+        e.u32(2);
+        e.u32(4096);
+        e.u64(1);
+        e.u64(1);
+        e.bytes(&[0; 2 * (1 + NODEPTR_BYTES)]);
+        e.u32(1);
+        e.u64(64);
+        e.u64(1 << 20);
+        let head = e.0.clone();
+        e.u32(1);
+        e.u32(1);
+        e.u32(u32::MAX);
+        assert_eq!(Superblock::decode(&with_crc(e.0)), Err(SlotError::Malformed));
+        let mut e = Enc(head);
+        e.u32(2);
+        for (first, count) in [(1, 3), (2, 1)] {
+            e.u32(first);
+            e.u32(count);
+        }
+        assert_eq!(Superblock::decode(&with_crc(e.0)), Err(SlotError::Malformed));
+    }
+
+    #[test]
+    fn version_1_slots_still_decode() {
+        let mut e = Enc::default();
+        e.bytes(&SB_MAGIC);
+        e.u32(1);
+        e.u32(4096);
+        e.u64(7);
+        e.u64(3);
+        e.bytes(&[0; 2 * (1 + NODEPTR_BYTES)]);
+        e.u32(4);
+        e.u64(999);
+        e.u32(3);
+        for id in [2, 4, 5] {
+            e.u32(id);
+        }
+        let sb = Superblock::decode(&with_crc(e.0)).expect("a version 1 slot");
+        assert_eq!(sb.segments, vec![2, 4, 5]);
+        assert_eq!((sb.generation, sb.active_segment, sb.active_len), (7, 4, 999));
+        assert_eq!(sb.segment_bytes, 0);
     }
 
     #[test]

@@ -20,7 +20,7 @@
 //!   and drops the old ones; [`Store::check`] reports leaked bytes (0 after gc).
 //! - **One writer**: an advisory lock; a second writer gets [`StoreError::Locked`] naming the
 //!   holder. Readers use the last committed state.
-//! - **One I/O seam**: [`Storage`], implemented by [`FsStorage`] (std::fs and memmap2) and by
+//! - **One I/O seam**: [`Storage`], implemented by [`FsStorage`] (std::fs, positioned reads and writes) and by
 //!   [`fault::FaultyStorage`], which fails or crashes at any operation for the crash tests.
 //!
 //! ```
@@ -256,6 +256,15 @@ pub struct OpenReport {
     pub superblock_slot: usize,
     /// A superblock slot failed its checksum (a torn superblock write, or damage); the other was used.
     pub damaged_slot: bool,
+    /// What is wrong with the superblock's other slot, naming the file, the slot and what the
+    /// store fell back to: damaged, or older than the one in use (a commit interrupted between its
+    /// two slot writes, or a format 1 store). `None`: both slots hold the committed state.
+    pub superblock_note: Option<String>,
+    /// A writer's open rewrote the other slot with the committed state, so both hold it again.
+    pub repaired_slot: bool,
+    /// Files a writer's open set aside instead of removing (segment files no slot lists, found
+    /// while a slot was damaged): renamed to `quarantine-…`, never deleted by pagesnap.
+    pub quarantined: Vec<String>,
     /// The newest snapshot whose manifest and index root read back.
     pub latest: Option<SnapshotId>,
     /// Newer snapshots passed over because they are damaged (newest first).

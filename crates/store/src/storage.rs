@@ -1,10 +1,9 @@
 //! The one I/O seam: every file operation of the store goes through [`Storage`]. Two
-//! implementations: [`FsStorage`] (std::fs; segment data read through memmap2) and
+//! implementations: [`FsStorage`] (std::fs, positioned reads and writes) and
 //! [`crate::fault::FaultyStorage`] (in memory, fails or crashes on demand).
 //!
 //! Names are file names inside the store directory; there are no subdirectories.
 
-use memmap2::Mmap;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -43,27 +42,15 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn try_lock(&self, name: &str) -> io::Result<Option<Box<dyn LockGuard>>>;
 }
 
-/// Segment files are read through a memory map.
-fn mapped(name: &str) -> bool {
-    name.starts_with("seg-")
-}
-
-#[derive(Debug)]
-struct OpenFile {
-    file: File,
-    /// Read-only map of the file as long as it was when mapped (segments).
-    map: Option<Mmap>,
-}
-
-/// The real backend: `std::fs` on a directory. Segment data is read through memmap2 maps and
-/// written with `pwrite`: measured, writing through a map of fresh (sparse) file space makes the
-/// kernel fault every page in, zero-filled through readahead, before the copy overwrites it — 44%
-/// of a first snapshot's time in a perf profile.
+/// The real backend: `std::fs` on a directory. Reads and writes are positioned (`pread`,
+/// `pwrite`) on file handles shared between threads: no lock is held while the kernel copies, so
+/// readers run in parallel, and a failed read is an `io::Error` (a memory map would turn it into
+/// SIGBUS).
 #[derive(Debug)]
 pub struct FsStorage {
     dir: PathBuf,
     writable: bool,
-    files: Mutex<HashMap<String, OpenFile>>,
+    files: Mutex<HashMap<String, Arc<File>>>,
 }
 
 #[derive(Debug)]
@@ -84,49 +71,28 @@ impl FsStorage {
         self.dir.join(name)
     }
 
-    fn files(&self) -> MutexGuard<'_, HashMap<String, OpenFile>> {
+    fn files(&self) -> MutexGuard<'_, HashMap<String, Arc<File>>> {
         // A panic while holding this lock leaves only a cache of open files behind.
         self.files.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn with_file<R>(
-        &self,
-        name: &str,
-        f: impl FnOnce(&mut OpenFile) -> io::Result<R>,
-    ) -> io::Result<R> {
-        let mut files = self.files();
-        if !files.contains_key(name) {
-            let file = OpenOptions::new()
+    /// The open file `name` (opened on first use). The cache's lock is held only to look it up.
+    fn file(&self, name: &str) -> io::Result<Arc<File>> {
+        if let Some(f) = self.files().get(name) {
+            return Ok(f.clone());
+        }
+        let file = Arc::new(
+            OpenOptions::new()
                 .read(true)
                 .write(self.writable)
-                .open(self.path(name))?;
-            files.insert(name.to_string(), OpenFile { file, map: None });
-        }
-        let entry = files
-            .get_mut(name)
-            .ok_or_else(|| io::Error::other("open file vanished"))?;
-        f(entry)
+                .open(self.path(name))?,
+        );
+        Ok(self
+            .files()
+            .entry(name.to_string())
+            .or_insert(file)
+            .clone())
     }
-
-    fn remap(of: &mut OpenFile, name: &str) -> io::Result<()> {
-        of.map = None;
-        if !mapped(name) || of.file.metadata()?.len() == 0 {
-            return Ok(());
-        }
-        // SAFETY: the map is read-only and covers the file's length now. The only process that
-        // shrinks segment files is the store's single writer (holding the store lock), and it
-        // drops its own map first (`set_len`) and only cuts bytes past the committed end, which
-        // no reader's committed view reaches; growth and removal (unlinking) never invalidate a
-        // mapping. Another program truncating the store's files would break this, which the docs
-        // forbid (as ripgrep documents for the files it maps).
-        of.map = Some(unsafe { Mmap::map(&of.file)? });
-        Ok(())
-    }
-}
-
-fn in_bounds(offset: u64, len: usize, map_len: usize) -> Option<usize> {
-    let start = usize::try_from(offset).ok()?;
-    (start.checked_add(len)? <= map_len).then_some(start)
 }
 
 impl Storage for FsStorage {
@@ -154,51 +120,28 @@ impl Storage for FsStorage {
             .write(true)
             .create_new(true)
             .open(self.path(name))?;
-        self.files()
-            .insert(name.to_string(), OpenFile { file, map: None });
+        self.files().insert(name.to_string(), Arc::new(file));
         Ok(())
     }
 
     fn len(&self, name: &str) -> io::Result<u64> {
-        self.with_file(name, |of| Ok(of.file.metadata()?.len()))
+        Ok(self.file(name)?.metadata()?.len())
     }
 
     fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.with_file(name, |of| {
-            let stale = of
-                .map
-                .as_ref()
-                .is_none_or(|m| in_bounds(offset, buf.len(), m.len()).is_none());
-            if stale && mapped(name) {
-                // Not mapped yet, or the file grew past the map.
-                Self::remap(of, name)?;
-            }
-            if let Some(map) = of.map.as_ref() {
-                if let Some(start) = in_bounds(offset, buf.len(), map.len()) {
-                    buf.copy_from_slice(&map[start..start + buf.len()]);
-                    return Ok(());
-                }
-            }
-            std::os::unix::fs::FileExt::read_exact_at(&of.file, buf, offset)
-        })
+        std::os::unix::fs::FileExt::read_exact_at(&*self.file(name)?, buf, offset)
     }
 
     fn write(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.with_file(name, |of| {
-            std::os::unix::fs::FileExt::write_all_at(&of.file, data, offset)
-        })
+        std::os::unix::fs::FileExt::write_all_at(&*self.file(name)?, data, offset)
     }
 
     fn set_len(&self, name: &str, len: u64) -> io::Result<()> {
-        self.with_file(name, |of| {
-            // Drop the map before resizing, so no mapped page outlives the file's end.
-            of.map = None;
-            of.file.set_len(len)
-        })
+        self.file(name)?.set_len(len)
     }
 
     fn sync(&self, name: &str) -> io::Result<()> {
-        self.with_file(name, |of| of.file.sync_all())
+        self.file(name)?.sync_all()
     }
 
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {

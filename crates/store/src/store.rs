@@ -3,8 +3,8 @@
 
 use crate::error::StoreError;
 use crate::format::{
-    decode_record, encode_record, parse_seg_name, seg_name, segment_header, Kind, Location,
-    NodePtr, Ref, SlotError, Superblock, FORMAT_VERSION, LOCK_FILE, MAX_RECORD, MAX_SEGMENTS,
+    decode_record, encode_record, parse_seg_name, seg_name, segment_header, segment_runs, Kind, Location,
+    NodePtr, Ref, SlotError, Superblock, FORMAT_VERSION, LOCK_FILE, MAX_RECORD, MAX_SEGMENT_IDS, MAX_SEGMENT_RUNS,
     SEG_HEADER, SEG_MAGIC, SLOT_SIZE, SUPERBLOCK_FILE,
 };
 use crate::manifest::{Manifest, RootRecord, MAX_LABEL};
@@ -61,6 +61,9 @@ struct Writer {
     /// A superblock write failed and could not be undone: which state is durable is unknown until
     /// the store is reopened, so this writer changes nothing more.
     in_doubt: bool,
+    /// The last commit is durable in one superblock slot only (writing the second copy failed):
+    /// gc keeps the files it replaced until both slots agree again (a later commit or a reopen).
+    degraded: bool,
     /// Records appended but not yet written: they end at `off` in segment `seg`.
     buf: Vec<u8>,
 }
@@ -74,6 +77,51 @@ pub struct Store {
     writer: Option<Writer>,
     /// Snapshots `delete` refuses: they are in use by whoever holds the store.
     pinned: BTreeSet<SnapshotId>,
+}
+
+/// What the superblock slot not in use holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OtherSlot {
+    /// The committed state too: the normal case.
+    Same,
+    /// An older valid state (this generation).
+    Older(u64),
+    /// Never written (a format 1 store after its first commit).
+    Empty,
+    /// Fails its checksum or does not decode.
+    Damaged,
+}
+
+/// Both superblock slots as read.
+struct SlotsRead {
+    sb: Superblock,
+    slot: usize,
+    other: OtherSlot,
+}
+
+impl SlotsRead {
+    /// A sentence on the other slot, naming the file and what is in use, when it is not a copy.
+    fn note(&self, io: &dyn Storage) -> Option<String> {
+        let file = io.location().join(SUPERBLOCK_FILE);
+        let (other, using) = (1 - self.slot, self.slot);
+        let what = match self.other {
+            OtherSlot::Same => return None,
+            OtherSlot::Older(g) => format!(
+                "slot {other} holds generation {g}, older than the committed state (a commit \
+                 interrupted between its two slot writes, or a format 1 store)"
+            ),
+            OtherSlot::Empty => format!("slot {other} is empty (a format 1 store)"),
+            OtherSlot::Damaged => format!(
+                "slot {other} (offset {}) fails its checksum: it is damaged",
+                other * SLOT_SIZE
+            ),
+        };
+        Some(format!(
+            "{}: {what}; using slot {using}, generation {}; a writer's open rewrites slot {other}",
+            file.display(),
+            self.sb.generation
+        ))
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -118,7 +166,7 @@ fn read_record(
     kind: Kind,
 ) -> Result<(u64, [u8; 32], Vec<u8>), StoreError> {
     let name = seg_name(loc.segment);
-    if !segments.contains(&loc.segment) {
+    if segments.binary_search(&loc.segment).is_err() {
         return Err(corrupt(
             io,
             &name,
@@ -147,7 +195,13 @@ fn read_record(
                 "points past the end of the segment",
             )
         } else {
-            io_err(io, &name, "read record")(e)
+            StoreError::Read {
+                path: io.location().join(&name),
+                what: kind.name(),
+                offset: loc.offset,
+                len: loc.len,
+                source: e,
+            }
         }
     })?;
     let rec = decode_record(&buf, kind)
@@ -185,7 +239,10 @@ fn load_node(
     let name = seg_name(ptr.loc.segment);
     let node = Node::decode(&payload)
         .map_err(|e| corrupt(io, &name, "index node", ptr.loc.offset, e.0))?;
-    if hash != ptr.merkle {
+    // The hash is recomputed, not taken from the record's header: a node then cannot name
+    // itself (or an ancestor) as a child, since that would need a blake3 fixpoint, so every walk
+    // of the trie ends.
+    if hash != ptr.merkle || node.merkle() != ptr.merkle {
         return Err(corrupt(
             io,
             &name,
@@ -241,12 +298,22 @@ impl NodeIo for WriteIo<'_> {
 }
 
 fn new_segment(io: &dyn Storage, opts: &StoreOptions, w: &mut Writer) -> Result<(), StoreError> {
-    if w.segments.len() >= MAX_SEGMENTS {
+    let id = w
+        .segments
+        .last()
+        .copied()
+        .unwrap_or(0)
+        .checked_add(1)
+        .ok_or(StoreError::TooManySegments {
+            count: w.segments.len(),
+        })?;
+    let mut with_new = w.segments.clone();
+    with_new.push(id);
+    if with_new.len() > MAX_SEGMENT_IDS || segment_runs(&with_new).len() > MAX_SEGMENT_RUNS {
         return Err(StoreError::TooManySegments {
             count: w.segments.len(),
         });
     }
-    let id = w.segments.iter().copied().max().unwrap_or(0) + 1;
     let name = seg_name(id);
     io.create(&name)
         .map_err(io_err(io, &name, "create segment"))?;
@@ -397,6 +464,21 @@ impl Store {
                 "the page size must be a power of two from 512 bytes to 16 MiB",
             ));
         }
+        // Lock first, then look: a writer that commits between our look and our lock must not
+        // have its files taken for leftovers.
+        let lock = match Self::lock(&*io) {
+            Ok(lock) => lock,
+            // Held by a writer: say that a store is there, if one is (nothing is changed).
+            Err(e @ StoreError::Locked { .. }) => {
+                return Err(match Self::read_superblock(&*io) {
+                    Err(StoreError::NotAStore { .. }) => e,
+                    _ => StoreError::AlreadyExists {
+                        path: io.location().into(),
+                    },
+                })
+            }
+            Err(e) => return Err(e),
+        };
         let names = io
             .list()
             .map_err(io_err(&*io, "", "list store directory"))?;
@@ -410,8 +492,7 @@ impl Store {
                 }
             }
         }
-        let lock = Self::lock(&*io)?;
-        // Leftovers of an interrupted init (no valid superblock) are cleared.
+        // Leftovers of an interrupted init (no superblock slot was ever written) are cleared.
         for n in names
             .iter()
             .filter(|n| parse_seg_name(n).is_some() || *n == SUPERBLOCK_FILE)
@@ -438,13 +519,13 @@ impl Store {
             active_segment: 1,
             active_len: SEG_HEADER,
             segments: vec![1],
+            segment_bytes: opts.segment_bytes,
         };
         io.create(SUPERBLOCK_FILE)
             .map_err(io_err(&*io, SUPERBLOCK_FILE, "create superblock"))?;
-        // Generation g lives in slot g % 2, so each commit overwrites the older slot.
-        let mut slots = vec![0u8; 2 * SLOT_SIZE];
-        let at = (sb.generation % 2) as usize * SLOT_SIZE;
-        slots[at..at + SLOT_SIZE].copy_from_slice(&sb.encode());
+        // Both slots hold the committed state (see `publish`).
+        let mut slots = sb.encode();
+        slots.extend_from_slice(&sb.encode());
         io.write(SUPERBLOCK_FILE, 0, &slots).map_err(io_err(
             &*io,
             SUPERBLOCK_FILE,
@@ -498,8 +579,9 @@ impl Store {
         }
     }
 
-    /// The valid superblock slot with the highest generation, and whether a slot was damaged.
-    fn read_superblock(io: &dyn Storage) -> Result<(Superblock, usize, bool), StoreError> {
+    /// Reads both superblock slots: the valid one with the highest generation, and what the other
+    /// slot holds.
+    fn read_superblock(io: &dyn Storage) -> Result<SlotsRead, StoreError> {
         let not_a_store = || StoreError::NotAStore {
             path: io.location().into(),
         };
@@ -527,69 +609,136 @@ impl Store {
                 });
             }
         }
-        let damaged = slots
-            .iter()
-            .any(|s| matches!(s, Err(SlotError::Checksum) | Err(SlotError::Malformed)));
+        let damaged = |s: &Result<Superblock, SlotError>| {
+            matches!(s, Err(SlotError::Checksum) | Err(SlotError::Malformed))
+        };
         let best = slots
             .iter()
             .enumerate()
             .filter_map(|(i, s)| s.as_ref().ok().map(|sb| (i, sb)))
-            .max_by_key(|(_, sb)| sb.generation);
-        match best {
-            Some((i, sb)) => Ok((sb.clone(), i, damaged)),
-            None if damaged => Err(corrupt(
-                io,
-                SUPERBLOCK_FILE,
-                "superblock",
-                0,
-                "both slots fail their checksum",
-            )),
-            None => Err(not_a_store()),
-        }
+            .max_by_key(|(i, sb)| (sb.generation, std::cmp::Reverse(*i)));
+        let Some((slot, sb)) = best else {
+            return Err(if slots.iter().any(damaged) {
+                corrupt(
+                    io,
+                    SUPERBLOCK_FILE,
+                    "superblock",
+                    0,
+                    "both slots fail their checksum",
+                )
+            } else {
+                not_a_store()
+            });
+        };
+        let other = &slots[1 - slot];
+        let state = match other {
+            Ok(o) if o == sb => OtherSlot::Same,
+            Ok(o) => OtherSlot::Older(o.generation),
+            Err(SlotError::Empty) => OtherSlot::Empty,
+            Err(_) => OtherSlot::Damaged,
+        };
+        Ok(SlotsRead {
+            sb: sb.clone(),
+            slot,
+            other: state,
+        })
     }
 
     /// Opens the store on `io`.
+    ///
+    /// A writer locks the store before it reads anything. Then, before it changes anything, it
+    /// checks that every segment the committed state lists is there; rewrites the other
+    /// superblock slot if it does not hold the committed state (so both do again); and only then
+    /// removes segment files that no slot lists, the leftovers of an interrupted commit or gc —
+    /// or, if a slot was damaged, renames them to `quarantine-…` instead.
     pub fn open_with(
         io: SharedStorage,
         mode: Mode,
         opts: StoreOptions,
     ) -> Result<(Store, OpenReport), StoreError> {
-        let (sb, slot, damaged_slot) = Self::read_superblock(&*io)?;
-        let writer = match mode {
+        let lock = match mode {
             Mode::Read => None,
-            Mode::Write => {
-                let lock = Self::lock(&*io)?;
-                // Recovery: segment files the committed state does not list are leftovers of an
-                // interrupted commit or gc.
-                let names = io
-                    .list()
-                    .map_err(io_err(&*io, "", "list store directory"))?;
-                let mut removed = false;
-                for n in &names {
-                    if parse_seg_name(n).is_some_and(|id| !sb.segments.contains(&id)) {
-                        io.remove(n)
-                            .map_err(io_err(&*io, n, "remove leftover segment"))?;
-                        removed = true;
-                    }
-                }
-                if removed {
-                    io.sync_dir()
-                        .map_err(io_err(&*io, "", "sync store directory"))?;
-                }
-                Some(Writer::new(lock, &sb, &*io)?)
-            }
+            Mode::Write => Some(Self::lock(&*io)?),
         };
+        let read = Self::read_superblock(&*io)?;
+        let sb = read.sb.clone();
         for id in &sb.segments {
             let name = seg_name(*id);
             let mut head = [0u8; 8];
             match io.read(&name, 0, &mut head) {
                 Ok(()) if head == SEG_MAGIC => {}
                 Ok(()) => return Err(corrupt(&*io, &name, "segment header", 0, "bad magic")),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(corrupt(
+                        &*io,
+                        &name,
+                        "segment file",
+                        0,
+                        format!(
+                            "missing, but the superblock (generation {}) lists it; nothing was \
+                             changed: restore the file from a copy of the store",
+                            sb.generation
+                        ),
+                    ))
+                }
                 Err(e) => return Err(io_err(&*io, &name, "open segment")(e)),
             }
         }
+        let mut report = OpenReport {
+            generation: sb.generation,
+            superblock_slot: read.slot,
+            damaged_slot: read.other == OtherSlot::Damaged,
+            superblock_note: read.note(&*io),
+            ..OpenReport::default()
+        };
+        let writer = match lock {
+            None => None,
+            Some(lock) => {
+                if read.other != OtherSlot::Same {
+                    // Both slots must name the committed state before anything is removed: a
+                    // slot still naming an older state may list files that are garbage now.
+                    let at = (1 - read.slot) as u64 * SLOT_SIZE as u64;
+                    io.write(SUPERBLOCK_FILE, at, &sb.encode())
+                        .and_then(|_| io.sync(SUPERBLOCK_FILE))
+                        .map_err(io_err(&*io, SUPERBLOCK_FILE, "repair superblock slot"))?;
+                    report.repaired_slot = true;
+                }
+                let names = io
+                    .list()
+                    .map_err(io_err(&*io, "", "list store directory"))?;
+                let mut changed = false;
+                for n in &names {
+                    let Some(id) = parse_seg_name(n) else {
+                        continue;
+                    };
+                    if sb.segments.binary_search(&id).is_ok() {
+                        continue;
+                    }
+                    if read.other == OtherSlot::Damaged {
+                        let to = format!("quarantine-{n}");
+                        io.rename(n, &to)
+                            .map_err(io_err(&*io, n, "quarantine unlisted segment"))?;
+                        report.quarantined.push(to);
+                    } else {
+                        io.remove(n)
+                            .map_err(io_err(&*io, n, "remove leftover segment"))?;
+                    }
+                    changed = true;
+                }
+                if changed {
+                    io.sync_dir()
+                        .map_err(io_err(&*io, "", "sync store directory"))?;
+                }
+                Some(Writer::new(lock, &sb, &*io)?)
+            }
+        };
         let opts = StoreOptions {
             page_size: sb.page_size,
+            segment_bytes: if sb.segment_bytes == 0 {
+                opts.segment_bytes
+            } else {
+                sb.segment_bytes
+            },
             ..opts
         };
         let store = Store {
@@ -599,12 +748,6 @@ impl Store {
             cache: Mutex::new(HashMap::new()),
             pinned: BTreeSet::new(),
             writer,
-        };
-        let mut report = OpenReport {
-            generation: store.sb.generation,
-            superblock_slot: slot,
-            damaged_slot,
-            ..OpenReport::default()
         };
         // Damage containment: the newest snapshot whose manifest and index root read back.
         let ids = match store.snapshot_ids() {
@@ -1090,7 +1233,11 @@ impl Store {
     }
 
     /// The commit point: sync every segment written, the directory if files were created, then
-    /// write the other superblock slot and sync it.
+    /// write the new state into one superblock slot and sync it (the commit is durable), then into
+    /// the other slot and sync it (the commit is redundant: one damaged slot loses nothing).
+    ///
+    /// Both slots hold the committed state whenever no commit is in flight (a writer's open
+    /// repairs them), so while either slot is being written the other names a committed state.
     fn publish(&mut self, mut sb: Superblock) -> Result<(), StoreError> {
         let io = &*self.io;
         let w = self.writer.as_mut().ok_or(StoreError::ReadOnly)?;
@@ -1108,9 +1255,12 @@ impl Store {
         sb.active_len = w.off;
         sb.segments = w.segments.clone();
         sb.segments.sort_unstable();
-        let at = (sb.generation % 2) * SLOT_SIZE as u64;
+        sb.segment_bytes = self.opts.segment_bytes;
+        let bytes = sb.encode();
+        let first = (sb.generation % 2) * SLOT_SIZE as u64;
+        let second = SLOT_SIZE as u64 - first;
         let written = io
-            .write(SUPERBLOCK_FILE, at, &sb.encode())
+            .write(SUPERBLOCK_FILE, first, &bytes)
             .map_err(io_err(io, SUPERBLOCK_FILE, "write superblock"))
             .and_then(|_| {
                 io.sync(SUPERBLOCK_FILE)
@@ -1118,19 +1268,27 @@ impl Store {
             });
         if let Err(e) = written {
             // The new slot may or may not have reached the disk. Put the committed state in that
-            // slot too, so the failed commit cannot surface later over records we will reuse.
+            // slot again, so the failed commit cannot surface later over records we will reuse.
             let undone = io
-                .write(SUPERBLOCK_FILE, at, &self.sb.encode())
+                .write(SUPERBLOCK_FILE, first, &self.sb.encode())
                 .and_then(|_| io.sync(SUPERBLOCK_FILE));
             if undone.is_err() {
                 w.in_doubt = true;
             }
             return Err(e);
         }
+        // Durable from here: a crash now opens to this commit (the other slot is older).
         w.touched.clear();
         w.created.clear();
         w.dir_dirty = false;
         self.sb = sb;
+        let copied = io
+            .write(SUPERBLOCK_FILE, second, &bytes)
+            .and_then(|_| io.sync(SUPERBLOCK_FILE));
+        // The commit stands either way. If the copy failed, only one slot names it; the next
+        // commit writes the other slot first (generation parity), which is safe, but gc must not
+        // remove files the other slot may still list until both slots agree again.
+        w.degraded = copied.is_err();
         Ok(())
     }
 
@@ -1273,7 +1431,8 @@ impl Store {
                 return Err(e);
             }
         }
-        for id in &old_segments {
+        let keep_old = self.writer.as_ref().is_some_and(|w| w.degraded);
+        for id in old_segments.iter().filter(|_| !keep_old) {
             let name = seg_name(*id);
             self.io
                 .remove(&name)
@@ -1288,7 +1447,7 @@ impl Store {
             bytes_before: before.record_bytes,
             bytes_after: after.record_bytes,
             bytes_freed: before.record_bytes.saturating_sub(after.record_bytes),
-            segments_removed: old_segments.len(),
+            segments_removed: if keep_old { 0 } else { old_segments.len() },
         })
     }
 
@@ -1348,6 +1507,21 @@ impl Store {
     /// error; an `Err` means verification itself could not run.
     pub fn verify(&self, ids: &[SnapshotId]) -> Result<VerifyReport, StoreError> {
         let mut report = VerifyReport::default();
+        // The superblock as it is now (a writer's open may have repaired it since we opened).
+        match Self::read_superblock(&*self.io) {
+            Ok(read) if read.other == OtherSlot::Damaged => report.damage.push(Damage {
+                snapshot: None,
+                vpn: None,
+                detail: read.note(&*self.io).unwrap_or_default(),
+            }),
+            Ok(_) => {}
+            Err(e) if e.is_corruption() => report.damage.push(Damage {
+                snapshot: None,
+                vpn: None,
+                detail: e.to_string(),
+            }),
+            Err(e) => return Err(e),
+        }
         let all = match self.snapshot_ids() {
             Ok(ids) => ids,
             Err(e) if e.is_corruption() => {
@@ -1387,7 +1561,7 @@ impl Store {
             let root = m.index_root.as_ref().map(|r| r.ptr());
             let computed = match root {
                 None => Ok(EMPTY_ROOT),
-                Some(p) => self.verify_node(id, &p, &mut nodes, &mut pages, &mut report),
+                Some(p) => self.verify_node(id, &p, 0, &mut nodes, &mut pages, &mut report),
             };
             match computed {
                 Ok(h) if h == m.merkle_root => {}
@@ -1420,10 +1594,12 @@ impl Store {
     /// Recomputes the Merkle hash below `ptr`, checking every record; `Err` describes why the
     /// subtree cannot be trusted. Damaged pages are recorded in `report` and still hash by their
     /// recorded hash, so one bad page does not hide the rest.
+    #[allow(clippy::too_many_arguments)]
     fn verify_node(
         &self,
         id: SnapshotId,
         ptr: &NodePtr,
+        depth: u8,
         nodes: &mut HashMap<Location, Result<(), String>>,
         pages: &mut HashMap<Location, Result<(), String>>,
         report: &mut VerifyReport,
@@ -1433,6 +1609,14 @@ impl Store {
             read_record(&*self.io, &segments, &ptr.loc, Kind::Node).map_err(|e| e.to_string())?;
         let node =
             Node::decode(&payload).map_err(|e| format!("index node at {:?}: {}", ptr.loc, e.0))?;
+        // Children sit one level deeper; checking it bounds the recursion by the trie's depth
+        // even when damage makes a node point at itself.
+        if node.depth != depth {
+            return Err(format!(
+                "index node at {:?}: depth {} where {depth} was expected (misplaced or looping)",
+                ptr.loc, node.depth
+            ));
+        }
         for (_, s) in &node.slots {
             match s {
                 Slot::Entry(vpn, r) => {
@@ -1452,7 +1636,8 @@ impl Store {
                     let res = match known {
                         Some(r) => r,
                         None => {
-                            let r = match self.verify_node(id, p, nodes, pages, report) {
+                            let r = match self.verify_node(id, p, depth + 1, nodes, pages, report)
+                            {
                                 Ok(h) if h == p.merkle => Ok(()),
                                 Ok(_) => Err(format!(
                                     "index node at {:?}: Merkle hash differs from its parent's",
@@ -1565,6 +1750,7 @@ impl Writer {
             meta_appended: 0,
             pending: None,
             in_doubt: false,
+            degraded: false,
             buf: Vec::with_capacity(WRITE_BUFFER + (64 << 10)),
         })
     }
