@@ -308,7 +308,7 @@ pub(crate) fn segment_runs(ids: &[u32]) -> Vec<(u32, u32)> {
 /// Why a superblock slot was not used.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum SlotError {
-    /// No magic: never written (or not a store).
+    /// All zero: never written.
     Empty,
     Checksum,
     Newer(u32),
@@ -354,8 +354,12 @@ impl Superblock {
     }
 
     pub(crate) fn decode(slot: &[u8]) -> Result<Superblock, SlotError> {
-        if slot.len() != SLOT_SIZE || slot[..8] != SB_MAGIC {
+        if slot.len() != SLOT_SIZE || slot.iter().all(|b| *b == 0) {
             return Err(SlotError::Empty);
+        }
+        if slot[..8] != SB_MAGIC {
+            // Written once (format 2 writes both slots at init), so damaged now.
+            return Err(SlotError::Malformed);
         }
         let mut crc = [0u8; 4];
         crc.copy_from_slice(&slot[SLOT_SIZE - 4..]);
@@ -512,7 +516,10 @@ mod tests {
 
     #[test]
     fn segment_ids_are_stored_as_runs_without_a_count_limit() {
-        assert_eq!(segment_runs(&[1, 2, 3, 7, 9, 10]), vec![(1, 3), (7, 1), (9, 2)]);
+        assert_eq!(
+            segment_runs(&[1, 2, 3, 7, 9, 10]),
+            vec![(1, 3), (7, 1), (9, 2)]
+        );
         // 100,000 segments (25 TiB at 256 MiB each) in one run: format 1 stopped at 900.
         let sb = Superblock {
             generation: 3,
@@ -542,14 +549,20 @@ mod tests {
         e.u32(1);
         e.u32(1);
         e.u32(u32::MAX);
-        assert_eq!(Superblock::decode(&with_crc(e.0)), Err(SlotError::Malformed));
+        assert_eq!(
+            Superblock::decode(&with_crc(e.0)),
+            Err(SlotError::Malformed)
+        );
         let mut e = Enc(head);
         e.u32(2);
         for (first, count) in [(1, 3), (2, 1)] {
             e.u32(first);
             e.u32(count);
         }
-        assert_eq!(Superblock::decode(&with_crc(e.0)), Err(SlotError::Malformed));
+        assert_eq!(
+            Superblock::decode(&with_crc(e.0)),
+            Err(SlotError::Malformed)
+        );
     }
 
     #[test]
@@ -569,7 +582,10 @@ mod tests {
         }
         let sb = Superblock::decode(&with_crc(e.0)).expect("a version 1 slot");
         assert_eq!(sb.segments, vec![2, 4, 5]);
-        assert_eq!((sb.generation, sb.active_segment, sb.active_len), (7, 4, 999));
+        assert_eq!(
+            (sb.generation, sb.active_segment, sb.active_len),
+            (7, 4, 999)
+        );
         assert_eq!(sb.segment_bytes, 0);
     }
 

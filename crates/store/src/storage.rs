@@ -87,11 +87,7 @@ impl FsStorage {
                 .write(self.writable)
                 .open(self.path(name))?,
         );
-        Ok(self
-            .files()
-            .entry(name.to_string())
-            .or_insert(file)
-            .clone())
+        Ok(self.files().entry(name.to_string()).or_insert(file).clone())
     }
 }
 

@@ -3,9 +3,9 @@
 
 use crate::error::StoreError;
 use crate::format::{
-    decode_record, encode_record, parse_seg_name, seg_name, segment_header, segment_runs, Kind, Location,
-    NodePtr, Ref, SlotError, Superblock, FORMAT_VERSION, LOCK_FILE, MAX_RECORD, MAX_SEGMENT_IDS, MAX_SEGMENT_RUNS,
-    SEG_HEADER, SEG_MAGIC, SLOT_SIZE, SUPERBLOCK_FILE,
+    decode_record, encode_record, parse_seg_name, seg_name, segment_header, segment_runs, Kind,
+    Location, NodePtr, Ref, SlotError, Superblock, FORMAT_VERSION, LOCK_FILE, MAX_RECORD,
+    MAX_SEGMENT_IDS, MAX_SEGMENT_RUNS, SEG_HEADER, SEG_MAGIC, SLOT_SIZE, SUPERBLOCK_FILE,
 };
 use crate::manifest::{Manifest, RootRecord, MAX_LABEL};
 use crate::storage::{FsStorage, LockGuard, SharedStorage, Storage};
@@ -716,8 +716,11 @@ impl Store {
                     }
                     if read.other == OtherSlot::Damaged {
                         let to = format!("quarantine-{n}");
-                        io.rename(n, &to)
-                            .map_err(io_err(&*io, n, "quarantine unlisted segment"))?;
+                        io.rename(n, &to).map_err(io_err(
+                            &*io,
+                            n,
+                            "quarantine unlisted segment",
+                        ))?;
                         report.quarantined.push(to);
                     } else {
                         io.remove(n)
@@ -1636,8 +1639,7 @@ impl Store {
                     let res = match known {
                         Some(r) => r,
                         None => {
-                            let r = match self.verify_node(id, p, depth + 1, nodes, pages, report)
-                            {
+                            let r = match self.verify_node(id, p, depth + 1, nodes, pages, report) {
                                 Ok(h) if h == p.merkle => Ok(()),
                                 Ok(_) => Err(format!(
                                     "index node at {:?}: Merkle hash differs from its parent's",
@@ -1753,5 +1755,133 @@ impl Writer {
             degraded: false,
             buf: Vec::with_capacity(WRITE_BUFFER + (64 << 10)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fault::FaultyStorage;
+    use crate::format::record_len;
+
+    /// Appends, through the writer, an index node that names itself as its only child, and
+    /// commits it both as the catalog root and as snapshot 2's index root.
+    fn store_with_a_looping_node() -> (Arc<FaultyStorage>, StoreOptions) {
+        let io = Arc::new(FaultyStorage::new());
+        let opts = StoreOptions {
+            page_size: 512,
+            ..StoreOptions::default()
+        };
+        let mut store = Store::init_with(io.clone(), opts).expect("init");
+        store.begin(None).expect("begin");
+        store.put(Vpn(1), &[9u8; 512]).expect("put");
+        store.commit(SnapshotMeta::default()).expect("commit");
+        let mut sb = store.sb.clone();
+        let mut wio = store.write_io().expect("writer");
+        flush_buffer(wio.io, wio.w).expect("flush");
+        let merkle = [7u8; 32];
+        let node = |ptr| Node {
+            depth: 0,
+            slots: vec![(0, Slot::Child(ptr))],
+        };
+        let mut ptr = NodePtr {
+            loc: Location {
+                segment: wio.w.seg,
+                offset: wio.w.off,
+                len: 0,
+            },
+            merkle,
+        };
+        ptr.loc.len = u32::try_from(record_len(node(ptr).encode().len())).expect("small");
+        let loc = append(
+            wio.io,
+            wio.opts,
+            wio.w,
+            Kind::Node,
+            0,
+            &merkle,
+            &node(ptr).encode(),
+        )
+        .expect("append");
+        assert_eq!(loc, ptr.loc, "the node sits where it says");
+        let m = Manifest {
+            id: 2,
+            parent: None,
+            epoch: 0,
+            time_unix_ms: 0,
+            label: None,
+            logical_size: 0,
+            page_size: 512,
+            page_count: 1,
+            merkle_root: merkle,
+            index_root: Some(RootRecord::from_ptr(&ptr)),
+            pages_written: 0,
+            pages_changed: 0,
+            data_bytes: 0,
+            meta_bytes: 0,
+        };
+        let bytes = m.to_bytes();
+        let hash = *blake3::hash(&bytes).as_bytes();
+        let mloc = append(wio.io, wio.opts, wio.w, Kind::Manifest, 2, &hash, &bytes)
+            .expect("append manifest");
+        sb.catalog = trie::apply(
+            &mut wio,
+            sb.catalog,
+            &[(2, Some(Ref { hash, loc: mloc }))],
+            &mut Delta::default(),
+        )
+        .expect("catalog");
+        store.publish(sb).expect("publish");
+        (io, opts)
+    }
+
+    /// Finding 10: a self-referencing index node overflowed the stack (the Merkle hash was taken
+    /// from the record's header, not recomputed); now it is damage, reported.
+    #[test]
+    fn a_node_that_names_itself_is_reported_damaged_not_a_stack_overflow() {
+        let (io, opts) = store_with_a_looping_node();
+        let (store, report) = Store::open_with(io.clone(), Mode::Read, opts).expect("open");
+        assert_eq!(report.damaged, vec![SnapshotId(2)], "{report:?}");
+        assert_eq!(report.latest, Some(SnapshotId(1)));
+        let e = store
+            .read_page(SnapshotId(2), Vpn(5))
+            .expect_err("a looping index");
+        assert!(e.is_corruption(), "{e}");
+        let v = store.verify(&[]).expect("verify runs");
+        assert!(
+            v.damage
+                .iter()
+                .any(|d| d.snapshot == Some(SnapshotId(2)) && d.detail.contains("index node")),
+            "{v:?}"
+        );
+        assert_eq!(
+            store.read_page(SnapshotId(1), Vpn(1)).expect("intact"),
+            Some(vec![9u8; 512])
+        );
+    }
+
+    /// The same loop reached by verify's own walk (which reads records without the node cache):
+    /// the depth check ends it.
+    #[test]
+    fn verify_walk_stops_at_a_misplaced_depth() {
+        let (io, opts) = store_with_a_looping_node();
+        let (store, _) = Store::open_with(io, Mode::Read, opts).expect("open");
+        let m = store.manifest(SnapshotId(2)).expect("manifest");
+        let root = m.index_root.expect("root").ptr();
+        let mut report = VerifyReport::default();
+        let r = store.verify_node(
+            SnapshotId(2),
+            &root,
+            0,
+            &mut HashMap::new(),
+            &mut HashMap::new(),
+            &mut report,
+        );
+        // The root itself decodes; its child (itself, one level down) is refused.
+        assert!(r.is_ok());
+        assert!(
+            report.damage.iter().any(|d| d.detail.contains("depth")),
+            "{report:?}"
+        );
     }
 }

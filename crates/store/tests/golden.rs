@@ -132,7 +132,11 @@ fn a_version_1_store_is_upgraded_by_its_next_commit() {
         store.commit(SnapshotMeta::default()).expect("commit");
     }
     let sb = std::fs::read(tmp.path().join("superblock")).expect("superblock");
-    assert_eq!(sb[..4096], sb[4096..], "both slots hold the committed state");
+    assert_eq!(
+        sb[..4096],
+        sb[4096..],
+        "both slots hold the committed state"
+    );
     assert_eq!(&sb[8..12], &2u32.to_le_bytes(), "written as format 2");
     let (_, report) = Store::open(tmp.path(), Mode::Read).expect("reopen");
     assert_eq!(report.superblock_note, None);

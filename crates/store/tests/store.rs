@@ -307,7 +307,13 @@ fn bad_input_gets_clear_errors() {
     assert!(Store::open(dir.path(), Mode::Read).is_err());
     std::fs::write(&sb, vec![0xA5u8; 8192]).expect("write");
     let e = Store::open(dir.path(), Mode::Read).expect_err("garbage");
-    assert!(matches!(e, StoreError::NotAStore { .. }), "{e}");
+    // Not taken for "no store here": init must not clear a directory whose superblock is damaged.
+    assert!(
+        matches!(e, StoreError::Corrupt { .. }) && e.to_string().contains("both slots"),
+        "{e}"
+    );
+    let e = Store::init(dir.path(), StoreOptions::default()).expect_err("init over damage");
+    assert!(matches!(e, StoreError::AlreadyExists { .. }), "{e}");
     std::fs::write(&sb, &original).expect("restore");
     let (store, _) = Store::open(dir.path(), Mode::Read).expect("intact again");
     assert_eq!(store.read_page(id, Vpn(1)).expect("read"), Some(page(1)));

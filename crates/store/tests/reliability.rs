@@ -1,0 +1,467 @@
+//! The second reliability pass: each test here failed on the store before it, and names the
+//! finding it covers (docs/reliability.md lists them).
+
+use pagesnap_store::fault::{FaultPlan, FaultyStorage, SplitMix64};
+use pagesnap_store::{
+    LockGuard, Mode, SnapshotId, SnapshotMeta, Storage, Store, StoreError, StoreOptions, Vpn,
+};
+use std::collections::BTreeMap;
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+const SLOT: u64 = 4096;
+
+fn page(seed: u64) -> Vec<u8> {
+    let mut p = vec![0u8; 512];
+    for (i, chunk) in p.chunks_mut(8).enumerate() {
+        chunk.copy_from_slice(&(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64).to_le_bytes());
+    }
+    p
+}
+
+fn opts() -> StoreOptions {
+    StoreOptions {
+        page_size: 512,
+        segment_bytes: 8 << 10,
+        preallocate: 2 << 10,
+        ..StoreOptions::default()
+    }
+}
+
+type Expected = BTreeMap<SnapshotId, BTreeMap<u64, Vec<u8>>>;
+
+/// Every snapshot of `store` reads back exactly as `expected` says.
+fn assert_holds(store: &Store, expected: &Expected, context: &str) {
+    let ids = store.snapshot_ids().expect("list");
+    assert_eq!(
+        ids,
+        expected.keys().copied().collect::<Vec<_>>(),
+        "{context}: the snapshots listed"
+    );
+    for (id, pages) in expected {
+        let mut got = BTreeMap::new();
+        store
+            .for_each_page(*id, |v, r| {
+                got.insert(v.0, store.read_ref(r)?);
+                Ok(())
+            })
+            .unwrap_or_else(|e| panic!("{context}: snapshot {id} reads back: {e}"));
+        assert_eq!(&got, pages, "{context}: snapshot {id}");
+    }
+}
+
+/// A store with a few snapshots; with `gc`, one is deleted and the store collected (so the
+/// segments the older state named are gone).
+fn sample(gc: bool) -> (Arc<FaultyStorage>, Expected) {
+    let io = Arc::new(FaultyStorage::new());
+    let mut store = Store::init_with(io.clone(), opts()).expect("init");
+    let mut expected = Expected::new();
+    let mut pages = BTreeMap::new();
+    let mut parent = None;
+    for s in 0..4u64 {
+        store.begin(parent).expect("begin");
+        for v in 0..12u64 {
+            let seed = s * 100 + v;
+            store.put(Vpn(v * 7 + s), &page(seed)).expect("put");
+            pages.insert(v * 7 + s, page(seed));
+        }
+        let id = store.commit(SnapshotMeta::default()).expect("commit").id;
+        expected.insert(id, pages.clone());
+        parent = Some(id);
+    }
+    if gc {
+        store.delete(&[SnapshotId(2)]).expect("delete");
+        expected.remove(&SnapshotId(2));
+        let r = store.gc().expect("gc");
+        assert!(r.segments_removed > 0, "gc replaced the segments");
+    }
+    (io, expected)
+}
+
+/// Finding 1: one flipped bit in either superblock slot hid the newest commit, and verify called
+/// the store clean. Every bit of both slots' used bytes and crc, and a sample of the rest.
+#[test]
+fn one_flipped_bit_in_either_superblock_slot_hides_nothing_and_verify_reports_it() {
+    let (io, expected) = sample(false);
+    let mut rng = SplitMix64(7);
+    let mut bits: Vec<u64> = Vec::new();
+    for slot in 0..2 {
+        let base = slot * SLOT;
+        bits.extend((base * 8..(base + 200) * 8).step_by(3));
+        bits.extend(((base + SLOT - 4) * 8..(base + SLOT) * 8).step_by(1));
+        bits.extend((0..40).map(|_| base * 8 + rng.below(SLOT * 8)));
+    }
+    let mut checked = 0;
+    for bit in bits {
+        let img = io.crash_image(0);
+        img.flip_bit("superblock", bit / 8, (bit % 8) as u8)
+            .expect("flip");
+        let ctx = format!("bit {bit} of the superblock");
+        let img = Arc::new(img);
+        let (store, report) =
+            Store::open_with(img.clone(), Mode::Read, opts()).expect("a reader opens");
+        assert_holds(&store, &expected, &ctx);
+        assert!(report.damaged_slot, "{ctx}: open reports the slot");
+        let verify = store.verify(&[]).expect("verify runs");
+        let slot = bit / 8 / SLOT;
+        assert!(
+            verify.damage.iter().any(|d| d.detail.contains("superblock")
+                && d.detail.contains(&format!("slot {slot}"))
+                && d.detail.contains("using slot")),
+            "{ctx}: verify names the file, the slot and what it fell back to: {:?}",
+            verify.damage
+        );
+        drop(store);
+        // A writer's open rewrites the damaged slot; then verify is clean and work goes on.
+        let (mut store, report) =
+            Store::open_with(img.clone(), Mode::Write, opts()).expect("a writer opens");
+        assert!(report.repaired_slot, "{ctx}");
+        assert_holds(&store, &expected, &ctx);
+        assert!(store.verify(&[]).expect("verify").is_clean(), "{ctx}");
+        let last = *expected.keys().last().expect("snapshots");
+        store.begin(Some(last)).expect("begin");
+        store.put(Vpn(1), &page(9999)).expect("put");
+        store.commit(SnapshotMeta::default()).expect("commit");
+        drop(store);
+        let (store, report) = Store::open_with(img, Mode::Read, opts()).expect("reopen");
+        assert!(report.superblock_note.is_none() && !report.damaged_slot);
+        assert_eq!(store.snapshot_ids().expect("ids").len(), expected.len() + 1);
+        checked += 1;
+    }
+    println!("{checked} superblock bit flips checked, 0 failed");
+}
+
+/// Finding 2: after gc, one flipped bit in the newest slot made a writer's open fall back to the
+/// pre-gc slot and delete every live segment as a leftover.
+#[test]
+fn gc_then_a_flipped_bit_in_either_slot_deletes_nothing() {
+    let (io, expected) = sample(true);
+    let files_before: Vec<String> = io.list().expect("list");
+    for slot in 0..2u64 {
+        for byte in [16u64, 140, 150, 300, 4000] {
+            let img = Arc::new(io.crash_image(1));
+            img.flip_bit("superblock", slot * SLOT + byte, 3)
+                .expect("flip");
+            let ctx = format!("slot {slot}, byte {byte}");
+            let (store, report) =
+                Store::open_with(img.clone(), Mode::Write, opts()).expect("the writer opens");
+            assert!(report.quarantined.is_empty(), "{ctx}: nothing to set aside");
+            assert_holds(&store, &expected, &ctx);
+            assert!(store.verify(&[]).expect("verify").is_clean(), "{ctx}");
+            drop(store);
+            assert_eq!(
+                img.list().expect("list"),
+                files_before,
+                "{ctx}: no file removed"
+            );
+        }
+    }
+}
+
+/// Recovery never deletes what it cannot prove is garbage: a missing listed segment fails the
+/// open and changes nothing; unlisted segments found while a slot is damaged are set aside.
+#[test]
+fn a_missing_segment_fails_the_open_and_unlisted_files_beside_damage_are_quarantined() {
+    let (io, expected) = sample(false);
+    let img = Arc::new(io.crash_image(2));
+    let victim = img
+        .list()
+        .expect("list")
+        .into_iter()
+        .find(|n| n.starts_with("seg-"))
+        .expect("a segment");
+    let saved = img.contents(&victim).expect("contents");
+    img.remove(&victim).expect("remove");
+    let before = img.list().expect("list");
+    let e = Store::open_with(img.clone(), Mode::Write, opts()).expect_err("missing segment");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&victim) && msg.contains("missing") && msg.contains("nothing was changed"),
+        "{msg}"
+    );
+    assert_eq!(img.list().expect("list"), before, "nothing removed");
+    // Put it back: the store is whole again.
+    img.create(&victim).expect("create");
+    img.write(&victim, 0, &saved).expect("write");
+    let (store, _) = Store::open_with(img.clone(), Mode::Read, opts()).expect("open");
+    assert_holds(&store, &expected, "segment restored");
+    drop(store);
+
+    // An unlisted segment next to a damaged slot is renamed, not removed.
+    img.create("seg-00099999.pss").expect("create");
+    img.write("seg-00099999.pss", 0, b"PGSNAPSG")
+        .expect("write");
+    img.flip_bit("superblock", 20, 1).expect("flip");
+    let (store, report) = Store::open_with(img.clone(), Mode::Write, opts()).expect("open");
+    assert_eq!(report.quarantined, vec!["quarantine-seg-00099999.pss"]);
+    assert!(img.contents("quarantine-seg-00099999.pss").is_some());
+    assert_holds(&store, &expected, "quarantine");
+}
+
+/// A backend whose `try_lock` first runs a hook: another writer's whole session, racing ours.
+struct Racing {
+    inner: Arc<FaultyStorage>,
+    hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl std::fmt::Debug for Racing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Racing")
+    }
+}
+
+impl Storage for Racing {
+    fn location(&self) -> &Path {
+        self.inner.location()
+    }
+    fn list(&self) -> io::Result<Vec<String>> {
+        self.inner.list()
+    }
+    fn create(&self, name: &str) -> io::Result<()> {
+        self.inner.create(name)
+    }
+    fn len(&self, name: &str) -> io::Result<u64> {
+        self.inner.len(name)
+    }
+    fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read(name, offset, buf)
+    }
+    fn write(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.inner.write(name, offset, data)
+    }
+    fn set_len(&self, name: &str, len: u64) -> io::Result<()> {
+        self.inner.set_len(name, len)
+    }
+    fn sync(&self, name: &str) -> io::Result<()> {
+        self.inner.sync(name)
+    }
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        self.inner.remove(name)
+    }
+    fn sync_dir(&self) -> io::Result<()> {
+        self.inner.sync_dir()
+    }
+    fn try_lock(&self, name: &str) -> io::Result<Option<Box<dyn LockGuard>>> {
+        let hook = self.hook.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(hook) = hook {
+            hook();
+        }
+        self.inner.try_lock(name)
+    }
+}
+
+/// Finding 3: a second writer read the superblock and listed the directory before it took the
+/// lock; a writer that committed (creating segments) and exited in that window had its segments
+/// deleted as leftovers and its slot reused.
+#[test]
+fn a_writer_that_commits_while_another_waits_for_the_lock_loses_nothing() {
+    let (io, mut expected) = sample(false);
+    let other = io.clone();
+    let expected_other = Arc::new(Mutex::new(None));
+    let record = expected_other.clone();
+    let racing = Arc::new(Racing {
+        inner: io.clone(),
+        hook: Mutex::new(Some(Box::new(move || {
+            let (mut store, _) =
+                Store::open_with(other, Mode::Write, opts()).expect("the other writer");
+            let parent = store.snapshot_ids().expect("ids").last().copied();
+            store.begin(parent).expect("begin");
+            // Enough pages to need new segment files.
+            for v in 0..40u64 {
+                store.put(Vpn(1000 + v), &page(5000 + v)).expect("put");
+            }
+            let id = store.commit(SnapshotMeta::default()).expect("commit").id;
+            *record.lock().expect("record") = Some(id);
+        }))),
+    });
+    let (mut store, _) = Store::open_with(racing, Mode::Write, opts()).expect("our writer");
+    let theirs = expected_other
+        .lock()
+        .expect("record")
+        .expect("the other writer committed");
+    let mut pages = expected.values().last().cloned().expect("pages");
+    for v in 0..40u64 {
+        pages.insert(1000 + v, page(5000 + v));
+    }
+    expected.insert(theirs, pages.clone());
+    store.begin(Some(theirs)).expect("begin");
+    store.put(Vpn(1), &page(7777)).expect("put");
+    let ours = store.commit(SnapshotMeta::default()).expect("commit").id;
+    assert_ne!(ours, theirs, "ids are not reused");
+    pages.insert(1, page(7777));
+    expected.insert(ours, pages);
+    drop(store);
+    let (store, _) = Store::open_with(io, Mode::Read, opts()).expect("reopen");
+    assert_holds(&store, &expected, "after the race");
+    assert!(store.verify(&[]).expect("verify").is_clean());
+}
+
+/// Finding 3, init: `init` checked for a store before it took the lock, then removed the files of
+/// a store created in between as leftovers of an interrupted init.
+#[test]
+fn init_racing_another_init_removes_nothing() {
+    let io = Arc::new(FaultyStorage::new());
+    let other = io.clone();
+    let racing = Arc::new(Racing {
+        inner: io.clone(),
+        hook: Mutex::new(Some(Box::new(move || {
+            let mut store = Store::init_with(other, opts()).expect("the other init");
+            store.begin(None).expect("begin");
+            store.put(Vpn(3), &page(3)).expect("put");
+            store.commit(SnapshotMeta::default()).expect("commit");
+        }))),
+    });
+    let e = Store::init_with(racing, opts()).expect_err("a store is there now");
+    assert!(matches!(e, StoreError::AlreadyExists { .. }), "{e}");
+    let (store, _) = Store::open_with(io, Mode::Read, opts()).expect("open");
+    assert_eq!(
+        store.read_page(SnapshotId(1), Vpn(3)).expect("read"),
+        Some(page(3))
+    );
+}
+
+/// Finding 8: a failed segment read is an error naming the file and offset (with memory maps, a
+/// segment cut short under a reader was a SIGBUS that killed the process).
+#[test]
+fn failed_segment_reads_are_errors_naming_file_and_offset() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut store = Store::init(dir.path(), opts()).expect("init");
+    store.begin(None).expect("begin");
+    for v in 0..10u64 {
+        store.put(Vpn(v), &page(v)).expect("put");
+    }
+    let id = store.commit(SnapshotMeta::default()).expect("commit").id;
+    drop(store);
+    let (reader, _) = Store::open(dir.path(), Mode::Read).expect("reader");
+    assert_eq!(reader.read_page(id, Vpn(0)).expect("read"), Some(page(0)));
+    // Something outside pagesnap cuts the segment short under the open reader.
+    let seg = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.to_string_lossy().ends_with(".pss"))
+        .expect("segment");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .and_then(|f| f.set_len(600))
+        .expect("truncate");
+    let e = reader.read_page(id, Vpn(9)).expect_err("past the end");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(".pss") && msg.contains("offset"),
+        "names the file and offset: {msg}"
+    );
+
+    // An I/O error from the device, in memory: a `Read` error with the offset.
+    let (io, expected) = sample(false);
+    let img = Arc::new(io.crash_image(0));
+    let (store, _) = Store::open_with(img.clone(), Mode::Read, opts()).expect("open");
+    img.set_plan(FaultPlan {
+        fail_at: Some((0, 5)),
+        fail_count: 1000,
+        fail_only: None,
+        ..FaultPlan::default()
+    });
+    let (id, pages) = expected.iter().next().expect("a snapshot");
+    let vpn = *pages.keys().next().expect("a page");
+    let e = store.read_page(*id, Vpn(vpn)).expect_err("EIO");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("offset") && msg.contains("I/O error"),
+        "clear: {msg}"
+    );
+}
+
+/// Finding 8: reads run in parallel — many threads read one store through one backend, and every
+/// read returns the right bytes (the old backend serialised them behind one mutex).
+#[test]
+fn parallel_readers_read_the_right_bytes() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut store = Store::init(dir.path(), opts()).expect("init");
+    store.begin(None).expect("begin");
+    for v in 0..256u64 {
+        store.put(Vpn(v), &page(v)).expect("put");
+    }
+    let id = store.commit(SnapshotMeta::default()).expect("commit").id;
+    drop(store);
+    let (reader, _) = Store::open(dir.path(), Mode::Read).expect("reader");
+    let reader = Arc::new(reader);
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let reader = reader.clone();
+            s.spawn(move || {
+                for round in 0..20u64 {
+                    for v in (t..256).step_by(4) {
+                        let v = (v + round * 13) % 256;
+                        assert_eq!(reader.read_page(id, Vpn(v)).expect("read"), Some(page(v)));
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Finding 10: a store was limited to 900 segment files (the superblock listed each id), and the
+/// segment size was not recorded, so a reopen with other options wrote differently-sized segments.
+#[test]
+fn more_than_900_segments_and_the_segment_size_is_kept() {
+    let io = Arc::new(FaultyStorage::new());
+    let tiny = StoreOptions {
+        page_size: 512,
+        segment_bytes: 1024,
+        preallocate: 1024,
+        ..StoreOptions::default()
+    };
+    let mut store = Store::init_with(io.clone(), tiny).expect("init");
+    store.begin(None).expect("begin");
+    for v in 0..1000u64 {
+        store.put(Vpn(v), &page(v)).expect("put");
+    }
+    let id = store.commit(SnapshotMeta::default()).expect("commit").id;
+    drop(store);
+    let segments = |io: &FaultyStorage| {
+        io.list()
+            .expect("list")
+            .iter()
+            .filter(|n| n.starts_with("seg-"))
+            .count()
+    };
+    let n = segments(&io);
+    assert!(n > 1000, "{n} segments");
+    // Reopened with the default options (256 MiB segments): the store's own size is used.
+    let (mut store, _) =
+        Store::open_with(io.clone(), Mode::Write, StoreOptions::default()).expect("reopen");
+    store.begin(Some(id)).expect("begin");
+    for v in 0..10u64 {
+        store.put(Vpn(5000 + v), &page(5000 + v)).expect("put");
+    }
+    store.commit(SnapshotMeta::default()).expect("commit");
+    assert!(
+        segments(&io) >= n + 10,
+        "new records went to 1 KiB segments"
+    );
+    for v in [0u64, 500, 999] {
+        assert_eq!(store.read_page(id, Vpn(v)).expect("read"), Some(page(v)));
+    }
+    assert!(store.verify(&[]).expect("verify").is_clean());
+}
+
+/// Finding 5's store side: a pinned snapshot is refused by delete, and nothing changes.
+#[test]
+fn pinned_snapshots_are_not_deleted() {
+    let (io, expected) = sample(false);
+    let (mut store, _) = Store::open_with(io, Mode::Write, opts()).expect("open");
+    let ids: Vec<SnapshotId> = expected.keys().copied().collect();
+    store.pin(ids[1]);
+    let generation = store.generation();
+    let e = store.delete(&[ids[0], ids[1]]).expect_err("pinned");
+    assert!(matches!(e, StoreError::Pinned(id) if id == ids[1]), "{e}");
+    assert_eq!(store.generation(), generation, "nothing committed");
+    assert_holds(&store, &expected, "after a refused delete");
+    store.unpin(ids[1]);
+    store.delete(&[ids[1]]).expect("unpinned");
+}
