@@ -1,10 +1,12 @@
 //! Media corruption: flip random bits and bytes in committed store files — page records, index
-//! nodes, manifests, catalog and dedup nodes, the superblock. Every flip in bytes the committed
-//! state uses must be detected (by verify, or by open falling back to the other superblock slot);
-//! no read may return wrong bytes; snapshots verify says are clean must restore exactly.
+//! nodes, manifests, catalog and dedup nodes, either superblock slot — of stores with and without
+//! a gc behind them, then open them as a reader or as the writer. Every flip in bytes the
+//! committed state uses must be detected (by verify, or by open); no read may return wrong bytes;
+//! snapshots verify says are clean must restore exactly; a flip in the superblock must hide or
+//! lose no snapshot at all; and a writer's open must never remove a file.
 
 use pagesnap_store::fault::{FaultyStorage, SplitMix64};
-use pagesnap_store::{Epoch, Mode, SnapshotId, SnapshotMeta, Store, StoreOptions, Vpn};
+use pagesnap_store::{Epoch, Mode, SnapshotId, SnapshotMeta, Storage, Store, StoreOptions, Vpn};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -29,7 +31,8 @@ fn page(seed: u64) -> Vec<u8> {
 
 type Model = BTreeMap<SnapshotId, BTreeMap<u64, u64>>;
 
-/// A store with a few snapshots (one deleted, so there is garbage too).
+/// A store with a few snapshots (one deleted, so there is garbage too; collected by gc for odd
+/// seeds, so the older superblock state named segments that are gone).
 fn build(seed: u64) -> (Arc<FaultyStorage>, Model) {
     let io = Arc::new(FaultyStorage::new());
     let mut store = Store::init_with(io.clone(), opts()).expect("init");
@@ -56,6 +59,9 @@ fn build(seed: u64) -> (Arc<FaultyStorage>, Model) {
     }
     store.delete(&[SnapshotId(2)]).expect("delete");
     model.remove(&SnapshotId(2));
+    if seed % 2 == 1 {
+        store.gc().expect("gc");
+    }
     (io, model)
 }
 
@@ -70,15 +76,50 @@ fn read_all(store: &Store, id: SnapshotId) -> Result<BTreeMap<u64, Vec<u8>>, Str
     Ok(out)
 }
 
-fn check(io: Arc<FaultyStorage>, model: &Model) -> Result<(), String> {
-    let (store, report) = match Store::open_with(io, Mode::Read, opts()) {
+fn check(
+    io: Arc<FaultyStorage>,
+    model: &Model,
+    mode: Mode,
+    in_superblock: bool,
+) -> Result<(), String> {
+    let files_before = io.list().map_err(|e| e.to_string())?;
+    let opened = Store::open_with(io.clone(), mode, opts());
+    let files_after = io.list().map_err(|e| e.to_string())?;
+    if files_after != files_before {
+        return Err(format!(
+            "open changed the directory: {files_before:?} -> {files_after:?}"
+        ));
+    }
+    let (store, report) = match opened {
         Ok(s) => s,
+        Err(_) if in_superblock => return Err("one flip in the superblock failed the open".into()),
         Err(e) if e.is_corruption() => return Ok(()), // detected at open, with a clear error
         Err(e) => return Err(format!("open failed without naming damage: {e}")),
     };
     let verify = store
         .verify(&[])
         .map_err(|e| format!("verify could not run: {e}"))?;
+    if in_superblock {
+        // Redundant: every snapshot lists and restores, and the damage is reported (until a
+        // writer's open has rewritten the slot, after which the store is clean).
+        for (id, want) in model {
+            let want: BTreeMap<u64, Vec<u8>> = want.iter().map(|(v, s)| (*v, page(*s))).collect();
+            if read_all(&store, *id).as_ref() != Ok(&want) {
+                return Err(format!("snapshot {id} lost after a superblock flip"));
+            }
+        }
+        if store.snapshot_ids().map_err(|e| e.to_string())?.len() != model.len() {
+            return Err("a snapshot appeared or vanished".into());
+        }
+        let reported = !verify.is_clean() && report.damaged_slot;
+        if mode == Mode::Read && !reported {
+            return Err("the superblock flip went unreported".into());
+        }
+        if mode == Mode::Write && !(report.repaired_slot && verify.is_clean()) {
+            return Err(format!("the writer did not repair the slot: {verify:?}"));
+        }
+        return Ok(());
+    }
     if verify.is_clean() && !report.damaged_slot && report.catalog_damage.is_none() {
         return Err("the flip went unnoticed".into());
     }
@@ -124,18 +165,10 @@ fn every_flip_in_committed_bytes_is_detected_and_never_returned_as_data() {
         };
         let mut r = SplitMix64(t);
         let damaged = Arc::new(io.crash_image(0));
-        // Mostly records; sometimes the superblock's current slot.
-        let (file, offset) = if r.next_u64().is_multiple_of(10) {
-            let sb = damaged.contents("superblock").expect("superblock");
-            let slot = (0..2)
-                .max_by_key(|s| {
-                    u64::from_le_bytes(sb[s * 4096 + 16..s * 4096 + 24].try_into().expect("8"))
-                })
-                .expect("slot");
-            (
-                "superblock".to_string(),
-                (slot * 4096) as u64 + r.next_u64() % 4096,
-            )
+        // Mostly records; sometimes either superblock slot (the one bit-pair stays in one slot).
+        let (file, offset) = if r.next_u64().is_multiple_of(5) {
+            let slot = r.next_u64() % 2;
+            ("superblock".to_string(), slot * 4096 + r.next_u64() % 4095)
         } else {
             let locs: Vec<_> = live.keys().collect();
             let loc = locs[(r.next_u64() % locs.len() as u64) as usize];
@@ -155,8 +188,13 @@ fn every_flip_in_committed_bytes_is_detected_and_never_returned_as_data() {
             continue;
         }
         checked += 1;
-        if let Err(e) = check(damaged, &model) {
-            failed.push(format!("trial {t} ({file} @ {offset}): {e}"));
+        let mode = if r.next_u64().is_multiple_of(2) {
+            Mode::Read
+        } else {
+            Mode::Write
+        };
+        if let Err(e) = check(damaged, &model, mode, file == "superblock") {
+            failed.push(format!("trial {t} ({file} @ {offset}, {mode:?}): {e}"));
         }
     }
     println!("{checked} corruptions checked, {} failed", failed.len());

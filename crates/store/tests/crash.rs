@@ -233,6 +233,21 @@ fn check_recovered(io: FaultyStorage, model: &Model) -> Result<(), String> {
     if !report.is_clean() {
         return Err(format!("verify after recovery: {:?}", report.damage));
     }
+    // The writer's open made both superblock slots name the recovered state again: one flipped
+    // bit in either slot now hides no snapshot.
+    let mut r = SplitMix64(ids.iter().sum::<u64>() ^ (ids.len() as u64) << 32);
+    let flipped = Arc::new(io.crash_image(0));
+    let bit = r.below(2 * 4096 * 8);
+    flipped
+        .flip_bit("superblock", bit / 8, (bit % 8) as u8)
+        .map_err(|e| e.to_string())?;
+    let (reader, _) = Store::open_with(flipped, Mode::Read, opts())
+        .map_err(|e| format!("open after recovery and a superblock flip: {e}"))?;
+    if reader.snapshot_ids().map_err(|e| e.to_string())?
+        != store.snapshot_ids().map_err(|e| e.to_string())?
+    {
+        return Err(format!("superblock bit {bit} hid snapshots after recovery"));
+    }
     store.gc().map_err(|e| format!("gc after recovery: {e}"))?;
     let leak = store.check().map_err(|e| e.to_string())?.leaked_bytes;
     if leak != 0 {
