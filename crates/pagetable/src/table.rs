@@ -17,7 +17,7 @@
 
 use crate::addr::{PageSize, VirtAddr};
 use crate::hash::{Fmix64, VpnHasher};
-use crate::lock::{SpinLock, WriterMutex};
+use crate::lock::{DefaultLock, WriterMutex};
 use crate::page::{is_live, meta_of, Page, PageHandle, Words, GEN_MASK, LIVE_BIT, META_SHIFT};
 use crate::segvec::SegVec;
 use crate::sync::{fence, spin_wait, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -177,7 +177,7 @@ impl TableStats {
 /// [`crate::lock`]). Readers ([`get_page`](Self::get_page), [`handle`](Self::handle),
 /// [`get_by_handle`](Self::get_by_handle), [`for_each`](Self::for_each) with [`WalkLock::None`])
 /// never wait for each other or take the writer lock.
-pub struct PageTable<H: VpnHasher = Fmix64, L: lock_api::RawMutex = SpinLock> {
+pub struct PageTable<H: VpnHasher = Fmix64, L: lock_api::RawMutex = DefaultLock> {
     /// Linear-hashing shape: the number of primary buckets (only grows).
     shape: CachePadded<AtomicU64>,
     /// Mirrors of writer state that readers may look at.
@@ -923,8 +923,14 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
 
     /// Calls `f` once for every mapping (`vm_map_map_do_for_all`); returns how many it visited.
     /// `lock` says what the walk holds and whether `f`'s changes are stored (see [`WalkLock`]).
-    /// With [`WalkLock::Map`] or [`WalkLock::Page`], `f` must not call this table's writers (it
-    /// would wait for itself); readers are fine.
+    ///
+    /// # Panics
+    /// With [`WalkLock::Map`] or [`WalkLock::Page`], `f` runs with the writer lock held, so it must
+    /// not call a writer of this table ([`set_page`](Self::set_page), [`update`](Self::update),
+    /// [`update_by_handle`](Self::update_by_handle), [`remove`](Self::remove),
+    /// [`stats`](Self::stats), or a locked `for_each`): it would wait for itself. In `std` builds
+    /// such a call panics with a message saying so (the walk unwinds and releases the lock); without
+    /// `std` it deadlocks. Readers, lock-free walks and other tables are fine.
     pub fn for_each(&self, lock: WalkLock, mut f: impl FnMut(&mut Page)) -> usize {
         match lock {
             WalkLock::Map => {
