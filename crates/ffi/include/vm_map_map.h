@@ -44,6 +44,11 @@ typedef struct vm_page {
 
 typedef void (*vmem_page_func_t)(vm_page *p);
 
+/* Error results of vm_map_set_page, vm_map_get_page and vm_map_remove_page. */
+#define VM_MAP_ERR_NULL (-1)           /* a required pointer is NULL */
+#define VM_MAP_ERR_FULL (-2)           /* the table holds 2^32 - 2 mappings */
+#define VM_MAP_ERR_IN_LOCKED_WALK (-3) /* called from func of vm_map_map_do_for_all(func, lock != 0) */
+
 /* Creates the page table. Calling it again does nothing; the other functions call it if needed. */
 void vm_map_map_init(void);
 
@@ -59,13 +64,19 @@ void vm_map_page_free(vm_page *p);
 
 /*
  * Stores a copy of *new_page under the page containing new_page->virt_addr (insert or replace).
- * Waits while a locked vm_map_map_do_for_all runs. NULL is ignored. The table never drops a
- * mapping: if it cannot store this one (2^32 - 2 mappings held) it aborts the process rather than
- * lose it; use vm_map_set_page to get an error instead.
+ * Waits while a locked vm_map_map_do_for_all runs on another thread. NULL is ignored. The table
+ * never drops a mapping: if it cannot store this one (2^32 - 2 mappings held) it aborts the process
+ * rather than lose it. Called from func of vm_map_map_do_for_all(func, lock != 0) it would wait for
+ * itself forever, so it aborts the process with a message naming the misuse. Use vm_map_set_page to
+ * get an error instead in both cases.
  */
 void set_page(vm_page *new_page);
 
-/* Like set_page, with a result: 0 stored, -1 new_page is NULL, -2 the table is full. */
+/*
+ * Like set_page, with a result: 0 stored, VM_MAP_ERR_NULL (-1) new_page is NULL, VM_MAP_ERR_FULL
+ * (-2) the table is full, VM_MAP_ERR_IN_LOCKED_WALK (-3) called from func of
+ * vm_map_map_do_for_all(func, lock != 0) on the walking thread (nothing stored; change *p instead).
+ */
 int vm_map_set_page(const vm_page *new_page);
 
 /*
@@ -77,17 +88,25 @@ vm_page get_page(void *v_addr);
 /* Copies the descriptor of the page containing v_addr into *out: 1 if mapped, 0 if not, -1 if out is NULL. */
 int vm_map_get_page(void *v_addr, vm_page *out);
 
-/* Removes the mapping of the page containing v_addr: 1 if it was mapped, 0 if not. */
+/*
+ * Removes the mapping of the page containing v_addr: 1 if it was mapped, 0 if not,
+ * VM_MAP_ERR_IN_LOCKED_WALK (-3) if called from func of vm_map_map_do_for_all(func, lock != 0)
+ * (nothing removed).
+ */
 int vm_map_remove_page(void *v_addr);
 
 /* How many pages are mapped. */
 uint64_t vm_map_page_count(void);
 
 /*
- * Calls func once for every mapping. lock != 0: set_page and the other writers wait until the walk
- * ends, and changes func makes to *p are stored (virt_addr cannot change). lock == 0: nothing is
- * held; func sees a consistent copy, and its changes are not stored. func must not call set_page,
- * vm_map_set_page or vm_map_remove_page when lock != 0 (it would wait for itself). NULL is ignored.
+ * Calls func once for every mapping. lock != 0: set_page and the other writers on other threads
+ * wait until the walk ends, and changes func makes to *p are stored (virt_addr cannot change).
+ * lock == 0: nothing is held; func sees a consistent copy, and its changes are not stored. NULL is
+ * ignored. When lock != 0, func must not call a writer (it would wait for itself): vm_map_set_page
+ * and vm_map_remove_page return VM_MAP_ERR_IN_LOCKED_WALK, and set_page or a nested
+ * vm_map_map_do_for_all with lock != 0 abort the process with a message. Readers (get_page,
+ * vm_map_get_page, vm_map_page_count), vm_map_page_init/vm_map_page_free and a nested walk with
+ * lock == 0 are fine.
  */
 void vm_map_map_do_for_all(vmem_page_func_t func, int lock);
 

@@ -17,6 +17,7 @@
 use pagesnap_pagetable::{
     DiskPage, Epoch, Page, PageFlags, PageTable, PhysAddr, VirtAddr, WalkLock,
 };
+use std::cell::Cell;
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::OnceLock;
@@ -166,6 +167,51 @@ fn boundary<R>(name: &str, f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// `vm_map_set_page` and `vm_map_remove_page` return this when called from the callback of a
+/// locked walk (`VM_MAP_ERR_IN_LOCKED_WALK` in the header).
+pub const VM_MAP_ERR_IN_LOCKED_WALK: i32 = -3;
+
+thread_local! {
+    /// True while this thread runs `vm_map_map_do_for_all(func, lock != 0)`, which holds the
+    /// writer lock: a writer called from `func` would wait for itself forever.
+    static IN_LOCKED_WALK: Cell<bool> = const { Cell::new(false) };
+}
+
+fn in_locked_walk() -> bool {
+    // During thread teardown the flag is gone; no walk can be running then.
+    IN_LOCKED_WALK.try_with(Cell::get).unwrap_or(false)
+}
+
+/// Sets [`IN_LOCKED_WALK`] for its lifetime.
+struct LockedWalk;
+
+impl LockedWalk {
+    fn enter() -> LockedWalk {
+        IN_LOCKED_WALK.with(|f| f.set(true));
+        LockedWalk
+    }
+}
+
+impl Drop for LockedWalk {
+    fn drop(&mut self) {
+        IN_LOCKED_WALK.with(|f| f.set(false));
+    }
+}
+
+/// For writers with no error channel: called from a locked walk's callback, abort with a message
+/// naming the misuse rather than hang.
+fn abort_if_in_locked_walk(name: &str) {
+    if in_locked_walk() {
+        eprintln!(
+            "vm_map_map: {name} called from inside vm_map_map_do_for_all(func, lock != 0) (from \
+             func, on the walking thread): the walk holds the writer lock, so it would wait for \
+             itself forever; change the page through func's argument, walk with lock = 0, or use \
+             vm_map_set_page / vm_map_remove_page, which return VM_MAP_ERR_IN_LOCKED_WALK; aborting"
+        );
+        std::process::abort();
+    }
+}
+
 fn addr(v_addr: *mut c_void) -> VirtAddr {
     VirtAddr(v_addr as usize as u64)
 }
@@ -213,13 +259,15 @@ unsafe fn read_page(p: *const vm_page) -> Option<Page> {
 }
 
 /// Stores a copy of `*new_page` (`set_page`). Null is ignored; a full table aborts (it never drops
-/// a mapping silently).
+/// a mapping silently), and so does a call from the callback of a locked
+/// [`vm_map_map_do_for_all`] (it would wait for itself).
 ///
 /// # Safety
 /// `new_page` is null or points to a readable `vm_page`.
 #[no_mangle]
 pub unsafe extern "C" fn set_page(new_page: *mut vm_page) {
     boundary("set_page", || {
+        abort_if_in_locked_walk("set_page");
         // SAFETY: forwarded from this function's contract.
         let Some(page) = (unsafe { read_page(new_page) }) else {
             return;
@@ -231,13 +279,18 @@ pub unsafe extern "C" fn set_page(new_page: *mut vm_page) {
     })
 }
 
-/// [`set_page`] with a result: 0 stored, -1 null, -2 table full.
+/// [`set_page`] with a result: 0 stored, -1 null, -2 table full, -3
+/// ([`VM_MAP_ERR_IN_LOCKED_WALK`]) called from the callback of a locked [`vm_map_map_do_for_all`]
+/// (nothing stored).
 ///
 /// # Safety
 /// `new_page` is null or points to a readable `vm_page`.
 #[no_mangle]
 pub unsafe extern "C" fn vm_map_set_page(new_page: *const vm_page) -> i32 {
     boundary("vm_map_set_page", || {
+        if in_locked_walk() {
+            return VM_MAP_ERR_IN_LOCKED_WALK;
+        }
         // SAFETY: forwarded from this function's contract.
         let Some(page) = (unsafe { read_page(new_page) }) else {
             return -1;
@@ -282,10 +335,15 @@ pub unsafe extern "C" fn vm_map_get_page(v_addr: *mut c_void, out: *mut vm_page)
     })
 }
 
-/// Removes the mapping of the page containing `v_addr`: 1 if it was mapped, 0 if not.
+/// Removes the mapping of the page containing `v_addr`: 1 if it was mapped, 0 if not, -3
+/// ([`VM_MAP_ERR_IN_LOCKED_WALK`]) if called from the callback of a locked
+/// [`vm_map_map_do_for_all`] (nothing removed).
 #[no_mangle]
 pub extern "C" fn vm_map_remove_page(v_addr: *mut c_void) -> i32 {
     boundary("vm_map_remove_page", || {
+        if in_locked_walk() {
+            return VM_MAP_ERR_IN_LOCKED_WALK;
+        }
         i32::from(table().remove(addr(v_addr)).is_some())
     })
 }
@@ -299,14 +357,19 @@ pub extern "C" fn vm_map_page_count() -> u64 {
 /// Calls `func` once for every mapping (`vm_map_map_do_for_all`). `lock != 0`: writers wait until
 /// the walk ends and `func`'s changes are stored. `lock == 0`: `func` sees consistent copies and its
 /// changes are discarded. A null `func` is ignored.
+///
+/// With `lock != 0`, `func` must not call a writer: `vm_map_set_page` and `vm_map_remove_page`
+/// return [`VM_MAP_ERR_IN_LOCKED_WALK`], and `set_page` or a nested locked walk abort the process
+/// with a message (they have no error channel, and would otherwise wait for themselves forever).
 #[no_mangle]
 pub extern "C" fn vm_map_map_do_for_all(func: vmem_page_func_t, lock: i32) {
     boundary("vm_map_map_do_for_all", || {
         let Some(func) = func else { return };
-        let mode = if lock != 0 {
-            WalkLock::Map
+        let (mode, _walk) = if lock != 0 {
+            abort_if_in_locked_walk("vm_map_map_do_for_all(lock != 0)");
+            (WalkLock::Map, Some(LockedWalk::enter()))
         } else {
-            WalkLock::None
+            (WalkLock::None, None)
         };
         table().for_each(mode, |page| {
             let mut c = vm_page::from_page(page);

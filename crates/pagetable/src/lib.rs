@@ -12,9 +12,13 @@
 //!   "software TLB") points at them, and a full bucket grows an overflow chain, so **no mapping is
 //!   ever evicted**. Growth splits one bucket at a time: no operation rehashes the table.
 //! - **Concurrency**: readers never lock and never wait for each other (a seqlock per bucket);
-//!   writers serialise on one writer lock, spinning ([`SpinLock`], the default) or blocking
-//!   ([`BlockingLock`]). The protocol is model-checked with loom (`cfg(loom)`).
-//! - **`no_std` + `alloc`**; the `std` feature (default) adds the blocking lock.
+//!   writers serialise on one writer lock: by default ([`DefaultLock`]) [`BlockingLock`] (spins
+//!   briefly, then parks) with `std`, and [`SpinLock`] (spins without bound, for a kernel holding
+//!   it with preemption disabled) without. A writer called from a locked walk's callback panics
+//!   (with `std`) instead of waiting for itself. The protocol is model-checked with loom
+//!   (`cfg(loom)`).
+//! - **`no_std` + `alloc`**; the `std` feature (default) adds the blocking lock, the default lock
+//!   choice above and the re-entry check.
 //!
 //! ```
 //! use pagesnap_pagetable::{PageTable, PageFlags, VirtAddr, WalkLock};
@@ -49,7 +53,7 @@ pub use addr::{DiskPage, Epoch, PageSize, PhysAddr, VirtAddr, Vpn};
 pub use hash::{Fibonacci, Fmix64, PrototypeModulo, VpnHasher};
 #[cfg(feature = "std")]
 pub use lock::BlockingLock;
-pub use lock::{SpinLock, WriterLock};
+pub use lock::{DefaultLock, SpinLock, WriterLock};
 pub use page::{Page, PageFlags, PageHandle, PAGE_DESCRIPTOR_BYTES};
 pub use table::{PageTable, PageTableError, TableStats, WalkLock};
 

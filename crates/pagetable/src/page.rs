@@ -127,9 +127,15 @@ pub(crate) fn is_live(w: &Words) -> bool {
 ///
 /// A pager that starts I/O on a page keeps the handle and uses it on completion
 /// ([`crate::PageTable::update_by_handle`]): if the page was unmapped meanwhile — even if the same
-/// address was mapped again — the handle no longer resolves. A handle is a slot index, the page
-/// number and the slot's generation; the generation is 15 bits, so a handle could only be fooled if
-/// the same slot were reused for the same page exactly a multiple of 32768 times while it was held.
+/// address was mapped again, any number of times — the handle never resolves again.
+///
+/// A handle is a slot index, the page number and the slot's generation, which goes up by one each
+/// time the slot takes a new mapping. The generation is 15 bits (it shares the descriptor's last
+/// word with the flags, inside the 64-byte slot), so it cannot be widened; instead a slot that has
+/// carried its last generation (32,767 mappings) is *retired* when that mapping is removed: it is
+/// never reused, so a generation never repeats within a slot. That costs one 64-byte slot per
+/// 32,767 mappings made in it — 2 bytes of memory per remap at worst — and a remap loop of one
+/// address moves on to a fresh slot every 32,767 cycles ([`crate::TableStats::retired_slots`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PageHandle {
     pub(crate) vpn: Vpn,

@@ -2,7 +2,8 @@
 //!
 //! Layout:
 //! - `slots`: the descriptors, one 64-byte cache line each, in an append-only segmented array.
-//!   A slot index is a mapping's stable identity; removed slots go on a free list.
+//!   A slot index is a mapping's stable identity; removed slots go on a free list, except a slot
+//!   whose 15-bit generation is used up, which is retired for good (see [`PageHandle`]).
 //! - `buckets`: linear-hashing buckets, one cache line each: a sequence counter, a link to an
 //!   overflow bucket, and 8 entries of (16-bit tag, 32-bit slot handle). Entries of a chain are
 //!   packed, so a lookup stops at the first empty entry.
@@ -16,7 +17,7 @@
 
 use crate::addr::{PageSize, VirtAddr};
 use crate::hash::{Fmix64, VpnHasher};
-use crate::lock::{SpinLock, WriterMutex};
+use crate::lock::{DefaultLock, WriterMutex};
 use crate::page::{is_live, meta_of, Page, PageHandle, Words, GEN_MASK, LIVE_BIT, META_SHIFT};
 use crate::segvec::SegVec;
 use crate::sync::{fence, spin_wait, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -107,6 +108,8 @@ struct Writer {
     free_overflow: u32,
     len: usize,
     overflow_in_use: usize,
+    /// Slots whose generation is used up: never reused (see `remove`).
+    retired_slots: usize,
 }
 
 /// What a walk holds while it runs: the note's `lock` argument of `vm_map_map_do_for_all`.
@@ -148,8 +151,11 @@ pub struct TableStats {
     pub buckets: u64,
     /// Overflow buckets linked into chains.
     pub overflow_buckets: usize,
-    /// Descriptor slots allocated (live, free and not yet used).
+    /// Descriptor slots allocated (live, free, retired and not yet used).
     pub slot_capacity: usize,
+    /// Slots retired because their 15-bit generation was used up (one per 32,767 mappings made in
+    /// the same slot); they are never reused, so a stale [`crate::PageHandle`] never resolves.
+    pub retired_slots: usize,
     /// Heap bytes held by the table.
     pub heap_bytes: usize,
 }
@@ -171,7 +177,7 @@ impl TableStats {
 /// [`crate::lock`]). Readers ([`get_page`](Self::get_page), [`handle`](Self::handle),
 /// [`get_by_handle`](Self::get_by_handle), [`for_each`](Self::for_each) with [`WalkLock::None`])
 /// never wait for each other or take the writer lock.
-pub struct PageTable<H: VpnHasher = Fmix64, L: lock_api::RawMutex = SpinLock> {
+pub struct PageTable<H: VpnHasher = Fmix64, L: lock_api::RawMutex = DefaultLock> {
     /// Linear-hashing shape: the number of primary buckets (only grows).
     shape: CachePadded<AtomicU64>,
     /// Mirrors of writer state that readers may look at.
@@ -300,6 +306,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
                 free_overflow: 0,
                 len: 0,
                 overflow_in_use: 0,
+                retired_slots: 0,
             }),
             hasher: H::default(),
             page_size,
@@ -346,6 +353,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
             buckets: self.shape.0.load(Ordering::Relaxed),
             overflow_buckets: w.overflow_in_use,
             slot_capacity: self.slots.capacity(),
+            retired_slots: w.retired_slots,
             heap_bytes: self.buckets.heap_bytes()
                 + self.overflow.heap_bytes()
                 + self.slots.heap_bytes()
@@ -686,6 +694,12 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         };
         let slot = self.slot(slot_idx);
         let old_gen = u64::from(meta_of(&slot.load())) & GEN_MASK;
+        // `remove` retires a slot at the last generation, so a reused slot's generation only
+        // grows and never comes back to one a stale handle may carry.
+        debug_assert!(
+            old_gen < GEN_MASK,
+            "slot {slot_idx} reused past its last generation"
+        );
         #[allow(clippy::cast_possible_truncation)] // 16 bits: live bit and 15-bit generation
         let meta = ((LIVE_BIT >> META_SHIFT) | ((old_gen + 1) & GEN_MASK)) as u16;
         let words = page.to_words(meta);
@@ -776,11 +790,20 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
                 self.free_overflow(&mut w, idx, end.last);
             }
         }
-        // Dead: live bit cleared (generation kept), word 0 links the free list.
+        // Dead: live bit cleared (generation kept). A slot whose generation is used up is retired
+        // (never reused: a wrapped generation would let a stale handle resolve to a later
+        // mapping); any other goes on the free list, linked through word 0.
+        let retire = u64::from(meta_of(&words)) & GEN_MASK == GEN_MASK;
         slot.words[7].store(words[7] & !LIVE_BIT, Ordering::Relaxed);
-        slot.words[0].store(u64::from(w.free_slot), Ordering::Relaxed);
+        if !retire {
+            slot.words[0].store(u64::from(w.free_slot), Ordering::Relaxed);
+        }
         write_end(head);
-        w.free_slot = found.slot + 1;
+        if retire {
+            w.retired_slots += 1;
+        } else {
+            w.free_slot = found.slot + 1;
+        }
         w.len -= 1;
         self.len.0.store(w.len, Ordering::Relaxed);
         Some(Page::from_words(&words))
@@ -900,8 +923,14 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
 
     /// Calls `f` once for every mapping (`vm_map_map_do_for_all`); returns how many it visited.
     /// `lock` says what the walk holds and whether `f`'s changes are stored (see [`WalkLock`]).
-    /// With [`WalkLock::Map`] or [`WalkLock::Page`], `f` must not call this table's writers (it
-    /// would wait for itself); readers are fine.
+    ///
+    /// # Panics
+    /// With [`WalkLock::Map`] or [`WalkLock::Page`], `f` runs with the writer lock held, so it must
+    /// not call a writer of this table ([`set_page`](Self::set_page), [`update`](Self::update),
+    /// [`update_by_handle`](Self::update_by_handle), [`remove`](Self::remove),
+    /// [`stats`](Self::stats), or a locked `for_each`): it would wait for itself. In `std` builds
+    /// such a call panics with a message saying so (the walk unwinds and releases the lock); without
+    /// `std` it deadlocks. Readers, lock-free walks and other tables are fine.
     pub fn for_each(&self, lock: WalkLock, mut f: impl FnMut(&mut Page)) -> usize {
         match lock {
             WalkLock::Map => {
@@ -1044,6 +1073,41 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+
+    /// A slot's generation only ever grows: once it reaches the last 15-bit value, removing the
+    /// mapping retires the slot instead of freeing it, so the generation never wraps round to one a
+    /// stale handle may still carry.
+    #[test]
+    fn slot_is_retired_when_its_generation_is_exhausted() {
+        let t: PageTable = PageTable::new();
+        let a = VirtAddr(0x4000);
+        let first = t.set_page(Page::new(a)).expect("insert");
+        assert_eq!(u64::from(first.gen), 1);
+        let mut last = first;
+        while u64::from(last.gen) < GEN_MASK {
+            assert!(t.remove(a).is_some());
+            let h = t.set_page(Page::new(a)).expect("reinsert");
+            assert_eq!(
+                h.slot, first.slot,
+                "the free slot is reused until it is exhausted"
+            );
+            assert_eq!(h.gen, last.gen + 1);
+            last = h;
+        }
+        // The slot has carried every generation once; its last mapping goes away.
+        assert!(t.remove(a).is_some());
+        let next = t.set_page(Page::new(a)).expect("insert after retirement");
+        assert_ne!(next.slot, first.slot, "an exhausted slot was reused");
+        assert_eq!(next.gen, 1);
+        // Neither an old handle of the retired slot nor the first one resolves.
+        assert_eq!(t.get_by_handle(first), None);
+        assert_eq!(t.get_by_handle(last), None);
+        assert_eq!(t.get_by_handle(next), Some(Page::new(a)));
+        // The retired slot never comes back, for this address or another one.
+        let other = t.set_page(Page::new(VirtAddr(0x8000))).expect("insert");
+        assert_ne!(other.slot, first.slot);
+        assert_eq!(t.len(), 2);
+    }
 
     #[test]
     fn bucket_index_follows_linear_hashing() {

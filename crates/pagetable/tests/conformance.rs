@@ -232,12 +232,55 @@ fn with_capacity_memory_and_no_growth<H: VpnHasher, L: lock_api::RawMutex>() {
     assert_eq!(after.mappings, n as usize);
 }
 
+/// Finding 7: a handle is slot + page + 15-bit generation, and the free list hands the same slot
+/// back, so remapping one address 2^15 times used to bring the first handle's generation round
+/// again and the stale handle resolved to a later mapping. Remap well past the generation width,
+/// keeping the first handle, and check after every cycle that it never resolves again.
+fn stale_handle_never_resolves_after_generation_wraps<H: VpnHasher, L: lock_api::RawMutex>() {
+    const CYCLES: u64 = 70_000;
+    let t = new_table::<H, L>();
+    // A neighbour that stays mapped, so the chain holds more than the remapped page.
+    t.set_page(page(0x9000, 1)).expect("neighbour");
+    let first = t.set_page(page(0x5000, 0)).expect("first mapping");
+    let mut slots = std::collections::BTreeSet::new();
+    slots.insert(first.slot());
+    for i in 1..=CYCLES {
+        assert!(t.remove(VirtAddr(0x5000)).is_some(), "cycle {i}: remove");
+        let h = t.set_page(page(0x5000, i)).expect("remap");
+        slots.insert(h.slot());
+        assert_ne!(
+            h, first,
+            "cycle {i}: a later mapping got the first mapping's handle"
+        );
+        assert_eq!(t.get_page(VirtAddr(0x5000)), Some(page(0x5000, i)));
+        assert_eq!(
+            t.get_by_handle(h),
+            Some(page(0x5000, i)),
+            "cycle {i}: fresh handle"
+        );
+        assert_eq!(
+            t.get_by_handle(first),
+            None,
+            "cycle {i}: the first handle resolved to mapping {i}"
+        );
+    }
+    // A late completion through the stale handle must not write into the current mapping.
+    assert!(t.update_by_handle(first, |p| p.wired_count = 77).is_none());
+    assert_eq!(t.get_page(VirtAddr(0x5000)), Some(page(0x5000, CYCLES)));
+    assert_eq!(t.len(), 2);
+    // One slot is retired per 2^15 - 1 reuses: 70,001 mappings of one address use 3 slots.
+    assert_eq!(slots.len(), 3, "slots used: {slots:?}");
+}
+
 macro_rules! conformance {
     ($($name:ident: $h:ty, $l:ty, prototype = $proto:expr;)*) => {$(
         mod $name {
             use super::*;
             #[test] fn set_get_replace() { super::set_get_replace::<$h, $l>() }
             #[test] fn remove_and_stale_handles() { super::remove_and_stale_handles::<$h, $l>() }
+            #[test] fn stale_handle_never_resolves_after_generation_wraps() {
+                super::stale_handle_never_resolves_after_generation_wraps::<$h, $l>()
+            }
             #[test] fn update_is_read_modify_write() { super::update_is_read_modify_write::<$h, $l>() }
             #[test] fn many_pages_none_lost() { super::many_pages_none_lost::<$h, $l>(if $proto { 3000 } else { 50_000 }) }
             #[test] fn huge_addresses() { super::huge_addresses::<$h, $l>() }

@@ -4,8 +4,8 @@
 #![cfg(not(loom))]
 
 use pagesnap_pagetable::{
-    BlockingLock, DiskPage, Epoch, Fmix64, Page, PageFlags, PageSize, PageTable, PhysAddr,
-    PrototypeModulo, SpinLock, VirtAddr, VpnHasher, WalkLock,
+    BlockingLock, DefaultLock, DiskPage, Epoch, Fmix64, Page, PageFlags, PageSize, PageTable,
+    PhysAddr, PrototypeModulo, SpinLock, VirtAddr, VpnHasher, WalkLock,
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -119,12 +119,18 @@ fn stress<H: VpnHasher, L: lock_api::RawMutex + Send + Sync + 'static>(keys: u64
 
 #[test]
 fn stress_default_table() {
-    stress::<Fmix64, SpinLock>(2048, 200_000);
+    // The default lock: `BlockingLock` in this (std) build.
+    stress::<Fmix64, DefaultLock>(2048, 200_000);
 }
 
 #[test]
 fn stress_blocking_lock() {
     stress::<Fmix64, BlockingLock>(1024, 100_000);
+}
+
+#[test]
+fn stress_spin_lock() {
+    stress::<Fmix64, SpinLock>(1024, 100_000);
 }
 
 #[test]

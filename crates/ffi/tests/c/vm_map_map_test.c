@@ -4,12 +4,14 @@
  *   ./vm_map_map_test layout   prints the struct layout for the Rust side to compare
  *   ./vm_map_map_test          runs the checks; prints "N passed, M failed"; exit 0 iff M == 0
  */
+#define _POSIX_C_SOURCE 200809L /* alarm() */
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
+#include <unistd.h>
 #include "vm_map_map.h"
 
 static int passed, failed;
@@ -113,6 +115,34 @@ static void test_basics(void) {
     CHECK(vm_map_page_count() == 0, "count after removes");
 }
 
+/* A writer called from func of a locked walk gets an error instead of waiting for itself. */
+static int reentry_calls, reentry_wrong;
+static void call_writers(vm_page *p) {
+    vm_page c = *p;
+    c.wired_count = 77;
+    reentry_calls++;
+    reentry_wrong += vm_map_set_page(&c) != VM_MAP_ERR_IN_LOCKED_WALK;
+    reentry_wrong += vm_map_remove_page(c.virt_addr) != VM_MAP_ERR_IN_LOCKED_WALK;
+    vm_page q;
+    reentry_wrong += vm_map_get_page(c.virt_addr, &q) != 1; /* readers are fine */
+}
+
+static void test_reentry(void) {
+    alarm(30); /* watchdog: a self-deadlock ends the run with SIGALRM instead of hanging it */
+    store(0x500000000000ULL, 9);
+    reentry_calls = reentry_wrong = 0;
+    vm_map_map_do_for_all(call_writers, 1);
+    CHECK(reentry_calls == 1 && reentry_wrong == 0, "%d calls, %d wrong results", reentry_calls, reentry_wrong);
+    CHECK(holds(0x500000000000ULL, 9) && get_page(A(0x500000000000ULL)).wired_count == 0,
+          "a refused writer changed the page");
+    /* After the walk, and in an unlocked walk, writers work. */
+    vm_page p = get_page(A(0x500000000000ULL));
+    p.wired_count = 5;
+    CHECK(vm_map_set_page(&p) == 0, "set after the walk");
+    CHECK(vm_map_remove_page(A(0x500000000000ULL)) == 1, "remove after the walk");
+    alarm(0);
+}
+
 /* 100k page-aligned addresses over the 48-bit space: page numbers i * odd mod 2^36 are distinct. */
 #define SPREAD 100000ULL
 static uint64_t spread(uint64_t i) { return ((i * 0x9E3779B1ULL) & ((1ULL << 36) - 1)) * PAGE; }
@@ -209,6 +239,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     test_basics();
+    test_reentry();
     test_many_and_walks();
     test_threads();
     printf("c-api: %d passed, %d failed\n", passed, failed);
