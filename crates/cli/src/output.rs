@@ -318,7 +318,14 @@ fn in_place(
         );
     }
     // A block device's size is where its end is; a character device's is not known (0).
-    let capacity = file.seek(SeekFrom::End(0)).unwrap_or(0);
+    let capacity = match file.seek(SeekFrom::End(0)) {
+        Ok(n) => n,
+        Err(e) if block => bail!(
+            "{}: finding the device's size failed: {e}; nothing was written",
+            path.display()
+        ),
+        Err(_) => 0,
+    };
     if (block || capacity > 0) && capacity < size {
         bail!(
             "{} ({capacity} bytes) is smaller than snapshot {id} ({size} bytes); nothing was written — restore onto a device of at least {size} bytes",
