@@ -56,9 +56,10 @@ pub enum Command {
     Restore {
         /// Snapshot id, or label (the newest snapshot with it).
         snapshot: String,
-        /// Where to write the image.
+        /// Where to write the image (a symbolic link's target is written, the link kept).
         output: PathBuf,
-        /// Overwrite OUTPUT if it exists.
+        /// Overwrite OUTPUT if it exists: a file is replaced keeping its owner and mode, a
+        /// block or character device is written in place.
         #[arg(long)]
         force: bool,
     },

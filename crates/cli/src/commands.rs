@@ -1,6 +1,7 @@
 //! What each command does, on the settings `cli` parsed.
 
 use crate::cli::{Cli, Command};
+use crate::output;
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pagesnap_engine::image::{restore_image, snapshot_image};
@@ -219,42 +220,26 @@ fn restore(ctx: &Ctx, name: &str, output: &Path, force: bool) -> Result<i32> {
     let dir = ctx.dir()?;
     let store = ctx.open(Mode::Read)?;
     let id = resolve(&store, name)?;
-    let out_dir = output
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let out_dir = out_dir
-        .canonicalize()
-        .with_context(|| format!("output directory {}", out_dir.display()))?;
-    let store_dir = dir
-        .canonicalize()
-        .with_context(|| format!("store {}", dir.display()))?;
-    if out_dir.starts_with(&store_dir) {
-        bail!(
-            "{} is inside the store {}; restore somewhere else",
-            output.display(),
-            dir.display()
-        );
-    }
-    if output.exists() && !force {
-        bail!("{} exists; pass --force to overwrite it", output.display());
-    }
-    if output.is_dir() {
-        bail!(
-            "{} is a directory; name a file to restore into",
-            output.display()
-        );
-    }
+    let plan = output::plan(output, dir, force)?;
     let info = store.snapshot(id)?;
     let bar = ctx.bar(info.logical_size, "restore");
-    let report = restore_image(&store, id, output, &|done| bar.set_position(done))
+    let report = output::write(&store, id, &plan, &|done| bar.set_position(done))
         .with_context(|| format!("restoring snapshot {id} to {}", output.display()))?;
     bar.finish_and_clear();
+    let onto = if plan.path == output {
+        String::new()
+    } else {
+        format!(" (-> {})", plan.path.display())
+    };
+    let how = match plan.target {
+        output::Target::Device { .. } => ", written in place",
+        _ => "",
+    };
     println!(
-        "restored snapshot {id} to {} ({}, {} non-zero pages) in {:.2} s",
+        "restored snapshot {id} to {}{onto} ({}, {} non-zero pages{how}) in {:.2} s",
         output.display(),
         HumanBytes(report.image_size),
-        report.pages_written,
+        report.pages,
         report.seconds
     );
     Ok(OK)

@@ -509,3 +509,253 @@ fn the_fixture_image_round_trips() {
     env.ok(&["restore", "1", out.to_str().expect("utf-8")]);
     assert_eq!(std::fs::read(&out).expect("read"), want);
 }
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8")
+}
+
+/// Whether this process runs as root: a file it creates is owned by uid 0.
+fn root(env: &Env) -> bool {
+    let probe = env.path("uid-probe");
+    std::fs::write(&probe, b"").expect("write");
+    std::fs::metadata(&probe).expect("stat").uid() == 0
+}
+
+#[test]
+fn restore_force_over_a_file_keeps_its_mode_and_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    if !root(&env) {
+        println!("skipped: not root, so no file owned by another user can be made to restore over");
+        return;
+    }
+    env.ok(&["init"]);
+    let img = env.path("disk.img");
+    let want = image(50, 21);
+    std::fs::write(&img, &want).expect("write");
+    env.snapshot(&img);
+    let out = env.path("out.img");
+    std::fs::write(&out, image(70, 3)).expect("write");
+    std::os::unix::fs::chown(&out, Some(1234), Some(1234)).expect("chown");
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    env.ok(&["restore", "1", s(&out), "--force"]);
+    let m = std::fs::symlink_metadata(&out).expect("stat");
+    assert!(m.is_file());
+    assert_eq!(m.mode() & 0o7777, 0o640, "mode {:o}", m.mode());
+    assert_eq!((m.uid(), m.gid()), (1234, 1234), "owner");
+    assert!(
+        std::fs::read(&out).expect("read") == want,
+        "content differs"
+    );
+    let left: Vec<_> = std::fs::read_dir(env.dir.path())
+        .expect("ls")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("tmp"))
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+}
+
+#[test]
+fn restore_through_a_symlink_writes_its_target_and_keeps_the_link() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    let img = env.path("disk.img");
+    let want = image(40, 5);
+    std::fs::write(&img, &want).expect("write");
+    env.snapshot(&img);
+    // A link to an existing file: --force needed, then the target is written.
+    let real = env.path("real.img");
+    std::fs::write(&real, b"old content").expect("write");
+    let link = env.path("link.img");
+    std::os::unix::fs::symlink("real.img", &link).expect("symlink");
+    env.fails(&["restore", "1", s(&link)], 2, "--force");
+    assert_eq!(std::fs::read(&real).expect("read"), b"old content");
+    env.ok(&["restore", "1", s(&link), "--force"]);
+    let m = std::fs::symlink_metadata(&link).expect("lstat");
+    assert!(m.file_type().is_symlink(), "the link was replaced");
+    assert_eq!(
+        std::fs::read_link(&link).expect("readlink"),
+        Path::new("real.img")
+    );
+    assert!(
+        std::fs::read(&real).expect("read") == want,
+        "target differs"
+    );
+    // A dangling link: its target is created, the link stays.
+    let dangling = env.path("dangling.img");
+    let sub = env.path("sub");
+    std::fs::create_dir(&sub).expect("mkdir");
+    std::os::unix::fs::symlink(sub.join("new.img"), &dangling).expect("symlink");
+    env.ok(&["restore", "1", s(&dangling)]);
+    assert!(std::fs::symlink_metadata(&dangling)
+        .expect("lstat")
+        .file_type()
+        .is_symlink());
+    assert!(std::fs::read(sub.join("new.img")).expect("read") == want);
+    // A link into the store is refused after resolving it.
+    let into = env.path("into-store.img");
+    std::os::unix::fs::symlink(env.store().join("x.img"), &into).expect("symlink");
+    env.fails(
+        &["restore", "1", s(&into), "--force"],
+        2,
+        "inside the store",
+    );
+    assert!(!env.store().join("x.img").exists());
+    // A link to a directory is a directory.
+    let to_dir = env.path("to-dir");
+    std::os::unix::fs::symlink(&sub, &to_dir).expect("symlink");
+    env.fails(
+        &["restore", "1", s(&to_dir), "--force"],
+        2,
+        "is a directory",
+    );
+}
+
+/// A loop device on a file, detached on drop.
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+fn loop_device(backing: &Path) -> Result<Loop, String> {
+    let out = std::process::Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(backing)
+        .output()
+        .map_err(|e| format!("losetup: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "losetup -f --show: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(Loop(
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    ))
+}
+
+/// A device node in the test's directory for the device at `dev` (so that nothing in /dev is at
+/// stake, whatever the code under test does to the node).
+fn node_like(dev: &Path, at: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let m = std::fs::metadata(dev).map_err(|e| format!("{}: {e}", dev.display()))?;
+    let kind = if m.file_type().is_block_device() {
+        "b"
+    } else {
+        "c"
+    };
+    let r = m.rdev();
+    let major = ((r >> 8) & 0xfff) | ((r >> 32) & !0xfff);
+    let minor = (r & 0xff) | ((r >> 12) & !0xff);
+    let out = std::process::Command::new("mknod")
+        .arg(at)
+        .args([kind, &major.to_string(), &minor.to_string()])
+        .output()
+        .map_err(|e| format!("mknod: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "mknod: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+#[test]
+fn restore_force_onto_a_block_device_writes_it_in_place() {
+    use std::os::unix::fs::FileTypeExt;
+    let env = Env::new();
+    env.ok(&["init"]);
+    let img = env.path("disk.img");
+    // Not a multiple of the page size, and zero pages (every third) that must overwrite old data.
+    let mut want = image(300, 11);
+    want.truncate(want.len() - 100);
+    std::fs::write(&img, &want).expect("write");
+    env.snapshot(&img);
+    // The device is larger than the image and full of old data.
+    let backing = env.path("backing.img");
+    let dev_len = 2 * 1024 * 1024;
+    std::fs::write(&backing, vec![0xAAu8; dev_len]).expect("write");
+    let small_backing = env.path("small-backing.img");
+    std::fs::write(&small_backing, vec![0xAAu8; 512 * 1024]).expect("write");
+    let (dev, small) = match (loop_device(&backing), loop_device(&small_backing)) {
+        (Ok(d), Ok(s)) => (d, s),
+        (Err(e), _) | (_, Err(e)) => {
+            println!("skipped: loop devices are not available here ({e})");
+            return;
+        }
+    };
+    let node = env.path("blk");
+    let small_node = env.path("small-blk");
+    if let Err(e) = node_like(Path::new(&dev.0), &node)
+        .and_then(|()| node_like(Path::new(&small.0), &small_node))
+    {
+        println!("skipped: cannot make a device node here ({e})");
+        return;
+    }
+    env.fails(&["restore", "1", s(&node)], 2, "--force");
+    env.ok(&["restore", "1", s(&node), "--force"]);
+    let m = std::fs::symlink_metadata(&node).expect("lstat");
+    assert!(m.file_type().is_block_device(), "the node was replaced");
+    let got = std::fs::read(&backing).expect("read the device's backing file");
+    assert_eq!(got.len(), dev_len, "the device changed size");
+    assert!(
+        got[..want.len()] == want[..],
+        "the device's content differs"
+    );
+    assert!(
+        got[want.len()..].iter().all(|b| *b == 0xAA),
+        "bytes past the image were written"
+    );
+    // Through the device node itself as well.
+    let mut via = vec![0u8; want.len()];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(&node).expect("open"),
+        &mut via,
+        0,
+    )
+    .expect("read");
+    assert!(via == want);
+    // A device smaller than the image is refused, naming both sizes, and left alone.
+    let err = env.fails(&["restore", "1", s(&small_node), "--force"], 2, "smaller");
+    assert!(
+        err.contains(&want.len().to_string()) && err.contains(&(512 * 1024).to_string()),
+        "{err}"
+    );
+    assert!(std::fs::symlink_metadata(&small_node)
+        .expect("lstat")
+        .file_type()
+        .is_block_device());
+    assert!(std::fs::read(&small_backing)
+        .expect("read")
+        .iter()
+        .all(|b| *b == 0xAA));
+}
+
+#[test]
+fn restore_force_onto_a_character_device_writes_it_in_place() {
+    use std::os::unix::fs::FileTypeExt;
+    let env = Env::new();
+    env.ok(&["init"]);
+    let img = env.path("disk.img");
+    std::fs::write(&img, image(20, 2)).expect("write");
+    env.snapshot(&img);
+    let node = env.path("null");
+    if let Err(e) = node_like(Path::new("/dev/null"), &node) {
+        println!("skipped: cannot make a device node here ({e})");
+        return;
+    }
+    env.ok(&["restore", "1", s(&node), "--force"]);
+    assert!(
+        std::fs::symlink_metadata(&node)
+            .expect("lstat")
+            .file_type()
+            .is_char_device(),
+        "the node was replaced"
+    );
+}
