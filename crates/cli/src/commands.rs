@@ -32,7 +32,22 @@ impl Ctx {
         let (store, report) =
             Store::open(dir, mode).with_context(|| format!("opening store {}", dir.display()))?;
         if report.damaged_slot {
-            eprintln!("pagesnap: warning: a superblock slot of {} is damaged; using the other (generation {})", dir.display(), report.generation);
+            if let Some(note) = &report.superblock_note {
+                eprintln!("pagesnap: warning: {note}");
+            }
+        }
+        if report.repaired_slot && report.damaged_slot {
+            eprintln!(
+                "pagesnap: repaired the superblock of {}: both slots hold generation {} again",
+                dir.display(),
+                report.generation
+            );
+        }
+        for q in &report.quarantined {
+            eprintln!(
+                "pagesnap: warning: {} holds a segment file no superblock slot lists; set aside as {q} (not deleted: remove it once `pagesnap verify` is clean)",
+                dir.display()
+            );
         }
         if !report.damaged.is_empty() {
             let ids: Vec<String> = report.damaged.iter().map(|i| i.to_string()).collect();
@@ -306,7 +321,7 @@ fn verify(ctx: &Ctx, names: &[String]) -> Result<i32> {
                 d.detail
             ),
             (Some(s), None) => println!("DAMAGED snapshot {s}: {}", d.detail),
-            (None, _) => println!("DAMAGED store index: {}", d.detail),
+            (None, _) => println!("DAMAGED store metadata: {}", d.detail),
         }
     }
     let mut hit: Vec<u64> = report
@@ -323,6 +338,8 @@ fn verify(ctx: &Ctx, names: &[String]) -> Result<i32> {
         report.nodes_checked,
         if report.is_clean() {
             "clean".to_string()
+        } else if hit.is_empty() {
+            "damage found in the store's metadata (every snapshot is intact)".to_string()
         } else {
             format!("damage found in snapshot(s) {:?}", hit)
         }

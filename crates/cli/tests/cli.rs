@@ -235,6 +235,46 @@ fn verify_names_damage_and_only_the_damaged_snapshot_fails_to_restore() {
     assert_eq!(env.run(&["verify", "1"]).0, 0, "snapshot 1 alone is clean");
 }
 
+/// Finding 1 of the second reliability pass, as a user meets it: one flipped bit in the
+/// superblock hid the newest snapshot and `verify` said "clean".
+#[test]
+fn a_flipped_bit_in_either_superblock_slot_hides_nothing_and_verify_exits_1() {
+    for slot in 0..2usize {
+        let env = Env::new();
+        env.ok(&["init"]);
+        let img = env.path("v.img");
+        std::fs::write(&img, image(16, 9)).expect("write");
+        let id = env.snapshot(&img);
+        let sb = env.store().join("superblock");
+        let mut bytes = std::fs::read(&sb).expect("superblock");
+        bytes[slot * 4096 + 17] ^= 0x04; // inside the generation field
+        std::fs::write(&sb, &bytes).expect("flip");
+        let listed = env.ok(&["list"]);
+        assert!(
+            listed
+                .lines()
+                .any(|l| l.trim_start().starts_with(&id.to_string())),
+            "slot {slot}: the snapshot still lists: {listed}"
+        );
+        let (code, out, _) = env.run(&["verify"]);
+        assert_eq!(code, 1, "slot {slot}: verify reports the damage: {out}");
+        assert!(
+            out.contains("superblock")
+                && out.contains(&format!("slot {slot}"))
+                && out.contains("using slot"),
+            "slot {slot}: names the file, the slot and what it fell back to: {out}"
+        );
+        let back = env.path("back.img");
+        env.ok(&["restore", &id.to_string(), s(&back)]);
+        assert_eq!(std::fs::read(&back).expect("read"), image(16, 9));
+        // Any writing command rewrites the damaged slot; then the store is clean.
+        let (code, _, err) = env.run(&["gc"]);
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains("repaired the superblock"), "{err}");
+        assert!(env.ok(&["verify"]).contains("clean"));
+    }
+}
+
 fn dir_bytes(p: &Path) -> u64 {
     std::fs::read_dir(p)
         .expect("dir")

@@ -1262,6 +1262,10 @@ impl Store {
         let bytes = sb.encode();
         let first = (sb.generation % 2) * SLOT_SIZE as u64;
         let second = SLOT_SIZE as u64 - first;
+        // Until the outcome of the slot write is known, the writer is in doubt: if a panic
+        // unwinds out of the backend here, the flag stays set, so no rollback reuses the records
+        // a half-written slot may name (the store must be reopened).
+        w.in_doubt = true;
         let written = io
             .write(SUPERBLOCK_FILE, first, &bytes)
             .map_err(io_err(io, SUPERBLOCK_FILE, "write superblock"))
@@ -1275,16 +1279,16 @@ impl Store {
             let undone = io
                 .write(SUPERBLOCK_FILE, first, &self.sb.encode())
                 .and_then(|_| io.sync(SUPERBLOCK_FILE));
-            if undone.is_err() {
-                w.in_doubt = true;
-            }
+            w.in_doubt = undone.is_err();
             return Err(e);
         }
+        w.in_doubt = false;
         // Durable from here: a crash now opens to this commit (the other slot is older).
         w.touched.clear();
         w.created.clear();
         w.dir_dirty = false;
         self.sb = sb;
+        w.degraded = true;
         let copied = io
             .write(SUPERBLOCK_FILE, second, &bytes)
             .and_then(|_| io.sync(SUPERBLOCK_FILE));

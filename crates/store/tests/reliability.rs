@@ -465,3 +465,106 @@ fn pinned_snapshots_are_not_deleted() {
     store.unpin(ids[1]);
     store.delete(&[ids[1]]).expect("unpinned");
 }
+
+/// A backend that panics on its `n`th write to the superblock (finding 4's store side: a panic
+/// in the backend while a commit publishes).
+struct PanicOnSuperblock {
+    inner: Arc<FaultyStorage>,
+    writes_left: Mutex<u32>,
+}
+
+impl std::fmt::Debug for PanicOnSuperblock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PanicOnSuperblock")
+    }
+}
+
+impl Storage for PanicOnSuperblock {
+    fn location(&self) -> &Path {
+        self.inner.location()
+    }
+    fn list(&self) -> io::Result<Vec<String>> {
+        self.inner.list()
+    }
+    fn create(&self, name: &str) -> io::Result<()> {
+        self.inner.create(name)
+    }
+    fn len(&self, name: &str) -> io::Result<u64> {
+        self.inner.len(name)
+    }
+    fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read(name, offset, buf)
+    }
+    fn write(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
+        if name == "superblock" {
+            let mut left = self.writes_left.lock().unwrap_or_else(|e| e.into_inner());
+            if *left == 1 {
+                *left = 0;
+                // Half the slot lands, then the backend panics.
+                let _ = self.inner.write(name, offset, &data[..data.len() / 2]);
+                panic!("backend panics while the superblock is written");
+            }
+            *left = left.saturating_sub(1);
+        }
+        self.inner.write(name, offset, data)
+    }
+    fn set_len(&self, name: &str, len: u64) -> io::Result<()> {
+        self.inner.set_len(name, len)
+    }
+    fn sync(&self, name: &str) -> io::Result<()> {
+        self.inner.sync(name)
+    }
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        self.inner.remove(name)
+    }
+    fn sync_dir(&self) -> io::Result<()> {
+        self.inner.sync_dir()
+    }
+    fn try_lock(&self, name: &str) -> io::Result<Option<Box<dyn LockGuard>>> {
+        self.inner.try_lock(name)
+    }
+}
+
+/// A panic out of the backend during either superblock slot write: the writer must not roll
+/// back over records a half-written slot may name. It refuses changes until reopened, and the
+/// reopened store holds every committed snapshot (and the interrupted one whole, or not at all).
+#[test]
+fn a_panic_while_the_superblock_is_written_leaves_the_writer_refusing_until_reopen() {
+    for nth in 1..=2u32 {
+        let (io, expected) = sample(false);
+        let panicky = Arc::new(PanicOnSuperblock {
+            inner: io.clone(),
+            writes_left: Mutex::new(u32::MAX),
+        });
+        let (mut store, _) = Store::open_with(panicky.clone(), Mode::Write, opts()).expect("open");
+        let last = *expected.keys().last().expect("snapshots");
+        store.begin(Some(last)).expect("begin");
+        store.put(Vpn(3), &page(4242)).expect("put");
+        *panicky.writes_left.lock().expect("plan") = nth;
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            store.commit(SnapshotMeta::default())
+        }));
+        assert!(panicked.is_err(), "slot write {nth}: the backend panicked");
+        store.abort();
+        if nth == 1 {
+            let e = store.begin(Some(last)).expect_err("in doubt");
+            assert!(matches!(e, StoreError::InDoubt { .. }), "{e}");
+        }
+        drop(store);
+        let (store, _) = Store::open_with(io.clone(), Mode::Write, opts()).expect("reopen");
+        for (id, pages) in &expected {
+            let mut got = BTreeMap::new();
+            store
+                .for_each_page(*id, |v, r| {
+                    got.insert(v.0, store.read_ref(r)?);
+                    Ok(())
+                })
+                .expect("committed snapshot reads back");
+            assert_eq!(&got, pages, "slot write {nth}: snapshot {id}");
+        }
+        assert!(store.verify(&[]).expect("verify").is_clean());
+    }
+}
