@@ -44,7 +44,8 @@ use rayon::prelude::*;
 
 use pagesnap_epochtree::{EpochTree, EpochTreeError, EpochView};
 use pagesnap_pagetable::{
-    Epoch, Page, PageFlags, PageSize, PageTable, PageTableError, PhysAddr, VirtAddr, Vpn,
+    BlockingLock, Epoch, Fmix64, Page, PageFlags, PageSize, PageTable, PageTableError, PhysAddr,
+    VirtAddr, Vpn,
 };
 use pagesnap_store::{SnapshotId, SnapshotMeta, Store, StoreError};
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -56,6 +57,14 @@ use std::time::{Duration, Instant};
 /// Store (and epoch-tree) keys at and above this hold mapping bitmaps, not pages.
 pub const MAP_KEY_BASE: u64 = 1 << 62;
 const STRIPES: usize = 256;
+
+/// The engine's page table: writers (map, unmap, a page's first write in an epoch, a snapshot's
+/// commit clearing `PHYS_DIRTY`) park on a parking_lot mutex instead of spinning. The spin lock is
+/// the page table's `no_std` default, for a kernel that cannot be preempted while holding it; in a
+/// process, a writer preempted while holding a spin lock makes every other writer burn its time
+/// slice (on a 2-core machine shared with other work, whole slices), so the engine blocks instead.
+/// Readers (`get_page`) take no lock either way.
+type Table = PageTable<Fmix64, BlockingLock>;
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
@@ -147,7 +156,7 @@ struct Persisted {
 
 struct Inner {
     ps: PageSize,
-    table: PageTable,
+    table: Table,
     frames: RwLock<Vec<Arc<Frame>>>,
     free: Mutex<Vec<usize>>,
     maps: Mutex<BTreeMap<u64, MapBlock>>,
@@ -223,7 +232,7 @@ impl Inner {
         let next = persisted.epoch.next();
         Ok(Inner {
             ps,
-            table: PageTable::with_config(ps, 0),
+            table: Table::with_config(ps, 0),
             frames: RwLock::new(Vec::new()),
             free: Mutex::new(Vec::new()),
             maps: Mutex::new(BTreeMap::new()),
