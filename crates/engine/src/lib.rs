@@ -15,7 +15,18 @@
 //!   written by the next one.
 //! - **Restore**: [`Space::restore`] rebuilds any retained snapshot; [`Space::open`] takes the
 //!   newest one that restores, falling back past damaged ones and saying so; [`Space::open_lazy`]
-//!   loads each page from the store on first access (O(1) open, O(1) first touch).
+//!   loads each page from the store on first access (O(1) open, O(1) first touch), through a
+//!   read-only store handle and before taking any lock, so a fault never waits for a snapshot's
+//!   commit.
+//! - **The snapshot a space stands on stays**: its last snapshot (the next one's parent, a lazy
+//!   space's source) is pinned in the store; deleting it through [`Space::with_store`] fails with
+//!   [`StoreError::Pinned`].
+//! - **A panic while persisting is an error, not a wedge**: the store's pending snapshot is
+//!   aborted, [`SnapshotHandle::wait`] returns [`EngineError::PersistPanicked`], nothing advances.
+//!
+//! Locks: the mutators' gate, 256 page stripes, the mapping blocks, the copy-on-write map and the
+//! frames, in that order; the store is taken only by the persisting thread and `with_store`, never
+//! by a mutator, and no store I/O happens under a lock a mutator needs (`docs/concurrency.md`).
 //! - Mapped-but-zero pages survive: mappings are persisted as bitmap blocks (one store page per
 //!   `8 × page size` pages) under store keys at and above 2^62, beside the page data.
 //!
@@ -303,7 +314,8 @@ impl SnapshotHandle {
         }
     }
 
-    /// Waits for the snapshot to commit.
+    /// Waits for the snapshot to commit. A panic while persisting is returned as
+    /// [`EngineError::PersistPanicked`] (the space stays usable; nothing advanced).
     pub fn wait(mut self) -> Result<SnapshotReport, EngineError> {
         self.release();
         self.thread
