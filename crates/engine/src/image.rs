@@ -3,15 +3,47 @@
 //! store's previous snapshot — the dirty pages, found by hashing the image against the parent's
 //! index — so an incremental snapshot writes O(changed) bytes. Reading and hashing use every core
 //! and never hold more than one batch of the image in memory.
+//!
+//! # An image written during a snapshot
+//!
+//! The image is read through one open descriptor, and the snapshot commits only if the file did
+//! not change while it was read. What is compared, from `fstat` of that descriptor just before the
+//! first read and just before the commit: device, inode, size, modification time and status-change
+//! time (`ctime`), both to the nanosecond; and the path must still name the same device and inode.
+//! Any difference refuses the snapshot ([`ImageError::Changed`], naming the image) and commits
+//! nothing.
+//!
+//! What that promises. Every write to the file sets its `ctime`, and no user can set `ctime` (a
+//! user can set `mtime`, e.g. `touch -d` or `File::set_modified`, but that sets `ctime` too): only
+//! changing the system clock can. So a write made through the image's inode between the two
+//! `fstat`s is caught, unless the clock was set back meanwhile. Timestamps have the file system's
+//! granularity — on Linux before 6.13, or on file systems without fine-grained ("multigrain")
+//! timestamps, a coarse clock tick of a few milliseconds, within which two changes can carry the
+//! same `ctime` — so the snapshot first waits until the image's `ctime` is at least
+//! [`SETTLE`] old (an image still being written for longer than [`SETTLE_LIMIT`] is refused):
+//! then a write after the first `fstat` lands in a later tick and moves `ctime`.
+//!
+//! Not caught: a change made through a different inode that the path does not name at the end
+//! (nothing of it is in the bytes read anyway), and a change with the clock set back. Not part of
+//! this snapshot: whatever a writer writes after the final `fstat` (a writer that keeps the file
+//! open may write then; that write is in the next snapshot, not this one). A snapshot of an image
+//! that is being written is therefore either refused or a copy of the file as it was, unchanged,
+//! for the whole read.
 
 use pagesnap_store::{Epoch, SnapshotId, SnapshotMeta, Store, StoreError, Vpn};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
+
+/// How old the image's last change (`ctime`) must be before a snapshot starts reading it: longer
+/// than any file-system timestamp tick, so that a later write moves `ctime`.
+pub const SETTLE: Duration = Duration::from_millis(50);
+/// How long a snapshot waits for an image that keeps changing before refusing it.
+pub const SETTLE_LIMIT: Duration = Duration::from_secs(2);
 
 /// Pages read and hashed per batch (4 MiB of 4 KiB pages).
 const BATCH_PAGES: u64 = 1024;
@@ -34,8 +66,8 @@ pub enum ImageError {
     /// Not a regular file.
     #[error("{} is not a regular file; pagesnap snapshots raw disk images (regular files)", .0.display())]
     NotAFile(PathBuf),
-    /// The image changed while it was read.
-    #[error("{} changed while it was being snapshotted (size or modification time); nothing was committed — stop whatever writes to it and retry", .0.display())]
+    /// The image changed while it was read (or kept changing before the read could start).
+    #[error("{} changed while it was being read for a snapshot (its size, modification or status-change time, or the file the path names); nothing was committed — stop whatever writes to it and retry", .0.display())]
     Changed(PathBuf),
     /// The store failed.
     #[error(transparent)]
@@ -68,16 +100,97 @@ pub struct ImageSnapshot {
     pub seconds: f64,
 }
 
-fn stamp(path: &Path) -> Result<(u64, Option<SystemTime>), ImageError> {
+/// What must not change while an image is read: its identity, size and times (`fstat` of the open
+/// descriptor).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+
+    /// How long ago the file last changed (zero if its `ctime` is in the future).
+    fn age(&self) -> Duration {
+        let ctime = if self.ctime.0 >= 0 {
+            SystemTime::UNIX_EPOCH
+                + Duration::new(
+                    self.ctime.0.unsigned_abs(),
+                    self.ctime.1.clamp(0, 999_999_999) as u32,
+                )
+        } else {
+            SystemTime::UNIX_EPOCH
+        };
+        SystemTime::now()
+            .duration_since(ctime)
+            .unwrap_or(Duration::ZERO)
+    }
+}
+
+fn fstat(file: &File, path: &Path) -> Result<Stamp, ImageError> {
+    let m = file.metadata().map_err(io_err(path, "stat image"))?;
+    if !m.is_file() {
+        return Err(ImageError::NotAFile(path.to_path_buf()));
+    }
+    Ok(Stamp::of(&m))
+}
+
+/// Opens the image and waits until its last change is [`SETTLE`] old; the stamp to compare with.
+fn open_settled(path: &Path) -> Result<(File, Stamp), ImageError> {
+    // By path first: opening a FIFO or a device is not something to do by accident.
     let m = std::fs::metadata(path).map_err(io_err(path, "stat image"))?;
     if !m.is_file() {
         return Err(ImageError::NotAFile(path.to_path_buf()));
     }
-    Ok((m.len(), m.modified().ok()))
+    let file = File::open(path).map_err(io_err(path, "open image"))?;
+    let started = Instant::now();
+    loop {
+        let stamp = fstat(&file, path)?;
+        let age = stamp.age();
+        if age >= SETTLE {
+            return Ok((file, stamp));
+        }
+        if started.elapsed() >= SETTLE_LIMIT {
+            return Err(ImageError::Changed(path.to_path_buf()));
+        }
+        // Not a wait for a test: a change within one timestamp tick of the next could leave
+        // `ctime` unchanged, so reading starts only once the last change is older than a tick.
+        std::thread::sleep(SETTLE - age);
+    }
+}
+
+/// Refuses the snapshot if the image changed since `before` or the path names another file now.
+fn unchanged(file: &File, path: &Path, before: &Stamp) -> Result<(), ImageError> {
+    let after = fstat(file, path)?;
+    let named = std::fs::metadata(path).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            ImageError::Changed(path.to_path_buf())
+        } else {
+            io_err(path, "stat image")(e)
+        }
+    })?;
+    if after != *before || (named.dev(), named.ino()) != (before.dev, before.ino) {
+        return Err(ImageError::Changed(path.to_path_buf()));
+    }
+    Ok(())
 }
 
 /// Snapshots the raw image at `path` into `store` (opened as the writer), on top of the store's
-/// newest snapshot. `progress` is called with the bytes read so far.
+/// newest snapshot. `progress` is called with the bytes read so far. Refused, with nothing
+/// committed, if the image changes while it is read (see the module documentation for exactly
+/// what is detected).
 pub fn snapshot_image(
     store: &mut Store,
     path: &Path,
@@ -85,9 +198,8 @@ pub fn snapshot_image(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<ImageSnapshot, ImageError> {
     let started = Instant::now();
-    let before = stamp(path)?;
-    let size = before.0;
-    let file = File::open(path).map_err(io_err(path, "open image"))?;
+    let (file, before) = open_settled(path)?;
+    let size = before.size;
     let ps = u64::from(store.page_size());
     let parent = store.latest()?;
     let epoch = store
@@ -158,9 +270,7 @@ pub fn snapshot_image(
                 store.remove(v)?;
             }
         }
-        if stamp(path)? != before {
-            return Err(ImageError::Changed(path.to_path_buf()));
-        }
+        unchanged(&file, path, &before)?;
         let meta = SnapshotMeta {
             epoch,
             label,

@@ -15,7 +15,18 @@
 //!   written by the next one.
 //! - **Restore**: [`Space::restore`] rebuilds any retained snapshot; [`Space::open`] takes the
 //!   newest one that restores, falling back past damaged ones and saying so; [`Space::open_lazy`]
-//!   loads each page from the store on first access (O(1) open, O(1) first touch).
+//!   loads each page from the store on first access (O(1) open, O(1) first touch), through a
+//!   read-only store handle and before taking any lock, so a fault never waits for a snapshot's
+//!   commit.
+//! - **The snapshot a space stands on stays**: its last snapshot (the next one's parent, a lazy
+//!   space's source) is pinned in the store; deleting it through [`Space::with_store`] fails with
+//!   [`StoreError::Pinned`].
+//! - **A panic while persisting is an error, not a wedge**: the store's pending snapshot is
+//!   aborted, [`SnapshotHandle::wait`] returns [`EngineError::PersistPanicked`], nothing advances.
+//!
+//! Locks: the mutators' gate, 256 page stripes, the mapping blocks, the copy-on-write map and the
+//! frames, in that order; the store is taken only by the persisting thread and `with_store`, never
+//! by a mutator, and no store I/O happens under a lock a mutator needs (`docs/concurrency.md`).
 //! - Mapped-but-zero pages survive: mappings are persisted as bitmap blocks (one store page per
 //!   `8 × page size` pages) under store keys at and above 2^62, beside the page data.
 //!
@@ -44,11 +55,15 @@ use rayon::prelude::*;
 
 use pagesnap_epochtree::{EpochTree, EpochTreeError, EpochView};
 use pagesnap_pagetable::{
-    Epoch, Page, PageFlags, PageSize, PageTable, PageTableError, PhysAddr, VirtAddr, Vpn,
+    BlockingLock, Epoch, Fmix64, Page, PageFlags, PageSize, PageTable, PageTableError, PhysAddr,
+    VirtAddr, Vpn,
 };
-use pagesnap_store::{SnapshotId, SnapshotMeta, Store, StoreError};
+use pagesnap_store::{
+    Mode, SharedStorage, SnapshotId, SnapshotMeta, Store, StoreError, StoreOptions,
+};
 use parking_lot::{Condvar, Mutex, RwLock};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,6 +71,14 @@ use std::time::{Duration, Instant};
 /// Store (and epoch-tree) keys at and above this hold mapping bitmaps, not pages.
 pub const MAP_KEY_BASE: u64 = 1 << 62;
 const STRIPES: usize = 256;
+
+/// The engine's page table: writers (map, unmap, a page's first write in an epoch, a snapshot's
+/// commit clearing `PHYS_DIRTY`) park on a parking_lot mutex instead of spinning. The spin lock is
+/// the page table's `no_std` default, for a kernel that cannot be preempted while holding it; in a
+/// process, a writer preempted while holding a spin lock makes every other writer burn its time
+/// slice (on a 2-core machine shared with other work, whole slices), so the engine blocks instead.
+/// Readers (`get_page`) take no lock either way.
+type Table = PageTable<Fmix64, BlockingLock>;
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +107,19 @@ pub enum EngineError {
     /// The background snapshot thread died.
     #[error("the snapshot writer thread panicked; the pages it was writing are still dirty")]
     WriterPanicked,
+    /// Persisting the snapshot panicked (in the store or its storage backend). The snapshot was not
+    /// recorded: the store's pending snapshot was aborted, the space's last snapshot and dirty
+    /// pages are unchanged, and the next snapshot writes every page this one would have.
+    #[error("persisting the snapshot panicked ({0}); nothing advanced, its pages stay dirty and the next snapshot writes them")]
+    PersistPanicked(String),
+    /// A lazy space could not open its read-only handle on the store.
+    #[error("a lazy space reads pages through a second, read-only handle on the store, and {location} does not open as the same store ({detail}); for a store not on the file system use Space::open_lazy_with / restore_lazy_with with its Storage")]
+    LazyReader {
+        /// The store's location.
+        location: PathBuf,
+        /// Why.
+        detail: String,
+    },
     /// An internal epoch-tree query failed.
     #[error(transparent)]
     Epochs(#[from] EpochTreeError),
@@ -145,9 +181,52 @@ struct Persisted {
     id: Option<SnapshotId>,
 }
 
+/// Where a lazy space's read-only store handles come from.
+#[derive(Clone, Debug)]
+enum ReaderIo {
+    /// A std::fs store directory: each handle has its own `FsStorage` (its own open files), so a
+    /// lazy read never waits for the writer's backend, and a handle dropped after a gc lets go of
+    /// the removed segments.
+    Dir(PathBuf),
+    /// The caller's backend (shared with the writer).
+    Shared(SharedStorage),
+}
+
+impl ReaderIo {
+    fn open(&self) -> Result<Store, StoreError> {
+        match self {
+            ReaderIo::Dir(dir) => Store::open(dir, Mode::Read).map(|(s, _)| s),
+            ReaderIo::Shared(io) => {
+                Store::open_with(io.clone(), Mode::Read, StoreOptions::default()).map(|(s, _)| s)
+            }
+        }
+    }
+}
+
+/// What a lazy space reads never-touched pages and mapping blocks from: a read-only handle on the
+/// store (the last committed state when it was opened) and a snapshot in it. Every page not yet
+/// resident and every block not yet loaded is unchanged since the space was opened, so it is the
+/// same in the source snapshot and in every snapshot the space committed since; the source is
+/// moved to each new snapshot when it commits, and is always pinned.
+struct LazySource {
+    reader: Store,
+    id: SnapshotId,
+    io: ReaderIo,
+}
+
+impl LazySource {
+    fn open(io: ReaderIo, id: SnapshotId) -> Result<LazySource, StoreError> {
+        Ok(LazySource {
+            reader: io.open()?,
+            id,
+            io,
+        })
+    }
+}
+
 struct Inner {
     ps: PageSize,
-    table: PageTable,
+    table: Table,
     frames: RwLock<Vec<Arc<Frame>>>,
     free: Mutex<Vec<usize>>,
     maps: Mutex<BTreeMap<u64, MapBlock>>,
@@ -159,8 +238,44 @@ struct Inner {
     idle: Condvar,
     persisted: Mutex<Persisted>,
     store: Mutex<Store>,
-    lazy: Option<SnapshotId>,
+    /// A lazy space: pages and mapping blocks not in memory are read from the source.
+    lazy_mode: bool,
+    /// The lazy source. Held only to clone or swap the `Arc`: no I/O under it.
+    lazy: Mutex<Option<Arc<LazySource>>>,
+    /// The snapshots this space pinned in the store (its parent and its lazy source).
+    pins: Mutex<BTreeSet<SnapshotId>>,
     stripes: Vec<Mutex<()>>,
+}
+
+/// Ends a snapshot's persisting on every path, a panic included: aborts the store's pending
+/// snapshot unless persisting ended normally (it commits or aborts by itself then), clears the
+/// job, and lets the next snapshot (and `with_store`) in.
+struct Finish<'a> {
+    inner: &'a Inner,
+    store_clean: bool,
+}
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        if !self.store_clean {
+            // A no-op when nothing is pending; parking_lot mutexes are not poisoned, and the
+            // persister's guard on the store was released when it unwound.
+            self.inner.store.lock().abort();
+        }
+        *self.inner.job.write() = None;
+        *self.inner.running.lock() = false;
+        self.inner.idle.notify_all();
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with a non-string payload".to_string()
+    }
 }
 
 /// A persistent virtual address space backed by a snapshot store.
@@ -199,7 +314,8 @@ impl SnapshotHandle {
         }
     }
 
-    /// Waits for the snapshot to commit.
+    /// Waits for the snapshot to commit. A panic while persisting is returned as
+    /// [`EngineError::PersistPanicked`] (the space stays usable; nothing advanced).
     pub fn wait(mut self) -> Result<SnapshotReport, EngineError> {
         self.release();
         self.thread
@@ -214,16 +330,24 @@ fn bits_shift(ps: PageSize) -> u32 {
 
 impl Inner {
     fn new(
-        store: Store,
-        lazy: Option<SnapshotId>,
+        mut store: Store,
+        lazy: Option<LazySource>,
         persisted: Persisted,
     ) -> Result<Inner, EngineError> {
         let ps = PageSize::from_bytes(u64::from(store.page_size()))
             .ok_or(EngineError::PageSize(store.page_size()))?;
         let next = persisted.epoch.next();
+        let pins: BTreeSet<SnapshotId> = persisted
+            .id
+            .into_iter()
+            .chain(lazy.as_ref().map(|l| l.id))
+            .collect();
+        for id in &pins {
+            store.pin(*id);
+        }
         Ok(Inner {
             ps,
-            table: PageTable::with_config(ps, 0),
+            table: Table::with_config(ps, 0),
             frames: RwLock::new(Vec::new()),
             free: Mutex::new(Vec::new()),
             maps: Mutex::new(BTreeMap::new()),
@@ -235,7 +359,9 @@ impl Inner {
             idle: Condvar::new(),
             persisted: Mutex::new(persisted),
             store: Mutex::new(store),
-            lazy,
+            lazy_mode: lazy.is_some(),
+            lazy: Mutex::new(lazy.map(Arc::new)),
+            pins: Mutex::new(pins),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
         })
     }
@@ -281,7 +407,96 @@ impl Inner {
         PhysAddr((idx as u64) << self.ps.shift())
     }
 
-    /// The mapping block of `vpn`, loading it from the lazy source on first use. `maps` held.
+    fn lazy_source(&self) -> Option<Arc<LazySource>> {
+        self.lazy.lock().clone()
+    }
+
+    /// Reads `key` (a page, or a mapping block at `MAP_KEY_BASE + block`) from the lazy source.
+    /// Takes no lock of the space while reading: callers hold none either (entry points load what
+    /// they need before taking the gate or a stripe). A read through a handle that went stale — the
+    /// source moved to a newer snapshot, or a gc removed the segments it names — is retried on a
+    /// fresh handle; reads are checked (crc32, blake3), so a stale handle fails, never lies.
+    fn lazy_read(&self, key: u64) -> Result<Option<Vec<u8>>, EngineError> {
+        let Some(mut src) = self.lazy_source() else {
+            return Ok(None);
+        };
+        let mut attempts = 0;
+        loop {
+            let err = match src.reader.read_page(src.id, Vpn(key)) {
+                Ok(content) => return Ok(content),
+                Err(e) => e,
+            };
+            attempts += 1;
+            if attempts > 3 {
+                return Err(err.into());
+            }
+            match self.lazy_source() {
+                Some(now) if !Arc::ptr_eq(&now, &src) => src = now,
+                _ => {
+                    let Ok(fresh) = LazySource::open(src.io.clone(), src.id) else {
+                        return Err(err.into());
+                    };
+                    if fresh.reader.generation() == src.reader.generation() {
+                        // The store did not move on: the error is the store's answer.
+                        return Err(err.into());
+                    }
+                    let fresh = Arc::new(fresh);
+                    let mut slot = self.lazy.lock();
+                    if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, &src)) {
+                        *slot = Some(fresh.clone());
+                    }
+                    drop(slot);
+                    src = fresh;
+                }
+            }
+        }
+    }
+
+    /// Loads the mapping blocks covering `vpns` from the lazy source, without holding the blocks'
+    /// lock while reading; a block loaded meanwhile by another thread wins. A block the source
+    /// does not have is installed empty, so it is never looked for again.
+    fn ensure_blocks(&self, vpns: std::ops::Range<u64>) -> Result<(), EngineError> {
+        if !self.lazy_mode || vpns.is_empty() {
+            return Ok(());
+        }
+        let shift = bits_shift(self.ps);
+        for b in (vpns.start >> shift)..=((vpns.end - 1) >> shift) {
+            if self.maps.lock().contains_key(&b) {
+                continue;
+            }
+            let bits = self.lazy_read(MAP_KEY_BASE + b)?;
+            self.maps.lock().entry(b).or_insert_with(|| MapBlock {
+                bits: bits.unwrap_or_else(|| vec![0; self.ps.bytes() as usize]),
+                epoch: Epoch(0),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads from the lazy source every page of `vpns` that is mapped but not resident, holding
+    /// no lock while reading. Such a page has never been touched since the space was opened (a
+    /// fault makes a page resident, and only `unmap` makes it non-resident again), so what is read
+    /// is still its content when it is installed under its stripe. Mapping blocks loaded first.
+    fn prefetch(
+        &self,
+        vpns: std::ops::Range<u64>,
+    ) -> Result<HashMap<u64, Option<Vec<u8>>>, EngineError> {
+        let mut loaded = HashMap::new();
+        if !self.lazy_mode {
+            return Ok(loaded);
+        }
+        self.ensure_blocks(vpns.clone())?;
+        for vpn in vpns {
+            if self.table.get_page(self.ps.addr(Vpn(vpn))).is_none() && self.is_mapped(vpn)? {
+                loaded.insert(vpn, self.lazy_read(vpn)?);
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// The mapping block `b`. `maps` held. In a lazy space the entry points load blocks before
+    /// taking any lock ([`Inner::ensure_blocks`]) and blocks are never evicted, so this finds it;
+    /// were one missing, it is read here (under the lock: correct, only slower).
     fn block<'a>(
         &self,
         maps: &'a mut BTreeMap<u64, MapBlock>,
@@ -290,8 +505,10 @@ impl Inner {
         match maps.entry(b) {
             std::collections::btree_map::Entry::Occupied(o) => Ok(Some(o.into_mut())),
             std::collections::btree_map::Entry::Vacant(v) => {
-                let Some(id) = self.lazy else { return Ok(None) };
-                let bits = self.store.lock().read_page(id, Vpn(MAP_KEY_BASE + b))?;
+                if !self.lazy_mode {
+                    return Ok(None);
+                }
+                let bits = self.lazy_read(MAP_KEY_BASE + b)?;
                 Ok(bits.map(|bits| {
                     v.insert(MapBlock {
                         bits,
@@ -311,17 +528,26 @@ impl Inner {
             .is_some_and(|b| b.bits[(bit / 8) as usize] & (1 << (bit % 8)) != 0))
     }
 
-    /// The resident descriptor of a mapped page, faulting it in from the lazy source. Stripe held.
-    fn resident(&self, vpn: u64) -> Result<Option<Page>, EngineError> {
+    /// The resident descriptor of a mapped page, installing it from `loaded` (the lazy source's
+    /// content, read by [`Inner::prefetch`] with no lock held) if it is not resident. Stripe held.
+    fn resident(
+        &self,
+        vpn: u64,
+        loaded: &mut HashMap<u64, Option<Vec<u8>>>,
+    ) -> Result<Option<Page>, EngineError> {
         let vaddr = self.ps.addr(Vpn(vpn));
         if let Some(p) = self.table.get_page(vaddr) {
             return Ok(Some(p));
         }
-        let Some(id) = self.lazy else { return Ok(None) };
-        if !self.is_mapped(vpn)? {
+        if !self.lazy_mode || !self.is_mapped(vpn)? {
             return Ok(None);
         }
-        let content = self.store.lock().read_page(id, Vpn(vpn))?;
+        let content = match loaded.remove(&vpn) {
+            Some(c) => c,
+            // Mapped and not resident now means mapped and not resident at the prefetch too (no
+            // operation leads into that state), so this is not reached; reading here is correct.
+            None => self.lazy_read(vpn)?,
+        };
         let paddr = self.alloc_frame(content.as_deref());
         let page = Page {
             paddr,
@@ -330,6 +556,36 @@ impl Inner {
         };
         self.table.set_page(page)?;
         Ok(Some(page))
+    }
+
+    /// Pins in the store the snapshots the space stands on — its last snapshot (the parent of the
+    /// next) and its lazy source — and unpins those it no longer does. `store` is the space's.
+    fn sync_pins(&self, store: &mut Store) {
+        let mut need: BTreeSet<SnapshotId> = self.persisted.lock().id.into_iter().collect();
+        need.extend(self.lazy_source().map(|l| l.id));
+        let mut pins = self.pins.lock();
+        for id in pins.difference(&need) {
+            store.unpin(*id);
+        }
+        for id in need.difference(&pins) {
+            store.pin(*id);
+        }
+        *pins = need;
+    }
+
+    /// After a commit or a `with_store`: a lazy space reads from `id` (its newest snapshot) through
+    /// a handle that sees the store's current state. No lock held while opening; on failure the
+    /// old source stays (and stays pinned).
+    fn refresh_lazy(&self, id: SnapshotId, generation: u64) {
+        let Some(src) = self.lazy_source() else {
+            return;
+        };
+        if src.id == id && src.reader.generation() == generation {
+            return;
+        }
+        if let Ok(fresh) = LazySource::open(src.io.clone(), id) {
+            *self.lazy.lock() = Some(Arc::new(fresh));
+        }
     }
 
     /// Locks the stripes of every page in `vpns`, in stripe order (all of them for a large range).
@@ -349,6 +605,7 @@ impl Inner {
         &self,
         addr: VirtAddr,
         vpns: std::ops::Range<u64>,
+        loaded: &mut HashMap<u64, Option<Vec<u8>>>,
     ) -> Result<Vec<Page>, EngineError> {
         let first = vpns.start;
         vpns.map(|vpn| {
@@ -357,7 +614,8 @@ impl Inner {
             } else {
                 self.ps.addr(Vpn(vpn))
             };
-            self.resident(vpn)?.ok_or(EngineError::NotMapped(at))
+            self.resident(vpn, loaded)?
+                .ok_or(EngineError::NotMapped(at))
         })
         .collect()
     }
@@ -472,7 +730,7 @@ impl Inner {
         let mut copied_on_write = 0u64;
         let parent = self.persisted.lock().id;
         self.store.lock().begin(parent)?;
-        let result = (|| {
+        let result = (|| -> Result<_, StoreError> {
             // In batches: take the states at the pause, hash them on every core, then store.
             for batch in keys.chunks(1024) {
                 let states: Vec<(u64, Option<Vec<u8>>)> = batch
@@ -511,9 +769,11 @@ impl Inner {
                 logical_size: mapped * self.ps.bytes(),
                 ..SnapshotMeta::default()
             };
-            self.store.lock().commit(meta)
+            let mut store = self.store.lock();
+            let commit = store.commit(meta)?;
+            Ok((commit, store.generation()))
         })();
-        let commit = match result {
+        let (commit, generation) = match result {
             Ok(c) => c,
             Err(e) => {
                 // The store rolls a failed commit back; this aborts a failed put. Nothing is marked
@@ -527,6 +787,10 @@ impl Inner {
             p.epoch = job.epoch;
             p.id = Some(commit.id);
         }
+        // The space stands on the new snapshot now: a lazy space reads its untouched pages from
+        // it, and the pins move to it (before `running` clears, so no `with_store` sees between).
+        self.refresh_lazy(commit.id, generation);
+        self.sync_pins(&mut self.store.lock());
         self.tree.lock().retire_before(job.epoch);
         for &key in keys.iter().filter(|k| **k < MAP_KEY_BASE) {
             self.table.update(self.ps.addr(Vpn(key)), |p| {
@@ -627,12 +891,46 @@ impl Space {
     }
 
     /// Like [`Space::restore`], but loads nothing up front: each page (and mapping block) is read
-    /// from the store on its first access.
+    /// from the store on its first access, through a second, read-only handle on the store's
+    /// directory ([`Store::location`]), so that a lazy fault never waits for a snapshot being
+    /// written. For a store on another [`pagesnap_store::Storage`], use
+    /// [`Space::restore_lazy_with`].
     pub fn restore_lazy(store: Store, id: SnapshotId) -> Result<Space, EngineError> {
+        let io = ReaderIo::Dir(store.location().to_path_buf());
+        Self::restore_lazy_on(store, id, io)
+    }
+
+    /// [`Space::restore_lazy`] reading pages through read-only handles opened on `io`, which must
+    /// be the store's own backend.
+    pub fn restore_lazy_with(
+        store: Store,
+        id: SnapshotId,
+        io: SharedStorage,
+    ) -> Result<Space, EngineError> {
+        Self::restore_lazy_on(store, id, ReaderIo::Shared(io))
+    }
+
+    fn restore_lazy_on(store: Store, id: SnapshotId, io: ReaderIo) -> Result<Space, EngineError> {
         let info = store.snapshot(id)?;
+        let not_same = |detail: String| EngineError::LazyReader {
+            location: store.location().to_path_buf(),
+            detail,
+        };
+        let source = LazySource::open(io, id).map_err(|e| not_same(e.to_string()))?;
+        // The handle must see this very store: same committed generation, same snapshot.
+        let seen = source
+            .reader
+            .snapshot(id)
+            .map_err(|e| not_same(e.to_string()))?;
+        if source.reader.generation() != store.generation() || seen.merkle_root != info.merkle_root
+        {
+            return Err(not_same(
+                "it holds a different state than the store handle given".into(),
+            ));
+        }
         let inner = Inner::new(
             store,
-            Some(id),
+            Some(source),
             Persisted {
                 epoch: info.epoch,
                 id: Some(id),
@@ -646,23 +944,31 @@ impl Space {
     /// Restores the newest snapshot that restores cleanly, passing over damaged newer ones (and
     /// saying which in [`Opened::damaged`]); an empty space if the store has no snapshot.
     pub fn open(store: Store) -> Result<(Space, Opened), EngineError> {
-        Self::open_with(store, false)
+        Self::open_with(store, None)
     }
 
     /// [`Space::open`] with lazy loading: O(1) in the number of pages. Damage inside a snapshot is
     /// found when the damaged page is first touched (as an error, never as wrong data); open only
     /// checks each candidate's manifest and index root.
+    /// Pages are read through a second, read-only handle on the store (see [`Space::restore_lazy`]).
     pub fn open_lazy(store: Store) -> Result<(Space, Opened), EngineError> {
-        Self::open_with(store, true)
+        let io = ReaderIo::Dir(store.location().to_path_buf());
+        Self::open_with(store, Some(io))
     }
 
-    fn open_with(store: Store, lazy: bool) -> Result<(Space, Opened), EngineError> {
+    /// [`Space::open_lazy`] reading pages through read-only handles opened on `io`, which must be
+    /// the store's own backend.
+    pub fn open_lazy_with(store: Store, io: SharedStorage) -> Result<(Space, Opened), EngineError> {
+        Self::open_with(store, Some(ReaderIo::Shared(io)))
+    }
+
+    fn open_with(store: Store, lazy: Option<ReaderIo>) -> Result<(Space, Opened), EngineError> {
         let mut opened = Opened::default();
         let ids = store.snapshot_ids()?;
         let mut store = Some(store);
         for id in ids.iter().rev() {
             let check = match store.as_ref() {
-                Some(s) if lazy => s.verify_root(*id),
+                Some(s) if lazy.is_some() => s.verify_root(*id),
                 Some(s) => s.verify(&[*id]).map(|r| {
                     r.damage
                         .iter()
@@ -676,8 +982,8 @@ impl Space {
                     let s = store
                         .take()
                         .unwrap_or_else(|| unreachable!("checked above"));
-                    let space = if lazy {
-                        Self::restore_lazy(s, *id)?
+                    let space = if let Some(io) = lazy {
+                        Self::restore_lazy_on(s, *id, io)?
                     } else {
                         Self::restore(s, *id)?
                     };
@@ -732,9 +1038,11 @@ impl Space {
     /// contents.
     pub fn map(&self, addr: VirtAddr, len: u64) -> Result<(), EngineError> {
         let inner = &self.inner;
+        let pages = self.pages(addr, len)?;
+        inner.ensure_blocks(pages.clone())?;
         let _g = inner.gate.read();
         let epoch = self.current_epoch();
-        for vpn in self.pages(addr, len)? {
+        for vpn in pages {
             let _s = inner.stripe(vpn).lock();
             if inner.is_mapped(vpn)? {
                 continue;
@@ -758,9 +1066,11 @@ impl Space {
     /// Unmaps the pages covering `[addr, addr + len)`; unmapped pages are skipped.
     pub fn unmap(&self, addr: VirtAddr, len: u64) -> Result<(), EngineError> {
         let inner = &self.inner;
+        let pages = self.pages(addr, len)?;
+        inner.ensure_blocks(pages.clone())?;
         let _g = inner.gate.read();
         let epoch = self.current_epoch();
-        for vpn in self.pages(addr, len)? {
+        for vpn in pages {
             let _s = inner.stripe(vpn).lock();
             if !inner.is_mapped(vpn)? {
                 continue;
@@ -789,8 +1099,9 @@ impl Space {
     pub fn read(&self, addr: VirtAddr, buf: &mut [u8]) -> Result<(), EngineError> {
         let pages = self.pages(addr, buf.len() as u64)?;
         let inner = &self.inner;
+        let mut loaded = inner.prefetch(pages.clone())?;
         let _locks = inner.lock_stripes(pages.clone());
-        let resident = inner.resident_range(addr, pages)?;
+        let resident = inner.resident_range(addr, pages, &mut loaded)?;
         inner.chunks(addr, buf.len(), |i, off, range| {
             buf[range.clone()]
                 .copy_from_slice(&inner.frame(&resident[i]).0.lock()[off..off + range.len()]);
@@ -803,10 +1114,12 @@ impl Space {
     pub fn write(&self, addr: VirtAddr, data: &[u8]) -> Result<Epoch, EngineError> {
         let pages = self.pages(addr, data.len() as u64)?;
         let inner = &self.inner;
+        // Lazy content is read before any lock (the gate included, so the pause never waits for it).
+        let mut loaded = inner.prefetch(pages.clone())?;
         let _g = inner.gate.read();
         let epoch = self.current_epoch();
         let _locks = inner.lock_stripes(pages.clone());
-        let resident = inner.resident_range(addr, pages)?;
+        let resident = inner.resident_range(addr, pages, &mut loaded)?;
         for page in &resident {
             if page.epoch < epoch {
                 let vpn = inner.ps.vpn(page.vaddr);
@@ -875,15 +1188,28 @@ impl Space {
         let thread = std::thread::Builder::new()
             .name("pagesnap-snapshot".into())
             .spawn(move || {
+                // Resets the job and `running` and wakes waiters on every path, a panic included.
+                let mut finish = Finish {
+                    inner: &inner,
+                    store_clean: false,
+                };
                 if held {
                     // Released by `release` or `wait`; a dropped handle releases too.
                     let _ = go.recv();
                 }
-                let result = inner.persist(&job, started, pause);
-                *inner.job.write() = None;
-                *inner.running.lock() = false;
-                inner.idle.notify_all();
-                result
+                // A panic in persisting (a panicking Storage, a bug in the store) becomes an
+                // error: nothing was marked persisted (that happens last, after the commit), so
+                // the pages stay dirty; `finish` aborts the store's pending snapshot.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    finish.inner.persist(&job, started, pause)
+                }));
+                match result {
+                    Ok(r) => {
+                        finish.store_clean = true;
+                        r
+                    }
+                    Err(payload) => Err(EngineError::PersistPanicked(panic_message(&*payload))),
+                }
             })
             .map_err(|e| {
                 *self.inner.job.write() = None;
@@ -902,14 +1228,26 @@ impl Space {
         })
     }
 
-    /// Runs `f` on the store (e.g. to list or verify snapshots) while no snapshot is persisting.
+    /// Runs `f` on the store (e.g. to list, verify, delete snapshots, gc) while no snapshot is
+    /// persisting. The snapshot the space stands on — its last snapshot, the parent of the next,
+    /// which is also a lazy space's source — is pinned: deleting it fails with
+    /// [`StoreError::Pinned`] and changes nothing. (Pins are a set: unpinning it here lifts the
+    /// space's pin.) After `f`, a lazy space's read-only handle is reopened if the store changed
+    /// (e.g. a gc moved the records it reads).
     pub fn with_store<R>(&self, f: impl FnOnce(&mut Store) -> R) -> R {
         let inner = &self.inner;
         let mut running = inner.running.lock();
         while *running {
             inner.idle.wait(&mut running);
         }
-        let r = f(&mut inner.store.lock());
+        let (r, generation) = {
+            let mut store = inner.store.lock();
+            let r = f(&mut store);
+            (r, store.generation())
+        };
+        if let Some(id) = inner.persisted.lock().id.filter(|_| inner.lazy_mode) {
+            inner.refresh_lazy(id, generation);
+        }
         drop(running);
         r
     }

@@ -208,8 +208,10 @@ fn open_passes_over_a_damaged_newest_snapshot_and_lazy_reads_refuse_damaged_page
     drop(space);
 
     // Lazily, the damage is met on first touch of that page: an error, never wrong bytes.
-    let store = Store::open_with(io, Mode::Write, opts()).expect("open").0;
-    let (space, opened) = Space::open_lazy(store).expect("open lazily");
+    let store = Store::open_with(io.clone(), Mode::Write, opts())
+        .expect("open")
+        .0;
+    let (space, opened) = Space::open_lazy_with(store, io).expect("open lazily");
     assert_eq!(opened.snapshot, Some(s2));
     let mut b = vec![0u8; PS as usize];
     let err = space

@@ -70,3 +70,67 @@ fn an_incremental_image_snapshot_writes_only_changed_pages() {
     restore_image(&store, second.id, &out, &|_| {}).expect("restore");
     assert!(std::fs::read(&out).expect("read") == data);
 }
+
+/// The progress callback of the second snapshot runs between batches: it rewrites one page of a
+/// batch already read (same size) and puts the modification time back exactly.
+fn snapshot_while(tamper: impl Fn(&std::path::Path) + Sync) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("live.img");
+    std::fs::write(&path, image(3000, 7)).expect("write");
+    let mut store = Store::init(dir.path().join("store"), StoreOptions::default()).expect("store");
+    let first = snapshot_image(&mut store, &path, None, &|_| {}).expect("first snapshot");
+    let once = std::sync::Once::new();
+    let during = |done: u64| {
+        if done > 0 && done < 3000 * 4096 {
+            once.call_once(|| tamper(&path));
+        }
+    };
+    let err = snapshot_image(&mut store, &path, None, &during).expect_err("changed under us");
+    assert!(
+        matches!(err, ImageError::Changed(_))
+            && err.to_string().contains("nothing was committed")
+            && err.to_string().contains("live.img"),
+        "{err}"
+    );
+    assert!(once.is_completed(), "the image was changed during the read");
+    assert_eq!(store.latest().expect("latest"), Some(first.id));
+    assert_eq!(store.snapshot_ids().expect("ids"), vec![first.id]);
+}
+
+#[test]
+fn a_write_during_the_read_whose_mtime_is_put_back_is_refused() {
+    snapshot_while(|path| {
+        let mtime = std::fs::metadata(path)
+            .expect("stat")
+            .modified()
+            .expect("mtime");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .expect("open");
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0xAB; 64], 5).expect("write");
+        f.set_modified(mtime).expect("put the mtime back");
+        drop(f);
+        let now = std::fs::metadata(path).expect("stat");
+        assert_eq!(now.modified().expect("mtime"), mtime, "mtime restored");
+        assert_eq!(now.len(), 3000 * 4096, "same size");
+    });
+}
+
+#[test]
+fn an_image_replaced_during_the_read_by_another_file_is_refused() {
+    snapshot_while(|path| {
+        let old = std::fs::metadata(path).expect("stat");
+        let other = path.with_extension("new");
+        let mut data = std::fs::read(path).expect("read");
+        data[5] ^= 1;
+        std::fs::write(&other, &data).expect("write");
+        std::fs::File::options()
+            .write(true)
+            .open(&other)
+            .expect("open")
+            .set_modified(old.modified().expect("mtime"))
+            .expect("mtime");
+        std::fs::rename(&other, path).expect("rename over the image");
+    });
+}

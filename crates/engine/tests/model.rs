@@ -174,7 +174,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 let store = reopen(&io);
                 space = Some(
                     if *lazy {
-                        Space::restore_lazy(store, id)
+                        Space::restore_lazy_with(store, id, io.clone())
                     } else {
                         Space::restore(store, id)
                     }
@@ -186,7 +186,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 drop(space.take());
                 let store = reopen(&io);
                 let (s, opened) = if *lazy {
-                    Space::open_lazy(store)
+                    Space::open_lazy_with(store, io.clone())
                 } else {
                     Space::open(store)
                 }
