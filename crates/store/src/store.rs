@@ -963,9 +963,64 @@ impl Store {
     // ------------------------------------------------------------------------------------------
     // Writing a snapshot
 
+    /// After a superblock write whose outcome is unknown (it failed and so did its undo, or the
+    /// backend panicked during it): reads back which state the superblock holds, makes both slots
+    /// hold it, and carries on from it. The writer lock is still ours, so nobody else changed
+    /// anything; a commit that reached its slot is kept whole (its records were synced first).
+    /// If the superblock cannot be read or rewritten, the writer stays in doubt.
+    fn recover_in_doubt(&mut self) -> Result<(), StoreError> {
+        if !self.writer.as_ref().is_some_and(|w| w.in_doubt) {
+            return Ok(());
+        }
+        let in_doubt = StoreError::InDoubt {
+            path: self.io.location().into(),
+        };
+        let Ok(read) = Self::read_superblock(&*self.io) else {
+            return Err(in_doubt);
+        };
+        if read.other != OtherSlot::Same {
+            let at = (1 - read.slot) as u64 * SLOT_SIZE as u64;
+            if self
+                .io
+                .write(SUPERBLOCK_FILE, at, &read.sb.encode())
+                .and_then(|_| self.io.sync(SUPERBLOCK_FILE))
+                .is_err()
+            {
+                return Err(in_doubt);
+            }
+        }
+        let sb = read.sb;
+        let Ok(cap) = self.io.len(&seg_name(sb.active_segment)) else {
+            return Err(in_doubt);
+        };
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let Some(w) = self.writer.as_mut() else {
+            return Err(in_doubt);
+        };
+        for id in w.created.drain(..) {
+            if sb.segments.binary_search(&id).is_err() {
+                // Ours and unlisted by the state read back; open would remove it too.
+                let _ = self.io.remove(&seg_name(id));
+            }
+        }
+        w.segments = sb.segments.clone();
+        w.seg = sb.active_segment;
+        w.off = sb.active_len;
+        w.cap = cap;
+        w.touched.clear();
+        w.buf.clear();
+        w.pending = None;
+        w.dir_dirty = true;
+        w.in_doubt = false;
+        w.degraded = false;
+        self.sb = sb;
+        Ok(())
+    }
+
     /// Starts a snapshot whose pages are those of `parent` (or none) plus what `put` and
     /// `remove` change.
     pub fn begin(&mut self, parent: Option<SnapshotId>) -> Result<(), StoreError> {
+        self.recover_in_doubt()?;
         self.write_io()?;
         self.idle_writer("a snapshot is already being written; commit or abort it first")?;
         let (base_root, base_count) = match parent {
@@ -1327,6 +1382,7 @@ impl Store {
     /// Deletes snapshots (a commit). Their space is reclaimed by [`Store::gc`]. A pinned snapshot
     /// is refused with [`StoreError::Pinned`] and nothing is deleted.
     pub fn delete(&mut self, ids: &[SnapshotId]) -> Result<(), StoreError> {
+        self.recover_in_doubt()?;
         self.idle_writer("a snapshot is being written; commit or abort it before deleting")?;
         let known = self.snapshot_ids()?;
         if let Some(missing) = ids.iter().find(|id| !known.contains(id)) {
@@ -1419,6 +1475,7 @@ impl Store {
     /// segments, committing, then removing the old segments. Crash-safe: until the commit the old
     /// state is intact; after it, old segments are leftovers that open removes.
     pub fn gc(&mut self) -> Result<GcReport, StoreError> {
+        self.recover_in_doubt()?;
         self.idle_writer("a snapshot is being written; commit or abort it before gc")?;
         let before = self.check()?;
         if before.leaked_bytes == 0 {
