@@ -11,8 +11,12 @@
 //!   ([`docs/format.md`](../../docs/format.md)) sharing every unchanged node with its parent, so
 //!   a snapshot that changes D pages writes O(D · depth) metadata, and a lookup reads one path.
 //!   Each node carries a Merkle hash; a snapshot's Merkle root names its contents.
-//! - **Atomic commit**: data and index are synced, then the other superblock slot is written and
-//!   synced. A snapshot is entirely there after a crash, or not at all.
+//! - **Atomic, redundant commit**: data and index are synced, then the new state is written and
+//!   synced into one superblock slot (the commit point) and then the other. A snapshot is entirely
+//!   there after a crash, or not at all, and one damaged slot hides nothing.
+//! - **Recovery that proves before it deletes**: a writer locks before it reads, checks every
+//!   listed segment, makes both slots agree, and only then removes leftovers (or quarantines them
+//!   when a slot was damaged).
 //! - **Damage is contained and reported**: every read is checked (crc32, blake3, Merkle) and
 //!   never returns wrong bytes; [`Store::verify`] lists damaged snapshots and pages; open reports
 //!   the newest snapshot that still reads back.
@@ -164,9 +168,10 @@ impl fmt::Display for SnapshotId {
 pub struct StoreOptions {
     /// Bytes per page: a power of two, 512 B to 16 MiB. Fixed when the store is created.
     pub page_size: u32,
-    /// A segment file is closed once it reaches this size.
+    /// A segment file is closed once it reaches this size. Recorded in the superblock when the
+    /// store is created; opening a format 2 store uses the recorded size, not this one.
     pub segment_bytes: u64,
-    /// Segment files grow in steps of this many bytes (pre-sized for the memory map).
+    /// Segment files grow in steps of this many bytes (pre-sized, so appends rarely extend the file).
     pub preallocate: u64,
     /// Pending page changes held in memory before they are applied to an intermediate index root
     /// (bounds a snapshot's memory; superseded intermediate nodes are reclaimed by gc).
