@@ -43,6 +43,13 @@ impl Ctx {
                 report.generation
             );
         }
+        for seg in &report.damaged_segments {
+            eprintln!(
+                "pagesnap: warning: the header of {} in {} is damaged; its records are still checked one by one: run `pagesnap verify`",
+                seg,
+                dir.display()
+            );
+        }
         for q in &report.quarantined {
             eprintln!(
                 "pagesnap: warning: {} holds a segment file no superblock slot lists; set aside as {q} (not deleted: remove it once `pagesnap verify` is clean)",

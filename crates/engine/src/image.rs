@@ -24,7 +24,11 @@
 //! then a write after the first `fstat` lands in a later tick and moves `ctime`.
 //!
 //! Not caught: a change made through a different inode that the path does not name at the end
-//! (nothing of it is in the bytes read anyway), and a change with the clock set back. Not part of
+//! (nothing of it is in the bytes read anyway); a change with the clock set back; and stores
+//! through a shared memory map (`MAP_SHARED`) of the image into pages already dirty and writable,
+//! which the kernel does not timestamp (a virtual machine whose disk image is memory-mapped by a
+//! running hypervisor writes that way). Such an image must be quiesced first: stop or pause the
+//! writer (or snapshot a reflink copy), as for any copy of a live disk. Not part of
 //! this snapshot: whatever a writer writes after the final `fstat` (a writer that keeps the file
 //! open may write then; that write is in the next snapshot, not this one). A snapshot of an image
 //! that is being written is therefore either refused or a copy of the file as it was, unchanged,

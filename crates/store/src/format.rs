@@ -289,6 +289,18 @@ pub(crate) struct Superblock {
     pub(crate) segments: Vec<u32>,
     /// The size at which the writer moves to a new segment (0: not recorded, a version 1 store).
     pub(crate) segment_bytes: u64,
+    /// The format version the slot was read in (encoding always writes [`FORMAT_VERSION`]).
+    pub(crate) version: u32,
+}
+
+impl Superblock {
+    /// The same committed state, whichever format version each was read in.
+    pub(crate) fn same_state(&self, other: &Superblock) -> bool {
+        Superblock {
+            version: other.version,
+            ..self.clone()
+        } == *other
+    }
 }
 
 /// `ids` (ascending, distinct) as runs of consecutive ids: (first, count).
@@ -426,6 +438,7 @@ impl Superblock {
             active_len,
             segments,
             segment_bytes,
+            version,
         })
     }
 }
@@ -492,6 +505,7 @@ mod tests {
             active_len: 1234,
             segments: vec![1, 2, 5, 6, 7],
             segment_bytes: 1 << 20,
+            version: FORMAT_VERSION,
         };
         let bytes = sb.encode();
         assert_eq!(bytes.len(), SLOT_SIZE);
@@ -531,6 +545,7 @@ mod tests {
             active_len: 64,
             segments: (1..=100_000).collect(),
             segment_bytes: 256 << 20,
+            version: FORMAT_VERSION,
         };
         assert_eq!(Superblock::decode(&sb.encode()), Ok(sb));
         // A run longer than any store may hold, or overlapping runs, is refused without a large

@@ -270,6 +270,9 @@ pub struct OpenReport {
     /// Files a writer's open set aside instead of removing (segment files no slot lists, found
     /// while a slot was damaged): renamed to `quarantine-…`, never deleted by pagesnap.
     pub quarantined: Vec<String>,
+    /// Listed segment files whose header is damaged (their records are still read, each checked
+    /// by its own crc32 and hashes; verify names them).
+    pub damaged_segments: Vec<String>,
     /// The newest snapshot whose manifest and index root read back.
     pub latest: Option<SnapshotId>,
     /// Newer snapshots passed over because they are damaged (newest first).

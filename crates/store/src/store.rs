@@ -75,8 +75,9 @@ pub struct Store {
     sb: Superblock,
     cache: Mutex<HashMap<NodePtr, Arc<Node>>>,
     writer: Option<Writer>,
-    /// Snapshots `delete` refuses: they are in use by whoever holds the store.
-    pinned: BTreeSet<SnapshotId>,
+    /// Snapshots `delete` refuses, with how many pins each holds: they are in use by whoever
+    /// holds the store.
+    pinned: BTreeMap<SnapshotId, usize>,
 }
 
 /// What the superblock slot not in use holds.
@@ -121,6 +122,13 @@ impl SlotsRead {
             file.display(),
             self.sb.generation
         ))
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // A commit whose second superblock copy failed: one more try before the lock is released.
+        self.restore_redundancy();
     }
 }
 
@@ -520,6 +528,7 @@ impl Store {
             active_len: SEG_HEADER,
             segments: vec![1],
             segment_bytes: opts.segment_bytes,
+            version: FORMAT_VERSION,
         };
         io.create(SUPERBLOCK_FILE)
             .map_err(io_err(&*io, SUPERBLOCK_FILE, "create superblock"))?;
@@ -541,7 +550,7 @@ impl Store {
             opts,
             sb,
             cache: Mutex::new(HashMap::new()),
-            pinned: BTreeSet::new(),
+            pinned: BTreeMap::new(),
             writer: Some(writer),
         })
     }
@@ -632,7 +641,7 @@ impl Store {
         };
         let other = &slots[1 - slot];
         let state = match other {
-            Ok(o) if o == sb => OtherSlot::Same,
+            Ok(o) if o.same_state(sb) => OtherSlot::Same,
             Ok(o) => OtherSlot::Older(o.generation),
             Err(SlotError::Empty) => OtherSlot::Empty,
             Err(_) => OtherSlot::Damaged,
@@ -662,12 +671,16 @@ impl Store {
         };
         let read = Self::read_superblock(&*io)?;
         let sb = read.sb.clone();
+        let mut damaged_segments = Vec::new();
         for id in &sb.segments {
             let name = seg_name(*id);
             let mut head = [0u8; 8];
             match io.read(&name, 0, &mut head) {
                 Ok(()) if head == SEG_MAGIC => {}
-                Ok(()) => return Err(corrupt(&*io, &name, "segment header", 0, "bad magic")),
+                // Records carry their own checks: a damaged header hides nothing by itself, so
+                // it is reported (and verify names it), not fatal.
+                Ok(()) => damaged_segments.push(name),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => damaged_segments.push(name),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     return Err(corrupt(
                         &*io,
@@ -689,6 +702,7 @@ impl Store {
             superblock_slot: read.slot,
             damaged_slot: read.other == OtherSlot::Damaged,
             superblock_note: read.note(&*io),
+            damaged_segments,
             ..OpenReport::default()
         };
         let writer = match lock {
@@ -715,7 +729,13 @@ impl Store {
                         continue;
                     }
                     if read.other == OtherSlot::Damaged {
-                        let to = format!("quarantine-{n}");
+                        // A name nothing else has: quarantined files are never replaced.
+                        let mut to = format!("quarantine-g{}-{n}", sb.generation);
+                        let mut k = 1;
+                        while names.contains(&to) || report.quarantined.contains(&to) {
+                            to = format!("quarantine-g{}-{k}-{n}", sb.generation);
+                            k += 1;
+                        }
                         io.rename(n, &to).map_err(io_err(
                             &*io,
                             n,
@@ -749,7 +769,7 @@ impl Store {
             opts,
             sb,
             cache: Mutex::new(HashMap::new()),
-            pinned: BTreeSet::new(),
+            pinned: BTreeMap::new(),
             writer,
         };
         // Damage containment: the newest snapshot whose manifest and index root read back.
@@ -964,10 +984,12 @@ impl Store {
     // Writing a snapshot
 
     /// After a superblock write whose outcome is unknown (it failed and so did its undo, or the
-    /// backend panicked during it): reads back which state the superblock holds, makes both slots
-    /// hold it, and carries on from it. The writer lock is still ours, so nobody else changed
-    /// anything; a commit that reached its slot is kept whole (its records were synced first).
-    /// If the superblock cannot be read or rewritten, the writer stays in doubt.
+    /// backend panicked during it), before anything else: the failed commit used generation
+    /// g + 1 and may be on the disk in one slot, whatever a read says (after a failed `fsync` a
+    /// read can come from the cache). So the committed state is written at generation g + 2 into
+    /// both slots, each synced: it outranks the failed commit wherever that landed, and only then
+    /// may the failed commit's record space be reused. The writer lock is still ours, so nobody
+    /// else changed anything. If the writes fail, the writer stays in doubt.
     fn recover_in_doubt(&mut self) -> Result<(), StoreError> {
         if !self.writer.as_ref().is_some_and(|w| w.in_doubt) {
             return Ok(());
@@ -975,52 +997,56 @@ impl Store {
         let in_doubt = StoreError::InDoubt {
             path: self.io.location().into(),
         };
-        let Ok(read) = Self::read_superblock(&*self.io) else {
-            return Err(in_doubt);
-        };
-        if read.other != OtherSlot::Same {
-            let at = (1 - read.slot) as u64 * SLOT_SIZE as u64;
+        let mut sb = self.sb.clone();
+        sb.generation += 2;
+        sb.version = FORMAT_VERSION;
+        let bytes = sb.encode();
+        for at in [0, SLOT_SIZE as u64] {
             if self
                 .io
-                .write(SUPERBLOCK_FILE, at, &read.sb.encode())
+                .write(SUPERBLOCK_FILE, at, &bytes)
                 .and_then(|_| self.io.sync(SUPERBLOCK_FILE))
                 .is_err()
             {
                 return Err(in_doubt);
             }
         }
-        let sb = read.sb;
-        let Ok(cap) = self.io.len(&seg_name(sb.active_segment)) else {
-            return Err(in_doubt);
-        };
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        let Some(w) = self.writer.as_mut() else {
-            return Err(in_doubt);
-        };
-        for id in w.created.drain(..) {
-            if sb.segments.binary_search(&id).is_err() {
-                // Ours and unlisted by the state read back; open would remove it too.
-                let _ = self.io.remove(&seg_name(id));
-            }
-        }
-        w.segments = sb.segments.clone();
-        w.seg = sb.active_segment;
-        w.off = sb.active_len;
-        w.cap = cap;
-        w.touched.clear();
-        w.buf.clear();
-        w.pending = None;
-        w.dir_dirty = true;
-        w.in_doubt = false;
-        w.degraded = false;
         self.sb = sb;
+        if let Some(w) = self.writer.as_mut() {
+            w.in_doubt = false;
+            w.degraded = false;
+        }
+        // Back to the committed state: the failed commit's records and segments are garbage.
+        self.rollback();
+        Ok(())
+    }
+
+    /// After a commit whose second superblock copy could not be written: try again, so that one
+    /// damaged slot cannot lose that commit. Called before every change and when the store is
+    /// dropped; while it keeps failing the store still works (and gc keeps old files).
+    fn restore_redundancy(&mut self) {
+        let Some(w) = self.writer.as_mut().filter(|w| w.degraded && !w.in_doubt) else {
+            return;
+        };
+        let second = SLOT_SIZE as u64 - (self.sb.generation % 2) * SLOT_SIZE as u64;
+        let copied = self
+            .io
+            .write(SUPERBLOCK_FILE, second, &self.sb.encode())
+            .and_then(|_| self.io.sync(SUPERBLOCK_FILE));
+        w.degraded = copied.is_err();
+    }
+
+    /// Before a change: leave doubt, and restore the superblock's redundancy.
+    fn settle(&mut self) -> Result<(), StoreError> {
+        self.recover_in_doubt()?;
+        self.restore_redundancy();
         Ok(())
     }
 
     /// Starts a snapshot whose pages are those of `parent` (or none) plus what `put` and
     /// `remove` change.
     pub fn begin(&mut self, parent: Option<SnapshotId>) -> Result<(), StoreError> {
-        self.recover_in_doubt()?;
+        self.settle()?;
         self.write_io()?;
         self.idle_writer("a snapshot is already being written; commit or abort it first")?;
         let (base_root, base_count) = match parent {
@@ -1362,33 +1388,39 @@ impl Store {
         }
     }
 
-    /// Makes [`Store::delete`] refuse snapshot `id` until [`Store::unpin`]: for a user of the
-    /// store (the engine) whose next snapshot, or whose lazily read pages, stand on it. Pins live
-    /// in this handle only; they are not persisted.
+    /// Makes [`Store::delete`] refuse snapshot `id` until a matching [`Store::unpin`]: for a user
+    /// of the store (the engine) whose next snapshot, or whose lazily read pages, stand on it.
+    /// Pins are counted, so one holder's unpin does not lift another's. They live in this handle
+    /// only; they are not persisted.
     pub fn pin(&mut self, id: SnapshotId) {
-        self.pinned.insert(id);
+        *self.pinned.entry(id).or_insert(0) += 1;
     }
 
-    /// Lifts a [`Store::pin`].
+    /// Lifts one [`Store::pin`] of `id` (nothing if it holds none).
     pub fn unpin(&mut self, id: SnapshotId) {
-        self.pinned.remove(&id);
+        if let Some(n) = self.pinned.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.pinned.remove(&id);
+            }
+        }
     }
 
     /// The pinned snapshots, ascending.
     pub fn pinned(&self) -> Vec<SnapshotId> {
-        self.pinned.iter().copied().collect()
+        self.pinned.keys().copied().collect()
     }
 
     /// Deletes snapshots (a commit). Their space is reclaimed by [`Store::gc`]. A pinned snapshot
     /// is refused with [`StoreError::Pinned`] and nothing is deleted.
     pub fn delete(&mut self, ids: &[SnapshotId]) -> Result<(), StoreError> {
-        self.recover_in_doubt()?;
+        self.settle()?;
         self.idle_writer("a snapshot is being written; commit or abort it before deleting")?;
         let known = self.snapshot_ids()?;
         if let Some(missing) = ids.iter().find(|id| !known.contains(id)) {
             return Err(StoreError::UnknownSnapshot(*missing));
         }
-        if let Some(pinned) = ids.iter().find(|id| self.pinned.contains(id)) {
+        if let Some(pinned) = ids.iter().find(|id| self.pinned.contains_key(id)) {
             return Err(StoreError::Pinned(*pinned));
         }
         let mut changes: Vec<(u64, Option<Ref>)> = ids.iter().map(|id| (id.0, None)).collect();
@@ -1475,7 +1507,7 @@ impl Store {
     /// segments, committing, then removing the old segments. Crash-safe: until the commit the old
     /// state is intact; after it, old segments are leftovers that open removes.
     pub fn gc(&mut self) -> Result<GcReport, StoreError> {
-        self.recover_in_doubt()?;
+        self.settle()?;
         self.idle_writer("a snapshot is being written; commit or abort it before gc")?;
         let before = self.check()?;
         if before.leaked_bytes == 0 {
@@ -1571,13 +1603,20 @@ impl Store {
     /// error; an `Err` means verification itself could not run.
     pub fn verify(&self, ids: &[SnapshotId]) -> Result<VerifyReport, StoreError> {
         let mut report = VerifyReport::default();
-        // The superblock as it is now (a writer's open may have repaired it since we opened).
+        // The superblock as it is now (a writer's open may have repaired it since we opened). A
+        // format 2 store keeps both slots equal: anything else is damage, or lost redundancy
+        // (a commit interrupted between its slot writes) that a writer's open restores.
         match Self::read_superblock(&*self.io) {
-            Ok(read) if read.other == OtherSlot::Damaged => report.damage.push(Damage {
-                snapshot: None,
-                vpn: None,
-                detail: read.note(&*self.io).unwrap_or_default(),
-            }),
+            Ok(read)
+                if read.other == OtherSlot::Damaged
+                    || (read.other != OtherSlot::Same && read.sb.version >= 2) =>
+            {
+                report.damage.push(Damage {
+                    snapshot: None,
+                    vpn: None,
+                    detail: read.note(&*self.io).unwrap_or_default(),
+                })
+            }
             Ok(_) => {}
             Err(e) if e.is_corruption() => report.damage.push(Damage {
                 snapshot: None,
@@ -1643,6 +1682,20 @@ impl Store {
         }
         report.pages_checked = pages.len() as u64;
         report.nodes_checked = nodes.len() as u64;
+        for id in self.read_io().segments {
+            let name = seg_name(*id);
+            let mut head = [0u8; 8];
+            if self.io.read(&name, 0, &mut head).is_err() || head != SEG_MAGIC {
+                report.damage.push(Damage {
+                    snapshot: None,
+                    vpn: None,
+                    detail: format!(
+                        "{}: damaged segment header (its records are checked one by one)",
+                        self.io.location().join(&name).display()
+                    ),
+                });
+            }
+        }
         // The dedup index only steers writes, but damage there is still damage.
         let mut rio = self.read_io();
         if let Err(e) = trie::for_each_node(&mut rio, self.sb.dedup, &mut |_, _| Ok(true)) {
