@@ -319,6 +319,9 @@ fn verify(ctx: &Ctx, names: &[String]) -> Result<i32> {
     let report = store.verify(&ids)?;
     bar.finish_and_clear();
     let ps = u64::from(store.page_size());
+    for n in &report.notes {
+        eprintln!("pagesnap: note: {n}");
+    }
     for d in &report.damage {
         match (d.snapshot, d.vpn) {
             (Some(s), Some(v)) => println!(

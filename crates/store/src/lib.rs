@@ -303,6 +303,9 @@ pub struct VerifyReport {
     pub nodes_checked: u64,
     /// What is damaged; empty when the store is clean.
     pub damage: Vec<Damage>,
+    /// What is worth knowing but is not damage (e.g. seen by a reader: the other superblock slot
+    /// is older — a commit in flight, or a missing copy that the writer restores).
+    pub notes: Vec<String>,
 }
 
 impl VerifyReport {

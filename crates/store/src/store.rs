@@ -128,7 +128,10 @@ impl SlotsRead {
 impl Drop for Store {
     fn drop(&mut self) {
         // A commit whose second superblock copy failed: one more try before the lock is released.
-        self.restore_redundancy();
+        // Not while unwinding: a backend that just panicked may panic again (an abort).
+        if !std::thread::panicking() {
+            self.restore_redundancy();
+        }
     }
 }
 
@@ -708,18 +711,25 @@ impl Store {
         let writer = match lock {
             None => None,
             Some(lock) => {
-                if read.other != OtherSlot::Same {
+                let mut agree = read.other == OtherSlot::Same;
+                if !agree {
                     // Both slots must name the committed state before anything is removed: a
                     // slot still naming an older state may list files that are garbage now.
                     let at = (1 - read.slot) as u64 * SLOT_SIZE as u64;
-                    io.write(SUPERBLOCK_FILE, at, &sb.encode())
+                    agree = io
+                        .write(SUPERBLOCK_FILE, at, &sb.encode())
                         .and_then(|_| io.sync(SUPERBLOCK_FILE))
-                        .map_err(io_err(&*io, SUPERBLOCK_FILE, "repair superblock slot"))?;
-                    report.repaired_slot = true;
+                        .is_ok();
+                    report.repaired_slot = agree;
                 }
-                let names = io
-                    .list()
-                    .map_err(io_err(&*io, "", "list store directory"))?;
+                // If the slot could not be rewritten (a bad sector under it), the writer still
+                // opens, with one copy, as the writer before it ran; nothing is removed.
+                let names = if agree {
+                    io.list()
+                        .map_err(io_err(&*io, "", "list store directory"))?
+                } else {
+                    Vec::new()
+                };
                 let mut changed = false;
                 for n in &names {
                     let Some(id) = parse_seg_name(n) else {
@@ -752,7 +762,9 @@ impl Store {
                     io.sync_dir()
                         .map_err(io_err(&*io, "", "sync store directory"))?;
                 }
-                Some(Writer::new(lock, &sb, &*io)?)
+                let mut w = Writer::new(lock, &sb, &*io)?;
+                w.degraded = !agree;
+                Some(w)
             }
         };
         let opts = StoreOptions {
@@ -1001,7 +1013,9 @@ impl Store {
         sb.generation += 2;
         sb.version = FORMAT_VERSION;
         let bytes = sb.encode();
-        for at in [0, SLOT_SIZE as u64] {
+        // The failed commit's slot first: the other one holds the only known-good copy.
+        let failed = ((self.sb.generation + 1) % 2) * SLOT_SIZE as u64;
+        for at in [failed, SLOT_SIZE as u64 - failed] {
             if self
                 .io
                 .write(SUPERBLOCK_FILE, at, &bytes)
@@ -1195,6 +1209,16 @@ impl Store {
     fn rollback(&mut self) {
         let sb = self.sb.clone();
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        if let Some(w) = self.writer.as_mut().filter(|w| w.in_doubt) {
+            // No reuse while in doubt, but reads of the committed state must still find its
+            // segments (a failed gc dropped them from the list).
+            w.pending = None;
+            for id in &sb.segments {
+                if let Err(i) = w.segments.binary_search(id) {
+                    w.segments.insert(i, *id);
+                }
+            }
+        }
         if let Some(w) = self.writer.as_mut().filter(|w| !w.in_doubt) {
             w.pending = None;
             for id in w.created.drain(..) {
@@ -1606,10 +1630,15 @@ impl Store {
         // The superblock as it is now (a writer's open may have repaired it since we opened). A
         // format 2 store keeps both slots equal: anything else is damage, or lost redundancy
         // (a commit interrupted between its slot writes) that a writer's open restores.
+        // A reader cannot tell an older slot from a commit in flight between its two slot writes
+        // (it takes no lock), so for a reader that is a note; the writer knows no commit is in
+        // flight, so for it the older slot is a missing copy.
         match Self::read_superblock(&*self.io) {
             Ok(read)
                 if read.other == OtherSlot::Damaged
-                    || (read.other != OtherSlot::Same && read.sb.version >= 2) =>
+                    || (read.other != OtherSlot::Same
+                        && read.sb.version >= 2
+                        && self.writer.is_some()) =>
             {
                 report.damage.push(Damage {
                     snapshot: None,
@@ -1617,7 +1646,7 @@ impl Store {
                     detail: read.note(&*self.io).unwrap_or_default(),
                 })
             }
-            Ok(_) => {}
+            Ok(read) => report.notes.extend(read.note(&*self.io)),
             Err(e) if e.is_corruption() => report.damage.push(Damage {
                 snapshot: None,
                 vpn: None,

@@ -33,9 +33,19 @@ struct Script {
     fail_syncs: u32,
     /// The superblock write (counted from 1) to fail with EIO; 0: none.
     fail_write: u32,
-    /// Capture crash images just before the next superblock write.
-    capture: bool,
+    /// After this many more superblock writes, every superblock write panics.
+    panic_after: Option<u32>,
+    /// Every superblock write at this offset fails with EIO (a bad sector under one slot).
+    bad_offset: Option<u64>,
+    /// Capture crash images just before the next superblock write, or just after it lands.
+    capture_before: bool,
+    capture_after: bool,
     images: Vec<FaultyStorage>,
+    /// Offsets of superblock writes, in order.
+    log: Vec<u64>,
+    /// At the next superblock sync, run a reader's verify first (a concurrent `pagesnap verify`).
+    verify_at_sync: bool,
+    verify_clean: Option<Result<bool, String>>,
 }
 
 struct Scripted {
@@ -54,6 +64,9 @@ impl Scripted {
     }
     fn script(&self) -> std::sync::MutexGuard<'_, Script> {
         self.script.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn images(&self) -> Vec<FaultyStorage> {
+        (0..64).map(|seed| self.inner.crash_image(seed)).collect()
     }
 }
 
@@ -80,20 +93,38 @@ impl Storage for Scripted {
         self.inner.read(name, offset, buf)
     }
     fn write(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
-        if name == "superblock" {
-            let mut s = self.script();
-            if s.capture {
-                s.capture = false;
-                s.images = (0..64).map(|seed| self.inner.crash_image(seed)).collect();
+        if name != "superblock" {
+            return self.inner.write(name, offset, data);
+        }
+        let mut s = self.script();
+        s.log.push(offset);
+        match s.panic_after {
+            Some(0) => {
+                drop(s);
+                panic!("backend panics on a superblock write");
             }
-            if s.fail_write > 0 {
-                s.fail_write -= 1;
-                if s.fail_write == 0 {
-                    return Err(io::Error::from_raw_os_error(5));
-                }
+            Some(n) => s.panic_after = Some(n - 1),
+            None => {}
+        }
+        if s.capture_before {
+            s.capture_before = false;
+            s.images = self.images();
+        }
+        if s.bad_offset == Some(offset) {
+            return Err(io::Error::from_raw_os_error(5));
+        }
+        if s.fail_write > 0 {
+            s.fail_write -= 1;
+            if s.fail_write == 0 {
+                return Err(io::Error::from_raw_os_error(5));
             }
         }
-        self.inner.write(name, offset, data)
+        self.inner.write(name, offset, data)?;
+        if s.capture_after {
+            s.capture_after = false;
+            s.images = self.images();
+        }
+        Ok(())
     }
     fn set_len(&self, name: &str, len: u64) -> io::Result<()> {
         self.inner.set_len(name, len)
@@ -101,6 +132,17 @@ impl Storage for Scripted {
     fn sync(&self, name: &str) -> io::Result<()> {
         if name == "superblock" {
             let mut s = self.script();
+            if s.verify_at_sync {
+                s.verify_at_sync = false;
+                // A reader on the same files, as a concurrent `pagesnap verify` would be.
+                let reader = Arc::new((*self.inner).clone());
+                s.verify_clean = Some(
+                    Store::open_with(reader, Mode::Read, opts())
+                        .and_then(|(st, _)| st.verify(&[]))
+                        .map(|v| v.is_clean())
+                        .map_err(|e| e.to_string()),
+                );
+            }
             if s.fail_syncs > 0 {
                 s.fail_syncs -= 1;
                 return Err(io::Error::from_raw_os_error(5));
@@ -120,6 +162,15 @@ impl Storage for Scripted {
     fn try_lock(&self, name: &str) -> io::Result<Option<Box<dyn LockGuard>>> {
         self.inner.try_lock(name)
     }
+}
+
+/// A snapshot of pages `base..base + 8` on top of `parent`.
+fn snap(store: &mut Store, parent: Option<SnapshotId>, base: u64) -> SnapshotId {
+    store.begin(parent).expect("begin");
+    for v in 0..8 {
+        store.put(Vpn(base + v), &page(base + v)).expect("put");
+    }
+    store.commit(SnapshotMeta::default()).expect("commit").id
 }
 
 /// Two snapshots: pages 0..8 in the first, 0..16 in the second.
@@ -169,7 +220,7 @@ fn leaving_doubt_outranks_the_failed_commit_before_reusing_its_space() {
     for v in 16..24 {
         store.put(Vpn(v), &page(2000 + v)).expect("put");
     }
-    io.script().capture = true;
+    io.script().capture_before = true;
     let s3 = store.commit(SnapshotMeta::default()).expect("commit").id;
     let images = std::mem::take(&mut io.script().images);
     assert_eq!(images.len(), 64);
@@ -307,4 +358,137 @@ fn a_second_quarantine_of_the_same_name_keeps_the_first() {
         .collect();
     assert_eq!(kept.len(), 2, "both quarantined files are kept");
     assert!(kept.contains(&0xAA) && kept.contains(&0xBB));
+}
+
+/// Leaving doubt writes the failed commit's slot first: the other holds the only good copy, so a
+/// crash during the first recovery write must leave it intact, whatever the generation's parity.
+#[test]
+fn a_crash_while_leaving_doubt_never_damages_both_slots() {
+    for parity in [1u64, 0] {
+        let (_mem, io) = Scripted::new();
+        let mut store = Store::init_with(io.clone(), opts()).expect("init");
+        let mut acked = vec![snap(&mut store, None, 0)];
+        while store.generation() % 2 != parity {
+            let p = acked.last().copied();
+            acked.push(snap(&mut store, p, 100 * acked.len() as u64));
+        }
+        store.begin(acked.last().copied()).expect("begin");
+        store.put(Vpn(999), &page(999)).expect("put");
+        io.script().fail_syncs = 2; // the slot's sync and its undo's: in doubt
+        store.commit(SnapshotMeta::default()).expect_err("EIO");
+        io.script().capture_after = true;
+        store.begin(acked.last().copied()).expect("leaves doubt");
+        let images = std::mem::take(&mut io.script().images);
+        assert_eq!(images.len(), 64);
+        for (seed, img) in images.into_iter().enumerate() {
+            let (st, _) = Store::open_with(Arc::new(img), Mode::Read, opts())
+                .unwrap_or_else(|e| panic!("parity {parity}, seed {seed}: {e}"));
+            let ids = st.snapshot_ids().expect("ids");
+            assert!(
+                acked.iter().all(|id| ids.contains(id)),
+                "parity {parity}, seed {seed}: {ids:?}"
+            );
+        }
+    }
+}
+
+/// A backend that panics on the second slot write, and again when the unwind drops the store:
+/// the drop must not retry while panicking (a panic in a destructor during unwinding aborts).
+/// Run in a child process, so an abort is seen as a failure rather than killing the run.
+#[test]
+fn dropping_the_store_while_a_backend_panic_unwinds_does_not_abort() {
+    if std::env::var_os("PAGESNAP_DROP_CHILD").is_some() {
+        let (_mem, io) = Scripted::new();
+        let mut store = Store::init_with(io.clone(), opts()).expect("init");
+        let s1 = snap(&mut store, None, 0);
+        store.begin(Some(s1)).expect("begin");
+        store.put(Vpn(50), &page(50)).expect("put");
+        io.script().panic_after = Some(1); // the commit point passes, the copy panics
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let mut store = store; // dropped by the unwind
+            let _ = store.commit(SnapshotMeta::default());
+        }));
+        assert!(r.is_err());
+        println!("child survived");
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary");
+    let out = std::process::Command::new(exe)
+        .args([
+            "--exact",
+            "dropping_the_store_while_a_backend_panic_unwinds_does_not_abort",
+            "--nocapture",
+        ])
+        .env("PAGESNAP_DROP_CHILD", "1")
+        .output()
+        .expect("spawn");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("child survived"),
+        "child: {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A gc whose superblock write and undo both fail: the writer is in doubt, but its own reads of
+/// the committed state (which still lists the old segments) must work, and verify stays clean.
+#[test]
+fn a_gc_in_doubt_still_reads_every_committed_snapshot() {
+    let (_mem, io) = Scripted::new();
+    let mut store = Store::init_with(io.clone(), opts()).expect("init");
+    let s1 = snap(&mut store, None, 0);
+    let s2 = snap(&mut store, Some(s1), 8);
+    let s3 = snap(&mut store, Some(s2), 16);
+    store.delete(&[s2]).expect("delete");
+    io.script().fail_syncs = 2;
+    store.gc().expect_err("EIO on the slot's sync and its undo");
+    for (id, n) in [(s1, 8u64), (s3, 24)] {
+        for v in 0..n {
+            assert_eq!(
+                store.read_page(id, Vpn(v)).expect("read"),
+                Some(page(v)),
+                "{id} {v}"
+            );
+        }
+    }
+    assert!(store.verify(&[]).expect("verify").is_clean());
+    // And the next change leaves doubt and collects.
+    store.gc().expect("gc");
+    assert_eq!(store.check().expect("check").leaked_bytes, 0);
+}
+
+/// A reader's verify that runs between the two slot writes of a healthy commit sees an older
+/// slot: a note, not damage.
+#[test]
+fn verify_during_a_healthy_commit_reports_no_damage() {
+    let (_mem, io) = Scripted::new();
+    let mut store = Store::init_with(io.clone(), opts()).expect("init");
+    let s1 = snap(&mut store, None, 0);
+    store.begin(Some(s1)).expect("begin");
+    store.put(Vpn(77), &page(77)).expect("put");
+    io.script().verify_at_sync = true; // at the commit point's sync
+    store
+        .commit(SnapshotMeta::default())
+        .expect("a healthy commit");
+    let clean = io.script().verify_clean.take();
+    assert_eq!(clean, Some(Ok(true)), "a concurrent verify reported damage");
+    assert!(store.verify(&[]).expect("verify").is_clean());
+}
+
+/// A bad sector under one slot: the running writer commits with one copy; the next writer still
+/// opens (with one copy, removing nothing) instead of failing on the slot's repair.
+#[test]
+fn a_slot_that_cannot_be_written_does_not_lock_out_the_next_writer() {
+    let (_mem, io) = Scripted::new();
+    let mut store = Store::init_with(io.clone(), opts()).expect("init");
+    let s1 = snap(&mut store, None, 0);
+    io.script().bad_offset = Some(0);
+    let s2 = snap(&mut store, Some(s1), 8); // generation 3: slot 1 first, the copy fails
+    drop(store);
+    let (store, report) = Store::open_with(io.clone(), Mode::Write, opts()).expect("opens");
+    assert!(!report.repaired_slot);
+    assert_eq!(store.read_page(s2, Vpn(8)).expect("read"), Some(page(8)));
+    let v = store.verify(&[]).expect("verify");
+    assert!(!v.is_clean(), "the writer reports the missing copy");
 }
