@@ -283,6 +283,9 @@ pub(crate) struct Superblock {
     pub(crate) next_snapshot: u64,
     pub(crate) catalog: Option<NodePtr>,
     pub(crate) dedup: Option<NodePtr>,
+    /// A second catalog, of second copies of the manifests (format 2): one damaged catalog node
+    /// or manifest hides no snapshot.
+    pub(crate) catalog_copy: Option<NodePtr>,
     pub(crate) active_segment: u32,
     pub(crate) active_len: u64,
     /// Every live segment, the active one included, ascending.
@@ -350,6 +353,16 @@ impl Superblock {
         e.u32(self.active_segment);
         e.u64(self.active_len);
         e.u64(self.segment_bytes);
+        match &self.catalog_copy {
+            Some(p) => {
+                e.u8(1);
+                e.node_ptr(p);
+            }
+            None => {
+                e.u8(0);
+                e.bytes(&[0; NODEPTR_BYTES]);
+            }
+        }
         // The writer refuses a commit with more runs than fit (`TooManySegments`) before it
         // encodes; truncating here would be a bug, so it is checked in debug builds.
         let runs = segment_runs(&self.segments);
@@ -396,6 +409,7 @@ impl Superblock {
         let active_segment = d.u32().map_err(m)?;
         let active_len = d.u64().map_err(m)?;
         let mut segment_bytes = 0;
+        let mut catalog_copy = None;
         let mut segments = Vec::new();
         if version == 1 {
             let n = d.u32().map_err(m)? as usize;
@@ -407,6 +421,9 @@ impl Superblock {
             }
         } else {
             segment_bytes = d.u64().map_err(m)?;
+            let present = d.u8().map_err(m)?;
+            let p = d.node_ptr().map_err(m)?;
+            catalog_copy = (present == 1).then_some(p);
             let n = d.u32().map_err(m)? as usize;
             if n > MAX_SEGMENT_RUNS || n * 8 > d.remaining() {
                 return Err(SlotError::Malformed);
@@ -434,6 +451,7 @@ impl Superblock {
             next_snapshot,
             catalog,
             dedup,
+            catalog_copy,
             active_segment,
             active_len,
             segments,
@@ -501,6 +519,7 @@ mod tests {
                 merkle: [3; 32],
             }),
             dedup: None,
+            catalog_copy: None,
             active_segment: 2,
             active_len: 1234,
             segments: vec![1, 2, 5, 6, 7],
@@ -541,6 +560,7 @@ mod tests {
             next_snapshot: 1,
             catalog: None,
             dedup: None,
+            catalog_copy: None,
             active_segment: 100_000,
             active_len: 64,
             segments: (1..=100_000).collect(),
@@ -560,6 +580,7 @@ mod tests {
         e.u32(1);
         e.u64(64);
         e.u64(1 << 20);
+        e.bytes(&[0; 1 + NODEPTR_BYTES]);
         let head = e.0.clone();
         e.u32(1);
         e.u32(1);

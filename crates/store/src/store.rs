@@ -527,6 +527,7 @@ impl Store {
             next_snapshot: 1,
             catalog: None,
             dedup: None,
+            catalog_copy: None,
             active_segment: 1,
             active_len: SEG_HEADER,
             segments: vec![1],
@@ -853,14 +854,31 @@ impl Store {
         self.sb.generation
     }
 
-    /// Ids of the retained snapshots, ascending.
+    /// Ids of the retained snapshots, ascending. Read from the catalog, or from its copy if the
+    /// catalog is damaged.
     pub fn snapshot_ids(&self) -> Result<Vec<SnapshotId>, StoreError> {
-        let mut ids = Vec::new();
-        trie::for_each(&mut self.read_io(), self.sb.catalog, &mut |k, _| {
-            ids.push(SnapshotId(k));
-            Ok(())
-        })?;
-        Ok(ids)
+        self.with_catalogs(|root| {
+            let mut ids = Vec::new();
+            trie::for_each(&mut self.read_io(), root, &mut |k, _| {
+                ids.push(SnapshotId(k));
+                Ok(())
+            })?;
+            Ok(ids)
+        })
+    }
+
+    /// `f` on the catalog; if that meets damage and the store has a copy, `f` on the copy. The
+    /// first error is returned when both fail.
+    fn with_catalogs<R>(
+        &self,
+        f: impl Fn(Option<NodePtr>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        match f(self.sb.catalog) {
+            Err(e) if e.is_corruption() && self.sb.catalog_copy.is_some() => {
+                f(self.sb.catalog_copy).map_err(|_| e)
+            }
+            r => r,
+        }
     }
 
     /// The newest retained snapshot.
@@ -868,9 +886,15 @@ impl Store {
         Ok(self.snapshot_ids()?.last().copied())
     }
 
+    /// Snapshot `id`'s manifest, through the catalog or, past damage, its copy.
     fn manifest(&self, id: SnapshotId) -> Result<Manifest, StoreError> {
-        let r = trie::get(&mut self.read_io(), self.sb.catalog, id.0)?
-            .ok_or(StoreError::UnknownSnapshot(id))?;
+        self.with_catalogs(|root| self.manifest_in(root, id))
+    }
+
+    /// Snapshot `id`'s manifest as the catalog at `root` names it, checked.
+    fn manifest_in(&self, root: Option<NodePtr>, id: SnapshotId) -> Result<Manifest, StoreError> {
+        let r =
+            trie::get(&mut self.read_io(), root, id.0)?.ok_or(StoreError::UnknownSnapshot(id))?;
         let segments = &self.read_io().segments.to_vec();
         let (_, _, payload) = read_record(&*self.io, segments, &r.loc, Kind::Manifest)?;
         let name = seg_name(r.loc.segment);
@@ -1246,6 +1270,7 @@ impl Store {
     fn commit_inner(&mut self, meta: SnapshotMeta) -> Result<CommitReport, StoreError> {
         let page_size = self.sb.page_size;
         let mut sb = self.sb.clone();
+        let upgrade = self.manifests_to_copy(&sb)?;
         let mut wio = self.write_io()?;
         // Index nodes of earlier flushes are read back below.
         flush_buffer(wio.io, wio.w)?;
@@ -1308,6 +1333,21 @@ impl Store {
                 }),
             )],
             &mut Delta::default(),
+        )?;
+        // The second copy, in the catalog's copy.
+        let mloc2 = append(wio.io, wio.opts, wio.w, Kind::Manifest, id, &mhash, &bytes)?;
+        wio.w.meta_appended += u64::from(mloc2.len);
+        sb.catalog_copy = apply_catalog_copy(
+            &mut wio,
+            sb.catalog_copy,
+            upgrade,
+            vec![(
+                id,
+                Some(Ref {
+                    hash: mhash,
+                    loc: mloc2,
+                }),
+            )],
         )?;
         let mut fresh: Vec<(u64, Option<Ref>)> = pending
             .fresh
@@ -1404,6 +1444,22 @@ impl Store {
         Ok(())
     }
 
+    /// For a store without a catalog copy (written by format 1), every manifest, read and checked,
+    /// to copy with the next commit; `None` when there is a copy (or nothing to copy).
+    fn manifests_to_copy(
+        &self,
+        sb: &Superblock,
+    ) -> Result<Option<ManifestCopies>, StoreError> {
+        if sb.catalog_copy.is_some() || sb.catalog.is_none() {
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        for id in self.snapshot_ids()? {
+            out.push((id.0, self.manifest(id)?.to_bytes()));
+        }
+        Ok(Some(out))
+    }
+
     /// The writer, with no snapshot being written (else `Usage(busy)`).
     fn idle_writer(&self, busy: &'static str) -> Result<(), StoreError> {
         match self.writer.as_ref().ok_or(StoreError::ReadOnly)?.pending {
@@ -1452,8 +1508,11 @@ impl Store {
         changes.dedup_by_key(|(k, _)| *k);
         let result = (|| {
             let mut sb = self.sb.clone();
+            let upgrade = self.manifests_to_copy(&sb)?;
             let mut wio = self.write_io()?;
             sb.catalog = trie::apply(&mut wio, sb.catalog, &changes, &mut Delta::default())?;
+            sb.catalog_copy =
+                apply_catalog_copy(&mut wio, sb.catalog_copy, upgrade, changes.clone())?;
             self.publish(sb)
         })();
         if result.is_err() {
@@ -1471,17 +1530,19 @@ impl Store {
     pub fn live_records(&self) -> Result<BTreeMap<Location, u64>, StoreError> {
         let mut live = BTreeMap::new();
         let mut rio = self.read_io();
-        for root in [self.sb.catalog, self.sb.dedup] {
+        for root in [self.sb.catalog, self.sb.dedup, self.sb.catalog_copy] {
             trie::for_each_node(&mut rio, root, &mut |p, _| {
                 Ok(live.insert(p.loc, u64::from(p.loc.len)).is_none())
             })?;
         }
         // Page records only the dedup index names (a deleted snapshot's pages) are not live: gc
         // drops them and rebuilds the index without them.
-        trie::for_each(&mut self.read_io(), self.sb.catalog, &mut |_, r| {
-            live.insert(r.loc, u64::from(r.loc.len));
-            Ok(())
-        })?;
+        for root in [self.sb.catalog, self.sb.catalog_copy] {
+            trie::for_each(&mut self.read_io(), root, &mut |_, r| {
+                live.insert(r.loc, u64::from(r.loc.len));
+                Ok(())
+            })?;
+        }
         for id in self.snapshot_ids()? {
             let root = self.manifest(id)?.index_root.map(|r| r.ptr());
             let mut rio = self.read_io();
@@ -1502,6 +1563,24 @@ impl Store {
             }
         }
         Ok(live)
+    }
+
+    /// The records of both copies of the snapshot catalog — its nodes and the manifests it names —
+    /// for the corruption campaign: one flipped bit in any of them must hide no snapshot.
+    #[doc(hidden)]
+    pub fn catalog_records(&self) -> Result<Vec<Location>, StoreError> {
+        let mut out = Vec::new();
+        for root in [self.sb.catalog, self.sb.catalog_copy] {
+            trie::for_each_node(&mut self.read_io(), root, &mut |p, _| {
+                out.push(p.loc);
+                Ok(true)
+            })?;
+            trie::for_each(&mut self.read_io(), root, &mut |_, r| {
+                out.push(r.loc);
+                Ok(())
+            })?;
+        }
+        Ok(out)
     }
 
     /// Record bytes in the store's segments, how many of them a retained snapshot (or the store's
@@ -1592,6 +1671,7 @@ impl Store {
         let mut node_map: HashMap<Location, NodePtr> = HashMap::new();
         let mut dedup: BTreeMap<u64, Ref> = BTreeMap::new();
         let mut catalog = Vec::new();
+        let mut catalog_copy = Vec::new();
         for mut m in manifests {
             let root = m.index_root.as_ref().map(|r| r.ptr());
             let new_root = match root {
@@ -1611,8 +1691,11 @@ impl Store {
             let hash = *blake3::hash(&bytes).as_bytes();
             let loc = append(&*io, wio.opts, wio.w, Kind::Manifest, m.id, &hash, &bytes)?;
             catalog.push((m.id, Some(Ref { hash, loc })));
+            let loc = append(&*io, wio.opts, wio.w, Kind::Manifest, m.id, &hash, &bytes)?;
+            catalog_copy.push((m.id, Some(Ref { hash, loc })));
         }
         sb.catalog = trie::apply(&mut wio, None, &catalog, &mut Delta::default())?;
+        sb.catalog_copy = trie::apply(&mut wio, None, &catalog_copy, &mut Delta::default())?;
         let dedup: Vec<(u64, Option<Ref>)> = dedup.into_iter().map(|(k, r)| (k, Some(r))).collect();
         sb.dedup = trie::apply(&mut wio, None, &dedup, &mut Delta::default())?;
         wio.w.dir_dirty = true;
@@ -1711,6 +1794,46 @@ impl Store {
         }
         report.pages_checked = pages.len() as u64;
         report.nodes_checked = nodes.len() as u64;
+        // Each copy of the catalog on its own: snapshots above were read through whichever is
+        // intact, so damage in one copy hides nothing, but it is still damage.
+        let copies = [
+            ("snapshot catalog", self.sb.catalog, true),
+            (
+                "snapshot catalog copy",
+                self.sb.catalog_copy,
+                self.sb.catalog_copy.is_some(),
+            ),
+        ];
+        for (which, root, present) in copies {
+            if !present {
+                continue; // a format 1 store has no copy until its next commit
+            }
+            let mut ids = Vec::new();
+            let walked = trie::for_each(&mut self.read_io(), root, &mut |k, _| {
+                ids.push(SnapshotId(k));
+                Ok(())
+            });
+            let mut found = Vec::new();
+            match walked {
+                Ok(()) => {}
+                Err(e) if e.is_corruption() => found.push(e.to_string()),
+                Err(e) => return Err(e),
+            }
+            for id in ids {
+                match self.manifest_in(root, id) {
+                    Ok(_) => {}
+                    Err(e) if e.is_corruption() => {
+                        found.push(format!("snapshot {id}'s manifest: {e}"))
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            report.damage.extend(found.into_iter().map(|f| Damage {
+                snapshot: None,
+                vpn: None,
+                detail: format!("{which}: {f}"),
+            }));
+        }
         for id in self.read_io().segments {
             let name = seg_name(*id);
             let mut head = [0u8; 8];
@@ -1816,6 +1939,32 @@ fn intact(io: &dyn Storage, segments: &[u32], r: &Ref, data: &[u8]) -> Result<bo
         Err(e) if e.is_corruption() => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Manifests to copy into a new catalog copy: (snapshot id, manifest bytes).
+type ManifestCopies = Vec<(u64, Vec<u8>)>;
+
+/// Applies `changes` (sorted, key-unique) to the catalog copy at `root`; with `upgrade` (a store
+/// that had no copy), first writes a copy of each of those manifests and builds the copy anew.
+fn apply_catalog_copy(
+    wio: &mut WriteIo<'_>,
+    root: Option<NodePtr>,
+    upgrade: Option<ManifestCopies>,
+    changes: Vec<(u64, Option<Ref>)>,
+) -> Result<Option<NodePtr>, StoreError> {
+    let Some(manifests) = upgrade else {
+        return trie::apply(wio, root, &changes, &mut Delta::default());
+    };
+    let mut all: BTreeMap<u64, Option<Ref>> = BTreeMap::new();
+    for (id, bytes) in manifests {
+        let hash = *blake3::hash(&bytes).as_bytes();
+        let loc = append(wio.io, wio.opts, wio.w, Kind::Manifest, id, &hash, &bytes)?;
+        wio.w.meta_appended += u64::from(loc.len);
+        all.insert(id, Some(Ref { hash, loc }));
+    }
+    all.extend(changes);
+    let entries: Vec<(u64, Option<Ref>)> = all.into_iter().filter(|(_, r)| r.is_some()).collect();
+    trie::apply(wio, None, &entries, &mut Delta::default())
 }
 
 /// The dedup index's key for a content hash: its first 8 bytes.

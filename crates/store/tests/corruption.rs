@@ -76,10 +76,13 @@ fn read_all(store: &Store, id: SnapshotId) -> Result<BTreeMap<u64, Vec<u8>>, Str
     Ok(out)
 }
 
+/// `redundant`: the flip is in the superblock or in one copy of the snapshot catalog (its nodes
+/// and manifests), which must hide and lose nothing.
 fn check(
     io: Arc<FaultyStorage>,
     model: &Model,
     mode: Mode,
+    redundant: bool,
     in_superblock: bool,
 ) -> Result<(), String> {
     let files_before = io.list().map_err(|e| e.to_string())?;
@@ -92,24 +95,33 @@ fn check(
     }
     let (store, report) = match opened {
         Ok(s) => s,
-        Err(_) if in_superblock => return Err("one flip in the superblock failed the open".into()),
+        Err(_) if redundant => return Err("one flip in redundant metadata failed the open".into()),
         Err(e) if e.is_corruption() => return Ok(()), // detected at open, with a clear error
         Err(e) => return Err(format!("open failed without naming damage: {e}")),
     };
     let verify = store
         .verify(&[])
         .map_err(|e| format!("verify could not run: {e}"))?;
-    if in_superblock {
-        // Redundant: every snapshot lists and restores, and the damage is reported (until a
-        // writer's open has rewritten the slot, after which the store is clean).
+    if redundant {
+        // Redundant: every snapshot lists and restores, and the damage is reported (a superblock
+        // slot until a writer's open has rewritten it, after which the store is clean).
         for (id, want) in model {
             let want: BTreeMap<u64, Vec<u8>> = want.iter().map(|(v, s)| (*v, page(*s))).collect();
             if read_all(&store, *id).as_ref() != Ok(&want) {
-                return Err(format!("snapshot {id} lost after a superblock flip"));
+                return Err(format!(
+                    "snapshot {id} lost after a flip in redundant metadata"
+                ));
             }
         }
         if store.snapshot_ids().map_err(|e| e.to_string())?.len() != model.len() {
             return Err("a snapshot appeared or vanished".into());
+        }
+        if !in_superblock {
+            return if verify.is_clean() {
+                Err("a flip in a catalog copy went unreported".into())
+            } else {
+                Ok(())
+            };
         }
         let reported = !verify.is_clean() && report.damaged_slot;
         if mode == Mode::Read && !reported {
@@ -156,12 +168,15 @@ fn every_flip_in_committed_bytes_is_detected_and_never_returned_as_data() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1500);
-    let (mut checked, mut failed) = (0u64, Vec::new());
+    let (mut checked, mut failed, mut redundant_trials) = (0u64, Vec::new(), 0u64);
     for t in 0..trials {
         let (io, model) = build(t / 50);
-        let live = {
+        let (live, catalog) = {
             let (store, _) = Store::open_with(io.clone(), Mode::Read, opts()).expect("open");
-            store.live_records().expect("live records")
+            (
+                store.live_records().expect("live records"),
+                store.catalog_records().expect("catalog records"),
+            )
         };
         let mut r = SplitMix64(t);
         let damaged = Arc::new(io.crash_image(0));
@@ -170,11 +185,17 @@ fn every_flip_in_committed_bytes_is_detected_and_never_returned_as_data() {
             let slot = r.next_u64() % 2;
             ("superblock".to_string(), slot * 4096 + r.next_u64() % 4095)
         } else {
-            let locs: Vec<_> = live.keys().collect();
+            // Some trials aim at the catalog's records (a small share of the live ones).
+            let locs: Vec<_> = if r.next_u64().is_multiple_of(4) {
+                catalog.iter().collect()
+            } else {
+                live.keys().collect()
+            };
             let loc = locs[(r.next_u64() % locs.len() as u64) as usize];
             (
                 format!("seg-{:08}.pss", loc.segment),
-                loc.offset + r.next_u64() % u64::from(loc.len),
+                // Both bytes a trial may flip (offset and offset + 1) inside the record.
+                loc.offset + r.next_u64() % (u64::from(loc.len) - 1),
             )
         };
         let bits = 1 + r.next_u64() % 3;
@@ -193,11 +214,28 @@ fn every_flip_in_committed_bytes_is_detected_and_never_returned_as_data() {
         } else {
             Mode::Write
         };
-        if let Err(e) = check(damaged, &model, mode, file == "superblock") {
+        let in_superblock = file == "superblock";
+        let in_catalog = catalog.iter().any(|l| {
+            format!("seg-{:08}.pss", l.segment) == file
+                // Both bytes the trial may flip are inside the record.
+                && (l.offset..l.offset + u64::from(l.len) - 1).contains(&offset)
+        });
+        redundant_trials += u64::from(in_superblock || in_catalog);
+        if let Err(e) = check(
+            damaged,
+            &model,
+            mode,
+            in_superblock || in_catalog,
+            in_superblock,
+        ) {
             failed.push(format!("trial {t} ({file} @ {offset}, {mode:?}): {e}"));
         }
     }
-    println!("{checked} corruptions checked, {} failed", failed.len());
+    println!(
+        "{checked} corruptions checked ({redundant_trials} in the superblock or a catalog copy, \
+         which must hide nothing), {} failed",
+        failed.len()
+    );
     assert!(checked > trials / 2);
     assert!(
         failed.is_empty(),

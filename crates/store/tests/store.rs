@@ -411,7 +411,9 @@ fn open_falls_back_past_a_damaged_newest_snapshot() {
             if seg[off + 4] == 2 {
                 nodes.push(off);
             }
+            // The first of snapshot 2's two manifests (the second follows the catalog's nodes).
             if seg[off + 4] == 3
+                && loc.is_none()
                 && u64::from_le_bytes(seg[off + 16..off + 24].try_into().expect("8 bytes")) == 2
             {
                 loc = nodes.last().copied();
