@@ -7,10 +7,8 @@
 
 use pagesnap_engine::{EngineError, Space};
 use pagesnap_pagetable::VirtAddr;
-use pagesnap_store::fault::FaultyStorage;
-use pagesnap_store::{LockGuard, Mode, SharedStorage, Storage, Store, StoreError, StoreOptions};
-use std::io;
-use std::path::Path;
+use pagesnap_store::fault::{FaultyStorage, Intercept, Op};
+use pagesnap_store::{Mode, SharedStorage, Store, StoreError, StoreOptions};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -28,24 +26,57 @@ fn opts() -> StoreOptions {
     }
 }
 
-/// A backend that delegates to [`FaultyStorage`] and can panic on its Nth write (once) or hold
-/// every `sync` until the test lets it go.
-#[derive(Debug)]
+/// An in-memory backend whose Nth write can panic (once), and whose next `sync` can be held until
+/// the test lets it go.
 struct Hooked {
-    inner: FaultyStorage,
+    io: Arc<Intercept>,
     /// Writes left before the panicking one; 0: no panic planned.
-    panic_in: AtomicU64,
+    panic_in: Arc<AtomicU64>,
     /// While set: the next `sync` says so on the first channel and waits on the second.
-    hold_sync: Mutex<Option<(Sender<()>, Receiver<()>)>>,
+    hold_sync: Hold,
 }
 
+/// The held `sync`'s channels: (tell the test it was reached, wait for the release).
+type Hold = Arc<Mutex<Option<(Sender<()>, Receiver<()>)>>>;
+
 impl Hooked {
-    fn new() -> Arc<Hooked> {
-        Arc::new(Hooked {
-            inner: FaultyStorage::new(),
-            panic_in: AtomicU64::new(0),
-            hold_sync: Mutex::new(None),
-        })
+    fn new() -> Hooked {
+        let panic_in = Arc::new(AtomicU64::new(0));
+        let hold_sync: Hold = Arc::default();
+        let (p, h) = (panic_in.clone(), hold_sync.clone());
+        let io = Intercept::new(Arc::new(FaultyStorage::new()), move |op| {
+            match op {
+                Op::Write { name, .. } => {
+                    let left = p.load(Ordering::SeqCst);
+                    if left > 0 {
+                        p.store(left - 1, Ordering::SeqCst);
+                        if left == 1 {
+                            panic!("injected storage panic writing {name}");
+                        }
+                    }
+                }
+                Op::Sync(_) => {
+                    let held = h.lock().expect("hook").take();
+                    if let Some((reached, release)) = held {
+                        let _ = reached.send(());
+                        // Held until the test releases it (or drops the sender).
+                        let _ = release.recv();
+                    }
+                }
+                _ => {}
+            }
+            Ok(())
+        });
+        Hooked {
+            io: Arc::new(io),
+            panic_in,
+            hold_sync,
+        }
+    }
+
+    /// The backend, for the store.
+    fn storage(&self) -> SharedStorage {
+        self.io.clone()
     }
 
     /// The `n`th write from now panics (once).
@@ -59,58 +90,6 @@ impl Hooked {
         let (release_tx, release_rx) = channel();
         *self.hold_sync.lock().expect("hook") = Some((reached_tx, release_rx));
         (reached_rx, release_tx)
-    }
-}
-
-impl Storage for Hooked {
-    fn location(&self) -> &Path {
-        self.inner.location()
-    }
-    fn list(&self) -> io::Result<Vec<String>> {
-        self.inner.list()
-    }
-    fn create(&self, name: &str) -> io::Result<()> {
-        self.inner.create(name)
-    }
-    fn len(&self, name: &str) -> io::Result<u64> {
-        self.inner.len(name)
-    }
-    fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.inner.read(name, offset, buf)
-    }
-    fn write(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
-        let left = self.panic_in.load(Ordering::SeqCst);
-        if left > 0 {
-            self.panic_in.store(left - 1, Ordering::SeqCst);
-            if left == 1 {
-                panic!("injected storage panic writing {name}");
-            }
-        }
-        self.inner.write(name, offset, data)
-    }
-    fn set_len(&self, name: &str, len: u64) -> io::Result<()> {
-        self.inner.set_len(name, len)
-    }
-    fn sync(&self, name: &str) -> io::Result<()> {
-        let held = self.hold_sync.lock().expect("hook").take();
-        if let Some((reached, release)) = held {
-            let _ = reached.send(());
-            // Held until the test releases it (or drops the sender).
-            let _ = release.recv();
-        }
-        self.inner.sync(name)
-    }
-    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        self.inner.rename(from, to)
-    }
-    fn remove(&self, name: &str) -> io::Result<()> {
-        self.inner.remove(name)
-    }
-    fn sync_dir(&self) -> io::Result<()> {
-        self.inner.sync_dir()
-    }
-    fn try_lock(&self, name: &str) -> io::Result<Option<Box<dyn LockGuard>>> {
-        self.inner.try_lock(name)
     }
 }
 
@@ -150,7 +129,7 @@ fn within<R: Send + 'static>(what: &str, f: impl FnOnce() -> R + Send + 'static)
 fn a_panic_in_the_snapshot_writer_is_an_error_and_the_space_stays_usable() {
     let io = Hooked::new();
     let space = Arc::new(
-        Space::create(Store::init_with(io.clone(), opts()).expect("store")).expect("space"),
+        Space::create(Store::init_with(io.storage(), opts()).expect("store")).expect("space"),
     );
     space.map(VirtAddr(0), 64 * PS).expect("map");
     fill(&space, 0..64, 1);
@@ -180,14 +159,14 @@ fn a_panic_in_the_snapshot_writer_is_an_error_and_the_space_stays_usable() {
     fill(&space, 40..41, 3);
     drop(space);
 
-    let store = Store::open_with(io.clone(), Mode::Write, opts())
+    let store = Store::open_with(io.storage(), Mode::Write, opts())
         .expect("reopen")
         .0;
     let restored = Space::restore(store, second.id).expect("restore");
     check(&restored, 0..32, 2);
     check(&restored, 32..64, 1);
     drop(restored);
-    let (store, _) = Store::open_with(io, Mode::Read, opts()).expect("reopen");
+    let (store, _) = Store::open_with(io.storage(), Mode::Read, opts()).expect("reopen");
     assert!(store.verify(&[]).expect("verify").is_clean());
 }
 
@@ -269,7 +248,8 @@ fn the_snapshot_a_lazy_space_reads_from_cannot_be_deleted_and_gc_keeps_it_readab
 #[test]
 fn lazy_faults_and_writes_do_not_wait_for_a_snapshots_commit() {
     let io = Hooked::new();
-    let space = Space::create(Store::init_with(io.clone(), opts()).expect("store")).expect("space");
+    let space =
+        Space::create(Store::init_with(io.storage(), opts()).expect("store")).expect("space");
     // Two mapping blocks (8 × 512 pages each), so the second one is loaded lazily too.
     space.map(VirtAddr(0), 64 * PS).expect("map");
     space.map(VirtAddr(5000 * PS), 4 * PS).expect("map");
@@ -278,8 +258,8 @@ fn lazy_faults_and_writes_do_not_wait_for_a_snapshots_commit() {
     let s1 = space.snapshot().expect("s1").id;
     drop(space);
 
-    let shared: SharedStorage = io.clone();
-    let store = Store::open_with(io.clone(), Mode::Write, opts())
+    let shared: SharedStorage = io.storage();
+    let store = Store::open_with(io.storage(), Mode::Write, opts())
         .expect("reopen")
         .0;
     let space = Arc::new(Space::restore_lazy_with(store, s1, shared).expect("restore lazily"));
@@ -329,7 +309,9 @@ fn lazy_faults_and_writes_do_not_wait_for_a_snapshots_commit() {
     drop(space);
 
     // s2 holds the state at its pause: pages 0..8 of round 2, the rest of round 1.
-    let store = Store::open_with(io, Mode::Write, opts()).expect("reopen").0;
+    let store = Store::open_with(io.storage(), Mode::Write, opts())
+        .expect("reopen")
+        .0;
     let space = Space::restore(store, s2.id).expect("restore");
     check(&space, 0..8, 2);
     check(&space, 8..64, 1);

@@ -11,6 +11,9 @@
 //! - creations, renames and removals since the last `sync_dir` are kept as an in-order prefix of
 //!   their log (metadata journals replay in order): any prefix, chosen by the seed;
 //! - everything synced is there exactly.
+//!
+//! [`Intercept`] wraps any backend with a test's hook on every operation: to fail one with a
+//! chosen error, panic in it, hold it, or run something else at that moment.
 
 use crate::storage::{LockGuard, Storage};
 use std::collections::{BTreeMap, BTreeSet};
@@ -405,6 +408,142 @@ impl Storage for FaultyStorage {
     }
 }
 
+/// One storage operation, as an [`Intercept`] hook sees it.
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub enum Op<'a> {
+    /// [`Storage::list`].
+    List,
+    /// [`Storage::create`].
+    Create(&'a str),
+    /// [`Storage::len`].
+    Len(&'a str),
+    /// [`Storage::read`] of `len` bytes at `offset`.
+    Read {
+        /// The file.
+        name: &'a str,
+        /// Where.
+        offset: u64,
+        /// How many bytes.
+        len: usize,
+    },
+    /// [`Storage::write`] of `data` at `offset`.
+    Write {
+        /// The file.
+        name: &'a str,
+        /// Where.
+        offset: u64,
+        /// The bytes.
+        data: &'a [u8],
+    },
+    /// [`Storage::set_len`].
+    SetLen(&'a str, u64),
+    /// [`Storage::sync`].
+    Sync(&'a str),
+    /// [`Storage::rename`] (from, to).
+    Rename(&'a str, &'a str),
+    /// [`Storage::remove`].
+    Remove(&'a str),
+    /// [`Storage::sync_dir`].
+    SyncDir,
+    /// [`Storage::try_lock`].
+    TryLock(&'a str),
+}
+
+type Before = Box<dyn Fn(&Op<'_>) -> io::Result<()> + Send + Sync>;
+type After = Box<dyn Fn(&Op<'_>) + Send + Sync>;
+
+/// A [`Storage`] that runs a test's hook before each operation of another backend (and,
+/// optionally, one after each that succeeded): to fail an operation with a chosen error (the hook
+/// returns it and the operation is not done), panic in it, block it on a channel, or run another
+/// writer's whole session at a chosen moment.
+pub struct Intercept {
+    inner: Arc<dyn Storage>,
+    before: Before,
+    after: Option<After>,
+}
+
+impl std::fmt::Debug for Intercept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Intercept")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Intercept {
+    /// `inner`, with `before` run before each operation; an `Err` from it fails the operation.
+    pub fn new(
+        inner: Arc<dyn Storage>,
+        before: impl Fn(&Op<'_>) -> io::Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        Intercept {
+            inner,
+            before: Box::new(before),
+            after: None,
+        }
+    }
+
+    /// Also runs `after` once an operation has succeeded.
+    pub fn after(mut self, after: impl Fn(&Op<'_>) + Send + Sync + 'static) -> Self {
+        self.after = Some(Box::new(after));
+        self
+    }
+
+    fn run<R>(&self, op: Op<'_>, f: impl FnOnce(&dyn Storage) -> io::Result<R>) -> io::Result<R> {
+        (self.before)(&op)?;
+        let r = f(&*self.inner)?;
+        if let Some(after) = &self.after {
+            after(&op);
+        }
+        Ok(r)
+    }
+}
+
+impl Storage for Intercept {
+    fn location(&self) -> &Path {
+        self.inner.location()
+    }
+    fn list(&self) -> io::Result<Vec<String>> {
+        self.run(Op::List, |s| s.list())
+    }
+    fn create(&self, name: &str) -> io::Result<()> {
+        self.run(Op::Create(name), |s| s.create(name))
+    }
+    fn len(&self, name: &str) -> io::Result<u64> {
+        self.run(Op::Len(name), |s| s.len(name))
+    }
+    fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let len = buf.len();
+        self.run(Op::Read { name, offset, len }, |s| {
+            s.read(name, offset, buf)
+        })
+    }
+    fn write(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.run(Op::Write { name, offset, data }, |s| {
+            s.write(name, offset, data)
+        })
+    }
+    fn set_len(&self, name: &str, len: u64) -> io::Result<()> {
+        self.run(Op::SetLen(name, len), |s| s.set_len(name, len))
+    }
+    fn sync(&self, name: &str) -> io::Result<()> {
+        self.run(Op::Sync(name), |s| s.sync(name))
+    }
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        self.run(Op::Rename(from, to), |s| s.rename(from, to))
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        self.run(Op::Remove(name), |s| s.remove(name))
+    }
+    fn sync_dir(&self) -> io::Result<()> {
+        self.run(Op::SyncDir, |s| s.sync_dir())
+    }
+    fn try_lock(&self, name: &str) -> io::Result<Option<Box<dyn LockGuard>>> {
+        self.run(Op::TryLock(name), |s| s.try_lock(name))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,6 +569,35 @@ mod tests {
             seen_b[usize::from(img.contents("b").is_some())] = true;
         }
         assert!(seen_whole && seen_lost && seen_b == [true, true]);
+    }
+
+    #[test]
+    fn intercept_fails_what_its_hook_refuses_and_sees_what_succeeded() {
+        let fs = Arc::new(FaultyStorage::new());
+        let done = Arc::new(Mutex::new(Vec::new()));
+        let seen = done.clone();
+        let io = Intercept::new(fs.clone(), |op| match op {
+            Op::Write { name: "b", .. } => Err(io::Error::from_raw_os_error(28)),
+            _ => Ok(()),
+        })
+        .after(move |op| {
+            if let Op::Write { name, data, .. } = op {
+                seen.lock()
+                    .expect("log")
+                    .push((name.to_string(), data.len()));
+            }
+        });
+        io.create("a").expect("create");
+        io.create("b").expect("create");
+        io.write("a", 0, b"xyz").expect("allowed");
+        let e = io.write("b", 0, b"q").expect_err("refused");
+        assert_eq!(e.raw_os_error(), Some(28));
+        assert_eq!(
+            fs.contents("b"),
+            Some(Vec::new()),
+            "a refused write is not done"
+        );
+        assert_eq!(*done.lock().expect("log"), vec![("a".to_string(), 3)]);
     }
 
     #[test]

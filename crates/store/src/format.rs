@@ -117,6 +117,19 @@ impl Enc {
         self.bytes(&r.hash);
         self.loc(&r.loc);
     }
+    /// An optional trie root: present u8, then the pointer (zero when absent).
+    pub(crate) fn root(&mut self, root: &Option<NodePtr>) {
+        match root {
+            Some(p) => {
+                self.u8(1);
+                self.node_ptr(p);
+            }
+            None => {
+                self.u8(0);
+                self.bytes(&[0; NODEPTR_BYTES]);
+            }
+        }
+    }
     pub(crate) fn node_ptr(&mut self, p: &NodePtr) {
         self.loc(&p.loc);
         self.bytes(&p.merkle);
@@ -338,31 +351,12 @@ impl Superblock {
         e.u32(self.page_size);
         e.u64(self.generation);
         e.u64(self.next_snapshot);
-        for root in [&self.catalog, &self.dedup] {
-            match root {
-                Some(p) => {
-                    e.u8(1);
-                    e.node_ptr(p);
-                }
-                None => {
-                    e.u8(0);
-                    e.bytes(&[0; NODEPTR_BYTES]);
-                }
-            }
-        }
+        e.root(&self.catalog);
+        e.root(&self.dedup);
         e.u32(self.active_segment);
         e.u64(self.active_len);
         e.u64(self.segment_bytes);
-        match &self.catalog_copy {
-            Some(p) => {
-                e.u8(1);
-                e.node_ptr(p);
-            }
-            None => {
-                e.u8(0);
-                e.bytes(&[0; NODEPTR_BYTES]);
-            }
-        }
+        e.root(&self.catalog_copy);
         // The writer refuses a commit with more runs than fit (`TooManySegments`) before it
         // encodes; truncating here would be a bug, so it is checked in debug builds.
         let runs = segment_runs(&self.segments);

@@ -1446,10 +1446,7 @@ impl Store {
 
     /// For a store without a catalog copy (written by format 1), every manifest, read and checked,
     /// to copy with the next commit; `None` when there is a copy (or nothing to copy).
-    fn manifests_to_copy(
-        &self,
-        sb: &Superblock,
-    ) -> Result<Option<ManifestCopies>, StoreError> {
+    fn manifests_to_copy(&self, sb: &Superblock) -> Result<Option<ManifestCopies>, StoreError> {
         if sb.catalog_copy.is_some() || sb.catalog.is_none() {
             return Ok(None);
         }

@@ -1,33 +1,17 @@
 //! The second reliability pass: each test here failed on the store before it, and names the
 //! finding it covers (docs/reliability.md lists them).
 
-use pagesnap_store::fault::{FaultPlan, FaultyStorage, SplitMix64};
+use pagesnap_store::fault::{FaultPlan, FaultyStorage, Intercept, Op, SplitMix64};
 use pagesnap_store::{
-    LockGuard, Mode, SnapshotId, SnapshotMeta, Storage, Store, StoreError, StoreOptions, Vpn,
+    Mode, SnapshotId, SnapshotMeta, Storage, Store, StoreError, StoreOptions, Vpn,
 };
 use std::collections::BTreeMap;
-use std::io;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 const SLOT: u64 = 4096;
 
-fn page(seed: u64) -> Vec<u8> {
-    let mut p = vec![0u8; 512];
-    for (i, chunk) in p.chunks_mut(8).enumerate() {
-        chunk.copy_from_slice(&(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64).to_le_bytes());
-    }
-    p
-}
-
-fn opts() -> StoreOptions {
-    StoreOptions {
-        page_size: 512,
-        segment_bytes: 8 << 10,
-        preallocate: 2 << 10,
-        ..StoreOptions::default()
-    }
-}
+mod common;
+use common::{opts, page};
 
 type Expected = BTreeMap<SnapshotId, BTreeMap<u64, Vec<u8>>>;
 
@@ -205,59 +189,21 @@ fn a_missing_segment_fails_the_open_and_unlisted_files_beside_damage_are_quarant
     assert_holds(&store, &expected, "quarantine");
 }
 
-/// A backend whose `try_lock` first runs a hook: another writer's whole session, racing ours.
-struct Racing {
-    inner: Arc<FaultyStorage>,
-    hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
-}
+type Session = Box<dyn FnOnce() + Send>;
 
-impl std::fmt::Debug for Racing {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Racing")
-    }
-}
-
-impl Storage for Racing {
-    fn location(&self) -> &Path {
-        self.inner.location()
-    }
-    fn list(&self) -> io::Result<Vec<String>> {
-        self.inner.list()
-    }
-    fn create(&self, name: &str) -> io::Result<()> {
-        self.inner.create(name)
-    }
-    fn len(&self, name: &str) -> io::Result<u64> {
-        self.inner.len(name)
-    }
-    fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.inner.read(name, offset, buf)
-    }
-    fn write(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.inner.write(name, offset, data)
-    }
-    fn set_len(&self, name: &str, len: u64) -> io::Result<()> {
-        self.inner.set_len(name, len)
-    }
-    fn sync(&self, name: &str) -> io::Result<()> {
-        self.inner.sync(name)
-    }
-    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        self.inner.rename(from, to)
-    }
-    fn remove(&self, name: &str) -> io::Result<()> {
-        self.inner.remove(name)
-    }
-    fn sync_dir(&self) -> io::Result<()> {
-        self.inner.sync_dir()
-    }
-    fn try_lock(&self, name: &str) -> io::Result<Option<Box<dyn LockGuard>>> {
-        let hook = self.hook.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(hook) = hook {
-            hook();
+/// `inner`, whose first `try_lock` first runs `session`: another writer's whole session, racing
+/// ours.
+fn racing(inner: Arc<FaultyStorage>, session: Session) -> Arc<Intercept> {
+    let session = Mutex::new(Some(session));
+    Arc::new(Intercept::new(inner, move |op| {
+        if let Op::TryLock(_) = op {
+            let session = session.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(run) = session {
+                run();
+            }
         }
-        self.inner.try_lock(name)
-    }
+        Ok(())
+    }))
 }
 
 /// Finding 3: a second writer read the superblock and listed the directory before it took the
@@ -269,9 +215,9 @@ fn a_writer_that_commits_while_another_waits_for_the_lock_loses_nothing() {
     let other = io.clone();
     let expected_other = Arc::new(Mutex::new(None));
     let record = expected_other.clone();
-    let racing = Arc::new(Racing {
-        inner: io.clone(),
-        hook: Mutex::new(Some(Box::new(move || {
+    let racing = racing(
+        io.clone(),
+        Box::new(move || {
             let (mut store, _) =
                 Store::open_with(other, Mode::Write, opts()).expect("the other writer");
             let parent = store.snapshot_ids().expect("ids").last().copied();
@@ -282,8 +228,8 @@ fn a_writer_that_commits_while_another_waits_for_the_lock_loses_nothing() {
             }
             let id = store.commit(SnapshotMeta::default()).expect("commit").id;
             *record.lock().expect("record") = Some(id);
-        }))),
-    });
+        }),
+    );
     let (mut store, _) = Store::open_with(racing, Mode::Write, opts()).expect("our writer");
     let theirs = expected_other
         .lock()
@@ -312,15 +258,15 @@ fn a_writer_that_commits_while_another_waits_for_the_lock_loses_nothing() {
 fn init_racing_another_init_removes_nothing() {
     let io = Arc::new(FaultyStorage::new());
     let other = io.clone();
-    let racing = Arc::new(Racing {
-        inner: io.clone(),
-        hook: Mutex::new(Some(Box::new(move || {
+    let racing = racing(
+        io.clone(),
+        Box::new(move || {
             let mut store = Store::init_with(other, opts()).expect("the other init");
             store.begin(None).expect("begin");
             store.put(Vpn(3), &page(3)).expect("put");
             store.commit(SnapshotMeta::default()).expect("commit");
-        }))),
-    });
+        }),
+    );
     let e = Store::init_with(racing, opts()).expect_err("a store is there now");
     assert!(matches!(e, StoreError::AlreadyExists { .. }), "{e}");
     let (store, _) = Store::open_with(io, Mode::Read, opts()).expect("open");
@@ -479,66 +425,30 @@ fn pinned_snapshots_are_not_deleted() {
     store.delete(&[ids[1]]).expect("unpinned");
 }
 
-/// A backend that panics on its `n`th write to the superblock (finding 4's store side: a panic
-/// in the backend while a commit publishes).
-struct PanicOnSuperblock {
-    inner: Arc<FaultyStorage>,
-    writes_left: Mutex<u32>,
-}
-
-impl std::fmt::Debug for PanicOnSuperblock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PanicOnSuperblock")
-    }
-}
-
-impl Storage for PanicOnSuperblock {
-    fn location(&self) -> &Path {
-        self.inner.location()
-    }
-    fn list(&self) -> io::Result<Vec<String>> {
-        self.inner.list()
-    }
-    fn create(&self, name: &str) -> io::Result<()> {
-        self.inner.create(name)
-    }
-    fn len(&self, name: &str) -> io::Result<u64> {
-        self.inner.len(name)
-    }
-    fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.inner.read(name, offset, buf)
-    }
-    fn write(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
-        if name == "superblock" {
-            let mut left = self.writes_left.lock().unwrap_or_else(|e| e.into_inner());
+/// `inner`, whose superblock write number `writes_left` (counted down; 0: none) lands half and
+/// then panics: a panic in the backend while a commit publishes.
+fn panicking_on_superblock(inner: Arc<FaultyStorage>) -> (Arc<Intercept>, Arc<Mutex<u32>>) {
+    let writes_left = Arc::new(Mutex::new(0u32));
+    let left = writes_left.clone();
+    let target = inner.clone();
+    let io = Intercept::new(inner, move |op| {
+        if let Op::Write {
+            name: "superblock",
+            offset,
+            data,
+        } = *op
+        {
+            let mut left = left.lock().unwrap_or_else(|e| e.into_inner());
             if *left == 1 {
                 *left = 0;
-                // Half the slot lands, then the backend panics.
-                let _ = self.inner.write(name, offset, &data[..data.len() / 2]);
+                let _ = target.write("superblock", offset, &data[..data.len() / 2]);
                 panic!("backend panics while the superblock is written");
             }
             *left = left.saturating_sub(1);
         }
-        self.inner.write(name, offset, data)
-    }
-    fn set_len(&self, name: &str, len: u64) -> io::Result<()> {
-        self.inner.set_len(name, len)
-    }
-    fn sync(&self, name: &str) -> io::Result<()> {
-        self.inner.sync(name)
-    }
-    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        self.inner.rename(from, to)
-    }
-    fn remove(&self, name: &str) -> io::Result<()> {
-        self.inner.remove(name)
-    }
-    fn sync_dir(&self) -> io::Result<()> {
-        self.inner.sync_dir()
-    }
-    fn try_lock(&self, name: &str) -> io::Result<Option<Box<dyn LockGuard>>> {
-        self.inner.try_lock(name)
-    }
+        Ok(())
+    });
+    (Arc::new(io), writes_left)
 }
 
 /// A panic out of the backend during either superblock slot write: the writer must not roll
@@ -549,15 +459,12 @@ impl Storage for PanicOnSuperblock {
 fn a_panic_while_the_superblock_is_written_is_recovered_from_before_the_next_change() {
     for nth in 1..=2u32 {
         let (io, expected) = sample(false);
-        let panicky = Arc::new(PanicOnSuperblock {
-            inner: io.clone(),
-            writes_left: Mutex::new(u32::MAX),
-        });
-        let (mut store, _) = Store::open_with(panicky.clone(), Mode::Write, opts()).expect("open");
+        let (panicky, writes_left) = panicking_on_superblock(io.clone());
+        let (mut store, _) = Store::open_with(panicky, Mode::Write, opts()).expect("open");
         let last = *expected.keys().last().expect("snapshots");
         store.begin(Some(last)).expect("begin");
         store.put(Vpn(3), &page(4242)).expect("put");
-        *panicky.writes_left.lock().expect("plan") = nth;
+        *writes_left.lock().expect("plan") = nth;
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             store.commit(SnapshotMeta::default())
         }));

@@ -1,30 +1,13 @@
 //! Superblock writes that fail or land in one slot only, and damage beside them. Found by a
 //! hostile review of the second reliability pass; each test failed before its fix.
 
-use pagesnap_store::fault::FaultyStorage;
-use pagesnap_store::{
-    LockGuard, Mode, SnapshotId, SnapshotMeta, Storage, Store, StoreOptions, Vpn,
-};
+use pagesnap_store::fault::{FaultyStorage, Intercept, Op};
+use pagesnap_store::{Mode, SnapshotId, SnapshotMeta, Storage, Store, Vpn};
 use std::io;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-fn page(seed: u64) -> Vec<u8> {
-    let mut p = vec![0u8; 512];
-    for (i, chunk) in p.chunks_mut(8).enumerate() {
-        chunk.copy_from_slice(&(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64).to_le_bytes());
-    }
-    p
-}
-
-fn opts() -> StoreOptions {
-    StoreOptions {
-        page_size: 512,
-        segment_bytes: 8 << 10,
-        preallocate: 2 << 10,
-        ..StoreOptions::default()
-    }
-}
+mod common;
+use common::{opts, page};
 
 /// What the scripted backend does to superblock operations.
 #[derive(Default)]
@@ -48,120 +31,88 @@ struct Script {
     verify_clean: Option<Result<bool, String>>,
 }
 
-struct Scripted {
-    inner: Arc<FaultyStorage>,
-    script: Mutex<Script>,
+type Shared = Arc<Mutex<Script>>;
+
+fn lock(script: &Shared) -> std::sync::MutexGuard<'_, Script> {
+    script.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl Scripted {
-    fn new() -> (Arc<FaultyStorage>, Arc<Scripted>) {
-        let inner = Arc::new(FaultyStorage::new());
-        let io = Arc::new(Scripted {
-            inner: inner.clone(),
-            script: Mutex::new(Script::default()),
-        });
-        (inner, io)
-    }
-    fn script(&self) -> std::sync::MutexGuard<'_, Script> {
-        self.script.lock().unwrap_or_else(|e| e.into_inner())
-    }
-    fn images(&self) -> Vec<FaultyStorage> {
-        (0..64).map(|seed| self.inner.crash_image(seed)).collect()
-    }
-}
-
-impl std::fmt::Debug for Scripted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Scripted")
-    }
-}
-
-impl Storage for Scripted {
-    fn location(&self) -> &Path {
-        self.inner.location()
-    }
-    fn list(&self) -> io::Result<Vec<String>> {
-        self.inner.list()
-    }
-    fn create(&self, name: &str) -> io::Result<()> {
-        self.inner.create(name)
-    }
-    fn len(&self, name: &str) -> io::Result<u64> {
-        self.inner.len(name)
-    }
-    fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.inner.read(name, offset, buf)
-    }
-    fn write(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
-        if name != "superblock" {
-            return self.inner.write(name, offset, data);
-        }
-        let mut s = self.script();
-        s.log.push(offset);
-        match s.panic_after {
-            Some(0) => {
-                drop(s);
-                panic!("backend panics on a superblock write");
+/// An in-memory store directory, the backend the store uses on it (superblock operations go as
+/// the script says), and the script.
+fn scripted() -> (Arc<FaultyStorage>, Arc<Intercept>, Shared) {
+    let inner = Arc::new(FaultyStorage::new());
+    let script: Shared = Arc::default();
+    let (s, target) = (script.clone(), inner.clone());
+    let images =
+        move |target: &FaultyStorage| (0..64).map(|seed| target.crash_image(seed)).collect();
+    let before = move |op: &Op<'_>| -> io::Result<()> {
+        let mut s = lock(&s);
+        match *op {
+            Op::Write {
+                name: "superblock",
+                offset,
+                ..
+            } => {
+                s.log.push(offset);
+                match s.panic_after {
+                    Some(0) => {
+                        drop(s);
+                        panic!("backend panics on a superblock write");
+                    }
+                    Some(n) => s.panic_after = Some(n - 1),
+                    None => {}
+                }
+                if s.capture_before {
+                    s.capture_before = false;
+                    s.images = images(&target);
+                }
+                if s.bad_offset == Some(offset) {
+                    return Err(io::Error::from_raw_os_error(5));
+                }
+                if s.fail_write > 0 {
+                    s.fail_write -= 1;
+                    if s.fail_write == 0 {
+                        return Err(io::Error::from_raw_os_error(5));
+                    }
+                }
             }
-            Some(n) => s.panic_after = Some(n - 1),
-            None => {}
-        }
-        if s.capture_before {
-            s.capture_before = false;
-            s.images = self.images();
-        }
-        if s.bad_offset == Some(offset) {
-            return Err(io::Error::from_raw_os_error(5));
-        }
-        if s.fail_write > 0 {
-            s.fail_write -= 1;
-            if s.fail_write == 0 {
-                return Err(io::Error::from_raw_os_error(5));
+            Op::Sync("superblock") => {
+                if s.verify_at_sync {
+                    s.verify_at_sync = false;
+                    // A reader on the same files, as a concurrent `pagesnap verify` would be.
+                    let reader = Arc::new((*target).clone());
+                    s.verify_clean = Some(
+                        Store::open_with(reader, Mode::Read, opts())
+                            .and_then(|(st, _)| st.verify(&[]))
+                            .map(|v| v.is_clean())
+                            .map_err(|e| e.to_string()),
+                    );
+                }
+                if s.fail_syncs > 0 {
+                    s.fail_syncs -= 1;
+                    return Err(io::Error::from_raw_os_error(5));
+                }
             }
-        }
-        self.inner.write(name, offset, data)?;
-        if s.capture_after {
-            s.capture_after = false;
-            s.images = self.images();
+            _ => {}
         }
         Ok(())
-    }
-    fn set_len(&self, name: &str, len: u64) -> io::Result<()> {
-        self.inner.set_len(name, len)
-    }
-    fn sync(&self, name: &str) -> io::Result<()> {
-        if name == "superblock" {
-            let mut s = self.script();
-            if s.verify_at_sync {
-                s.verify_at_sync = false;
-                // A reader on the same files, as a concurrent `pagesnap verify` would be.
-                let reader = Arc::new((*self.inner).clone());
-                s.verify_clean = Some(
-                    Store::open_with(reader, Mode::Read, opts())
-                        .and_then(|(st, _)| st.verify(&[]))
-                        .map(|v| v.is_clean())
-                        .map_err(|e| e.to_string()),
-                );
+    };
+    let (s, target) = (script.clone(), inner.clone());
+    let io = Intercept::new(inner.clone(), before).after(move |op| {
+        let mut s = lock(&s);
+        if matches!(
+            op,
+            Op::Write {
+                name: "superblock",
+                ..
             }
-            if s.fail_syncs > 0 {
-                s.fail_syncs -= 1;
-                return Err(io::Error::from_raw_os_error(5));
-            }
+        ) && s.capture_after
+        {
+            s.capture_after = false;
+            s.images = (0..64).map(|seed| target.crash_image(seed)).collect();
         }
-        self.inner.sync(name)
-    }
-    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        self.inner.rename(from, to)
-    }
-    fn remove(&self, name: &str) -> io::Result<()> {
-        self.inner.remove(name)
-    }
-    fn sync_dir(&self) -> io::Result<()> {
-        self.inner.sync_dir()
-    }
-    fn try_lock(&self, name: &str) -> io::Result<Option<Box<dyn LockGuard>>> {
-        self.inner.try_lock(name)
-    }
+    });
+    (inner, Arc::new(io), script)
 }
 
 /// A snapshot of pages `base..base + 8` on top of `parent`.
@@ -205,14 +156,14 @@ fn holds(store: &Store, s1: SnapshotId, s2: SnapshotId) -> Result<(), String> {
 /// its record space is reused: a crash at the next superblock write must lose nothing.
 #[test]
 fn leaving_doubt_outranks_the_failed_commit_before_reusing_its_space() {
-    let (mem, io) = Scripted::new();
+    let (mem, io, script) = scripted();
     let mut store = Store::init_with(io.clone(), opts()).expect("init");
     let (s1, s2) = two_snapshots(&mut store);
     store.begin(Some(s2)).expect("begin");
     for v in 16..24 {
         store.put(Vpn(v), &page(1000 + v)).expect("put");
     }
-    io.script().fail_syncs = 2;
+    lock(&script).fail_syncs = 2;
     let e = store.commit(SnapshotMeta::default()).expect_err("EIO");
     assert!(e.to_string().contains("I/O error"), "{e}");
     // The next change leaves doubt, then reuses the space after the committed end.
@@ -220,9 +171,9 @@ fn leaving_doubt_outranks_the_failed_commit_before_reusing_its_space() {
     for v in 16..24 {
         store.put(Vpn(v), &page(2000 + v)).expect("put");
     }
-    io.script().capture_before = true;
+    lock(&script).capture_before = true;
     let s3 = store.commit(SnapshotMeta::default()).expect("commit").id;
-    let images = std::mem::take(&mut io.script().images);
+    let images = std::mem::take(&mut lock(&script).images);
     assert_eq!(images.len(), 64);
     let mut bad = Vec::new();
     for (seed, img) in images.into_iter().enumerate() {
@@ -253,14 +204,14 @@ fn leaving_doubt_outranks_the_failed_commit_before_reusing_its_space() {
 #[test]
 fn a_commit_held_in_one_slot_gets_its_copy_before_a_flip_can_lose_it() {
     for close in [false, true] {
-        let (mem, io) = Scripted::new();
+        let (mem, io, script) = scripted();
         let mut store = Store::init_with(io.clone(), opts()).expect("init");
         store.begin(None).expect("begin");
         store.put(Vpn(1), &page(1)).expect("put");
         let s1 = store.commit(SnapshotMeta::default()).expect("commit").id;
         store.begin(Some(s1)).expect("begin");
         store.put(Vpn(2), &page(2)).expect("put");
-        io.script().fail_write = 2; // the second superblock write of this commit
+        lock(&script).fail_write = 2; // the second superblock write of this commit
         let s2 = store
             .commit(SnapshotMeta::default())
             .expect("acknowledged")
@@ -365,7 +316,7 @@ fn a_second_quarantine_of_the_same_name_keeps_the_first() {
 #[test]
 fn a_crash_while_leaving_doubt_never_damages_both_slots() {
     for parity in [1u64, 0] {
-        let (_mem, io) = Scripted::new();
+        let (_mem, io, script) = scripted();
         let mut store = Store::init_with(io.clone(), opts()).expect("init");
         let mut acked = vec![snap(&mut store, None, 0)];
         while store.generation() % 2 != parity {
@@ -374,11 +325,11 @@ fn a_crash_while_leaving_doubt_never_damages_both_slots() {
         }
         store.begin(acked.last().copied()).expect("begin");
         store.put(Vpn(999), &page(999)).expect("put");
-        io.script().fail_syncs = 2; // the slot's sync and its undo's: in doubt
+        lock(&script).fail_syncs = 2; // the slot's sync and its undo's: in doubt
         store.commit(SnapshotMeta::default()).expect_err("EIO");
-        io.script().capture_after = true;
+        lock(&script).capture_after = true;
         store.begin(acked.last().copied()).expect("leaves doubt");
-        let images = std::mem::take(&mut io.script().images);
+        let images = std::mem::take(&mut lock(&script).images);
         assert_eq!(images.len(), 64);
         for (seed, img) in images.into_iter().enumerate() {
             let (st, _) = Store::open_with(Arc::new(img), Mode::Read, opts())
@@ -398,12 +349,12 @@ fn a_crash_while_leaving_doubt_never_damages_both_slots() {
 #[test]
 fn dropping_the_store_while_a_backend_panic_unwinds_does_not_abort() {
     if std::env::var_os("PAGESNAP_DROP_CHILD").is_some() {
-        let (_mem, io) = Scripted::new();
+        let (_mem, io, script) = scripted();
         let mut store = Store::init_with(io.clone(), opts()).expect("init");
         let s1 = snap(&mut store, None, 0);
         store.begin(Some(s1)).expect("begin");
         store.put(Vpn(50), &page(50)).expect("put");
-        io.script().panic_after = Some(1); // the commit point passes, the copy panics
+        lock(&script).panic_after = Some(1); // the commit point passes, the copy panics
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
             let mut store = store; // dropped by the unwind
             let _ = store.commit(SnapshotMeta::default());
@@ -435,13 +386,13 @@ fn dropping_the_store_while_a_backend_panic_unwinds_does_not_abort() {
 /// the committed state (which still lists the old segments) must work, and verify stays clean.
 #[test]
 fn a_gc_in_doubt_still_reads_every_committed_snapshot() {
-    let (_mem, io) = Scripted::new();
+    let (_mem, io, script) = scripted();
     let mut store = Store::init_with(io.clone(), opts()).expect("init");
     let s1 = snap(&mut store, None, 0);
     let s2 = snap(&mut store, Some(s1), 8);
     let s3 = snap(&mut store, Some(s2), 16);
     store.delete(&[s2]).expect("delete");
-    io.script().fail_syncs = 2;
+    lock(&script).fail_syncs = 2;
     store.gc().expect_err("EIO on the slot's sync and its undo");
     for (id, n) in [(s1, 8u64), (s3, 24)] {
         for v in 0..n {
@@ -462,16 +413,16 @@ fn a_gc_in_doubt_still_reads_every_committed_snapshot() {
 /// slot: a note, not damage.
 #[test]
 fn verify_during_a_healthy_commit_reports_no_damage() {
-    let (_mem, io) = Scripted::new();
+    let (_mem, io, script) = scripted();
     let mut store = Store::init_with(io.clone(), opts()).expect("init");
     let s1 = snap(&mut store, None, 0);
     store.begin(Some(s1)).expect("begin");
     store.put(Vpn(77), &page(77)).expect("put");
-    io.script().verify_at_sync = true; // at the commit point's sync
+    lock(&script).verify_at_sync = true; // at the commit point's sync
     store
         .commit(SnapshotMeta::default())
         .expect("a healthy commit");
-    let clean = io.script().verify_clean.take();
+    let clean = lock(&script).verify_clean.take();
     assert_eq!(clean, Some(Ok(true)), "a concurrent verify reported damage");
     assert!(store.verify(&[]).expect("verify").is_clean());
 }
@@ -480,10 +431,10 @@ fn verify_during_a_healthy_commit_reports_no_damage() {
 /// opens (with one copy, removing nothing) instead of failing on the slot's repair.
 #[test]
 fn a_slot_that_cannot_be_written_does_not_lock_out_the_next_writer() {
-    let (_mem, io) = Scripted::new();
+    let (_mem, io, script) = scripted();
     let mut store = Store::init_with(io.clone(), opts()).expect("init");
     let s1 = snap(&mut store, None, 0);
-    io.script().bad_offset = Some(0);
+    lock(&script).bad_offset = Some(0);
     let s2 = snap(&mut store, Some(s1), 8); // generation 3: slot 1 first, the copy fails
     drop(store);
     let (store, report) = Store::open_with(io.clone(), Mode::Write, opts()).expect("opens");
