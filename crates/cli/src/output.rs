@@ -233,12 +233,25 @@ fn replace(
     let file = tmp.as_file();
     file.set_len(size).map_err(io_err("sizing the output"))?;
     let mut pages = 0u64;
+    let mut run = Vec::with_capacity(BATCH_BYTES as usize);
     for_each_batch(store, id, |first, n, contents| {
-        for (vpn, content) in contents {
-            let at = vpn * ps;
-            let len = size.saturating_sub(at).min(ps) as usize;
-            file.write_all_at(&content[..len], at)
+        // Contiguous pages go out in one write (a batch is at most 4 MiB); zero pages stay holes.
+        let mut i = 0;
+        while i < contents.len() {
+            let start = contents[i].0;
+            let mut end = i + 1;
+            while end < contents.len() && contents[end].0 == start + (end - i) as u64 {
+                end += 1;
+            }
+            run.clear();
+            for (_, content) in &contents[i..end] {
+                run.extend_from_slice(content);
+            }
+            let at = start * ps;
+            let len = (size.saturating_sub(at) as usize).min(run.len());
+            file.write_all_at(&run[..len], at)
                 .map_err(io_err("writing the output"))?;
+            i = end;
         }
         pages += contents.len() as u64;
         progress(((first + n) * ps).min(size));
