@@ -1,0 +1,464 @@
+//! The store: a directory of segment files and a two-slot superblock. See `docs/format.md` for the
+//! layout and the commit protocol, and why a crash at any step loses nothing committed.
+//!
+//! This module holds the [`Store`] handle and what every job shares: the writer's state, record
+//! reads and node loading (through the node cache), and the node access the trie walks use. The
+//! jobs themselves live in the submodules:
+//!
+//! - `open`: creating and opening a store, the writer lock, reading both superblock slots, and
+//!   the recovery a writer's open runs before it changes anything;
+//! - `commit`: writing a snapshot (begin, put, remove), the commit protocol (`publish`: segments,
+//!   then one superblock slot, then the other), leaving doubt, delete and pins;
+//! - `read`: the catalog, manifests, pages and diffs;
+//! - `verify`: checking every record and Merkle hash;
+//! - `gc`: live records, the space check, and gc.
+
+mod commit;
+mod gc;
+mod open;
+mod read;
+mod verify;
+
+use self::commit::{append, WRITE_BUFFER};
+use crate::error::StoreError;
+use crate::format::{
+    decode_record, seg_name, Kind, Location, NodePtr, Ref, Superblock, MAX_RECORD, SEG_HEADER,
+};
+use crate::storage::{LockGuard, SharedStorage, Storage};
+use crate::trie::{Node, NodeIo};
+use crate::{SnapshotId, StoreOptions};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// The Merkle root of an empty snapshot.
+pub const EMPTY_ROOT: [u8; 32] = [0; 32];
+/// Node cache bound (entries); cleared when exceeded.
+const CACHE_LIMIT: usize = 1 << 13;
+
+/// Open for reading only, or as the one writer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Read the last committed state; takes no lock.
+    Read,
+    /// Take the writer lock; recover leftovers of an interrupted writer.
+    Write,
+}
+
+struct Pending {
+    parent: Option<SnapshotId>,
+    base_root: Option<NodePtr>,
+    base_count: u64,
+    changes: BTreeMap<u64, Option<Ref>>,
+    /// Page records written in this snapshot, by content hash (dedup within the snapshot).
+    fresh: HashMap<[u8; 32], Ref>,
+    pages_written: u64,
+    /// Index entries changed by earlier flushes.
+    changed: u64,
+}
+
+struct Writer {
+    _lock: Box<dyn LockGuard>,
+    seg: u32,
+    off: u64,
+    cap: u64,
+    segments: Vec<u32>,
+    touched: BTreeSet<u32>,
+    created: Vec<u32>,
+    dir_dirty: bool,
+    data_appended: u64,
+    meta_appended: u64,
+    pending: Option<Pending>,
+    /// A superblock write failed and could not be undone: which state is durable is unknown until
+    /// the store is reopened, so this writer changes nothing more.
+    in_doubt: bool,
+    /// The last commit is durable in one superblock slot only (writing the second copy failed):
+    /// gc keeps the files it replaced until both slots agree again (a later commit or a reopen).
+    degraded: bool,
+    /// Records appended but not yet written: they end at `off` in segment `seg`.
+    buf: Vec<u8>,
+}
+
+/// A snapshot store in a directory.
+pub struct Store {
+    io: SharedStorage,
+    opts: StoreOptions,
+    sb: Superblock,
+    cache: Mutex<HashMap<NodePtr, Arc<Node>>>,
+    writer: Option<Writer>,
+    /// Snapshots `delete` refuses, with how many pins each holds: they are in use by whoever
+    /// holds the store.
+    pinned: BTreeMap<SnapshotId, usize>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // A commit whose second superblock copy failed: one more try before the lock is released.
+        // Not while unwinding: a backend that just panicked may panic again (an abort).
+        if !std::thread::panicking() {
+            self.restore_redundancy();
+        }
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.io.location())
+            .field("generation", &self.sb.generation)
+            .field("writer", &self.writer.is_some())
+            .finish()
+    }
+}
+
+fn io_err(
+    io: &dyn Storage,
+    name: &str,
+    step: &'static str,
+) -> impl FnOnce(io::Error) -> StoreError {
+    let path = io.location().join(name);
+    move |source| StoreError::Io { path, step, source }
+}
+
+fn corrupt(
+    io: &dyn Storage,
+    name: &str,
+    what: &'static str,
+    offset: u64,
+    detail: impl Into<String>,
+) -> StoreError {
+    StoreError::Corrupt {
+        path: io.location().join(name),
+        what,
+        offset,
+        detail: detail.into(),
+    }
+}
+
+/// Reads and checks the record at `loc`. `segments` are the live segments.
+fn read_record(
+    io: &dyn Storage,
+    segments: &[u32],
+    loc: &Location,
+    kind: Kind,
+) -> Result<(u64, [u8; 32], Vec<u8>), StoreError> {
+    let name = seg_name(loc.segment);
+    if segments.binary_search(&loc.segment).is_err() {
+        return Err(corrupt(
+            io,
+            &name,
+            kind.name(),
+            loc.offset,
+            "points into a segment the store does not have",
+        ));
+    }
+    if u64::from(loc.len) > MAX_RECORD || loc.offset < SEG_HEADER {
+        return Err(corrupt(
+            io,
+            &name,
+            kind.name(),
+            loc.offset,
+            format!("implausible record length {}", loc.len),
+        ));
+    }
+    let mut buf = vec![0u8; loc.len as usize];
+    io.read(&name, loc.offset, &mut buf).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            corrupt(
+                io,
+                &name,
+                kind.name(),
+                loc.offset,
+                "points past the end of the segment",
+            )
+        } else {
+            StoreError::Read {
+                path: io.location().join(&name),
+                what: kind.name(),
+                offset: loc.offset,
+                len: loc.len,
+                source: e,
+            }
+        }
+    })?;
+    let rec = decode_record(&buf, kind)
+        .map_err(|e| corrupt(io, &name, kind.name(), loc.offset, e.to_string()))?;
+    let (key, hash, start, plen) = (
+        rec.key,
+        rec.hash,
+        crate::format::REC_HEADER,
+        rec.payload.len(),
+    );
+    buf.truncate(start + plen);
+    buf.drain(..start);
+    Ok((key, hash, buf))
+}
+
+/// Node access for readers.
+struct ReadIo<'a> {
+    io: &'a dyn Storage,
+    segments: &'a [u32],
+    cache: &'a Mutex<HashMap<NodePtr, Arc<Node>>>,
+}
+
+fn load_node(
+    io: &dyn Storage,
+    segments: &[u32],
+    cache: &Mutex<HashMap<NodePtr, Arc<Node>>>,
+    ptr: &NodePtr,
+) -> Result<Arc<Node>, StoreError> {
+    // Keyed by location *and* Merkle hash: a location reused after a rolled-back commit holds
+    // another node.
+    if let Some(n) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(ptr) {
+        return Ok(n.clone());
+    }
+    let (_, hash, payload) = read_record(io, segments, &ptr.loc, Kind::Node)?;
+    let name = seg_name(ptr.loc.segment);
+    let node = Node::decode(&payload)
+        .map_err(|e| corrupt(io, &name, "index node", ptr.loc.offset, e.0))?;
+    // The hash is recomputed, not taken from the record's header: a node then cannot name
+    // itself (or an ancestor) as a child, since that would need a blake3 fixpoint, so every walk
+    // of the trie ends.
+    if hash != ptr.merkle || node.merkle() != ptr.merkle {
+        return Err(corrupt(
+            io,
+            &name,
+            "index node",
+            ptr.loc.offset,
+            "Merkle hash differs from its parent's record",
+        ));
+    }
+    let node = Arc::new(node);
+    let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if c.len() >= CACHE_LIMIT {
+        c.clear();
+    }
+    c.insert(*ptr, node.clone());
+    Ok(node)
+}
+
+impl NodeIo for ReadIo<'_> {
+    fn load(&mut self, ptr: &NodePtr) -> Result<Arc<Node>, StoreError> {
+        load_node(self.io, self.segments, self.cache, ptr)
+    }
+    fn store(&mut self, _node: &Node) -> Result<NodePtr, StoreError> {
+        Err(StoreError::ReadOnly)
+    }
+}
+
+/// Node access for the writer: loads through the cache, stores by appending.
+struct WriteIo<'a> {
+    io: &'a dyn Storage,
+    opts: &'a StoreOptions,
+    cache: &'a Mutex<HashMap<NodePtr, Arc<Node>>>,
+    w: &'a mut Writer,
+}
+
+impl NodeIo for WriteIo<'_> {
+    fn load(&mut self, ptr: &NodePtr) -> Result<Arc<Node>, StoreError> {
+        load_node(self.io, &self.w.segments, self.cache, ptr)
+    }
+    fn store(&mut self, node: &Node) -> Result<NodePtr, StoreError> {
+        let merkle = node.merkle();
+        let loc = append(
+            self.io,
+            self.opts,
+            self.w,
+            Kind::Node,
+            u64::from(node.depth),
+            &merkle,
+            &node.encode(),
+        )?;
+        self.w.meta_appended += u64::from(loc.len);
+        Ok(NodePtr { loc, merkle })
+    }
+}
+
+/// The dedup index's key for a content hash: its first 8 bytes.
+fn dedup_key(hash: &[u8; 32]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&hash[..8]);
+    u64::from_le_bytes(b)
+}
+
+impl Store {
+    fn read_io(&self) -> ReadIo<'_> {
+        let segments = match &self.writer {
+            Some(w) => &w.segments,
+            None => &self.sb.segments,
+        };
+        ReadIo {
+            io: &*self.io,
+            segments,
+            cache: &self.cache,
+        }
+    }
+
+    fn write_io(&mut self) -> Result<WriteIo<'_>, StoreError> {
+        let w = self.writer.as_mut().ok_or(StoreError::ReadOnly)?;
+        if w.in_doubt {
+            return Err(StoreError::InDoubt {
+                path: self.io.location().into(),
+            });
+        }
+        Ok(WriteIo {
+            io: &*self.io,
+            opts: &self.opts,
+            cache: &self.cache,
+            w,
+        })
+    }
+
+    /// The directory (or backend location).
+    pub fn location(&self) -> &Path {
+        self.io.location()
+    }
+
+    /// Bytes per page.
+    pub fn page_size(&self) -> u32 {
+        self.sb.page_size
+    }
+
+    /// The committed generation (increases with every commit).
+    pub fn generation(&self) -> u64 {
+        self.sb.generation
+    }
+}
+
+impl Writer {
+    fn new(
+        lock: Box<dyn LockGuard>,
+        sb: &Superblock,
+        io: &dyn Storage,
+    ) -> Result<Writer, StoreError> {
+        let name = seg_name(sb.active_segment);
+        let cap = io
+            .len(&name)
+            .map_err(io_err(io, &name, "open active segment"))?;
+        Ok(Writer {
+            _lock: lock,
+            seg: sb.active_segment,
+            off: sb.active_len,
+            cap,
+            segments: sb.segments.clone(),
+            touched: BTreeSet::new(),
+            created: Vec::new(),
+            dir_dirty: false,
+            data_appended: 0,
+            meta_appended: 0,
+            pending: None,
+            in_doubt: false,
+            degraded: false,
+            buf: Vec::with_capacity(WRITE_BUFFER + (64 << 10)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::commit::{append, flush_buffer};
+    use super::*;
+    use crate::fault::FaultyStorage;
+    use crate::format::record_len;
+    use crate::manifest::{Manifest, RootRecord};
+    use crate::trie::{self, Delta, Slot};
+    use crate::SnapshotMeta;
+    use pagesnap_pagetable::Vpn;
+
+    /// Appends, through the writer, an index node that names itself as its only child, and
+    /// commits it both as the catalog root and as snapshot 2's index root.
+    pub(super) fn store_with_a_looping_node() -> (Arc<FaultyStorage>, StoreOptions) {
+        let io = Arc::new(FaultyStorage::new());
+        let opts = StoreOptions {
+            page_size: 512,
+            ..StoreOptions::default()
+        };
+        let mut store = Store::init_with(io.clone(), opts).expect("init");
+        store.begin(None).expect("begin");
+        store.put(Vpn(1), &[9u8; 512]).expect("put");
+        store.commit(SnapshotMeta::default()).expect("commit");
+        let mut sb = store.sb.clone();
+        let mut wio = store.write_io().expect("writer");
+        flush_buffer(wio.io, wio.w).expect("flush");
+        let merkle = [7u8; 32];
+        let node = |ptr| Node {
+            depth: 0,
+            slots: vec![(0, Slot::Child(ptr))],
+        };
+        let mut ptr = NodePtr {
+            loc: Location {
+                segment: wio.w.seg,
+                offset: wio.w.off,
+                len: 0,
+            },
+            merkle,
+        };
+        ptr.loc.len = u32::try_from(record_len(node(ptr).encode().len())).expect("small");
+        let loc = append(
+            wio.io,
+            wio.opts,
+            wio.w,
+            Kind::Node,
+            0,
+            &merkle,
+            &node(ptr).encode(),
+        )
+        .expect("append");
+        assert_eq!(loc, ptr.loc, "the node sits where it says");
+        let m = Manifest {
+            id: 2,
+            parent: None,
+            epoch: 0,
+            time_unix_ms: 0,
+            label: None,
+            logical_size: 0,
+            page_size: 512,
+            page_count: 1,
+            merkle_root: merkle,
+            index_root: Some(RootRecord::from_ptr(&ptr)),
+            pages_written: 0,
+            pages_changed: 0,
+            data_bytes: 0,
+            meta_bytes: 0,
+        };
+        let bytes = m.to_bytes();
+        let hash = *blake3::hash(&bytes).as_bytes();
+        let mloc = append(wio.io, wio.opts, wio.w, Kind::Manifest, 2, &hash, &bytes)
+            .expect("append manifest");
+        sb.catalog = trie::apply(
+            &mut wio,
+            sb.catalog,
+            &[(2, Some(Ref { hash, loc: mloc }))],
+            &mut Delta::default(),
+        )
+        .expect("catalog");
+        store.publish(sb).expect("publish");
+        (io, opts)
+    }
+
+    /// Finding 10: a self-referencing index node overflowed the stack (the Merkle hash was taken
+    /// from the record's header, not recomputed); now it is damage, reported.
+    #[test]
+    fn a_node_that_names_itself_is_reported_damaged_not_a_stack_overflow() {
+        let (io, opts) = store_with_a_looping_node();
+        let (store, report) = Store::open_with(io.clone(), Mode::Read, opts).expect("open");
+        assert_eq!(report.damaged, vec![SnapshotId(2)], "{report:?}");
+        assert_eq!(report.latest, Some(SnapshotId(1)));
+        let e = store
+            .read_page(SnapshotId(2), Vpn(5))
+            .expect_err("a looping index");
+        assert!(e.is_corruption(), "{e}");
+        let v = store.verify(&[]).expect("verify runs");
+        assert!(
+            v.damage
+                .iter()
+                .any(|d| d.snapshot == Some(SnapshotId(2)) && d.detail.contains("index node")),
+            "{v:?}"
+        );
+        assert_eq!(
+            store.read_page(SnapshotId(1), Vpn(1)).expect("intact"),
+            Some(vec![9u8; 512])
+        );
+    }
+}

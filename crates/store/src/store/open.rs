@@ -1,0 +1,442 @@
+//! Creating and opening a store: the writer lock, reading both superblock slots, and the recovery
+//! a writer's open runs (check every listed segment, make both slots agree, and only then remove
+//! or quarantine leftovers). See `docs/format.md` for the superblock and the recovery order.
+
+use super::{corrupt, io_err, Mode, Store, Writer};
+use crate::error::StoreError;
+use crate::format::{
+    parse_seg_name, seg_name, segment_header, SlotError, Superblock, FORMAT_VERSION, LOCK_FILE,
+    SEG_HEADER, SEG_MAGIC, SLOT_SIZE, SUPERBLOCK_FILE,
+};
+use crate::storage::{FsStorage, LockGuard, SharedStorage, Storage};
+use crate::{OpenReport, StoreOptions};
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// What the superblock slot not in use holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum OtherSlot {
+    /// The committed state too: the normal case.
+    Same,
+    /// An older valid state (this generation).
+    Older(u64),
+    /// Never written (a format 1 store after its first commit).
+    Empty,
+    /// Fails its checksum or does not decode.
+    Damaged,
+}
+
+/// Both superblock slots as read.
+pub(super) struct SlotsRead {
+    pub(super) sb: Superblock,
+    slot: usize,
+    pub(super) other: OtherSlot,
+}
+
+impl SlotsRead {
+    /// A sentence on the other slot, naming the file and what is in use, when it is not a copy.
+    pub(super) fn note(&self, io: &dyn Storage) -> Option<String> {
+        let file = io.location().join(SUPERBLOCK_FILE);
+        let (other, using) = (1 - self.slot, self.slot);
+        let what = match self.other {
+            OtherSlot::Same => return None,
+            OtherSlot::Older(g) => format!(
+                "slot {other} holds generation {g}, older than the committed state (a commit \
+                 interrupted between its two slot writes, or a format 1 store)"
+            ),
+            OtherSlot::Empty => format!("slot {other} is empty (a format 1 store)"),
+            OtherSlot::Damaged => format!(
+                "slot {other} (offset {}) fails its checksum: it is damaged",
+                other * SLOT_SIZE
+            ),
+        };
+        Some(format!(
+            "{}: {what}; using slot {using}, generation {}; a writer's open rewrites slot {other}",
+            file.display(),
+            self.sb.generation
+        ))
+    }
+}
+
+impl Store {
+    /// Creates a store in the existing directory `dir` (std::fs backend).
+    pub fn init(dir: impl AsRef<Path>, opts: StoreOptions) -> Result<Store, StoreError> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.into(),
+            step: "create store directory",
+            source,
+        })?;
+        Self::init_with(Arc::new(FsStorage::new(dir, true)), opts)
+    }
+
+    /// Opens the store in `dir` (std::fs backend).
+    pub fn open(dir: impl AsRef<Path>, mode: Mode) -> Result<(Store, OpenReport), StoreError> {
+        let dir = dir.as_ref();
+        match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(StoreError::NotAStore { path: dir.into() }),
+            Err(source) if source.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::NotAStore { path: dir.into() })
+            }
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: dir.into(),
+                    step: "open store directory",
+                    source,
+                })
+            }
+        }
+        Self::open_with(
+            Arc::new(FsStorage::new(dir, mode == Mode::Write)),
+            mode,
+            StoreOptions::default(),
+        )
+    }
+
+    /// Creates a store on `io`.
+    pub fn init_with(io: SharedStorage, opts: StoreOptions) -> Result<Store, StoreError> {
+        if !opts.page_size.is_power_of_two() || !(512..=(16 << 20)).contains(&opts.page_size) {
+            return Err(StoreError::Usage(
+                "the page size must be a power of two from 512 bytes to 16 MiB",
+            ));
+        }
+        // Lock first, then look: a writer that commits between our look and our lock must not
+        // have its files taken for leftovers.
+        let lock = match Self::lock(&*io) {
+            Ok(lock) => lock,
+            // Held by a writer: say that a store is there, if one is (nothing is changed).
+            Err(e @ StoreError::Locked { .. }) => {
+                return Err(match Self::read_superblock(&*io) {
+                    Err(StoreError::NotAStore { .. }) => e,
+                    _ => StoreError::AlreadyExists {
+                        path: io.location().into(),
+                    },
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        let names = io
+            .list()
+            .map_err(io_err(&*io, "", "list store directory"))?;
+        if names.iter().any(|n| n == SUPERBLOCK_FILE) {
+            match Self::read_superblock(&*io) {
+                Err(StoreError::NotAStore { .. }) => {}
+                _ => {
+                    return Err(StoreError::AlreadyExists {
+                        path: io.location().into(),
+                    })
+                }
+            }
+        }
+        // Leftovers of an interrupted init (no superblock slot was ever written) are cleared.
+        for n in names
+            .iter()
+            .filter(|n| parse_seg_name(n).is_some() || *n == SUPERBLOCK_FILE)
+        {
+            io.remove(n)
+                .map_err(io_err(&*io, n, "remove leftover file"))?;
+        }
+        let first = seg_name(1);
+        io.create(&first)
+            .map_err(io_err(&*io, &first, "create segment"))?;
+        io.write(&first, 0, &segment_header(1)).map_err(io_err(
+            &*io,
+            &first,
+            "write segment header",
+        ))?;
+        io.sync(&first)
+            .map_err(io_err(&*io, &first, "sync segment"))?;
+        let sb = Superblock {
+            generation: 1,
+            page_size: opts.page_size,
+            next_snapshot: 1,
+            catalog: None,
+            dedup: None,
+            catalog_copy: None,
+            active_segment: 1,
+            active_len: SEG_HEADER,
+            segments: vec![1],
+            segment_bytes: opts.segment_bytes,
+            version: FORMAT_VERSION,
+        };
+        io.create(SUPERBLOCK_FILE)
+            .map_err(io_err(&*io, SUPERBLOCK_FILE, "create superblock"))?;
+        // Both slots hold the committed state (see `publish`).
+        let mut slots = sb.encode();
+        slots.extend_from_slice(&sb.encode());
+        io.write(SUPERBLOCK_FILE, 0, &slots).map_err(io_err(
+            &*io,
+            SUPERBLOCK_FILE,
+            "write superblock",
+        ))?;
+        io.sync(SUPERBLOCK_FILE)
+            .map_err(io_err(&*io, SUPERBLOCK_FILE, "sync superblock"))?;
+        io.sync_dir()
+            .map_err(io_err(&*io, "", "sync store directory"))?;
+        let writer = Writer::new(lock, &sb, &*io)?;
+        Ok(Store {
+            io,
+            opts,
+            sb,
+            cache: Mutex::new(HashMap::new()),
+            pinned: BTreeMap::new(),
+            writer: Some(writer),
+        })
+    }
+
+    fn lock(io: &dyn Storage) -> Result<Box<dyn LockGuard>, StoreError> {
+        match io
+            .try_lock(LOCK_FILE)
+            .map_err(io_err(io, LOCK_FILE, "lock store"))?
+        {
+            Some(guard) => {
+                let note = format!("pid {}\n", std::process::id());
+                // Best effort: the note only names the holder in others' error messages.
+                let _ = io
+                    .set_len(LOCK_FILE, 0)
+                    .and_then(|_| io.write(LOCK_FILE, 0, note.as_bytes()));
+                Ok(guard)
+            }
+            None => {
+                let len = io.len(LOCK_FILE).unwrap_or(0).min(256);
+                let mut buf = vec![0u8; len as usize];
+                let holder = match io.read(LOCK_FILE, 0, &mut buf) {
+                    Ok(()) => String::from_utf8_lossy(&buf).trim().to_string(),
+                    Err(_) => String::new(),
+                };
+                let holder = if holder.is_empty() {
+                    "unknown process".to_string()
+                } else {
+                    holder
+                };
+                Err(StoreError::Locked {
+                    path: io.location().into(),
+                    holder,
+                })
+            }
+        }
+    }
+
+    /// Reads both superblock slots: the valid one with the highest generation, and what the other
+    /// slot holds.
+    pub(super) fn read_superblock(io: &dyn Storage) -> Result<SlotsRead, StoreError> {
+        let not_a_store = || StoreError::NotAStore {
+            path: io.location().into(),
+        };
+        let len = match io.len(SUPERBLOCK_FILE) {
+            Ok(l) => l,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_a_store()),
+            Err(e) => return Err(io_err(io, SUPERBLOCK_FILE, "read superblock")(e)),
+        };
+        let mut buf = vec![0u8; 2 * SLOT_SIZE];
+        let have = usize::try_from(len)
+            .unwrap_or(usize::MAX)
+            .min(2 * SLOT_SIZE);
+        io.read(SUPERBLOCK_FILE, 0, &mut buf[..have])
+            .map_err(io_err(io, SUPERBLOCK_FILE, "read superblock"))?;
+        let slots = [
+            Superblock::decode(&buf[..SLOT_SIZE]),
+            Superblock::decode(&buf[SLOT_SIZE..]),
+        ];
+        for s in &slots {
+            if let Err(SlotError::Newer(found)) = s {
+                return Err(StoreError::NewerVersion {
+                    path: io.location().into(),
+                    found: *found,
+                    supported: FORMAT_VERSION,
+                });
+            }
+        }
+        let damaged = |s: &Result<Superblock, SlotError>| {
+            matches!(s, Err(SlotError::Checksum) | Err(SlotError::Malformed))
+        };
+        let best = slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().ok().map(|sb| (i, sb)))
+            .max_by_key(|(i, sb)| (sb.generation, std::cmp::Reverse(*i)));
+        let Some((slot, sb)) = best else {
+            return Err(if slots.iter().any(damaged) {
+                corrupt(
+                    io,
+                    SUPERBLOCK_FILE,
+                    "superblock",
+                    0,
+                    "both slots fail their checksum",
+                )
+            } else {
+                not_a_store()
+            });
+        };
+        let other = &slots[1 - slot];
+        let state = match other {
+            Ok(o) if o.same_state(sb) => OtherSlot::Same,
+            Ok(o) => OtherSlot::Older(o.generation),
+            Err(SlotError::Empty) => OtherSlot::Empty,
+            Err(_) => OtherSlot::Damaged,
+        };
+        Ok(SlotsRead {
+            sb: sb.clone(),
+            slot,
+            other: state,
+        })
+    }
+
+    /// Opens the store on `io`.
+    ///
+    /// A writer locks the store before it reads anything. Then, before it changes anything, it
+    /// checks that every segment the committed state lists is there; rewrites the other
+    /// superblock slot if it does not hold the committed state (so both do again); and only then
+    /// removes segment files that no slot lists, the leftovers of an interrupted commit or gc —
+    /// or, if a slot was damaged, renames them to `quarantine-…` instead.
+    pub fn open_with(
+        io: SharedStorage,
+        mode: Mode,
+        opts: StoreOptions,
+    ) -> Result<(Store, OpenReport), StoreError> {
+        let lock = match mode {
+            Mode::Read => None,
+            Mode::Write => Some(Self::lock(&*io)?),
+        };
+        let read = Self::read_superblock(&*io)?;
+        let sb = read.sb.clone();
+        let mut damaged_segments = Vec::new();
+        for id in &sb.segments {
+            let name = seg_name(*id);
+            let mut head = [0u8; 8];
+            match io.read(&name, 0, &mut head) {
+                Ok(()) if head == SEG_MAGIC => {}
+                // Records carry their own checks: a damaged header hides nothing by itself, so
+                // it is reported (and verify names it), not fatal.
+                Ok(()) => damaged_segments.push(name),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => damaged_segments.push(name),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(corrupt(
+                        &*io,
+                        &name,
+                        "segment file",
+                        0,
+                        format!(
+                            "missing, but the superblock (generation {}) lists it; nothing was \
+                             changed: restore the file from a copy of the store",
+                            sb.generation
+                        ),
+                    ))
+                }
+                Err(e) => return Err(io_err(&*io, &name, "open segment")(e)),
+            }
+        }
+        let mut report = OpenReport {
+            generation: sb.generation,
+            superblock_slot: read.slot,
+            damaged_slot: read.other == OtherSlot::Damaged,
+            superblock_note: read.note(&*io),
+            damaged_segments,
+            ..OpenReport::default()
+        };
+        let writer = match lock {
+            None => None,
+            Some(lock) => {
+                let mut agree = read.other == OtherSlot::Same;
+                if !agree {
+                    // Both slots must name the committed state before anything is removed: a
+                    // slot still naming an older state may list files that are garbage now.
+                    let at = (1 - read.slot) as u64 * SLOT_SIZE as u64;
+                    agree = io
+                        .write(SUPERBLOCK_FILE, at, &sb.encode())
+                        .and_then(|_| io.sync(SUPERBLOCK_FILE))
+                        .is_ok();
+                    report.repaired_slot = agree;
+                }
+                // If the slot could not be rewritten (a bad sector under it), the writer still
+                // opens, with one copy, as the writer before it ran; nothing is removed.
+                let names = if agree {
+                    io.list()
+                        .map_err(io_err(&*io, "", "list store directory"))?
+                } else {
+                    Vec::new()
+                };
+                let mut changed = false;
+                for n in &names {
+                    let Some(id) = parse_seg_name(n) else {
+                        continue;
+                    };
+                    if sb.segments.binary_search(&id).is_ok() {
+                        continue;
+                    }
+                    if read.other == OtherSlot::Damaged {
+                        // A name nothing else has: quarantined files are never replaced.
+                        let mut to = format!("quarantine-g{}-{n}", sb.generation);
+                        let mut k = 1;
+                        while names.contains(&to) || report.quarantined.contains(&to) {
+                            to = format!("quarantine-g{}-{k}-{n}", sb.generation);
+                            k += 1;
+                        }
+                        io.rename(n, &to).map_err(io_err(
+                            &*io,
+                            n,
+                            "quarantine unlisted segment",
+                        ))?;
+                        report.quarantined.push(to);
+                    } else {
+                        io.remove(n)
+                            .map_err(io_err(&*io, n, "remove leftover segment"))?;
+                    }
+                    changed = true;
+                }
+                if changed {
+                    io.sync_dir()
+                        .map_err(io_err(&*io, "", "sync store directory"))?;
+                }
+                let mut w = Writer::new(lock, &sb, &*io)?;
+                w.degraded = !agree;
+                Some(w)
+            }
+        };
+        let opts = StoreOptions {
+            page_size: sb.page_size,
+            segment_bytes: if sb.segment_bytes == 0 {
+                opts.segment_bytes
+            } else {
+                sb.segment_bytes
+            },
+            ..opts
+        };
+        let store = Store {
+            io,
+            opts,
+            sb,
+            cache: Mutex::new(HashMap::new()),
+            pinned: BTreeMap::new(),
+            writer,
+        };
+        // Damage containment: the newest snapshot whose manifest and index root read back.
+        let ids = match store.snapshot_ids() {
+            Ok(ids) => ids,
+            Err(e) if e.is_corruption() => {
+                // The catalog itself is damaged: no snapshot is reachable, but the store opens so
+                // that verify can say what is wrong.
+                report.catalog_damage = Some(e.to_string());
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        };
+        for id in ids.iter().rev() {
+            match store
+                .snapshot(*id)
+                .and_then(|s| store.index_root(&s).map(|_| s))
+            {
+                Ok(_) => {
+                    report.latest = Some(*id);
+                    break;
+                }
+                Err(e) if e.is_corruption() => report.damaged.push(*id),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((store, report))
+    }
+}

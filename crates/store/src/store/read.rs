@@ -1,0 +1,187 @@
+//! Reading a store: the snapshot catalog (or its copy, past damage), manifests, pages and diffs.
+//! Every read is checked (crc32, blake3, Merkle) and never returns wrong bytes. See
+//! `docs/format.md` for the records and the index.
+
+use super::{corrupt, read_record, Store};
+use crate::error::StoreError;
+use crate::format::{seg_name, Kind, NodePtr, Ref};
+use crate::manifest::Manifest;
+use crate::trie::{self, NodeIo};
+use crate::{SnapshotId, SnapshotInfo};
+use pagesnap_pagetable::{Epoch, Vpn};
+
+fn info(m: &Manifest) -> SnapshotInfo {
+    SnapshotInfo {
+        id: SnapshotId(m.id),
+        parent: m.parent.map(SnapshotId),
+        epoch: Epoch(m.epoch),
+        time_unix_ms: m.time_unix_ms,
+        label: m.label.clone(),
+        logical_size: m.logical_size,
+        page_size: m.page_size,
+        page_count: m.page_count,
+        merkle_root: m.merkle_root,
+        pages_written: m.pages_written,
+        pages_changed: m.pages_changed,
+        data_bytes: m.data_bytes,
+        meta_bytes: m.meta_bytes,
+    }
+}
+
+impl Store {
+    /// Ids of the retained snapshots, ascending. Read from the catalog, or from its copy if the
+    /// catalog is damaged.
+    pub fn snapshot_ids(&self) -> Result<Vec<SnapshotId>, StoreError> {
+        self.with_catalogs(|root| {
+            let mut ids = Vec::new();
+            trie::for_each(&mut self.read_io(), root, &mut |k, _| {
+                ids.push(SnapshotId(k));
+                Ok(())
+            })?;
+            Ok(ids)
+        })
+    }
+
+    /// `f` on the catalog; if that meets damage and the store has a copy, `f` on the copy. The
+    /// first error is returned when both fail.
+    fn with_catalogs<R>(
+        &self,
+        f: impl Fn(Option<NodePtr>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        match f(self.sb.catalog) {
+            Err(e) if e.is_corruption() && self.sb.catalog_copy.is_some() => {
+                f(self.sb.catalog_copy).map_err(|_| e)
+            }
+            r => r,
+        }
+    }
+
+    /// The newest retained snapshot.
+    pub fn latest(&self) -> Result<Option<SnapshotId>, StoreError> {
+        Ok(self.snapshot_ids()?.last().copied())
+    }
+
+    /// Snapshot `id`'s manifest, through the catalog or, past damage, its copy.
+    pub(super) fn manifest(&self, id: SnapshotId) -> Result<Manifest, StoreError> {
+        self.with_catalogs(|root| self.manifest_in(root, id))
+    }
+
+    /// Snapshot `id`'s manifest as the catalog at `root` names it, checked.
+    pub(super) fn manifest_in(
+        &self,
+        root: Option<NodePtr>,
+        id: SnapshotId,
+    ) -> Result<Manifest, StoreError> {
+        let r =
+            trie::get(&mut self.read_io(), root, id.0)?.ok_or(StoreError::UnknownSnapshot(id))?;
+        let segments = &self.read_io().segments.to_vec();
+        let (_, _, payload) = read_record(&*self.io, segments, &r.loc, Kind::Manifest)?;
+        let name = seg_name(r.loc.segment);
+        if *blake3::hash(&payload).as_bytes() != r.hash {
+            return Err(corrupt(
+                &*self.io,
+                &name,
+                "snapshot manifest",
+                r.loc.offset,
+                "blake3 differs from the catalog's",
+            ));
+        }
+        let m = Manifest::from_bytes(&payload)
+            .map_err(|e| corrupt(&*self.io, &name, "snapshot manifest", r.loc.offset, e))?;
+        if m.id != id.0 {
+            return Err(corrupt(
+                &*self.io,
+                &name,
+                "snapshot manifest",
+                r.loc.offset,
+                "manifest names another snapshot",
+            ));
+        }
+        Ok(m)
+    }
+
+    /// What the store knows about snapshot `id`.
+    pub fn snapshot(&self, id: SnapshotId) -> Result<SnapshotInfo, StoreError> {
+        self.manifest(id).map(|m| info(&m))
+    }
+
+    /// Every retained snapshot, ascending by id.
+    pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>, StoreError> {
+        self.snapshot_ids()?
+            .into_iter()
+            .map(|id| self.snapshot(id))
+            .collect()
+    }
+
+    pub(super) fn index_root(&self, s: &SnapshotInfo) -> Result<Option<NodePtr>, StoreError> {
+        let root = self.manifest(s.id)?.index_root.map(|r| r.ptr());
+        if let Some(p) = &root {
+            self.read_io().load(p)?;
+        }
+        Ok(root)
+    }
+
+    /// The content of page `vpn` in snapshot `id` (`None`: the page is zero), checked against its
+    /// crc32 and blake3 before it is returned.
+    pub fn read_page(&self, id: SnapshotId, vpn: Vpn) -> Result<Option<Vec<u8>>, StoreError> {
+        let root = self.manifest(id)?.index_root.map(|r| r.ptr());
+        match trie::get(&mut self.read_io(), root, vpn.0)? {
+            Some(r) => self.read_ref(&r).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Calls `f` with every stored (non-zero) page of snapshot `id`, in address order.
+    pub fn for_each_page(
+        &self,
+        id: SnapshotId,
+        mut f: impl FnMut(Vpn, &Ref) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let root = self.manifest(id)?.index_root.map(|r| r.ptr());
+        trie::for_each(&mut self.read_io(), root, &mut |k, r| f(Vpn(k), &r))
+    }
+
+    /// Calls `f` with every stored page of snapshot `id` whose number is in `range`, in order; only
+    /// the index paths that reach the range are read.
+    pub fn for_each_page_in(
+        &self,
+        id: SnapshotId,
+        range: std::ops::Range<Vpn>,
+        mut f: impl FnMut(Vpn, &Ref) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let root = self.manifest(id)?.index_root.map(|r| r.ptr());
+        trie::for_each_in(
+            &mut self.read_io(),
+            root,
+            range.start.0,
+            range.end.0,
+            &mut |k, r| f(Vpn(k), &r),
+        )
+    }
+
+    /// The content a page reference names, checked (crc32, then blake3).
+    pub fn read_ref(&self, r: &Ref) -> Result<Vec<u8>, StoreError> {
+        let (_, hash, payload) =
+            read_record(&*self.io, self.read_io().segments, &r.loc, Kind::Page)?;
+        if hash != r.hash || *blake3::hash(&payload).as_bytes() != r.hash {
+            return Err(corrupt(
+                &*self.io,
+                &seg_name(r.loc.segment),
+                "page record",
+                r.loc.offset,
+                "content does not match its blake3 hash",
+            ));
+        }
+        Ok(payload)
+    }
+
+    /// Pages whose content differs between snapshots `a` and `b`, in address order.
+    pub fn diff(&self, a: SnapshotId, b: SnapshotId) -> Result<Vec<Vpn>, StoreError> {
+        let ra = self.manifest(a)?.index_root.map(|r| r.ptr());
+        let rb = self.manifest(b)?.index_root.map(|r| r.ptr());
+        Ok(trie::diff(&mut self.read_io(), ra, rb)?
+            .into_iter()
+            .map(Vpn)
+            .collect())
+    }
+}
