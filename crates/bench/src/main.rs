@@ -3,7 +3,9 @@
 //!
 //! `cargo run --release -p pagesnap-bench` (quick, under 3 minutes on 2 cores) or
 //! `cargo run --release -p pagesnap-bench -- --full` (adds 8 Mi mappings and 1 Mi-page snapshots).
-//! `--svg PATH` names the chart (default `docs/bench-lookup.svg`).
+//! `--svg PATH` names the chart (default `docs/bench-lookup.svg`). `--section NAME` runs one section:
+//! `pagetable`, `epochtree`, `snapshots` or `checkpoint` (continuous checkpointing, issue 13; see
+//! `checkpoint.rs`).
 
 use pagesnap_bench::{
     keys, live_bytes, page, pagesnap, Brown, Counting, Dash, Flat, Map, Papaya, Pattern, Radix4,
@@ -18,6 +20,8 @@ use pagesnap_store::{Store, StoreOptions};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+mod checkpoint;
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
@@ -88,6 +92,9 @@ fn main() -> anyhow::Result<()> {
     }
     if run("snapshots") {
         snapshots(&opts)?;
+    }
+    if run("checkpoint") {
+        checkpoint::checkpoint(&opts)?;
     }
     println!(
         "\nChart: `{}`. Total time {:.0} s.",
