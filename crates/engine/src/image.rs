@@ -4,6 +4,18 @@
 //! index — so an incremental snapshot writes O(changed) bytes. Reading and hashing use every core
 //! and never hold more than one batch of the image in memory.
 //!
+//! # Holes
+//!
+//! Only the image's data is read. After the first `fstat`, the snapshot walks the file with
+//! `lseek(SEEK_DATA)` / `lseek(SEEK_HOLE)`; each data extent is aligned outward to whole pages and
+//! read as before, and the pages of a hole are zero pages without a read: the pages the parent
+//! snapshot stored there are removed, found through the parent's index for just that range (the
+//! cost is the parent's pages there, not the hole's length). A page read as all zero bytes is a
+//! hole page too, without a hash. Where the file system does not support `SEEK_DATA` (`EINVAL`,
+//! `EOPNOTSUPP`), or on systems without it, the rest of the image is read whole. So a snapshot of a
+//! sparse image costs what the image holds, and [`ImageSnapshot::pages_read`] counts the pages
+//! actually read. A write that moves a hole during the read is caught like any other (below).
+//!
 //! # An image written during a snapshot
 //!
 //! The image is read through one open descriptor, and the snapshot commits only if the file did
@@ -90,7 +102,8 @@ pub struct ImageSnapshot {
     pub id: SnapshotId,
     /// The image's size in bytes.
     pub image_size: u64,
-    /// Pages read.
+    /// Pages read from the image: its data extents, whole pages; holes are not read (all pages
+    /// where the file system cannot report holes).
     pub pages_read: u64,
     /// Pages whose content differs from the previous snapshot's.
     pub pages_changed: u64,
@@ -191,15 +204,136 @@ fn unchanged(file: &File, path: &Path, before: &Stamp) -> Result<(), ImageError>
     Ok(())
 }
 
+/// How a snapshot finds the image's data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Holes {
+    /// `lseek(SEEK_DATA)` / `lseek(SEEK_HOLE)`, falling back to [`Holes::ReadAll`] where the file
+    /// system does not support them.
+    Seek,
+    /// Every page is read.
+    ReadAll,
+}
+
+/// `lseek(fd, from, whence)` on the image's descriptor: the offset it returns.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn seek(file: &File, from: u64, whence: libc::c_int) -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let from =
+        libc::off_t::try_from(from).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `lseek` takes no pointers; it only reads and moves the file offset of a descriptor
+    // that `file` owns and keeps open for this call. Reads use `pread`, which ignores that offset.
+    let at = unsafe { libc::lseek(file.as_raw_fd(), from, whence) };
+    u64::try_from(at).map_err(|_| io::Error::last_os_error())
+}
+
+/// Whether an `lseek(SEEK_DATA / SEEK_HOLE)` error means "not supported here" (read everything).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
+    )
+}
+
+/// The data extents of the image, in pages, in ascending order and disjoint: each extent found
+/// with `SEEK_DATA` / `SEEK_HOLE`, aligned outward to whole pages. Where the file system cannot
+/// say (or on systems without `SEEK_DATA`), the rest of the image is one extent.
+struct Extents<'a> {
+    file: &'a File,
+    path: &'a Path,
+    size: u64,
+    ps: u64,
+    /// Bytes before this offset have been handed out (always a page boundary).
+    at: u64,
+    holes: Holes,
+}
+
+impl Extents<'_> {
+    fn next(&mut self) -> Result<Option<std::ops::Range<u64>>, ImageError> {
+        let (size, ps) = (self.size, self.ps);
+        if self.at >= size {
+            return Ok(None);
+        }
+        if self.holes == Holes::Seek {
+            match self.next_data() {
+                Ok(found) => return Ok(found),
+                Err(e) if unsupported(&e) => self.holes = Holes::ReadAll,
+                Err(e) => return Err(io_err(self.path, "find the data in image (lseek)")(e)),
+            }
+        }
+        let all = self.at / ps..size.div_ceil(ps);
+        self.at = size;
+        Ok(Some(all))
+    }
+
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    fn next_data(&mut self) -> io::Result<Option<std::ops::Range<u64>>> {
+        let (size, ps) = (self.size, self.ps);
+        let data = match seek(self.file, self.at, libc::SEEK_DATA) {
+            Ok(d) => d,
+            // No data at or after `at`: the rest is a hole.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => size,
+            Err(e) => return Err(e),
+        };
+        if data >= size {
+            self.at = size;
+            return Ok(None);
+        }
+        let hole = match seek(self.file, data, libc::SEEK_HOLE) {
+            Ok(h) => h.min(size),
+            // The file shrank under us: the read then fails and the snapshot is refused.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => size,
+            Err(e) => return Err(e),
+        };
+        let first = data / ps;
+        let end = hole.div_ceil(ps).max(first + 1);
+        self.at = end * ps;
+        Ok(Some(first..end))
+    }
+
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    fn next_data(&mut self) -> io::Result<Option<std::ops::Range<u64>>> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn unsupported(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::Unsupported
+}
+
+/// Whether a page is all zero bytes (64 bytes at a time, so the compiler vectorizes it, and a
+/// data page is rejected after its first 64 bytes).
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks(64)
+        .all(|c| c.iter().fold(0u8, |a, b| a | b) == 0)
+}
+
 /// Snapshots the raw image at `path` into `store` (opened as the writer), on top of the store's
-/// newest snapshot. `progress` is called with the bytes read so far. Refused, with nothing
-/// committed, if the image changes while it is read (see the module documentation for exactly
-/// what is detected).
+/// newest snapshot. `progress` is called with the bytes of the image done so far (read, or
+/// skipped as holes). Refused, with nothing committed, if the image changes while it is read (see
+/// the module documentation for exactly what is detected).
+///
+/// Only the image's data is read: holes are found with `lseek(SEEK_DATA / SEEK_HOLE)` (extents
+/// aligned outward to whole pages) and are zero pages without a read; a page the parent snapshot
+/// stored that now lies in a hole is removed. Where the file system cannot report holes, every page
+/// is read. A page read as all zeros is a hole page too (no hash). [`ImageSnapshot::pages_read`]
+/// counts the pages read.
 pub fn snapshot_image(
     store: &mut Store,
     path: &Path,
     label: Option<String>,
     progress: &(dyn Fn(u64) + Sync),
+) -> Result<ImageSnapshot, ImageError> {
+    snapshot_with(store, path, label, progress, Holes::Seek)
+}
+
+fn snapshot_with(
+    store: &mut Store,
+    path: &Path,
+    label: Option<String>,
+    progress: &(dyn Fn(u64) + Sync),
+    holes: Holes,
 ) -> Result<ImageSnapshot, ImageError> {
     let started = Instant::now();
     let (file, before) = open_settled(path)?;
@@ -216,64 +350,52 @@ pub fn snapshot_image(
     let pages = size.div_ceil(ps);
     store.begin(parent)?;
     let result = (|| {
-        let (mut changed, mut buf) = (0u64, vec![0u8; (BATCH_PAGES * ps) as usize]);
-        let mut first = 0u64;
-        while first < pages {
-            let n = BATCH_PAGES.min(pages - first);
-            let bytes = (n * ps).min(size - first * ps) as usize;
-            buf[..(n * ps) as usize].fill(0);
-            file.read_exact_at(&mut buf[..bytes], first * ps)
-                .map_err(|e| {
-                    if e.kind() == io::ErrorKind::UnexpectedEof {
-                        ImageError::Changed(path.to_path_buf())
-                    } else {
-                        io_err(path, "read image")(e)
-                    }
-                })?;
-            let hashes: Vec<Option<[u8; 32]>> = buf[..(n * ps) as usize]
-                .par_chunks(ps as usize)
-                .map(|page| {
-                    page.iter()
-                        .any(|b| *b != 0)
-                        .then(|| *blake3::hash(page).as_bytes())
-                })
-                .collect();
-            let mut old: HashMap<u64, [u8; 32]> = HashMap::new();
-            if let Some(p) = parent {
-                store.for_each_page_in(p, Vpn(first)..Vpn(first + n), |v, r| {
-                    old.insert(v.0, r.hash);
-                    Ok(())
-                })?;
+        let mut run = Run {
+            store: &mut *store,
+            file: &file,
+            path,
+            size,
+            ps,
+            parent,
+            buf: vec![0u8; (BATCH_PAGES * ps) as usize],
+            batch: Vec::new(),
+            batch_pages: 0,
+            read: 0,
+            changed: 0,
+        };
+        // The extent map is taken after the first `fstat` (in `open_settled`), while reading.
+        let mut extents = Extents {
+            file: &file,
+            path,
+            size,
+            ps,
+            at: 0,
+            holes,
+        };
+        let mut done = 0u64; // pages before this one are handled (or in the pending batch)
+        while let Some(extent) = extents.next()? {
+            if extent.start > done {
+                run.hole(done..extent.start)?;
             }
-            for (i, new) in hashes.iter().enumerate() {
-                let vpn = first + i as u64;
-                if old.get(&vpn) == new.as_ref() {
-                    continue;
-                }
-                changed += 1;
-                match new {
-                    Some(h) => {
-                        let page = &buf[i * ps as usize..(i + 1) * ps as usize];
-                        store.put_hashed(Vpn(vpn), page, *h)?;
-                    }
-                    None => store.remove(Vpn(vpn))?,
+            let mut first = extent.start;
+            while first < extent.end {
+                let n = (BATCH_PAGES - run.batch_pages).min(extent.end - first);
+                run.batch.push(first..first + n);
+                run.batch_pages += n;
+                first += n;
+                if run.batch_pages == BATCH_PAGES {
+                    run.flush()?;
+                    progress((first * ps).min(size));
                 }
             }
-            first += n;
-            progress((first * ps).min(size));
+            done = extent.end;
         }
-        // The image shrank: pages past its end are gone.
-        if let Some(p) = parent {
-            let mut gone = Vec::new();
-            store.for_each_page_in(p, Vpn(pages)..Vpn(u64::MAX), |v, _| {
-                gone.push(v);
-                Ok(())
-            })?;
-            changed += gone.len() as u64;
-            for v in gone {
-                store.remove(v)?;
-            }
-        }
+        run.flush()?;
+        // The holes at the end, and the pages past a shrunken image's end: all gone.
+        run.hole(done..u64::MAX)?;
+        progress(size);
+        let (read, changed) = (run.read, run.changed);
+        debug_assert!(read <= pages);
         unchanged(&file, path, &before)?;
         let meta = SnapshotMeta {
             epoch,
@@ -285,7 +407,7 @@ pub fn snapshot_image(
         Ok(ImageSnapshot {
             id: report.id,
             image_size: size,
-            pages_read: pages,
+            pages_read: read,
             pages_changed: changed,
             pages_written: report.pages_written,
             data_bytes: report.data_bytes,
@@ -297,6 +419,101 @@ pub fn snapshot_image(
         store.abort();
     }
     result
+}
+
+/// The state of one snapshot's pass over its image.
+struct Run<'a> {
+    store: &'a mut Store,
+    file: &'a File,
+    path: &'a Path,
+    size: u64,
+    ps: u64,
+    parent: Option<SnapshotId>,
+    /// One batch of pages read.
+    buf: Vec<u8>,
+    /// Page ranges of data to read, at most [`BATCH_PAGES`] pages in all.
+    batch: Vec<std::ops::Range<u64>>,
+    batch_pages: u64,
+    /// Pages read from the image.
+    read: u64,
+    /// Pages that differ from the parent's.
+    changed: u64,
+}
+
+impl Run<'_> {
+    /// Pages `range` are a hole: every page the parent stored there is removed (the cost is the
+    /// parent's pages in the range, not the range's length).
+    fn hole(&mut self, range: std::ops::Range<u64>) -> Result<(), ImageError> {
+        let Some(p) = self.parent else {
+            return Ok(());
+        };
+        let mut gone = Vec::new();
+        self.store
+            .for_each_page_in(p, Vpn(range.start)..Vpn(range.end), |v, _| {
+                gone.push(v);
+                Ok(())
+            })?;
+        self.changed += gone.len() as u64;
+        for v in gone {
+            self.store.remove(v)?;
+        }
+        Ok(())
+    }
+
+    /// Reads the pending batch, hashes its non-zero pages on every core, and puts or removes the
+    /// pages that differ from the parent's.
+    fn flush(&mut self) -> Result<(), ImageError> {
+        let ps = self.ps;
+        let (size, path) = (self.size, self.path);
+        let mut off = 0usize;
+        for r in &self.batch {
+            let (at, want) = (r.start * ps, ((r.end - r.start) * ps) as usize);
+            // Only the image's last page can be partial; the rest of it is zero.
+            let bytes = (size.saturating_sub(at) as usize).min(want);
+            self.buf[off + bytes..off + want].fill(0);
+            self.file
+                .read_exact_at(&mut self.buf[off..off + bytes], at)
+                .map_err(|e| {
+                    if e.kind() == io::ErrorKind::UnexpectedEof {
+                        ImageError::Changed(path.to_path_buf())
+                    } else {
+                        io_err(path, "read image")(e)
+                    }
+                })?;
+            off += want;
+        }
+        let hashes: Vec<Option<[u8; 32]>> = self.buf[..off]
+            .par_chunks(ps as usize)
+            .map(|page| (!is_zero(page)).then(|| *blake3::hash(page).as_bytes()))
+            .collect();
+        let mut i = 0usize;
+        for r in std::mem::take(&mut self.batch) {
+            let mut old: HashMap<u64, [u8; 32]> = HashMap::new();
+            if let Some(p) = self.parent {
+                self.store
+                    .for_each_page_in(p, Vpn(r.start)..Vpn(r.end), |v, rf| {
+                        old.insert(v.0, rf.hash);
+                        Ok(())
+                    })?;
+            }
+            for vpn in r {
+                let new = &hashes[i];
+                let page = &self.buf[i * ps as usize..(i + 1) * ps as usize];
+                i += 1;
+                if old.get(&vpn) == new.as_ref() {
+                    continue;
+                }
+                self.changed += 1;
+                match new {
+                    Some(h) => self.store.put_hashed(Vpn(vpn), page, *h)?,
+                    None => self.store.remove(Vpn(vpn))?,
+                }
+            }
+        }
+        self.read += self.batch_pages;
+        self.batch_pages = 0;
+        Ok(())
+    }
 }
 
 /// What a restore did.
@@ -374,4 +591,68 @@ pub fn restore_image(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pagesnap_store::StoreOptions;
+
+    /// A 64 MiB sparse image: 1 MiB of data at 4 MiB + 10 (so 257 pages), 100 bytes at the end.
+    fn sparse(dir: &Path) -> PathBuf {
+        let path = dir.join("sparse.img");
+        let f = File::create(&path).expect("create");
+        f.set_len(64 << 20).expect("size");
+        f.write_all_at(&vec![7u8; 1 << 20], (4 << 20) + 10)
+            .expect("write");
+        f.write_all_at(&[9u8; 100], (64 << 20) - 100)
+            .expect("write");
+        path
+    }
+
+    #[test]
+    fn extents_are_the_data_aligned_outward_to_pages() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = sparse(dir.path());
+        let file = File::open(&path).expect("open");
+        let mut ext = Extents {
+            file: &file,
+            path: &path,
+            size: 64 << 20,
+            ps: 4096,
+            at: 0,
+            holes: Holes::Seek,
+        };
+        let mut got = Vec::new();
+        while let Some(r) = ext.next().expect("extents") {
+            got.push(r);
+        }
+        assert_eq!(got, vec![1024..1281, 16383..16384]);
+    }
+
+    #[test]
+    fn without_seek_data_every_page_is_read_and_the_snapshot_is_the_same() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = sparse(dir.path());
+        let mut pages = Vec::new();
+        for holes in [Holes::Seek, Holes::ReadAll] {
+            let store_dir = dir.path().join(format!("{holes:?}"));
+            let mut store = Store::init(&store_dir, StoreOptions::default()).expect("store");
+            let snap = snapshot_with(&mut store, &path, None, &|_| {}, holes).expect("snapshot");
+            let want_read = if holes == Holes::Seek { 258 } else { 16384 };
+            assert_eq!((snap.pages_read, snap.pages_changed), (want_read, 258));
+            let mut stored = Vec::new();
+            store
+                .for_each_page_in(snap.id, Vpn(0)..Vpn(u64::MAX), |v, r| {
+                    stored.push((v.0, r.hash));
+                    Ok(())
+                })
+                .expect("walk");
+            pages.push(stored);
+            let out = dir.path().join(format!("{holes:?}.img"));
+            restore_image(&store, snap.id, &out, &|_| {}).expect("restore");
+            assert!(std::fs::read(&out).expect("read") == std::fs::read(&path).expect("read"));
+        }
+        assert_eq!(pages[0], pages[1], "the same pages either way");
+    }
 }

@@ -134,3 +134,190 @@ fn an_image_replaced_during_the_read_by_another_file_is_refused() {
         std::fs::rename(&other, path).expect("rename over the image");
     });
 }
+
+/// `len` bytes of pseudo-random, non-zero-page data.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8 | 1
+        })
+        .collect()
+}
+
+/// Whether two files have the same length and bytes, read 4 MiB at a time.
+fn same_bytes(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::io::Read;
+    let (mut fa, mut fb) = (
+        std::fs::File::open(a).expect("open"),
+        std::fs::File::open(b).expect("open"),
+    );
+    if fa.metadata().expect("stat").len() != fb.metadata().expect("stat").len() {
+        return false;
+    }
+    let (mut ba, mut bb) = (vec![0u8; 4 << 20], vec![0u8; 4 << 20]);
+    loop {
+        let n = fa.read(&mut ba).expect("read");
+        if n == 0 {
+            return true;
+        }
+        fb.read_exact(&mut bb[..n]).expect("read");
+        if ba[..n] != bb[..n] {
+            return false;
+        }
+    }
+}
+
+/// Bytes the file system allocated for a file.
+fn allocated(p: &std::path::Path) -> u64 {
+    std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(p).expect("stat")) * 512
+}
+
+fn write_at(path: &std::path::Path, at: u64, data: &[u8]) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&f, data, at).expect("write");
+}
+
+/// Deallocates `len` bytes at `at`, keeping the size (they read as zeros).
+fn punch_hole(path: &std::path::Path, at: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open");
+    // SAFETY: fallocate takes no pointers; `f` keeps the descriptor open for the call.
+    let rc = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            at as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    assert_eq!(rc, 0, "punch hole: {}", std::io::Error::last_os_error());
+}
+
+const GIB: u64 = 1 << 30;
+
+#[test]
+fn a_sparse_image_is_read_only_where_it_holds_data_and_restores_sparse() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("sparse.img");
+    // 4 GiB and a partial last page; data at scattered offsets, some not page-aligned.
+    let size = 4 * GIB + 1234;
+    std::fs::File::create(&path)
+        .expect("create")
+        .set_len(size)
+        .expect("size");
+    let pieces: [(u64, usize); 5] = [
+        (0, 1 << 20),                 // 1 MiB at the start
+        (GIB + 100, 3 * 4096),        // starts and ends inside a page
+        (2 * GIB + 12_345, 64 << 10), // 64 KiB, unaligned
+        (3 * GIB - 10, 20),           // straddles a page boundary
+        (size - 5000, 5000),          // the very end, partial last page
+    ];
+    let mut data_bytes = 0u64;
+    for (i, (at, len)) in pieces.iter().enumerate() {
+        write_at(&path, *at, &noise(*len, i as u64 + 1));
+        data_bytes += *len as u64;
+    }
+    assert!(
+        allocated(&path) < 8 << 20,
+        "the test file system keeps holes"
+    );
+    let mut store = Store::init(dir.path().join("store"), StoreOptions::default()).expect("store");
+    let snap = snapshot_image(&mut store, &path, None, &|_| {}).expect("snapshot");
+    // Data pages: 256 + 4 + 17 + 2 + 2 = 281 (each piece aligned outward to whole pages).
+    assert_eq!(snap.image_size, size);
+    assert!(
+        (281..=300).contains(&snap.pages_read),
+        "read {} pages of {} for {data_bytes} bytes of data",
+        snap.pages_read,
+        size.div_ceil(4096)
+    );
+    assert_eq!(snap.pages_changed, 281);
+    let out = dir.path().join("out.img");
+    let restored = restore_image(&store, snap.id, &out, &|_| {}).expect("restore");
+    assert_eq!(restored.pages_written, 281);
+    assert!(same_bytes(&path, &out), "restore is byte-identical");
+    assert!(
+        allocated(&out) <= 281 * 4096 + (1 << 20),
+        "restore is sparse: {} bytes allocated",
+        allocated(&out)
+    );
+}
+
+#[test]
+fn an_incremental_snapshot_removes_pages_now_in_a_hole_and_reads_only_data() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("disk.img");
+    std::fs::File::create(&path)
+        .expect("create")
+        .set_len(64 << 20)
+        .expect("size");
+    // Region R: 2 MiB at 8 MiB; A: 1 MiB at 32 MiB.
+    write_at(&path, 8 << 20, &noise(2 << 20, 1));
+    write_at(&path, 32 << 20, &noise(1 << 20, 2));
+    let mut store = Store::init(dir.path().join("store"), StoreOptions::default()).expect("store");
+    let first = snapshot_image(&mut store, &path, None, &|_| {}).expect("first");
+    assert_eq!((first.pages_read, first.pages_changed), (768, 768));
+    let copy1 = dir.path().join("copy1.img");
+    std::fs::copy(&path, &copy1).expect("copy");
+    // Punch R, leaving 100 bytes of data in its first page and its last page partly zeroed; write
+    // B: 256 KiB at 50 MiB.
+    punch_hole(&path, (8 << 20) + 100, 2 << 20);
+    write_at(&path, 50 << 20, &noise(256 << 10, 3));
+    let second = snapshot_image(&mut store, &path, None, &|_| {}).expect("second");
+    // Read: R's first page (100 bytes of data left), A and B; not the punched pages of R.
+    assert!(
+        second.pages_read <= 1 + 256 + 64 + 2,
+        "read {} pages",
+        second.pages_read
+    );
+    // Changed: R's first page (partly zeroed), R's 511 other pages (now a hole), and B's 64. The
+    // punch's partial last page lies past R, where there was no data.
+    assert_eq!(second.pages_changed, 512 + 64);
+    let mut in_r = 0;
+    store
+        .for_each_page_in(
+            second.id,
+            pagesnap_store::Vpn(2048)..pagesnap_store::Vpn(2048 + 512),
+            |_, _| {
+                in_r += 1;
+                Ok(())
+            },
+        )
+        .expect("walk");
+    assert_eq!(in_r, 1, "only R's first page (100 bytes of data) is stored");
+    for (id, want) in [(first.id, &copy1), (second.id, &path)] {
+        let out = dir.path().join(format!("out{}.img", id.0));
+        restore_image(&store, id, &out, &|_| {}).expect("restore");
+        assert!(same_bytes(want, &out), "snapshot {} byte-identical", id.0);
+    }
+}
+
+#[test]
+fn an_image_of_written_zero_bytes_stores_no_page() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("zeros.img");
+    std::fs::write(&path, vec![0u8; 16 << 20]).expect("write");
+    assert!(allocated(&path) >= 16 << 20, "zeros written, not holes");
+    let mut store = Store::init(dir.path().join("store"), StoreOptions::default()).expect("store");
+    let snap = snapshot_image(&mut store, &path, None, &|_| {}).expect("snapshot");
+    assert_eq!(
+        snap.pages_read, 4096,
+        "written zeros are data to the file system"
+    );
+    assert_eq!((snap.pages_changed, snap.pages_written), (0, 0));
+    assert_eq!(snap.data_bytes, 0);
+    let out = dir.path().join("out.img");
+    restore_image(&store, snap.id, &out, &|_| {}).expect("restore");
+    assert!(same_bytes(&path, &out));
+    assert!(allocated(&out) < 1 << 20, "restored as a hole");
+}
