@@ -799,3 +799,58 @@ fn restore_force_onto_a_character_device_writes_it_in_place() {
         "the node was replaced"
     );
 }
+
+#[test]
+fn a_sparse_image_is_read_only_where_it_holds_data_and_restored_sparse() {
+    use std::os::unix::fs::FileExt;
+    let env = Env::new();
+    env.ok(&["init"]);
+    let img = env.path("vm.img");
+    let f = std::fs::File::create(&img).expect("create");
+    f.set_len(4 << 30).expect("size");
+    // 16 pages of data at 0 and at 1 GiB, 16 unaligned (17 pages touched), 3000 bytes at the end.
+    let data: Vec<u8> = (0..16 * 4096u32).map(|i| (i % 251) as u8 + 1).collect();
+    for at in [0u64, 1 << 30, (3 << 30) + 777] {
+        f.write_all_at(&data, at).expect("write");
+    }
+    f.write_all_at(&data[..3000], (4 << 30) - 3000)
+        .expect("write");
+    drop(f);
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["snapshot", s(&img), "--json"])).expect("json");
+    // 16 + 16 + 17 + 1 pages hold data; not the 1048576 pages of the image.
+    assert_eq!(json["image_size"], 4u64 << 30);
+    let read = json["pages_read"].as_u64().expect("pages_read");
+    assert!((50..=60).contains(&read), "{json}");
+    assert_eq!(json["pages_changed"], 50);
+    let human = env.ok(&["snapshot", s(&img)]);
+    assert!(
+        human.starts_with(&format!("{read} pages read, 0 changed")),
+        "{human}"
+    );
+    let out = env.path("out.img");
+    env.ok(&["restore", "1", s(&out)]);
+    let (a, b) = (
+        std::fs::metadata(&img).expect("stat"),
+        std::fs::metadata(&out).expect("stat"),
+    );
+    assert_eq!(a.len(), b.len());
+    assert!(
+        b.blocks() * 512 <= 50 * 4096 + (1 << 20),
+        "restore is sparse"
+    );
+    use std::io::Read;
+    let (mut ra, mut rb) = (
+        std::fs::File::open(&img).expect("open"),
+        std::fs::File::open(&out).expect("open"),
+    );
+    let (mut ba, mut bb) = (vec![0u8; 8 << 20], vec![0u8; 8 << 20]);
+    loop {
+        let n = ra.read(&mut ba).expect("read");
+        if n == 0 {
+            break;
+        }
+        rb.read_exact(&mut bb[..n]).expect("read");
+        assert!(ba[..n] == bb[..n], "restore is byte-identical");
+    }
+}
