@@ -402,6 +402,7 @@ fn snapshot_with(
             label,
             logical_size: size,
             time_unix_ms: None,
+            origin: None,
         };
         let report = store.commit(meta)?;
         Ok(ImageSnapshot {

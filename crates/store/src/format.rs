@@ -34,7 +34,10 @@ pub(crate) const MAX_SEGMENT_IDS: usize = 1 << 22;
 pub(crate) enum Kind {
     Page = 1,
     Node = 2,
+    /// A format 1 manifest (read only; see `manifest::ManifestV1`).
     Manifest = 3,
+    /// A manifest with an origin (format 2 writes these).
+    Manifest2 = 4,
 }
 
 impl Kind {
@@ -42,7 +45,7 @@ impl Kind {
         match self {
             Kind::Page => "page record",
             Kind::Node => "index node",
-            Kind::Manifest => "snapshot manifest",
+            Kind::Manifest | Kind::Manifest2 => "snapshot manifest",
         }
     }
 }
@@ -248,6 +251,8 @@ impl std::fmt::Display for RecordError {
 
 /// A decoded record borrowing its payload.
 pub(crate) struct Record<'a> {
+    /// The kind byte found (for [`Kind::Manifest`], either manifest kind).
+    pub(crate) kind: u8,
     pub(crate) key: u64,
     pub(crate) hash: [u8; 32],
     pub(crate) payload: &'a [u8],
@@ -282,10 +287,17 @@ pub(crate) fn decode_record(bytes: &[u8], kind: Kind) -> Result<Record<'_>, Reco
     {
         return Err(RecordError::Checksum);
     }
-    if k != kind as u8 {
+    // A manifest is read as either version; the caller decodes by the kind found.
+    let manifest = kind == Kind::Manifest && k == Kind::Manifest2 as u8;
+    if k != kind as u8 && !manifest {
         return Err(RecordError::Kind(k));
     }
-    Ok(Record { key, hash, payload })
+    Ok(Record {
+        kind: k,
+        key,
+        hash,
+        payload,
+    })
 }
 
 /// The committed state a superblock slot names.

@@ -59,7 +59,7 @@ pub mod fuzzing {
     /// Decodes a record of each kind; true if any kind accepts the bytes.
     pub fn decode_record(bytes: &[u8]) -> bool {
         use crate::format::{decode_record, Kind};
-        [Kind::Page, Kind::Node, Kind::Manifest]
+        [Kind::Page, Kind::Node, Kind::Manifest, Kind::Manifest2]
             .into_iter()
             .any(|k| decode_record(bytes, k).is_ok())
     }
@@ -73,7 +73,10 @@ pub mod fuzzing {
     }
     /// Decodes a manifest payload.
     pub fn decode_manifest(bytes: &[u8]) -> bool {
-        crate::manifest::Manifest::from_bytes(bytes).is_ok()
+        use crate::format::Kind;
+        [Kind::Manifest, Kind::Manifest2]
+            .into_iter()
+            .any(|k| crate::manifest::Manifest::from_bytes(k as u8, bytes).is_ok())
     }
 
     /// The files of a small valid store (three snapshots, small segments), to mutate.
@@ -200,6 +203,10 @@ pub struct SnapshotMeta {
     pub logical_size: u64,
     /// Commit time; now when `None`.
     pub time_unix_ms: Option<u64>,
+    /// Where the content came from, as the writer describes it (at most [`MAX_LABEL`] bytes
+    /// kept): the image module records the image file's identity here, to know an unchanged image
+    /// without reading it.
+    pub origin: Option<String>,
 }
 
 /// What the store knows about a snapshot.
@@ -215,6 +222,8 @@ pub struct SnapshotInfo {
     pub time_unix_ms: u64,
     /// Its label.
     pub label: Option<String>,
+    /// Where its content came from, as its writer described it (`None` for format 1 snapshots).
+    pub origin: Option<String>,
     /// Logical size in bytes.
     pub logical_size: u64,
     /// Bytes per page.

@@ -53,9 +53,54 @@ pub(crate) struct Manifest {
     pub(crate) pages_changed: u64,
     pub(crate) data_bytes: u64,
     pub(crate) meta_bytes: u64,
+    /// Where the snapshot's content came from, as its writer describes it (at most
+    /// [`MAX_LABEL`] bytes): for a disk image, the file's identity when it was read.
+    pub(crate) origin: Option<String>,
+}
+
+/// A manifest as format 1 wrote it (record kind 3): the same fields, without `origin`.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ManifestV1 {
+    pub(crate) id: u64,
+    pub(crate) parent: Option<u64>,
+    pub(crate) epoch: u64,
+    pub(crate) time_unix_ms: u64,
+    pub(crate) label: Option<String>,
+    pub(crate) logical_size: u64,
+    pub(crate) page_size: u32,
+    pub(crate) page_count: u64,
+    pub(crate) merkle_root: [u8; 32],
+    pub(crate) index_root: Option<RootRecord>,
+    pub(crate) pages_written: u64,
+    pub(crate) pages_changed: u64,
+    pub(crate) data_bytes: u64,
+    pub(crate) meta_bytes: u64,
+}
+
+impl From<ManifestV1> for Manifest {
+    fn from(m: ManifestV1) -> Manifest {
+        Manifest {
+            id: m.id,
+            parent: m.parent,
+            epoch: m.epoch,
+            time_unix_ms: m.time_unix_ms,
+            label: m.label,
+            logical_size: m.logical_size,
+            page_size: m.page_size,
+            page_count: m.page_count,
+            merkle_root: m.merkle_root,
+            index_root: m.index_root,
+            pages_written: m.pages_written,
+            pages_changed: m.pages_changed,
+            data_bytes: m.data_bytes,
+            meta_bytes: m.meta_bytes,
+            origin: None,
+        }
+    }
 }
 
 impl Manifest {
+    /// Serialised for a record of kind [`crate::format::Kind::Manifest2`].
     pub(crate) fn to_bytes(&self) -> Vec<u8> {
         match rkyv::to_bytes::<rkyv::rancor::Error>(self) {
             Ok(b) => b.to_vec(),
@@ -64,7 +109,9 @@ impl Manifest {
         }
     }
 
-    pub(crate) fn from_bytes(bytes: &[u8]) -> Result<Manifest, String> {
+    /// Decodes the payload of a manifest record of `kind` (3: format 1, 4: with an origin),
+    /// validating at most [`MAX_MANIFEST`] bytes.
+    pub(crate) fn from_bytes(kind: u8, bytes: &[u8]) -> Result<Manifest, String> {
         if bytes.len() > MAX_MANIFEST {
             return Err(format!(
                 "manifest of {} bytes exceeds the {MAX_MANIFEST}-byte cap",
@@ -73,7 +120,13 @@ impl Manifest {
         }
         let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
         aligned.extend_from_slice(bytes);
-        rkyv::from_bytes::<Manifest, rkyv::rancor::Error>(&aligned)
-            .map_err(|e| format!("invalid manifest: {e}"))
+        let bad = |e: rkyv::rancor::Error| format!("invalid manifest: {e}");
+        if kind == crate::format::Kind::Manifest as u8 {
+            rkyv::from_bytes::<ManifestV1, rkyv::rancor::Error>(&aligned)
+                .map(Manifest::from)
+                .map_err(bad)
+        } else {
+            rkyv::from_bytes::<Manifest, rkyv::rancor::Error>(&aligned).map_err(bad)
+        }
     }
 }

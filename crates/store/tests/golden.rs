@@ -77,6 +77,7 @@ fn write(dir: &Path) {
             label: Some(label.into()),
             logical_size: 1 << 20,
             time_unix_ms: Some(1_764_460_800_000 + i as u64 * 1000),
+            origin: None,
         };
         parent = Some(store.commit(meta).expect("commit").id);
     }

@@ -19,6 +19,7 @@ fn meta(epoch: u64) -> SnapshotMeta {
         label: Some(format!("e{epoch}")),
         logical_size: 1 << 30,
         time_unix_ms: Some(1_700_000_000_000 + epoch),
+        origin: Some(format!("image e{epoch}")),
     }
 }
 
@@ -91,6 +92,7 @@ fn snapshots_round_trip_through_reopen() {
     );
     assert_eq!(infos[1].parent, Some(SnapshotId(1)));
     assert_eq!(infos[1].label.as_deref(), Some("e2"));
+    assert_eq!(infos[1].origin.as_deref(), Some("image e2"));
     assert_eq!(infos[1].merkle_root, s2.merkle_root);
     assert!(store.verify(&[]).expect("verify").is_clean());
 }
@@ -412,7 +414,7 @@ fn open_falls_back_past_a_damaged_newest_snapshot() {
                 nodes.push(off);
             }
             // The first of snapshot 2's two manifests (the second follows the catalog's nodes).
-            if seg[off + 4] == 3
+            if (seg[off + 4] == 3 || seg[off + 4] == 4)
                 && loc.is_none()
                 && u64::from_le_bytes(seg[off + 16..off + 24].try_into().expect("8 bytes")) == 2
             {
@@ -469,4 +471,24 @@ fn damaged_content_is_never_reused_by_dedup() {
     store.begin(None).expect("begin");
     store.put(Vpn(10), &page(42)).expect("put");
     assert_eq!(store.commit(meta(3)).expect("commit").pages_written, 0);
+}
+
+#[test]
+fn origins_round_trip_and_are_capped_like_labels() {
+    let io = Arc::new(FaultyStorage::new());
+    let mut store = Store::init_with(io.clone(), StoreOptions::default()).expect("init");
+    store.begin(None).expect("begin");
+    let long = "é".repeat(2000); // 4000 bytes, cut at a character boundary
+    let id = store
+        .commit(SnapshotMeta {
+            origin: Some(long.clone()),
+            ..SnapshotMeta::default()
+        })
+        .expect("commit")
+        .id;
+    drop(store);
+    let (store, _) = Store::open_with(io, Mode::Read, StoreOptions::default()).expect("open");
+    let origin = store.snapshot(id).expect("info").origin.expect("origin");
+    assert!(origin.len() <= pagesnap_store::MAX_LABEL && long.starts_with(&origin));
+    assert!(origin.len() >= pagesnap_store::MAX_LABEL - 1);
 }

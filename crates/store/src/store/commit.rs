@@ -292,16 +292,18 @@ impl Store {
         let root = trie::apply(&mut wio, pending.base_root, &changes, &mut delta)?;
         let page_count = pending.base_count + delta.added - delta.removed;
         let id = sb.next_snapshot;
-        let mut label = meta.label;
-        if let Some(l) = label.as_mut() {
-            if l.len() > MAX_LABEL {
+        let cap = |mut s: String| {
+            if s.len() > MAX_LABEL {
                 let mut cut = MAX_LABEL;
-                while !l.is_char_boundary(cut) {
+                while !s.is_char_boundary(cut) {
                     cut -= 1;
                 }
-                l.truncate(cut);
+                s.truncate(cut);
             }
-        }
+            s
+        };
+        let label = meta.label.map(cap);
+        let origin = meta.origin.map(cap);
         let manifest = Manifest {
             id,
             parent: pending.parent.map(|p| p.0),
@@ -317,10 +319,11 @@ impl Store {
             pages_changed: pending.changed + changes.len() as u64,
             data_bytes: wio.w.data_appended,
             meta_bytes: wio.w.meta_appended,
+            origin,
         };
         let bytes = manifest.to_bytes();
         let mhash = *blake3::hash(&bytes).as_bytes();
-        let mloc = append(wio.io, wio.opts, wio.w, Kind::Manifest, id, &mhash, &bytes)?;
+        let mloc = append(wio.io, wio.opts, wio.w, Kind::Manifest2, id, &mhash, &bytes)?;
         wio.w.meta_appended += u64::from(mloc.len);
         sb.catalog = trie::apply(
             &mut wio,
@@ -335,7 +338,7 @@ impl Store {
             &mut Delta::default(),
         )?;
         // The second copy, in the catalog's copy.
-        let mloc2 = append(wio.io, wio.opts, wio.w, Kind::Manifest, id, &mhash, &bytes)?;
+        let mloc2 = append(wio.io, wio.opts, wio.w, Kind::Manifest2, id, &mhash, &bytes)?;
         wio.w.meta_appended += u64::from(mloc2.len);
         sb.catalog_copy = apply_catalog_copy(
             &mut wio,
@@ -545,7 +548,7 @@ fn apply_catalog_copy(
     let mut all: BTreeMap<u64, Option<Ref>> = BTreeMap::new();
     for (id, bytes) in manifests {
         let hash = *blake3::hash(&bytes).as_bytes();
-        let loc = append(wio.io, wio.opts, wio.w, Kind::Manifest, id, &hash, &bytes)?;
+        let loc = append(wio.io, wio.opts, wio.w, Kind::Manifest2, id, &hash, &bytes)?;
         wio.w.meta_appended += u64::from(loc.len);
         all.insert(id, Some(Ref { hash, loc }));
     }

@@ -160,9 +160,9 @@ impl Store {
             m.index_root = new_root.as_ref().map(RootRecord::from_ptr);
             let bytes = m.to_bytes();
             let hash = *blake3::hash(&bytes).as_bytes();
-            let loc = append(&*io, wio.opts, wio.w, Kind::Manifest, m.id, &hash, &bytes)?;
+            let loc = append(&*io, wio.opts, wio.w, Kind::Manifest2, m.id, &hash, &bytes)?;
             catalog.push((m.id, Some(Ref { hash, loc })));
-            let loc = append(&*io, wio.opts, wio.w, Kind::Manifest, m.id, &hash, &bytes)?;
+            let loc = append(&*io, wio.opts, wio.w, Kind::Manifest2, m.id, &hash, &bytes)?;
             catalog_copy.push((m.id, Some(Ref { hash, loc })));
         }
         sb.catalog = trie::apply(&mut wio, None, &catalog, &mut Delta::default())?;

@@ -143,6 +143,16 @@ fn read_record(
     loc: &Location,
     kind: Kind,
 ) -> Result<(u64, [u8; 32], Vec<u8>), StoreError> {
+    read_record_kind(io, segments, loc, kind).map(|(_, key, hash, payload)| (key, hash, payload))
+}
+
+/// [`read_record`], also giving the kind byte found (a manifest of either version).
+fn read_record_kind(
+    io: &dyn Storage,
+    segments: &[u32],
+    loc: &Location,
+    kind: Kind,
+) -> Result<(u8, u64, [u8; 32], Vec<u8>), StoreError> {
     let name = seg_name(loc.segment);
     if segments.binary_search(&loc.segment).is_err() {
         return Err(corrupt(
@@ -184,7 +194,8 @@ fn read_record(
     })?;
     let rec = decode_record(&buf, kind)
         .map_err(|e| corrupt(io, &name, kind.name(), loc.offset, e.to_string()))?;
-    let (key, hash, start, plen) = (
+    let (found, key, hash, start, plen) = (
+        rec.kind,
         rec.key,
         rec.hash,
         crate::format::REC_HEADER,
@@ -192,7 +203,7 @@ fn read_record(
     );
     buf.truncate(start + plen);
     buf.drain(..start);
-    Ok((key, hash, buf))
+    Ok((found, key, hash, buf))
 }
 
 /// Node access for readers.
@@ -421,10 +432,11 @@ mod tests {
             pages_changed: 0,
             data_bytes: 0,
             meta_bytes: 0,
+            origin: None,
         };
         let bytes = m.to_bytes();
         let hash = *blake3::hash(&bytes).as_bytes();
-        let mloc = append(wio.io, wio.opts, wio.w, Kind::Manifest, 2, &hash, &bytes)
+        let mloc = append(wio.io, wio.opts, wio.w, Kind::Manifest2, 2, &hash, &bytes)
             .expect("append manifest");
         sb.catalog = trie::apply(
             &mut wio,

@@ -2,7 +2,7 @@
 //! Every read is checked (crc32, blake3, Merkle) and never returns wrong bytes. See
 //! `docs/format.md` for the records and the index.
 
-use super::{corrupt, read_record, Store};
+use super::{corrupt, read_record, read_record_kind, Store};
 use crate::error::StoreError;
 use crate::format::{seg_name, Kind, NodePtr, Ref};
 use crate::manifest::Manifest;
@@ -17,6 +17,7 @@ fn info(m: &Manifest) -> SnapshotInfo {
         epoch: Epoch(m.epoch),
         time_unix_ms: m.time_unix_ms,
         label: m.label.clone(),
+        origin: m.origin.clone(),
         logical_size: m.logical_size,
         page_size: m.page_size,
         page_count: m.page_count,
@@ -75,7 +76,7 @@ impl Store {
         let r =
             trie::get(&mut self.read_io(), root, id.0)?.ok_or(StoreError::UnknownSnapshot(id))?;
         let segments = &self.read_io().segments.to_vec();
-        let (_, _, payload) = read_record(&*self.io, segments, &r.loc, Kind::Manifest)?;
+        let (found, _, _, payload) = read_record_kind(&*self.io, segments, &r.loc, Kind::Manifest)?;
         let name = seg_name(r.loc.segment);
         if *blake3::hash(&payload).as_bytes() != r.hash {
             return Err(corrupt(
@@ -86,7 +87,7 @@ impl Store {
                 "blake3 differs from the catalog's",
             ));
         }
-        let m = Manifest::from_bytes(&payload)
+        let m = Manifest::from_bytes(found, &payload)
             .map_err(|e| corrupt(&*self.io, &name, "snapshot manifest", r.loc.offset, e))?;
         if m.id != id.0 {
             return Err(corrupt(
