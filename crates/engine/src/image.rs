@@ -45,13 +45,54 @@
 //! open may write then; that write is in the next snapshot, not this one). A snapshot of an image
 //! that is being written is therefore either refused or a copy of the file as it was, unchanged,
 //! for the whole read.
+//!
+//! # Unchanged images
+//!
+//! Each snapshot of an image file records the file's identity in its origin
+//! ([`SnapshotMeta::origin`]): `image v1 dev=… ino=… size=… mtime=…s.…ns ctime=…s.…ns settled=0|1
+//! path=<canonical path>` — the `fstat` stamp above, whether it was settled (below), and the
+//! canonical path, last since it may hold spaces. The next snapshot of the image compares its own
+//! first `fstat` (after the [`SETTLE`] wait) with the parent snapshot's origin; if that parses and
+//! device, inode, size, mtime and ctime (to the nanosecond) and the canonical path are all equal, it
+//! commits a snapshot with exactly the parent's pages *without reading the image*
+//! ([`ImageSnapshot::unchanged`], `pages_read` 0, `pages_changed` 0); the final `fstat` check still
+//! runs. [`SnapshotOptions::reread`] (`pagesnap snapshot --reread`) reads anyway. An origin that
+//! does not parse, or none (a snapshot of the engine's `Space`, of a block device, of a store
+//! written before origins, or of a path that is not UTF-8 or too long to keep whole) means read.
+//!
+//! The rule: `ctime` cannot be set by users, so any write through the inode after the parent
+//! snapshot moved it — putting `mtime` back (`touch -d`, `File::set_modified`) sets `ctime` too.
+//! The parent's stamp was taken when its `ctime` was already at least [`SETTLE`] old, so a write
+//! after that stamp lands in a later timestamp tick; the origin records this as `settled=1`, and
+//! only a settled parent (and a settled current stamp) is trusted — a stamp taken within a tick of
+//! the last change could miss a write in that same tick. It cannot be trusted, and is not relied
+//! on, when:
+//! - the clock was set back between the two snapshots (a write could get the old `ctime` back);
+//! - the image is written through a shared memory map into pages already dirty and writable (not
+//!   timestamped by the kernel, as above) — quiesce such a writer;
+//! - the file system does not keep `ctime` itself: FUSE and network file systems (NFS, SMB/CIFS,
+//!   9P, Ceph, AFS, recognized by `fstatfs`) are always read; times whose nanosecond parts are both
+//!   zero are taken as coarse (a file system keeping whole seconds, or no times) and are read;
+//! - another path names the file: the canonical path must be the same (a symbolic link to the same
+//!   file is the same path; a hard link is not, and is read).
+//!
+//! # Block devices
+//!
+//! `path` may be a block device (a disk, partition, loop or LVM device). Its size is where its end
+//! is (`lseek(SEEK_END)` of the open descriptor); it is read whole (no `SEEK_DATA`); its identity
+//! is never used to skip the read, since a device node's `ctime` does not follow writes to its
+//! blocks. For the same reason changes during the read cannot be detected (only that the path
+//! names another device, or the device's length changed): quiesce the device first — unmount it,
+//! or freeze its file system (`fsfreeze --freeze`), or snapshot an LVM snapshot of it. A device
+//! that fails, shrinks or goes away during the read is refused with [`ImageError::DeviceRead`],
+//! nothing committed.
 
-use pagesnap_store::{Epoch, SnapshotId, SnapshotMeta, Store, StoreError, Vpn};
+use pagesnap_store::{Epoch, SnapshotId, SnapshotMeta, Store, StoreError, Vpn, MAX_LABEL};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -79,9 +120,18 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
-    /// Not a regular file.
-    #[error("{} is not a regular file; pagesnap snapshots raw disk images (regular files)", .0.display())]
+    /// Neither a regular file nor a block device.
+    #[error("{} is not a regular file or a block device; pagesnap snapshots raw disk images (regular files) and block devices", .0.display())]
     NotAFile(PathBuf),
+    /// Reading a block device failed or came up short: it went away, shrank or failed.
+    #[error("{}: reading the block device failed ({source}); was it detached, removed or resized during the snapshot? nothing was committed", .path.display())]
+    DeviceRead {
+        /// The device.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// The image changed while it was read (or kept changing before the read could start).
     #[error("{} changed while it was being read for a snapshot (its size, modification or status-change time, or the file the path names); nothing was committed — stop whatever writes to it and retry", .0.display())]
     Changed(PathBuf),
@@ -115,6 +165,17 @@ pub struct ImageSnapshot {
     pub meta_bytes: u64,
     /// Wall time.
     pub seconds: f64,
+    /// The image was not read: its identity (device, inode, size, mtime and ctime to the
+    /// nanosecond, canonical path) is the one the parent snapshot recorded, so the snapshot has
+    /// the parent's pages (see the module documentation, "Unchanged images").
+    pub unchanged: bool,
+}
+
+/// How to take an image snapshot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotOptions {
+    /// Read the image even when its identity says it is unchanged since the parent snapshot.
+    pub reread: bool,
 }
 
 /// What must not change while an image is read: its identity, size and times (`fstat` of the open
@@ -156,28 +217,82 @@ impl Stamp {
     }
 }
 
-fn fstat(file: &File, path: &Path) -> Result<Stamp, ImageError> {
-    let m = file.metadata().map_err(io_err(path, "stat image"))?;
-    if !m.is_file() {
-        return Err(ImageError::NotAFile(path.to_path_buf()));
-    }
-    Ok(Stamp::of(&m))
+/// What a snapshot reads: a regular file, or a block device (read whole, changes not detected).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    File,
+    Block,
 }
 
-/// Opens the image and waits until its last change is [`SETTLE`] old; the stamp to compare with.
-fn open_settled(path: &Path) -> Result<(File, Stamp), ImageError> {
-    // By path first: opening a FIFO or a device is not something to do by accident.
-    let m = std::fs::metadata(path).map_err(io_err(path, "stat image"))?;
-    if !m.is_file() {
-        return Err(ImageError::NotAFile(path.to_path_buf()));
+fn fstat(file: &File, path: &Path, source: Source) -> Result<Stamp, ImageError> {
+    let m = file.metadata().map_err(io_err(path, "stat image"))?;
+    match source {
+        Source::File if m.is_file() => Ok(Stamp::of(&m)),
+        Source::Block if m.file_type().is_block_device() => {
+            // A device's length is not in its `stat`: it is where its end is. Its node's times do
+            // not follow writes to its blocks, so only its identity and length are compared.
+            let mut f = file;
+            let size = f
+                .seek(SeekFrom::End(0))
+                .map_err(|source| ImageError::DeviceRead {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            Ok(Stamp {
+                dev: m.rdev(),
+                ino: m.ino(),
+                size,
+                mtime: (0, 0),
+                ctime: (0, 0),
+            })
+        }
+        _ => Err(ImageError::NotAFile(path.to_path_buf())),
     }
+}
+
+/// The open image: a file whose last change is [`SETTLE`] old, or a block device.
+struct Opened {
+    file: File,
+    source: Source,
+    /// `fstat` before the first read.
+    stamp: Stamp,
+    /// The file's `ctime` was at least [`SETTLE`] old at that `fstat` (always so for a file whose
+    /// snapshot goes ahead: [`open`] waits for it; never for a device).
+    settled: bool,
+}
+
+/// Opens the image; for a file, waits until its last change is [`SETTLE`] old.
+fn open(path: &Path) -> Result<Opened, ImageError> {
+    // By path first: opening a FIFO or a character device is not something to do by accident.
+    let m = std::fs::metadata(path).map_err(io_err(path, "stat image"))?;
+    let source = if m.is_file() {
+        Source::File
+    } else if m.file_type().is_block_device() {
+        Source::Block
+    } else {
+        return Err(ImageError::NotAFile(path.to_path_buf()));
+    };
     let file = File::open(path).map_err(io_err(path, "open image"))?;
+    if source == Source::Block {
+        let stamp = fstat(&file, path, source)?;
+        return Ok(Opened {
+            file,
+            source,
+            stamp,
+            settled: false,
+        });
+    }
     let started = Instant::now();
     loop {
-        let stamp = fstat(&file, path)?;
+        let stamp = fstat(&file, path, source)?;
         let age = stamp.age();
         if age >= SETTLE {
-            return Ok((file, stamp));
+            return Ok(Opened {
+                file,
+                source,
+                stamp,
+                settled: true,
+            });
         }
         if started.elapsed() >= SETTLE_LIMIT {
             return Err(ImageError::Changed(path.to_path_buf()));
@@ -188,9 +303,11 @@ fn open_settled(path: &Path) -> Result<(File, Stamp), ImageError> {
     }
 }
 
-/// Refuses the snapshot if the image changed since `before` or the path names another file now.
-fn unchanged(file: &File, path: &Path, before: &Stamp) -> Result<(), ImageError> {
-    let after = fstat(file, path)?;
+/// Refuses the snapshot if the image changed since `before` or the path names another file now
+/// (for a device: another device, or another length).
+fn unchanged(opened: &Opened, path: &Path) -> Result<(), ImageError> {
+    let before = &opened.stamp;
+    let after = fstat(&opened.file, path, opened.source)?;
     let named = std::fs::metadata(path).map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
             ImageError::Changed(path.to_path_buf())
@@ -198,10 +315,140 @@ fn unchanged(file: &File, path: &Path, before: &Stamp) -> Result<(), ImageError>
             io_err(path, "stat image")(e)
         }
     })?;
-    if after != *before || (named.dev(), named.ino()) != (before.dev, before.ino) {
+    let id = match opened.source {
+        Source::File => (named.dev(), named.ino()),
+        Source::Block => (named.rdev(), named.ino()),
+    };
+    if after != *before || id != (before.dev, before.ino) {
         return Err(ImageError::Changed(path.to_path_buf()));
     }
     Ok(())
+}
+
+/// The identity of an image file as a snapshot records it in its origin
+/// ([`SnapshotMeta::origin`]): `image v1 dev=… ino=… size=… mtime=…s.…ns ctime=…s.…ns settled=…
+/// path=…`, the canonical path last (it may hold spaces).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Origin {
+    stamp: Stamp,
+    settled: bool,
+    path: String,
+}
+
+const ORIGIN_V1: &str = "image v1 ";
+
+impl Origin {
+    fn render(&self) -> String {
+        let s = &self.stamp;
+        format!(
+            "{ORIGIN_V1}dev={} ino={} size={} mtime={}s.{}ns ctime={}s.{}ns settled={} path={}",
+            s.dev,
+            s.ino,
+            s.size,
+            s.mtime.0,
+            s.mtime.1,
+            s.ctime.0,
+            s.ctime.1,
+            u8::from(self.settled),
+            self.path
+        )
+    }
+
+    /// `None` for anything else: another version, another writer's origin, a cut-off string.
+    fn parse(text: &str) -> Option<Origin> {
+        let rest = text.strip_prefix(ORIGIN_V1)?;
+        let (fields, path) = rest.split_once(" path=")?;
+        let mut it = fields.split(' ');
+        let mut field = |name: &str| it.next()?.strip_prefix(name)?.strip_prefix('=');
+        let time = |v: &str| -> Option<(i64, i64)> {
+            let (secs, ns) = v.strip_suffix("ns")?.split_once("s.")?;
+            let ns: i64 = ns.parse().ok()?;
+            (0..1_000_000_000).contains(&ns).then_some(())?;
+            Some((secs.parse().ok()?, ns))
+        };
+        let dev = field("dev")?.parse().ok()?;
+        let ino = field("ino")?.parse().ok()?;
+        let size = field("size")?.parse().ok()?;
+        let mtime = time(field("mtime")?)?;
+        let ctime = time(field("ctime")?)?;
+        let settled = match field("settled")? {
+            "0" => false,
+            "1" => true,
+            _ => return None,
+        };
+        if it.next().is_some() {
+            return None;
+        }
+        Some(Origin {
+            stamp: Stamp {
+                dev,
+                ino,
+                size,
+                mtime,
+                ctime,
+            },
+            settled,
+            path: path.to_string(),
+        })
+    }
+
+    /// Whether the stamp's times look truncated to whole seconds (both nanosecond parts zero):
+    /// a file system that keeps coarse times, or none, where a write within the same second
+    /// would leave them unchanged.
+    fn coarse(&self) -> bool {
+        self.stamp.mtime.1 == 0 && self.stamp.ctime.1 == 0
+    }
+}
+
+/// Whether an image whose identity is `now` is known to be unchanged since the snapshot whose
+/// origin is `parent`, so that its pages are the parent's without reading it: the parent's
+/// origin is an image identity that was settled when taken (so any later write moved `ctime`),
+/// the same device, inode, size, mtime and ctime to the nanosecond and the same canonical path,
+/// times that are not coarse, and a file system that keeps `ctime` itself (`trusted_fs`).
+fn may_skip(parent: Option<&str>, now: &Origin, trusted_fs: bool) -> bool {
+    let Some(p) = parent.and_then(Origin::parse) else {
+        return false;
+    };
+    trusted_fs
+        && p.settled
+        && now.settled
+        && !now.coarse()
+        && p.stamp == now.stamp
+        && p.path == now.path
+}
+
+/// Whether the file system of `file` keeps `ctime` itself, so that every write moves it: not a
+/// FUSE or network file system (the times there come from a server or a user-space daemon, and
+/// may be cached, coarse or not kept at all).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+#[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
+fn trusted_fs(file: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    const UNTRUSTED: [i64; 9] = [
+        0x6573_5546, // FUSE
+        0x6969,      // NFS
+        0xFF53_4D42, // CIFS
+        0xFE53_4D42, // SMB2
+        0x517B,      // SMB
+        0x0102_1997, // 9P
+        0x00C3_6400, // Ceph
+        0x5346_414F, // AFS
+        0x6B41_4653, // kAFS
+    ];
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `st` is a valid, writable `statfs` for the call; `file` keeps the descriptor open.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return false;
+    }
+    // SAFETY: `fstatfs` returned 0, so it filled `st`.
+    let kind = (unsafe { st.assume_init() }.f_type as i64) & 0xFFFF_FFFF;
+    !UNTRUSTED.contains(&kind)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn trusted_fs(_file: &File) -> bool {
+    false
 }
 
 /// How a snapshot finds the image's data.
@@ -318,14 +565,28 @@ fn is_zero(page: &[u8]) -> bool {
 /// aligned outward to whole pages) and are zero pages without a read; a page the parent snapshot
 /// stored that now lies in a hole is removed. Where the file system cannot report holes, every page
 /// is read. A page read as all zeros is a hole page too (no hash). [`ImageSnapshot::pages_read`]
-/// counts the pages read.
+/// counts the pages read. An image file unchanged since the parent snapshot (same identity, see
+/// "Unchanged images" in the module documentation) is not read at all; `path` may also be a
+/// block device, read whole.
 pub fn snapshot_image(
     store: &mut Store,
     path: &Path,
     label: Option<String>,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<ImageSnapshot, ImageError> {
-    snapshot_with(store, path, label, progress, Holes::Seek)
+    snapshot_image_with(store, path, label, progress, SnapshotOptions::default())
+}
+
+/// [`snapshot_image`] with options: [`SnapshotOptions::reread`] reads an image even when its
+/// identity says it is unchanged.
+pub fn snapshot_image_with(
+    store: &mut Store,
+    path: &Path,
+    label: Option<String>,
+    progress: &(dyn Fn(u64) + Sync),
+    options: SnapshotOptions,
+) -> Result<ImageSnapshot, ImageError> {
+    snapshot_with(store, path, label, progress, Holes::Seek, options)
 }
 
 fn snapshot_with(
@@ -334,75 +595,64 @@ fn snapshot_with(
     label: Option<String>,
     progress: &(dyn Fn(u64) + Sync),
     holes: Holes,
+    options: SnapshotOptions,
 ) -> Result<ImageSnapshot, ImageError> {
     let started = Instant::now();
-    let (file, before) = open_settled(path)?;
+    let opened = open(path)?;
+    let (file, before) = (&opened.file, opened.stamp);
     let size = before.size;
     let ps = u64::from(store.page_size());
     let parent = store.latest()?;
-    let epoch = store
-        .snapshots()?
+    let snaps = store.snapshots()?;
+    let epoch = snaps
         .iter()
         .map(|s| s.epoch)
         .max()
         .unwrap_or(Epoch(0))
         .next();
+    let parent_origin = parent
+        .and_then(|p| snaps.iter().find(|s| s.id == p))
+        .and_then(|s| s.origin.as_deref());
+    // A file's identity, recorded in the snapshot; none for a device (its times do not follow
+    // writes to its blocks), for a path that is not UTF-8, or one too long to be kept whole.
+    let origin = match opened.source {
+        Source::Block => None,
+        Source::File => std::fs::canonicalize(path)
+            .ok()
+            .and_then(|c| c.to_str().map(str::to_string))
+            .map(|path| Origin {
+                stamp: before,
+                settled: opened.settled,
+                path,
+            })
+            .filter(|o| o.render().len() <= MAX_LABEL),
+    };
+    let skip = !options.reread
+        && origin
+            .as_ref()
+            .is_some_and(|o| may_skip(parent_origin, o, trusted_fs(file)));
+    let holes = match opened.source {
+        Source::File => holes,
+        Source::Block => Holes::ReadAll,
+    };
     let pages = size.div_ceil(ps);
     store.begin(parent)?;
     let result = (|| {
-        let mut run = Run {
-            store: &mut *store,
-            file: &file,
-            path,
-            size,
-            ps,
-            parent,
-            buf: vec![0u8; (BATCH_PAGES * ps) as usize],
-            batch: Vec::new(),
-            batch_pages: 0,
-            read: 0,
-            changed: 0,
+        let (read, changed) = if skip {
+            // The parent's pages, unread: no change at all.
+            progress(size);
+            (0, 0)
+        } else {
+            read_image(&mut *store, &opened, path, parent, holes, progress)?
         };
-        // The extent map is taken after the first `fstat` (in `open_settled`), while reading.
-        let mut extents = Extents {
-            file: &file,
-            path,
-            size,
-            ps,
-            at: 0,
-            holes,
-        };
-        let mut done = 0u64; // pages before this one are handled (or in the pending batch)
-        while let Some(extent) = extents.next()? {
-            if extent.start > done {
-                run.hole(done..extent.start)?;
-            }
-            let mut first = extent.start;
-            while first < extent.end {
-                let n = (BATCH_PAGES - run.batch_pages).min(extent.end - first);
-                run.batch.push(first..first + n);
-                run.batch_pages += n;
-                first += n;
-                if run.batch_pages == BATCH_PAGES {
-                    run.flush()?;
-                    progress((first * ps).min(size));
-                }
-            }
-            done = extent.end;
-        }
-        run.flush()?;
-        // The holes at the end, and the pages past a shrunken image's end: all gone.
-        run.hole(done..u64::MAX)?;
-        progress(size);
-        let (read, changed) = (run.read, run.changed);
         debug_assert!(read <= pages);
-        unchanged(&file, path, &before)?;
+        unchanged(&opened, path)?;
         let meta = SnapshotMeta {
             epoch,
             label,
             logical_size: size,
             time_unix_ms: None,
-            origin: None,
+            origin: origin.as_ref().map(Origin::render),
         };
         let report = store.commit(meta)?;
         Ok(ImageSnapshot {
@@ -414,6 +664,7 @@ fn snapshot_with(
             data_bytes: report.data_bytes,
             meta_bytes: report.meta_bytes,
             seconds: started.elapsed().as_secs_f64(),
+            unchanged: skip,
         })
     })();
     if result.is_err() {
@@ -422,11 +673,72 @@ fn snapshot_with(
     result
 }
 
+/// Reads the image's data into the pending snapshot: (pages read, pages changed).
+fn read_image(
+    store: &mut Store,
+    opened: &Opened,
+    path: &Path,
+    parent: Option<SnapshotId>,
+    holes: Holes,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(u64, u64), ImageError> {
+    let (file, size) = (&opened.file, opened.stamp.size);
+    let ps = u64::from(store.page_size());
+    let mut run = Run {
+        store,
+        file,
+        path,
+        device: opened.source == Source::Block,
+        size,
+        ps,
+        parent,
+        buf: vec![0u8; (BATCH_PAGES * ps) as usize],
+        batch: Vec::new(),
+        batch_pages: 0,
+        read: 0,
+        changed: 0,
+    };
+    // The extent map is taken after the first `fstat` (in `open`), while reading.
+    let mut extents = Extents {
+        file,
+        path,
+        size,
+        ps,
+        at: 0,
+        holes,
+    };
+    let mut done = 0u64; // pages before this one are handled (or in the pending batch)
+    while let Some(extent) = extents.next()? {
+        if extent.start > done {
+            run.hole(done..extent.start)?;
+        }
+        let mut first = extent.start;
+        while first < extent.end {
+            let n = (BATCH_PAGES - run.batch_pages).min(extent.end - first);
+            run.batch.push(first..first + n);
+            run.batch_pages += n;
+            first += n;
+            if run.batch_pages == BATCH_PAGES {
+                run.flush()?;
+                progress((first * ps).min(size));
+            }
+        }
+        done = extent.end;
+    }
+    run.flush()?;
+    // The holes at the end, and the pages past a shrunken image's end: all gone.
+    run.hole(done..u64::MAX)?;
+    progress(size);
+    Ok((run.read, run.changed))
+}
+
 /// The state of one snapshot's pass over its image.
 struct Run<'a> {
     store: &'a mut Store,
     file: &'a File,
     path: &'a Path,
+    /// A block device: a failed or short read means it failed or went away.
+    device: bool,
     size: u64,
     ps: u64,
     parent: Option<SnapshotId>,
@@ -465,7 +777,7 @@ impl Run<'_> {
     /// pages that differ from the parent's.
     fn flush(&mut self) -> Result<(), ImageError> {
         let ps = self.ps;
-        let (size, path) = (self.size, self.path);
+        let (size, path, device) = (self.size, self.path, self.device);
         let mut off = 0usize;
         for r in &self.batch {
             let (at, want) = (r.start * ps, ((r.end - r.start) * ps) as usize);
@@ -475,7 +787,12 @@ impl Run<'_> {
             self.file
                 .read_exact_at(&mut self.buf[off..off + bytes], at)
                 .map_err(|e| {
-                    if e.kind() == io::ErrorKind::UnexpectedEof {
+                    if device {
+                        ImageError::DeviceRead {
+                            path: path.to_path_buf(),
+                            source: e,
+                        }
+                    } else if e.kind() == io::ErrorKind::UnexpectedEof {
                         ImageError::Changed(path.to_path_buf())
                     } else {
                         io_err(path, "read image")(e)
@@ -639,7 +956,15 @@ mod tests {
         for holes in [Holes::Seek, Holes::ReadAll] {
             let store_dir = dir.path().join(format!("{holes:?}"));
             let mut store = Store::init(&store_dir, StoreOptions::default()).expect("store");
-            let snap = snapshot_with(&mut store, &path, None, &|_| {}, holes).expect("snapshot");
+            let snap = snapshot_with(
+                &mut store,
+                &path,
+                None,
+                &|_| {},
+                holes,
+                SnapshotOptions::default(),
+            )
+            .expect("snapshot");
             let want_read = if holes == Holes::Seek { 258 } else { 16384 };
             assert_eq!((snap.pages_read, snap.pages_changed), (want_read, 258));
             let mut stored = Vec::new();
@@ -655,5 +980,110 @@ mod tests {
             assert!(std::fs::read(&out).expect("read") == std::fs::read(&path).expect("read"));
         }
         assert_eq!(pages[0], pages[1], "the same pages either way");
+    }
+
+    fn origin() -> Origin {
+        Origin {
+            stamp: Stamp {
+                dev: 2049,
+                ino: 1_234_567,
+                size: 1 << 30,
+                mtime: (1_764_000_000, 5),
+                ctime: (1_764_000_001, 999_999_999),
+            },
+            settled: true,
+            path: "/var/lib/vm images/disk one.img".into(),
+        }
+    }
+
+    #[test]
+    fn the_origin_round_trips() {
+        let o = origin();
+        let text = o.render();
+        assert_eq!(
+            text,
+            "image v1 dev=2049 ino=1234567 size=1073741824 mtime=1764000000s.5ns \
+             ctime=1764000001s.999999999ns settled=1 path=/var/lib/vm images/disk one.img"
+        );
+        assert_eq!(Origin::parse(&text), Some(o.clone()));
+        let before_epoch = Origin {
+            stamp: Stamp {
+                mtime: (-3, 7),
+                ..o.stamp
+            },
+            settled: false,
+            path: "/a path=with path= in it".into(),
+        };
+        assert_eq!(
+            Origin::parse(&before_epoch.render()),
+            Some(before_epoch.clone())
+        );
+    }
+
+    #[test]
+    fn only_a_settled_equal_identity_skips_the_read() {
+        let now = origin();
+        let same = now.render();
+        assert!(may_skip(Some(&same), &now, true), "unchanged: skipped");
+        // No origin (a snapshot of the engine's `Space`, or format 1), a foreign or damaged one.
+        for foreign in [
+            "",
+            "space",
+            "image v2 dev=2049",
+            "image v1 dev=2049 ino=1234567",
+            &same.replace("size=", "size=x"),
+            &same.replace(
+                "ctime=1764000001s.999999999ns",
+                "ctime=1764000001s.1999999999ns",
+            ),
+            &same.replace(" settled=1", ""),
+            &same.replace(" settled=1", " settled=1 extra=2"),
+            &same[..same.len() - 4],
+        ] {
+            assert!(!may_skip(Some(foreign), &now, true), "{foreign:?}");
+        }
+        assert!(!may_skip(None, &now, true));
+        // A parent whose stamp was not settled when taken: a write in its last tick may be unseen.
+        let unsettled = Origin {
+            settled: false,
+            ..now.clone()
+        };
+        assert!(!may_skip(Some(&unsettled.render()), &now, true));
+        assert!(!may_skip(Some(&same), &unsettled, true));
+        // Any field differs: read.
+        let differ = |f: &dyn Fn(&mut Stamp)| {
+            let mut o = now.clone();
+            f(&mut o.stamp);
+            o
+        };
+        for other in [
+            differ(&|s| s.dev += 1),
+            differ(&|s| s.ino += 1),
+            differ(&|s| s.size += 1),
+            differ(&|s| s.mtime.1 += 1),
+            differ(&|s| s.ctime.1 += 1),
+            differ(&|s| s.ctime.0 += 1),
+            Origin {
+                path: "/var/lib/vm images/disk two.img".into(),
+                ..now.clone()
+            },
+        ] {
+            assert!(!may_skip(Some(&other.render()), &now, true), "{other:?}");
+            assert!(!may_skip(Some(&same), &other, true), "{other:?}");
+        }
+        // Coarse times (both nanosecond parts zero), and file systems that do not keep ctime.
+        let coarse = differ(&|s| {
+            s.mtime.1 = 0;
+            s.ctime.1 = 0;
+        });
+        assert!(!may_skip(Some(&coarse.render()), &coarse, true));
+        assert!(!may_skip(Some(&same), &now, false));
+    }
+
+    #[test]
+    fn the_test_file_system_keeps_ctime() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let f = File::create(dir.path().join("x")).expect("create");
+        assert!(trusted_fs(&f), "the temp dir is on a local file system");
     }
 }

@@ -1,8 +1,11 @@
 //! Raw images as address spaces: what a snapshot writes, and what it refuses.
 
-use pagesnap_engine::image::{restore_image, snapshot_image, ImageError};
+use pagesnap_engine::image::{
+    restore_image, snapshot_image, snapshot_image_with, ImageError, SnapshotOptions,
+};
 use pagesnap_store::{Mode, Store, StoreOptions};
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 
 /// Every fourth page zero, the others unique.
 fn image(pages: usize, seed: u8) -> Vec<u8> {
@@ -21,6 +24,10 @@ fn image(pages: usize, seed: u8) -> Vec<u8> {
     data
 }
 
+/// The image unchanged since the last snapshot is read anyway: the tests below change it during
+/// the read.
+const REREAD: SnapshotOptions = SnapshotOptions { reread: true };
+
 #[test]
 fn an_image_that_changes_while_it_is_read_is_refused_and_nothing_is_committed() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -38,7 +45,9 @@ fn an_image_that_changes_while_it_is_read_is_refused_and_nothing_is_committed() 
             f.write_all(&[1u8; 10]).expect("append");
         }
     };
-    let err = snapshot_image(&mut store, &path, None, &grow).expect_err("changed under us");
+    // Read although unchanged so far (`reread`): the change comes during the read.
+    let err =
+        snapshot_image_with(&mut store, &path, None, &grow, REREAD).expect_err("changed under us");
     assert!(
         matches!(err, ImageError::Changed(_)) && err.to_string().contains("nothing was committed"),
         "{err}"
@@ -85,7 +94,8 @@ fn snapshot_while(tamper: impl Fn(&std::path::Path) + Sync) {
             once.call_once(|| tamper(&path));
         }
     };
-    let err = snapshot_image(&mut store, &path, None, &during).expect_err("changed under us");
+    let err = snapshot_image_with(&mut store, &path, None, &during, REREAD)
+        .expect_err("changed under us");
     assert!(
         matches!(err, ImageError::Changed(_))
             && err.to_string().contains("nothing was committed")
@@ -320,4 +330,139 @@ fn an_image_of_written_zero_bytes_stores_no_page() {
     restore_image(&store, snap.id, &out, &|_| {}).expect("restore");
     assert!(same_bytes(&path, &out));
     assert!(allocated(&out) < 1 << 20, "restored as a hole");
+}
+
+#[test]
+fn an_unchanged_image_is_not_read_and_its_snapshot_restores_identical() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("disk.img");
+    std::fs::write(&path, image(2048, 9)).expect("write");
+    let mut store = Store::init(dir.path().join("store"), StoreOptions::default()).expect("store");
+    let first = snapshot_image(&mut store, &path, None, &|_| {}).expect("first");
+    assert_eq!((first.pages_read, first.unchanged), (2048, false));
+    let origin = store
+        .snapshot(first.id)
+        .expect("info")
+        .origin
+        .expect("origin");
+    assert!(origin.starts_with("image v1 dev="), "{origin}");
+    let canonical = std::fs::canonicalize(&path).expect("canonical");
+    assert!(
+        origin.ends_with(&format!(" settled=1 path={}", canonical.display())),
+        "{origin}"
+    );
+    let second = snapshot_image(&mut store, &path, Some("again".into()), &|_| {}).expect("second");
+    assert_eq!(
+        (
+            second.pages_read,
+            second.pages_changed,
+            second.pages_written,
+            second.data_bytes
+        ),
+        (0, 0, 0, 0)
+    );
+    assert!(second.unchanged);
+    let (a, b) = (
+        store.snapshot(first.id).expect("info"),
+        store.snapshot(second.id).expect("info"),
+    );
+    assert_eq!(
+        (b.parent, b.label.as_deref()),
+        (Some(first.id), Some("again"))
+    );
+    assert_eq!((a.page_count, a.merkle_root), (b.page_count, b.merkle_root));
+    assert_eq!(a.origin, b.origin, "the same identity, recorded again");
+    let out = dir.path().join("out.img");
+    restore_image(&store, second.id, &out, &|_| {}).expect("restore");
+    assert!(same_bytes(&path, &out), "restores byte-identical");
+    // A third, unchanged again, still skips (its parent is the skipped snapshot).
+    let third = snapshot_image(&mut store, &path, None, &|_| {}).expect("third");
+    assert!(third.unchanged && third.pages_read == 0);
+    assert!(store.verify(&[]).expect("verify").is_clean());
+}
+
+#[test]
+fn a_changed_byte_with_the_mtime_put_back_is_read_and_recorded() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("disk.img");
+    let mut data = image(1024, 4);
+    std::fs::write(&path, &data).expect("write");
+    let mut store = Store::init(dir.path().join("store"), StoreOptions::default()).expect("store");
+    let first = snapshot_image(&mut store, &path, None, &|_| {}).expect("first");
+    let copy1 = dir.path().join("copy1.img");
+    std::fs::copy(&path, &copy1).expect("copy");
+    // One byte changed in place, same size, and the modification time put back exactly.
+    let before = std::fs::metadata(&path).expect("stat");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x5A], 700 * 4096 + 17).expect("write");
+    f.set_modified(before.modified().expect("mtime"))
+        .expect("put the mtime back");
+    drop(f);
+    data[700 * 4096 + 17] = 0x5A;
+    let after = std::fs::metadata(&path).expect("stat");
+    assert_eq!(
+        after.modified().expect("mtime"),
+        before.modified().expect("mtime")
+    );
+    assert_eq!((after.len(), after.ino()), (before.len(), before.ino()));
+    let second = snapshot_image(&mut store, &path, None, &|_| {}).expect("second");
+    assert!(!second.unchanged, "ctime moved: not mistaken for unchanged");
+    assert_eq!((second.pages_read, second.pages_changed), (1024, 1));
+    for (id, want) in [
+        (first.id, std::fs::read(&copy1).expect("read")),
+        (second.id, data),
+    ] {
+        let out = dir.path().join(format!("out{}.img", id.0));
+        restore_image(&store, id, &out, &|_| {}).expect("restore");
+        assert!(
+            std::fs::read(&out).expect("read") == want,
+            "snapshot {}",
+            id.0
+        );
+    }
+}
+
+#[test]
+fn reread_reads_an_unchanged_image_and_a_replacement_file_is_read() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("disk.img");
+    let data = image(512, 2);
+    std::fs::write(&path, &data).expect("write");
+    let mut store = Store::init(dir.path().join("store"), StoreOptions::default()).expect("store");
+    snapshot_image(&mut store, &path, None, &|_| {}).expect("first");
+    let reread = SnapshotOptions { reread: true };
+    let forced = snapshot_image_with(&mut store, &path, None, &|_| {}, reread).expect("reread");
+    assert_eq!(
+        (forced.pages_read, forced.pages_changed, forced.unchanged),
+        (512, 0, false)
+    );
+    // After a forced read the identity is recorded again: the next snapshot skips.
+    let skipped = snapshot_image(&mut store, &path, None, &|_| {}).expect("skip");
+    assert!(skipped.unchanged && skipped.pages_read == 0);
+    // The same bytes in another file renamed over the image: another inode, read.
+    let other = dir.path().join("disk.new");
+    std::fs::write(&other, &data).expect("write");
+    std::fs::rename(&other, &path).expect("rename");
+    let replaced = snapshot_image(&mut store, &path, None, &|_| {}).expect("replaced");
+    assert_eq!(
+        (
+            replaced.pages_read,
+            replaced.pages_changed,
+            replaced.unchanged
+        ),
+        (512, 0, false)
+    );
+    // The same file through a symbolic link: the canonical path is the same, so it skips.
+    let link = dir.path().join("link.img");
+    std::os::unix::fs::symlink(&path, &link).expect("symlink");
+    let via_link = snapshot_image(&mut store, &link, None, &|_| {}).expect("link");
+    assert!(via_link.unchanged, "same canonical path");
+    // A hard link is another path to the same inode: read, since the path differs.
+    let hard = dir.path().join("hard.img");
+    std::fs::hard_link(&path, &hard).expect("hard link");
+    let via_hard = snapshot_image(&mut store, &hard, None, &|_| {}).expect("hard");
+    assert!(!via_hard.unchanged && via_hard.pages_read == 512);
 }
