@@ -30,10 +30,10 @@ pub enum Command {
     Init,
     /// Snapshot a raw disk image: only pages changed since the store's last snapshot are written.
     #[command(
-        after_help = "Example:\n  pagesnap --store /backup/vm snapshot disk.img --label before-upgrade\n\nThe last line of output is the new snapshot's id."
+        after_help = "Example:\n  pagesnap --store /backup/vm snapshot disk.img --label before-upgrade\n  pagesnap --store /backup/vm snapshot /dev/vg0/vm-snap\n\nAn image file unchanged since the store's last snapshot of it (same inode, size, mtime and ctime to the nanosecond, same path) is not read: the new snapshot has the last one's pages. A block device is read whole every time; quiesce it first (unmount, or fsfreeze).\n\nThe last line of output is the new snapshot's id."
     )]
     Snapshot {
-        /// The raw image (a regular file).
+        /// The raw image (a regular file) or a block device.
         image: PathBuf,
         /// A label to find the snapshot by.
         #[arg(long)]
@@ -41,6 +41,10 @@ pub enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Read the image even if it is unchanged since the last snapshot (same inode, size and
+        /// times).
+        #[arg(long)]
+        reread: bool,
     },
     /// List the snapshots.
     #[command(after_help = "Example:\n  pagesnap --store /backup/vm list --json")]

@@ -4,7 +4,7 @@ use crate::cli::{Cli, Command};
 use crate::output;
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pagesnap_engine::image::{restore_image, snapshot_image};
+use pagesnap_engine::image::{restore_image, snapshot_image, snapshot_image_with, SnapshotOptions};
 use pagesnap_store::{Mode, SnapshotId, SnapshotInfo, Store, StoreOptions, Vpn};
 use serde_json::json;
 use std::io::IsTerminal;
@@ -90,7 +90,12 @@ pub fn run(cli: Cli) -> Result<i32> {
     };
     match cli.command {
         Command::Init => init(&ctx),
-        Command::Snapshot { image, label, json } => snapshot(&ctx, &image, label, json),
+        Command::Snapshot {
+            image,
+            label,
+            json,
+            reread,
+        } => snapshot(&ctx, &image, label, json, reread),
         Command::List { json } => list(&ctx, json),
         Command::Restore {
             snapshot,
@@ -135,14 +140,35 @@ fn resolve(store: &Store, name: &str) -> Result<SnapshotId> {
         .ok_or_else(|| anyhow!("unknown snapshot '{name}': no snapshot has that id or label; `pagesnap list` shows them"))
 }
 
-fn snapshot(ctx: &Ctx, image: &Path, label: Option<String>, as_json: bool) -> Result<i32> {
-    let size = std::fs::metadata(image)
-        .with_context(|| format!("reading image {}", image.display()))?
-        .len();
+fn snapshot(
+    ctx: &Ctx,
+    image: &Path,
+    label: Option<String>,
+    as_json: bool,
+    reread: bool,
+) -> Result<i32> {
+    use std::os::unix::fs::FileTypeExt;
+    let m =
+        std::fs::metadata(image).with_context(|| format!("reading image {}", image.display()))?;
+    // A block device's length is where its end is; `stat` says 0.
+    let size = if m.file_type().is_block_device() {
+        use std::io::Seek;
+        std::fs::File::open(image)
+            .and_then(|mut f| f.seek(std::io::SeekFrom::End(0)))
+            .with_context(|| format!("reading block device {}", image.display()))?
+    } else {
+        m.len()
+    };
     let mut store = ctx.open(Mode::Write)?;
     let bar = ctx.bar(size, "snapshot");
-    let report = snapshot_image(&mut store, image, label, &|done| bar.set_position(done))
-        .with_context(|| format!("snapshotting {}", image.display()))?;
+    let report = snapshot_image_with(
+        &mut store,
+        image,
+        label,
+        &|done| bar.set_position(done),
+        SnapshotOptions { reread },
+    )
+    .with_context(|| format!("snapshotting {}", image.display()))?;
     bar.finish_and_clear();
     if as_json {
         println!(
@@ -157,17 +183,23 @@ fn snapshot(ctx: &Ctx, image: &Path, label: Option<String>, as_json: bool) -> Re
                 "data_bytes": report.data_bytes,
                 "meta_bytes": report.meta_bytes,
                 "seconds": report.seconds,
+                "unchanged": report.unchanged,
             })
         );
     } else {
         println!(
-            "{} pages read, {} changed, {} new ({} data + {} metadata) in {:.2} s",
+            "{} pages read, {} changed, {} new ({} data + {} metadata) in {:.2} s{}",
             report.pages_read,
             report.pages_changed,
             report.pages_written,
             HumanBytes(report.data_bytes),
             HumanBytes(report.meta_bytes),
-            report.seconds
+            report.seconds,
+            if report.unchanged {
+                " (unchanged since the last snapshot: same inode, size and times; not read)"
+            } else {
+                ""
+            }
         );
         println!("{}", report.id);
     }
@@ -235,6 +267,7 @@ fn snapshot_json(s: &SnapshotInfo) -> serde_json::Value {
         "bytes_added": s.data_bytes + s.meta_bytes,
         "merkle_root": s.merkle_root.iter().map(|b| format!("{b:02x}")).collect::<String>(),
         "parent": s.parent.map(|p| p.0),
+        "origin": s.origin,
     })
 }
 

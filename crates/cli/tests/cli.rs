@@ -823,7 +823,8 @@ fn a_sparse_image_is_read_only_where_it_holds_data_and_restored_sparse() {
     let read = json["pages_read"].as_u64().expect("pages_read");
     assert!((50..=60).contains(&read), "{json}");
     assert_eq!(json["pages_changed"], 50);
-    let human = env.ok(&["snapshot", s(&img)]);
+    // Unchanged, so read only with --reread.
+    let human = env.ok(&["snapshot", s(&img), "--reread"]);
     assert!(
         human.starts_with(&format!("{read} pages read, 0 changed")),
         "{human}"
@@ -852,5 +853,153 @@ fn a_sparse_image_is_read_only_where_it_holds_data_and_restored_sparse() {
         }
         rb.read_exact(&mut bb[..n]).expect("read");
         assert!(ba[..n] == bb[..n], "restore is byte-identical");
+    }
+}
+
+fn snapshot_json(env: &Env, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["snapshot"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    serde_json::from_str(&env.ok(&all)).expect("json")
+}
+
+#[test]
+fn an_unchanged_image_is_not_read_unless_reread_and_restores_identical() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    let img = env.path("disk.img");
+    let data = image(600, 21); // 400 data pages, 200 zero pages
+    std::fs::write(&img, &data).expect("write");
+    let first = snapshot_json(&env, &[s(&img)]);
+    assert_eq!(
+        (first["pages_read"].as_u64(), first["unchanged"].as_bool()),
+        (Some(600), Some(false))
+    );
+    let second = snapshot_json(&env, &[s(&img), "--label", "same"]);
+    assert_eq!(second["pages_read"], 0, "{second}");
+    assert_eq!(second["pages_changed"], 0, "{second}");
+    assert_eq!(second["pages_written"], 0, "{second}");
+    assert_eq!(second["unchanged"], true, "{second}");
+    let human = env.ok(&["snapshot", s(&img)]);
+    assert!(
+        human.starts_with("0 pages read, 0 changed, 0 new") && human.contains("unchanged"),
+        "{human}"
+    );
+    let forced = snapshot_json(&env, &[s(&img), "--reread"]);
+    assert_eq!(
+        (
+            forced["pages_read"].as_u64(),
+            forced["pages_changed"].as_u64()
+        ),
+        (Some(600), Some(0))
+    );
+    assert_eq!(forced["unchanged"], false);
+    let list = env.list();
+    let origin = list[1]["origin"].as_str().expect("origin");
+    let canonical = std::fs::canonicalize(&img).expect("canonical");
+    assert!(
+        origin.starts_with("image v1 dev=")
+            && origin.ends_with(&format!("path={}", canonical.display())),
+        "{origin}"
+    );
+    assert_eq!(list[1]["merkle_root"], list[0]["merkle_root"]);
+    let out = env.path("out.img");
+    env.ok(&["restore", "same", s(&out)]);
+    assert!(
+        std::fs::read(&out).expect("read") == data,
+        "restores identical"
+    );
+    // One byte changed in place and the modification time put back: read, and recorded.
+    let mtime = std::fs::metadata(&img)
+        .expect("stat")
+        .modified()
+        .expect("mtime");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0xEE], 301 * 4096 + 5).expect("write");
+    f.set_modified(mtime).expect("mtime back");
+    drop(f);
+    let changed = snapshot_json(&env, &[s(&img)]);
+    assert_eq!(
+        (
+            changed["pages_read"].as_u64(),
+            changed["pages_changed"].as_u64()
+        ),
+        (Some(600), Some(1))
+    );
+    let id = changed["id"].as_u64().expect("id").to_string();
+    env.ok(&["restore", &id, s(&out), "--force"]);
+    assert!(std::fs::read(&out).expect("read") == std::fs::read(&img).expect("read"));
+}
+
+#[test]
+fn a_block_device_snapshots_whole_and_restores_identical() {
+    use std::os::unix::fs::FileExt;
+    let env = Env::new();
+    env.ok(&["init"]);
+    // 1 MiB and 3 sectors: the last page is partial; every third page zero.
+    let mut content = image(257, 31);
+    content.truncate((1 << 20) + 1536);
+    let backing = env.path("backing.img");
+    std::fs::write(&backing, &content).expect("write");
+    let dev = match loop_device(&backing) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("skipped: loop devices are not available here ({e})");
+            return;
+        }
+    };
+    let node = env.path("blk");
+    if let Err(e) = node_like(Path::new(&dev.0), &node) {
+        println!("skipped: cannot make a device node here ({e})");
+        return;
+    }
+    let pages = content.len().div_ceil(4096) as u64;
+    let first = snapshot_json(&env, &[s(&node)]);
+    assert_eq!(first["image_size"], content.len() as u64, "{first}");
+    assert_eq!(first["pages_read"], pages, "read whole: {first}");
+    let out = env.path("out.img");
+    env.ok(&["restore", "1", s(&out)]);
+    assert!(
+        std::fs::read(&out).expect("read") == content,
+        "restores identical"
+    );
+    // Unchanged: a device is still read (its node's times do not follow its blocks).
+    let again = snapshot_json(&env, &[s(&node)]);
+    assert_eq!(
+        (
+            again["pages_read"].as_u64(),
+            again["pages_changed"].as_u64()
+        ),
+        (Some(pages), Some(0))
+    );
+    assert_eq!(again["unchanged"], false);
+    assert_eq!(env.list()[1]["origin"], serde_json::Value::Null);
+    // A write through the device, which leaves the node's times alone: seen.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&node)
+        .expect("open");
+    f.write_all_at(&[0x77; 4096], 4096 * 9).expect("write");
+    f.sync_all().expect("sync");
+    drop(f);
+    content[4096 * 9..4096 * 10].fill(0x77);
+    let third = snapshot_json(&env, &[s(&node), "--label", "written"]);
+    assert_eq!(third["pages_changed"], 1, "{third}");
+    env.ok(&["restore", "written", s(&out), "--force"]);
+    assert!(
+        std::fs::read(&out).expect("read") == content,
+        "restores identical"
+    );
+    // A character device is still refused.
+    let null = env.path("null");
+    if node_like(Path::new("/dev/null"), &null).is_ok() {
+        env.fails(
+            &["snapshot", s(&null)],
+            2,
+            "not a regular file or a block device",
+        );
     }
 }
