@@ -466,3 +466,76 @@ fn reread_reads_an_unchanged_image_and_a_replacement_file_is_read() {
     let via_hard = snapshot_image(&mut store, &hard, None, &|_| {}).expect("hard");
     assert!(!via_hard.unchanged && via_hard.pages_read == 512);
 }
+
+/// A loop device on `backing` (detached on drop), or why not.
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+fn loop_device(backing: &std::path::Path) -> Result<Loop, String> {
+    let out = std::process::Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(backing)
+        .output()
+        .map_err(|e| format!("losetup: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    Ok(Loop(
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    ))
+}
+
+#[test]
+fn a_block_device_that_shrinks_during_the_read_is_refused_clearly() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let backing = dir.path().join("backing.img");
+    let data = image(4096, 6); // 16 MiB: four batches
+    std::fs::write(&backing, &data).expect("write");
+    let dev = match loop_device(&backing) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("skipped: loop devices are not available here ({e})");
+            return;
+        }
+    };
+    let node = std::path::PathBuf::from(&dev.0);
+    let mut store = Store::init(dir.path().join("store"), StoreOptions::default()).expect("store");
+    let first = snapshot_image(&mut store, &node, None, &|_| {}).expect("snapshot the device");
+    assert_eq!((first.image_size, first.pages_read), (16 << 20, 4096));
+    // The device goes (mostly) away after the first batch: its backing file is cut to 1 MiB and
+    // the loop device told its new size.
+    let once = std::sync::Once::new();
+    let shrink = |done: u64| {
+        if done > 0 && done < 16 << 20 {
+            once.call_once(|| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&backing)
+                    .expect("open")
+                    .set_len(1 << 20)
+                    .expect("truncate");
+                let ok = std::process::Command::new("losetup")
+                    .args(["-c", &dev.0])
+                    .status()
+                    .expect("losetup -c");
+                assert!(ok.success(), "losetup -c");
+            });
+        }
+    };
+    let err = snapshot_image(&mut store, &node, None, &shrink).expect_err("the device shrank");
+    assert!(once.is_completed());
+    assert!(
+        matches!(err, ImageError::DeviceRead { .. })
+            && err.to_string().contains(&dev.0)
+            && err.to_string().contains("nothing was committed"),
+        "{err}"
+    );
+    assert_eq!(store.snapshot_ids().expect("ids"), vec![first.id]);
+}
