@@ -35,12 +35,17 @@
 //! [`SETTLE`] old (an image still being written for longer than [`SETTLE_LIMIT`] is refused):
 //! then a write after the first `fstat` lands in a later tick and moves `ctime`.
 //!
+//! Stores through a shared memory map (`MAP_SHARED`, as a hypervisor may map a disk image) are
+//! timestamped by the kernel only at the first write fault on a clean page; a store into a page
+//! already dirty and writable moves no time. So the snapshot writes the image back (`fsync`)
+//! before it takes its first stamp: writeback cleans and write-protects the mapped pages, and any
+//! later store faults and moves `ctime`. (On tmpfs there is no writeback: there such stores are
+//! not caught, and the unchanged-image skip below is never used.)
+//!
 //! Not caught: a change made through a different inode that the path does not name at the end
-//! (nothing of it is in the bytes read anyway); a change with the clock set back; and stores
-//! through a shared memory map (`MAP_SHARED`) of the image into pages already dirty and writable,
-//! which the kernel does not timestamp (a virtual machine whose disk image is memory-mapped by a
-//! running hypervisor writes that way). Such an image must be quiesced first: stop or pause the
-//! writer (or snapshot a reflink copy), as for any copy of a live disk. Not part of
+//! (nothing of it is in the bytes read anyway); a change with the clock set back; shared-map
+//! stores on tmpfs. A live disk is best quiesced first anyway: stop or pause the writer (or
+//! snapshot a reflink copy), as for any copy of a live disk. Not part of
 //! this snapshot: whatever a writer writes after the final `fstat` (a writer that keeps the file
 //! open may write then; that write is in the next snapshot, not this one). A snapshot of an image
 //! that is being written is therefore either refused or a copy of the file as it was, unchanged,
@@ -68,8 +73,8 @@
 //! the last change could miss a write in that same tick. It cannot be trusted, and is not relied
 //! on, when:
 //! - the clock was set back between the two snapshots (a write could get the old `ctime` back);
-//! - the image is written through a shared memory map into pages already dirty and writable (not
-//!   timestamped by the kernel, as above) — quiesce such a writer;
+//! - the file system has no writeback (tmpfs): shared-map stores into dirty pages are never
+//!   timestamped there, so tmpfs is always read (elsewhere the `fsync` above makes them fault);
 //! - the file system does not keep `ctime` itself: FUSE and network file systems (NFS, SMB/CIFS,
 //!   9P, Ceph, AFS, recognized by `fstatfs`) are always read; times whose nanosecond parts are both
 //!   zero are taken as coarse (a file system keeping whole seconds, or no times) and are read;
@@ -282,6 +287,9 @@ fn open(path: &Path) -> Result<Opened, ImageError> {
             settled: false,
         });
     }
+    // Write back dirty pages first: writeback write-protects shared-mapped pages, so a later
+    // store through a MAP_SHARED mapping faults and moves ctime.
+    file.sync_all().map_err(io_err(path, "sync image"))?;
     let started = Instant::now();
     loop {
         let stamp = fstat(&file, path, source)?;
@@ -424,7 +432,7 @@ fn may_skip(parent: Option<&str>, now: &Origin, trusted_fs: bool) -> bool {
 #[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
 fn trusted_fs(file: &File) -> bool {
     use std::os::fd::AsRawFd;
-    const UNTRUSTED: [i64; 9] = [
+    const UNTRUSTED: [i64; 10] = [
         0x6573_5546, // FUSE
         0x6969,      // NFS
         0xFF53_4D42, // CIFS
@@ -434,6 +442,7 @@ fn trusted_fs(file: &File) -> bool {
         0x00C3_6400, // Ceph
         0x5346_414F, // AFS
         0x6B41_4653, // kAFS
+        0x0102_1994, // tmpfs: no writeback, shared-mapped stores are never timestamped
     ];
     let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
     // SAFETY: `st` is a valid, writable `statfs` for the call; `file` keeps the descriptor open.
