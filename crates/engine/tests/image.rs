@@ -571,16 +571,17 @@ fn a_store_through_a_shared_map(dir: &std::path::Path) {
     assert!(p != libc::MAP_FAILED, "mmap");
     let p = p.cast::<u8>();
     // SAFETY: offsets inside the mapping of `size` bytes, written by this thread only.
-    unsafe { *p.add(5 * 4096 + 7) = 0xAA };
+    unsafe { p.wrapping_add(5 * 4096 + 7).write(0xAA) };
     let mut store = Store::init(dir.join("store"), StoreOptions::default()).expect("store");
     snapshot_image(&mut store, &path, None, &|_| {}).expect("s1");
     // SAFETY: as above; the page is still dirty and writable, so this store does not fault.
-    unsafe { *p.add(5 * 4096 + 8) = 0xBB };
+    unsafe { p.wrapping_add(5 * 4096 + 8).write(0xBB) };
+    // SAFETY: `p` is the mapping made above, of `size` bytes.
+    let synced = unsafe { libc::msync(p.cast(), size, libc::MS_SYNC) };
+    assert_eq!(synced, 0);
     // SAFETY: `p` is the mapping made above, of `size` bytes, not used after this.
-    unsafe {
-        assert_eq!(libc::msync(p.cast(), size, libc::MS_SYNC), 0);
-        assert_eq!(libc::munmap(p.cast(), size), 0);
-    }
+    let unmapped = unsafe { libc::munmap(p.cast(), size) };
+    assert_eq!(unmapped, 0);
     drop(f);
     let want = std::fs::read(&path).expect("read");
     assert_eq!(want[5 * 4096 + 8], 0xBB, "the write is in the file");
