@@ -20,7 +20,7 @@ use pagesnap_store::{SnapshotId, Store, Vpn};
 use rayon::prelude::*;
 use std::fs::{File, Metadata, OpenOptions, Permissions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -315,10 +315,24 @@ fn in_place(
     let started = Instant::now();
     let info = store.snapshot(id)?;
     let (size, ps) = (info.logical_size, u64::from(info.page_size));
-    let mut file = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .with_context(|| format!("opening the device {} for writing", path.display()))?;
+    // A block device opened with O_EXCL is refused (EBUSY) while it is mounted or held by another
+    // exclusive user (LVM, md, another restore): writing under a mounted file system destroys it.
+    let mut options = OpenOptions::new();
+    options.write(true);
+    if block {
+        options.custom_flags(libc::O_EXCL);
+    }
+    let mut file = match options.open(path) {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => bail!(
+            "{} is mounted or in use (the kernel refused exclusive access); unmount it, or stop what holds it, and retry; nothing was written",
+            path.display()
+        ),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("opening the device {} for writing", path.display()))
+        }
+    };
     // What was opened, not what the name held when it was looked at.
     let kind = file
         .metadata()

@@ -777,6 +777,73 @@ fn restore_force_onto_a_block_device_writes_it_in_place() {
         .all(|b| *b == 0xAA));
 }
 
+/// Unmounts on drop.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A block device holding a mounted file system is refused, even with `--force`, and left alone:
+/// writing under a mounted file system destroys it.
+#[test]
+fn restore_onto_a_mounted_block_device_is_refused() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    let img = env.path("disk.img");
+    std::fs::write(&img, image(64, 3)).expect("write");
+    env.snapshot(&img);
+    let backing = env.path("fs.img");
+    std::fs::write(&backing, vec![0u8; 8 << 20]).expect("write");
+    let made = std::process::Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4"])
+        .arg(&backing)
+        .status();
+    if !made.is_ok_and(|s| s.success()) {
+        println!("skipped: mke2fs is not available here");
+        return;
+    }
+    let dev = match loop_device(&backing) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("skipped: loop devices are not available here ({e})");
+            return;
+        }
+    };
+    let mnt = env.path("mnt");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    let mounted = std::process::Command::new("mount")
+        .arg(&dev.0)
+        .arg(&mnt)
+        .status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        println!("skipped: cannot mount a loop device here");
+        return;
+    }
+    let _mounted = Mounted(mnt.clone());
+    let node = env.path("blk");
+    if let Err(e) = node_like(Path::new(&dev.0), &node) {
+        println!("skipped: cannot make a device node here ({e})");
+        return;
+    }
+    let before = std::fs::read(&backing).expect("read");
+    env.fails(
+        &["restore", "1", s(&node), "--force"],
+        2,
+        "is mounted or in use",
+    );
+    assert!(
+        std::fs::read(&backing).expect("read") == before,
+        "nothing written"
+    );
+    assert!(
+        std::fs::read_dir(&mnt).is_ok(),
+        "still mounted and readable"
+    );
+}
+
 #[test]
 fn restore_force_onto_a_character_device_writes_it_in_place() {
     use std::os::unix::fs::FileTypeExt;
