@@ -4,12 +4,15 @@
 //! hits, the directory is rebuilt with each unsynced write landing whole, torn, garbled or not at
 //! all (chosen by the test), and the space is reopened. Then: every snapshot whose commit returned
 //! `Ok` (and was not deleted) restores byte for byte, nothing half-written is visible, gc leaves no
-//! leak, and work goes on.
+//! leak, and work goes on. A *panic* step makes the backend panic a random number of operations
+//! into the next snapshot: the snapshot fails with an error (or, past its commit point, is whole
+//! in the store), and the space goes on.
 
+use pagesnap_engine::EngineError;
 use pagesnap_engine::Space;
 use pagesnap_pagetable::VirtAddr;
-use pagesnap_store::fault::{FaultPlan, FaultyStorage};
-use pagesnap_store::{Mode, SnapshotId, Store, StoreOptions};
+use pagesnap_store::fault::{FaultPlan, FaultyStorage, Intercept};
+use pagesnap_store::{Mode, SharedStorage, SnapshotId, Store, StoreOptions};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +20,22 @@ use std::sync::Arc;
 
 const PS: u64 = 512;
 static STATES: AtomicU64 = AtomicU64::new(0);
+static PANICS: AtomicU64 = AtomicU64::new(0);
+
+/// `io`, panicking at the storage operation `countdown` reaches zero on (0: never).
+fn panicking(io: &Arc<FaultyStorage>, countdown: &Arc<AtomicU64>) -> SharedStorage {
+    let countdown = countdown.clone();
+    Arc::new(Intercept::new(io.clone(), move |_| {
+        let left = countdown.load(Ordering::SeqCst);
+        if left > 0 {
+            countdown.store(left - 1, Ordering::SeqCst);
+            if left == 1 {
+                panic!("injected storage panic");
+            }
+        }
+        Ok(())
+    }))
+}
 
 fn opts() -> StoreOptions {
     StoreOptions {
@@ -36,6 +55,7 @@ enum Op {
     Delete(usize),
     Gc,
     Crash { ops_ahead: u64, fate: u64 },
+    Panic { ops_ahead: u64 },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -47,6 +67,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(Op::Delete),
         1 => Just(Op::Gc),
         2 => ((0..120u64), any::<u64>()).prop_map(|(ops_ahead, fate)| Op::Crash { ops_ahead, fate }),
+        1 => (1..60u64).prop_map(|ops_ahead| Op::Panic { ops_ahead }),
     ]
 }
 
@@ -73,8 +94,11 @@ fn fail(e: impl std::fmt::Display) -> TestCaseError {
 
 fn run(ops: &[Op]) -> Result<(), TestCaseError> {
     let mut io = Arc::new(FaultyStorage::new());
-    let mut space =
-        Some(Space::create(Store::init_with(io.clone(), opts()).map_err(fail)?).map_err(fail)?);
+    let countdown = Arc::new(AtomicU64::new(0));
+    let mut space = Some(
+        Space::create(Store::init_with(panicking(&io, &countdown), opts()).map_err(fail)?)
+            .map_err(fail)?,
+    );
     let mut now = Pages::new();
     let mut committed: BTreeMap<SnapshotId, Pages> = BTreeMap::new();
     for op in ops {
@@ -112,6 +136,34 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
             Op::Delete(_) => {}
             Op::Gc => {
                 s.with_store(|st| st.gc()).map_err(fail)?;
+            }
+            Op::Panic { ops_ahead } => {
+                countdown.store(*ops_ahead, Ordering::SeqCst);
+                let pause_state = now.clone();
+                let result = s.snapshot();
+                let fired = countdown.swap(0, Ordering::SeqCst) == 0;
+                match result {
+                    Ok(r) => {
+                        committed.insert(r.id, pause_state);
+                    }
+                    Err(EngineError::PersistPanicked(_)) if fired => {
+                        PANICS.fetch_add(1, Ordering::Relaxed);
+                        // Past its commit point the snapshot is in the store, whole.
+                        let ids = s.with_store(|st| st.snapshot_ids()).map_err(fail)?;
+                        let extra: Vec<_> = ids
+                            .into_iter()
+                            .filter(|i| !committed.contains_key(i))
+                            .collect();
+                        prop_assert!(extra.len() <= 1, "more than one snapshot appeared");
+                        if let Some(x) = extra.first() {
+                            committed.insert(*x, pause_state);
+                        }
+                    }
+                    Err(e) => return Err(fail(format!("snapshot failed: {e}"))),
+                }
+                // The space goes on: the next snapshot persists everything since the last good one.
+                let r = s.snapshot().map_err(fail)?;
+                committed.insert(r.id, now.clone());
             }
             Op::Crash { ops_ahead, fate } => {
                 // Crash somewhere inside the next snapshot (or just after it, if it is short).
@@ -162,7 +214,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                     store_restore_check(&io, *id, want)?;
                 }
                 let (sp, opened) = Space::open(
-                    Store::open_with(io.clone(), Mode::Write, opts())
+                    Store::open_with(panicking(&io, &countdown), Mode::Write, opts())
                         .map_err(fail)?
                         .0,
                 )
@@ -216,6 +268,17 @@ fn committed_snapshots_survive_crashes() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
+    // The injected panics are expected: keep them out of the output (others still print).
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let injected = info
+            .payload()
+            .downcast_ref::<&str>()
+            .is_some_and(|m| m.contains("injected storage panic"));
+        if !injected {
+            default(info);
+        }
+    }));
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
         cases,
         ..ProptestConfig::default()
@@ -223,7 +286,10 @@ fn committed_snapshots_survive_crashes() {
     let result = runner.run(&proptest::collection::vec(op(), 1..50), |ops| run(&ops));
     let states = STATES.load(Ordering::Relaxed);
     match result {
-        Ok(()) => println!("{states} engine crash states checked, 0 failed"),
+        Ok(()) => println!(
+            "{states} engine crash states and {} storage panics checked, 0 failed",
+            PANICS.load(Ordering::Relaxed)
+        ),
         Err(e) => panic!("{states} engine crash states checked, 1 failed: {e}"),
     }
 }
