@@ -223,7 +223,7 @@ fn verify_names_damage_and_only_the_damaged_snapshot_fails_to_restore() {
     env.fails(
         &["restore", "2", env.path("bad.img").to_str().expect("utf-8")],
         2,
-        "damaged page record",
+        "damaged page",
     );
     assert!(
         !env.path("bad.img").exists(),

@@ -110,9 +110,11 @@ fn a_failed_snapshot_leaves_its_pages_dirty_for_the_next() {
         k += 1;
     }
     println!("{checked} I/O errors checked, {} failed", failed.len());
+    // Format 3: a snapshot is a few writes and one sync (and a superblock hint when the
+    // writer opens, or every so many commits).
     assert!(
-        checked > 20,
-        "a snapshot does more than 20 storage operations"
+        checked >= 3,
+        "a snapshot does at least 3 storage operations"
     );
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
@@ -159,7 +161,7 @@ fn a_crash_during_a_snapshot_brings_back_a_whole_snapshot() {
         k += 1;
     }
     println!("{checked} crash states checked, {} failed", failed.len());
-    assert!(checked > 60);
+    assert!(checked >= 9, "{checked}");
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 

@@ -2,8 +2,12 @@
 //! fixed-width; nothing is `usize` on disk. Decoders check magic, lengths and the crc32 before they
 //! interpret anything, and never allocate by a length they have not bounded.
 
-/// The format version this code writes (and the newest it reads; version 1 stores still open).
-pub const FORMAT_VERSION: u32 = 2;
+/// The format version this code creates (and the newest it reads). Versions 1 and 2 (a
+/// copy-on-write trie index, a superblock write per commit) still open, read and take commits in
+/// their own format; `Store::upgrade` converts them.
+pub const FORMAT_VERSION: u32 = 3;
+/// The last format with a trie index (versions 1 and 2 are written as 2).
+pub(crate) const TRIE_FORMAT: u32 = 2;
 pub(crate) const SUPERBLOCK_FILE: &str = "superblock";
 pub(crate) const LOCK_FILE: &str = "lock";
 pub(crate) const SLOT_SIZE: usize = 4096;
@@ -38,6 +42,12 @@ pub(crate) enum Kind {
     Manifest = 3,
     /// A manifest with an origin (format 2 writes these).
     Manifest2 = 4,
+    /// Format 3: a commit record (catalog change, chained; see `catalog.rs`).
+    Commit = 5,
+    /// Format 3: a chunk of a page map (base or delta; see `index.rs`).
+    Chunk = 6,
+    /// Format 3: pages back to back (an extent); index entries point at the bytes inside.
+    Pages = 7,
 }
 
 impl Kind {
@@ -46,6 +56,9 @@ impl Kind {
             Kind::Page => "page record",
             Kind::Node => "index node",
             Kind::Manifest | Kind::Manifest2 => "snapshot manifest",
+            Kind::Commit => "commit record",
+            Kind::Chunk => "page map chunk",
+            Kind::Pages => "page extent",
         }
     }
 }
@@ -359,7 +372,12 @@ impl Superblock {
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut e = Enc::default();
         e.bytes(&SB_MAGIC);
-        e.u32(FORMAT_VERSION);
+        // A trie store stays in its format (1 becomes 2); `Store::upgrade` converts it.
+        e.u32(if self.version >= 3 {
+            FORMAT_VERSION
+        } else {
+            TRIE_FORMAT
+        });
         e.u32(self.page_size);
         e.u64(self.generation);
         e.u64(self.next_snapshot);
@@ -467,11 +485,11 @@ impl Superblock {
     }
 }
 
-/// The 64-byte header of segment file `id`.
-pub(crate) fn segment_header(id: u32) -> Vec<u8> {
+/// The 64-byte header of segment file `id` of a store of format `version`.
+pub(crate) fn segment_header(id: u32, version: u32) -> Vec<u8> {
     let mut e = Enc::default();
     e.bytes(&SEG_MAGIC);
-    e.u32(FORMAT_VERSION);
+    e.u32(version.max(TRIE_FORMAT));
     e.u32(id);
     e.0.resize(SEG_HEADER as usize - 4, 0);
     let crc = crc32fast::hash(&e.0);
@@ -540,10 +558,10 @@ mod tests {
         assert_eq!(Superblock::decode(&bad), Err(SlotError::Checksum));
         assert_eq!(Superblock::decode(&[0; SLOT_SIZE]), Err(SlotError::Empty));
         let mut newer = bytes.clone();
-        newer[8..12].copy_from_slice(&3u32.to_le_bytes());
+        newer[8..12].copy_from_slice(&4u32.to_le_bytes());
         let crc = crc32fast::hash(&newer[..SLOT_SIZE - 4]);
         newer[SLOT_SIZE - 4..].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(Superblock::decode(&newer), Err(SlotError::Newer(3)));
+        assert_eq!(Superblock::decode(&newer), Err(SlotError::Newer(4)));
     }
 
     fn with_crc(mut slot: Vec<u8>) -> Vec<u8> {

@@ -42,9 +42,11 @@
 //! assert_eq!(store.read_page(first.id, Vpn(4)).expect("read"), None); // zero page
 //! ```
 
+mod catalog;
 mod error;
 pub mod fault;
 mod format;
+mod index;
 mod manifest;
 mod storage;
 mod store;
@@ -276,6 +278,14 @@ pub struct OpenReport {
     pub superblock_note: Option<String>,
     /// A writer's open rewrote the other slot with the committed state, so both hold it again.
     pub repaired_slot: bool,
+    /// Format 3: the last commit record found after the superblock's hint was not taken because
+    /// bytes the commit wrote before it fail their crc32: a commit interrupted before its sync
+    /// finished (never acknowledged) — or, if it had been acknowledged, damage since (a log's
+    /// tail cannot tell the two apart; see `docs/format.md`). Says which commit and snapshot.
+    pub discarded_tail: Option<String>,
+    /// Format 3: commit records of which one copy was damaged (a torn last commit, or damage
+    /// since) that a writer's open rewrote from the other copy.
+    pub repaired_records: usize,
     /// Files a writer's open set aside instead of removing (segment files no slot lists, found
     /// while a slot was damaged): renamed to `quarantine-…`, never deleted by pagesnap.
     pub quarantined: Vec<String>,

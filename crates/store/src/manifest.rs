@@ -130,3 +130,64 @@ impl Manifest {
         }
     }
 }
+
+/// A record's place and the blake3 of its payload, as rkyv stores it.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RecordRef {
+    pub(crate) segment: u32,
+    pub(crate) offset: u64,
+    pub(crate) len: u32,
+    pub(crate) hash: [u8; 32],
+}
+
+impl RecordRef {
+    pub(crate) fn new(loc: Location, hash: [u8; 32]) -> Self {
+        RecordRef {
+            segment: loc.segment,
+            offset: loc.offset,
+            len: loc.len,
+            hash,
+        }
+    }
+    pub(crate) fn loc(&self) -> Location {
+        Location {
+            segment: self.segment,
+            offset: self.offset,
+            len: self.len,
+        }
+    }
+    pub(crate) fn chunk(&self) -> crate::index::ChunkRef {
+        crate::index::ChunkRef {
+            loc: self.loc(),
+            hash: self.hash,
+        }
+    }
+}
+
+/// A format 3 snapshot manifest: carried inside the commit record that adds the snapshot (and in
+/// catalog checkpoints), so it costs no record of its own.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ManifestV3 {
+    pub(crate) id: u64,
+    pub(crate) parent: Option<u64>,
+    pub(crate) epoch: u64,
+    pub(crate) time_unix_ms: u64,
+    pub(crate) label: Option<String>,
+    pub(crate) origin: Option<String>,
+    pub(crate) logical_size: u64,
+    pub(crate) page_size: u32,
+    pub(crate) page_count: u64,
+    /// The page map's content root (see `index.rs`).
+    pub(crate) content_root: [u8; 32],
+    /// The newest chunk of the page map's chain (`None`: no page is stored).
+    pub(crate) index: Option<RecordRef>,
+    /// Entries in the chain's base, and in its deltas since (the writer's rebase rule).
+    pub(crate) base_entries: u64,
+    pub(crate) chain_entries: u64,
+    /// Deltas since the base.
+    pub(crate) chain_deltas: u32,
+    pub(crate) pages_written: u64,
+    pub(crate) pages_changed: u64,
+    pub(crate) data_bytes: u64,
+    pub(crate) meta_bytes: u64,
+}

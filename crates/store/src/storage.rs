@@ -31,6 +31,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn set_len(&self, name: &str, len: u64) -> io::Result<()>;
     /// Makes the file's data and length durable.
     fn sync(&self, name: &str) -> io::Result<()>;
+    /// Makes `name`'s data durable, and its metadata as far as reading the data back needs it
+    /// (`fdatasync`); the default is [`Storage::sync`].
+    fn sync_data(&self, name: &str) -> io::Result<()> {
+        self.sync(name)
+    }
     /// Renames `from` to `to`, replacing `to`. Not durable until [`Storage::sync_dir`].
     fn rename(&self, from: &str, to: &str) -> io::Result<()>;
     /// Removes the file. Not durable until [`Storage::sync_dir`].
@@ -138,6 +143,10 @@ impl Storage for FsStorage {
 
     fn sync(&self, name: &str) -> io::Result<()> {
         self.file(name)?.sync_all()
+    }
+
+    fn sync_data(&self, name: &str) -> io::Result<()> {
+        self.file(name)?.sync_data()
     }
 
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {

@@ -373,8 +373,9 @@ fn enospc_and_eio_at_every_operation_fail_cleanly() {
 
 #[test]
 fn a_superblock_write_that_cannot_be_undone_stops_the_writer_until_reopen() {
+    // Format 2 wrote the superblock in every commit (format 3: the next test).
     let io = Arc::new(FaultyStorage::new());
-    let mut store = Store::init_with(io.clone(), opts()).expect("init");
+    let mut store = Store::init_format2_with(io.clone(), opts()).expect("init");
     store.begin(None).expect("begin");
     store.put(Vpn(1), &page(1)).expect("put");
     let first = store.commit(SnapshotMeta::default()).expect("commit").id;
@@ -402,6 +403,56 @@ fn a_superblock_write_that_cannot_be_undone_stops_the_writer_until_reopen() {
     for fate in 0..16 {
         let (store, _) =
             Store::open_with(Arc::new(io.crash_image(fate)), Mode::Write, opts()).expect("reopen");
+        assert_eq!(
+            store.read_page(first, Vpn(1)).expect("committed"),
+            Some(page(1))
+        );
+        assert!(store.verify(&[]).expect("verify").is_clean());
+    }
+}
+
+/// Format 3: a commit whose sync fails may or may not be on the disk; the writer then moves the
+/// superblock generation on so that it can never count. If that write fails too, the writer is in
+/// doubt: it refuses changes until reopened, and the reopened store holds every commit that
+/// returned `Ok` and verifies clean (whether the failed one is there is what was in doubt).
+#[test]
+fn a_failed_commit_whose_hint_cannot_be_written_stops_the_writer_until_reopen() {
+    use pagesnap_store::fault::{Intercept, Op};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let inner = Arc::new(FaultyStorage::new());
+    let failing = Arc::new(AtomicBool::new(false));
+    let f = failing.clone();
+    let io = Arc::new(Intercept::new(inner.clone(), move |op| {
+        let hit = match op {
+            Op::Sync(n) => n.starts_with("seg-") || *n == "superblock",
+            Op::Write { name, .. } => *name == "superblock",
+            _ => false,
+        };
+        if hit && f.load(Ordering::SeqCst) {
+            Err(std::io::Error::from_raw_os_error(5))
+        } else {
+            Ok(())
+        }
+    }));
+    let mut store = Store::init_with(io.clone(), opts()).expect("init");
+    store.begin(None).expect("begin");
+    store.put(Vpn(1), &page(1)).expect("put");
+    let first = store.commit(SnapshotMeta::default()).expect("commit").id;
+    store.begin(Some(first)).expect("begin");
+    store.put(Vpn(2), &page(2)).expect("put");
+    failing.store(true, Ordering::SeqCst);
+    let e = store.commit(SnapshotMeta::default()).expect_err("EIO");
+    assert!(e.to_string().contains("I/O error"), "{e}");
+    let e = store.begin(Some(first)).expect_err("in doubt");
+    assert!(
+        matches!(e, StoreError::InDoubt { .. }) && e.to_string().contains("reopen"),
+        "{e}"
+    );
+    drop(store);
+    failing.store(false, Ordering::SeqCst);
+    for fate in 0..16 {
+        let (store, _) = Store::open_with(Arc::new(inner.crash_image(fate)), Mode::Write, opts())
+            .expect("reopen");
         assert_eq!(
             store.read_page(first, Vpn(1)).expect("committed"),
             Some(page(1))

@@ -1,12 +1,16 @@
-//! The golden stores in `fixtures/store-v1` and `fixtures/store-v2`, written by format versions
-//! 1 and 2 from the same history. Checks: this build reads both back exactly, writes exactly the
-//! version 2 bytes for the same history (a change of format must bump `FORMAT_VERSION` and add a
-//! new fixture, keeping the old ones readable), and upgrades a version 1 store as it writes.
+//! The golden stores in `fixtures/store-v1`, `-v2` and `-v3`, written by format versions 1, 2 and
+//! 3 from the same history. Checks: this build reads all back exactly, writes exactly the version
+//! 3 bytes for the same history (and the version 2 bytes when asked for a format 2 store; a change
+//! of format must bump `FORMAT_VERSION` and add a new fixture, keeping the old ones readable),
+//! keeps a version 1 store in the trie format as it writes (1 becomes 2), and upgrades versions 1
+//! and 2 to 3.
 //!
 //! Regenerate the newest (only with a deliberate format change):
 //! `PAGESNAP_BLESS=1 cargo test -p pagesnap-store --test golden`.
 
-use pagesnap_store::{Epoch, Mode, SnapshotId, SnapshotMeta, Store, StoreOptions, Vpn};
+use pagesnap_store::{
+    Epoch, FsStorage, Mode, SnapshotId, SnapshotMeta, Store, StoreOptions, Vpn, FORMAT_VERSION,
+};
 use std::path::{Path, PathBuf};
 
 fn fixture(version: u32) -> PathBuf {
@@ -62,8 +66,13 @@ fn expected(upto: usize) -> std::collections::BTreeMap<u64, Vec<u8>> {
     m
 }
 
-fn write(dir: &Path) {
-    let mut store = Store::init(dir, opts()).expect("init");
+fn write(dir: &Path, version: u32) {
+    let mut store = if version == 2 {
+        Store::init_format2_with(std::sync::Arc::new(FsStorage::new(dir, true)), opts())
+            .expect("init format 2")
+    } else {
+        Store::init(dir, opts()).expect("init")
+    };
     let mut parent = None;
     for (i, (label, changes)) in history().into_iter().enumerate() {
         store.begin(parent).expect("begin");
@@ -109,17 +118,17 @@ fn bless() {
     let mut done = BLESS.lock().unwrap_or_else(|e| e.into_inner());
     if !*done && std::env::var_os("PAGESNAP_BLESS").is_some() {
         *done = true;
-        let dir = fixture(2);
+        let dir = fixture(FORMAT_VERSION);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("mkdir");
-        write(&dir);
+        write(&dir, FORMAT_VERSION);
     }
 }
 
 #[test]
 fn the_golden_stores_read_back_exactly() {
     bless();
-    for version in [1, 2] {
+    for version in [1, 2, 3] {
         // Open a copy: opening must not need to write, but a copy keeps the fixture pristine.
         let tmp = copy_of(version);
         check_history(tmp.path(), Mode::Read);
@@ -197,14 +206,48 @@ fn check_history(dir: &Path, mode: Mode) {
 #[test]
 fn this_build_writes_the_golden_bytes() {
     bless();
-    let tmp = tempfile::tempdir().expect("tmp");
-    write(tmp.path());
-    let (ours, golden) = (files(tmp.path()), files(&fixture(2)));
-    assert_eq!(
-        ours.iter().map(|f| &f.0).collect::<Vec<_>>(),
-        golden.iter().map(|f| &f.0).collect::<Vec<_>>()
-    );
-    for ((name, a), (_, b)) in ours.iter().zip(golden.iter()) {
-        assert!(a == b, "{name} differs from the golden store: the on-disk format changed (bump FORMAT_VERSION, add a fixture)");
+    for version in [2, FORMAT_VERSION] {
+        let tmp = tempfile::tempdir().expect("tmp");
+        write(tmp.path(), version);
+        let (ours, golden) = (files(tmp.path()), files(&fixture(version)));
+        assert_eq!(
+            ours.iter().map(|f| &f.0).collect::<Vec<_>>(),
+            golden.iter().map(|f| &f.0).collect::<Vec<_>>()
+        );
+        for ((name, a), (_, b)) in ours.iter().zip(golden.iter()) {
+            assert!(a == b, "{name} differs from the golden store v{version}: the on-disk format changed (bump FORMAT_VERSION, add a fixture)");
+        }
+    }
+}
+
+#[test]
+fn trie_stores_upgrade_to_format_3_and_read_back_exactly() {
+    for version in [1, 2] {
+        let tmp = copy_of(version);
+        {
+            let (mut store, _) = Store::open(tmp.path(), Mode::Write).expect("open as writer");
+            assert_eq!(
+                store.upgrade().expect("upgrade"),
+                3,
+                "three snapshots converted"
+            );
+            assert_eq!(store.upgrade().expect("again"), 0, "nothing left to do");
+            // It takes snapshots in format 3 at once.
+            store.begin(Some(SnapshotId(4))).expect("begin");
+            store.put(Vpn(2), &page(200)).expect("put");
+            let id = store.commit(SnapshotMeta::default()).expect("commit").id;
+            assert_eq!(store.read_page(id, Vpn(2)).expect("read"), Some(page(200)));
+            store.delete(&[id]).expect("delete");
+            store.gc().expect("gc");
+        }
+        let sb = std::fs::read(tmp.path().join("superblock")).expect("superblock");
+        assert_eq!(&sb[8..12], &3u32.to_le_bytes(), "format 3 now");
+        assert!(
+            !files(tmp.path()).iter().any(|(n, _)| n.starts_with("seg-")
+                && files(&fixture(version)).iter().any(|(g, _)| g == n)),
+            "the trie store's segments are gone"
+        );
+        check_history(tmp.path(), Mode::Read);
+        check_history(tmp.path(), Mode::Write);
     }
 }

@@ -8,8 +8,7 @@ use super::{dedup_key, io_err, read_record, Pending, Store, WriteIo, Writer, EMP
 use crate::error::StoreError;
 use crate::format::{
     encode_record, seg_name, segment_header, segment_runs, Kind, Location, NodePtr, Ref,
-    Superblock, FORMAT_VERSION, MAX_SEGMENT_IDS, MAX_SEGMENT_RUNS, SEG_HEADER, SLOT_SIZE,
-    SUPERBLOCK_FILE,
+    Superblock, MAX_SEGMENT_IDS, MAX_SEGMENT_RUNS, SEG_HEADER, SLOT_SIZE, SUPERBLOCK_FILE,
 };
 use crate::manifest::{Manifest, RootRecord, MAX_LABEL};
 use crate::storage::Storage;
@@ -35,7 +34,9 @@ impl Store {
         };
         let mut sb = self.sb.clone();
         sb.generation += 2;
-        sb.version = FORMAT_VERSION;
+        if sb.version < 3 {
+            sb.version = crate::format::TRIE_FORMAT;
+        }
         let bytes = sb.encode();
         // The failed commit's slot first: the other one holds the only known-good copy.
         let failed = ((self.sb.generation + 1) % 2) * SLOT_SIZE as u64;
@@ -66,6 +67,16 @@ impl Store {
         let Some(w) = self.writer.as_mut().filter(|w| w.degraded && !w.in_doubt) else {
             return;
         };
+        if self.sb.version >= 3 {
+            // The slots hold hints: a fresh one into both (the generation moves on, so the two
+            // slots never hold different states under one generation).
+            if self.publish_hint().is_err() {
+                if let Some(w) = self.writer.as_mut() {
+                    w.log.need_hint = true;
+                }
+            }
+            return;
+        }
         let second = SLOT_SIZE as u64 - (self.sb.generation % 2) * SLOT_SIZE as u64;
         let copied = self
             .io
@@ -87,6 +98,9 @@ impl Store {
         self.settle()?;
         self.write_io()?;
         self.idle_writer("a snapshot is already being written; commit or abort it first")?;
+        if self.is_log() {
+            return self.begin3(parent);
+        }
         let (base_root, base_count) = match parent {
             Some(p) => {
                 let m = self.manifest(p)?;
@@ -103,6 +117,7 @@ impl Store {
             fresh: HashMap::new(),
             pages_written: 0,
             changed: 0,
+            map: None,
         });
         w.data_appended = 0;
         w.meta_appended = 0;
@@ -132,6 +147,9 @@ impl Store {
                 len: data.len(),
                 page_size: self.sb.page_size,
             });
+        }
+        if self.is_log() {
+            return self.put3(vpn, data, hash);
         }
         let dedup_root = self.sb.dedup;
         let mut wio = self.write_io()?;
@@ -222,6 +240,9 @@ impl Store {
             .as_mut()
             .ok_or(StoreError::Usage("remove without begin"))?;
         p.changes.insert(vpn.0, None);
+        if self.is_log() {
+            return Ok(());
+        }
         self.flush_if_large()
     }
 
@@ -255,11 +276,16 @@ impl Store {
             w.cap = self.io.len(&seg_name(sb.active_segment)).unwrap_or(0);
             w.touched.clear();
             w.buf.clear();
+            w.log.extent = None;
+            w.log.range_crc = crc32fast::Hasher::new();
         }
     }
 
     /// Commits the snapshot being written: after `Ok`, it survives any crash.
     pub fn commit(&mut self, meta: SnapshotMeta) -> Result<CommitReport, StoreError> {
+        if self.is_log() {
+            return self.commit3(meta);
+        }
         let result = self.commit_inner(meta);
         if result.is_err() {
             self.rollback();
@@ -422,6 +448,26 @@ impl Store {
                     .map_err(io_err(io, SUPERBLOCK_FILE, "sync superblock"))
             });
         if let Err(e) = written {
+            if self.sb.version >= 3 {
+                // Format 3 (gc's commit point): the committed state goes into both slots at the
+                // failed write's generation, first slot first, so that whichever landed, both
+                // now name the committed state (and the next commit records carry that
+                // generation). If that fails too, the writer is in doubt.
+                let mut undo = self.sb.clone();
+                undo.generation = sb.generation;
+                let bytes = undo.encode();
+                let ok = [first, second].into_iter().all(|at| {
+                    io.write(SUPERBLOCK_FILE, at, &bytes)
+                        .and_then(|_| io.sync(SUPERBLOCK_FILE))
+                        .is_ok()
+                });
+                w.in_doubt = !ok;
+                if ok {
+                    self.sb.generation = undo.generation;
+                    w.degraded = false;
+                }
+                return Err(e);
+            }
             // The new slot may or may not have reached the disk. Put the committed state in that
             // slot again, so the failed commit cannot surface later over records we will reuse.
             let undone = io
@@ -503,6 +549,9 @@ impl Store {
         if let Some(pinned) = ids.iter().find(|id| self.pinned.contains_key(id)) {
             return Err(StoreError::Pinned(*pinned));
         }
+        if self.is_log() {
+            return self.delete3(ids);
+        }
         let mut changes: Vec<(u64, Option<Ref>)> = ids.iter().map(|id| (id.0, None)).collect();
         changes.sort_unstable_by_key(|(k, _)| *k);
         changes.dedup_by_key(|(k, _)| *k);
@@ -561,6 +610,7 @@ pub(super) fn new_segment(
     io: &dyn Storage,
     opts: &StoreOptions,
     w: &mut Writer,
+    version: u32,
 ) -> Result<(), StoreError> {
     let id = w
         .segments
@@ -587,7 +637,7 @@ pub(super) fn new_segment(
     let cap = opts.preallocate.min(opts.segment_bytes).max(SEG_HEADER);
     io.set_len(&name, cap)
         .map_err(io_err(io, &name, "size segment"))?;
-    io.write(&name, 0, &segment_header(id))
+    io.write(&name, 0, &segment_header(id, version))
         .map_err(io_err(io, &name, "write segment header"))?;
     w.touched.insert(id);
     w.seg = id;
@@ -629,7 +679,7 @@ pub(super) fn append(
         io.set_len(&name, w.off)
             .map_err(io_err(io, &name, "trim segment"))?;
         w.touched.insert(w.seg);
-        new_segment(io, opts, w)?;
+        new_segment(io, opts, w, crate::format::TRIE_FORMAT)?;
     }
     let name = seg_name(w.seg);
     if w.off + len > w.cap {
@@ -654,13 +704,13 @@ pub(super) fn append(
     Ok(loc)
 }
 
-fn is_zero(data: &[u8]) -> bool {
+pub(super) fn is_zero(data: &[u8]) -> bool {
     let words = data.chunks_exact(8);
     let tail = words.remainder();
     words.into_iter().all(|w| w == [0u8; 8]) && tail.iter().all(|b| *b == 0)
 }
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

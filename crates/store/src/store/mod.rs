@@ -15,6 +15,7 @@
 
 mod commit;
 mod gc;
+mod log;
 mod open;
 mod read;
 mod verify;
@@ -56,6 +57,8 @@ struct Pending {
     pages_written: u64,
     /// Index entries changed by earlier flushes.
     changed: u64,
+    /// Format 3: the parent's page map.
+    map: Option<Arc<crate::index::PageMap>>,
 }
 
 struct Writer {
@@ -78,6 +81,8 @@ struct Writer {
     degraded: bool,
     /// Records appended but not yet written: they end at `off` in segment `seg`.
     buf: Vec<u8>,
+    /// Format 3: the commit log's writer state.
+    log: log::LogWriter,
 }
 
 /// A snapshot store in a directory.
@@ -90,6 +95,10 @@ pub struct Store {
     /// Snapshots `delete` refuses, with how many pins each holds: they are in use by whoever
     /// holds the store.
     pinned: BTreeMap<SnapshotId, usize>,
+    /// Format 3: the retained snapshots, as the commit log names them.
+    catalog: log::Catalog,
+    /// Format 3: page maps recently used.
+    maps: Mutex<log::MapCache>,
 }
 
 impl Drop for Store {
@@ -98,6 +107,15 @@ impl Drop for Store {
         // Not while unwinding: a backend that just panicked may panic again (an abort).
         if !std::thread::panicking() {
             self.restore_redundancy();
+            // Format 3: a clean close writes a hint past the last commit, so that no commit of
+            // this writer is left as the tail of the log, where damage could not be told from an
+            // interrupted commit (see `log.rs`). Best effort: the commits are durable already.
+            let owed = self.writer.as_ref().is_some_and(|w| {
+                !w.in_doubt && w.pending.is_none() && (w.log.since_hint > 0 || w.log.need_hint)
+            });
+            if self.is_log() && owed {
+                let _ = self.write_hint();
+            }
         }
     }
 }
@@ -361,7 +379,8 @@ impl Writer {
             pending: None,
             in_doubt: false,
             degraded: false,
-            buf: Vec::with_capacity(WRITE_BUFFER + (64 << 10)),
+            buf: Vec::with_capacity(2 * WRITE_BUFFER + (64 << 10)),
+            log: log::LogWriter::default(),
         })
     }
 }
@@ -385,7 +404,7 @@ mod tests {
             page_size: 512,
             ..StoreOptions::default()
         };
-        let mut store = Store::init_with(io.clone(), opts).expect("init");
+        let mut store = Store::init_format2_with(io.clone(), opts).expect("init");
         store.begin(None).expect("begin");
         store.put(Vpn(1), &[9u8; 512]).expect("put");
         store.commit(SnapshotMeta::default()).expect("commit");

@@ -33,6 +33,22 @@ impl Store {
     /// Ids of the retained snapshots, ascending. Read from the catalog, or from its copy if the
     /// catalog is damaged.
     pub fn snapshot_ids(&self) -> Result<Vec<SnapshotId>, StoreError> {
+        if self.is_log() {
+            if let Some(e) = &self.catalog.unreadable {
+                return Err(StoreError::Corrupt {
+                    path: self.io.location().into(),
+                    what: "commit log",
+                    offset: 0,
+                    detail: e.clone(),
+                });
+            }
+            return Ok(self
+                .catalog
+                .manifests
+                .keys()
+                .map(|k| SnapshotId(*k))
+                .collect());
+        }
         self.with_catalogs(|root| {
             let mut ids = Vec::new();
             trie::for_each(&mut self.read_io(), root, &mut |k, _| {
@@ -103,6 +119,9 @@ impl Store {
 
     /// What the store knows about snapshot `id`.
     pub fn snapshot(&self, id: SnapshotId) -> Result<SnapshotInfo, StoreError> {
+        if self.is_log() {
+            return self.manifest3(id).map(super::log::info3);
+        }
         self.manifest(id).map(|m| info(&m))
     }
 
@@ -115,6 +134,13 @@ impl Store {
     }
 
     pub(super) fn index_root(&self, s: &SnapshotInfo) -> Result<Option<NodePtr>, StoreError> {
+        if self.is_log() {
+            // The newest chunk of its page map reads back.
+            if let Some(r) = self.manifest3(s.id)?.index {
+                self.read_chunk(&r.chunk())?;
+            }
+            return Ok(None);
+        }
         let root = self.manifest(s.id)?.index_root.map(|r| r.ptr());
         if let Some(p) = &root {
             self.read_io().load(p)?;
@@ -125,6 +151,12 @@ impl Store {
     /// The content of page `vpn` in snapshot `id` (`None`: the page is zero), checked against its
     /// crc32 and blake3 before it is returned.
     pub fn read_page(&self, id: SnapshotId, vpn: Vpn) -> Result<Option<Vec<u8>>, StoreError> {
+        if self.is_log() {
+            return match self.page_map(id)?.get(&vpn.0) {
+                Some(r) => self.read_page_bytes(r).map(Some),
+                None => Ok(None),
+            };
+        }
         let root = self.manifest(id)?.index_root.map(|r| r.ptr());
         match trie::get(&mut self.read_io(), root, vpn.0)? {
             Some(r) => self.read_ref(&r).map(Some),
@@ -138,6 +170,12 @@ impl Store {
         id: SnapshotId,
         mut f: impl FnMut(Vpn, &Ref) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
+        if self.is_log() {
+            for (k, r) in self.page_map(id)?.iter() {
+                f(Vpn(*k), r)?;
+            }
+            return Ok(());
+        }
         let root = self.manifest(id)?.index_root.map(|r| r.ptr());
         trie::for_each(&mut self.read_io(), root, &mut |k, r| f(Vpn(k), &r))
     }
@@ -150,6 +188,14 @@ impl Store {
         range: std::ops::Range<Vpn>,
         mut f: impl FnMut(Vpn, &Ref) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
+        if self.is_log() {
+            if range.start.0 < range.end.0 {
+                for (k, r) in self.page_map(id)?.range(range.start.0..range.end.0) {
+                    f(Vpn(*k), r)?;
+                }
+            }
+            return Ok(());
+        }
         let root = self.manifest(id)?.index_root.map(|r| r.ptr());
         trie::for_each_in(
             &mut self.read_io(),
@@ -162,6 +208,9 @@ impl Store {
 
     /// The content a page reference names, checked (crc32, then blake3).
     pub fn read_ref(&self, r: &Ref) -> Result<Vec<u8>, StoreError> {
+        if self.is_log() {
+            return self.read_page_bytes(r);
+        }
         let (_, hash, payload) =
             read_record(&*self.io, self.read_io().segments, &r.loc, Kind::Page)?;
         if hash != r.hash || *blake3::hash(&payload).as_bytes() != r.hash {
@@ -178,6 +227,40 @@ impl Store {
 
     /// Pages whose content differs between snapshots `a` and `b`, in address order.
     pub fn diff(&self, a: SnapshotId, b: SnapshotId) -> Result<Vec<Vpn>, StoreError> {
+        if self.is_log() {
+            let (ma, mb) = (self.page_map(a)?, self.page_map(b)?);
+            let mut out = Vec::new();
+            let (mut ia, mut ib) = (ma.iter().peekable(), mb.iter().peekable());
+            loop {
+                match (ia.peek(), ib.peek()) {
+                    (None, None) => break,
+                    (Some((ka, _)), None) => {
+                        out.push(Vpn(**ka));
+                        ia.next();
+                    }
+                    (None, Some((kb, _))) => {
+                        out.push(Vpn(**kb));
+                        ib.next();
+                    }
+                    (Some((ka, ra)), Some((kb, rb))) => {
+                        if ka < kb {
+                            out.push(Vpn(**ka));
+                            ia.next();
+                        } else if kb < ka {
+                            out.push(Vpn(**kb));
+                            ib.next();
+                        } else {
+                            if ra.hash != rb.hash {
+                                out.push(Vpn(**ka));
+                            }
+                            ia.next();
+                            ib.next();
+                        }
+                    }
+                }
+            }
+            return Ok(out);
+        }
         let ra = self.manifest(a)?.index_root.map(|r| r.ptr());
         let rb = self.manifest(b)?.index_root.map(|r| r.ptr());
         Ok(trie::diff(&mut self.read_io(), ra, rb)?

@@ -27,6 +27,13 @@ impl Store {
     #[doc(hidden)]
     pub fn catalog_records(&self) -> Result<Vec<Location>, StoreError> {
         let mut out = Vec::new();
+        if self.is_log() {
+            for l in self.commit_chain()? {
+                out.push(l.a.loc());
+                out.push(l.b.loc());
+            }
+            return Ok(out);
+        }
         for root in [self.sb.catalog, self.sb.catalog_copy] {
             trie::for_each_node(&mut self.read_io(), root, &mut |p, _| {
                 out.push(p.loc);
@@ -71,6 +78,11 @@ impl Store {
                 detail: e.to_string(),
             }),
             Err(e) => return Err(e),
+        }
+        if self.is_log() {
+            self.verify3(ids, &mut report)?;
+            self.verify_segment_headers(&mut report);
+            return Ok(report);
         }
         let all = match self.snapshot_ids() {
             Ok(ids) => ids,
@@ -169,6 +181,20 @@ impl Store {
                 detail: format!("{which}: {f}"),
             }));
         }
+        self.verify_segment_headers(&mut report);
+        // The dedup index only steers writes, but damage there is still damage.
+        let mut rio = self.read_io();
+        if let Err(e) = trie::for_each_node(&mut rio, self.sb.dedup, &mut |_, _| Ok(true)) {
+            report.damage.push(Damage {
+                snapshot: None,
+                vpn: None,
+                detail: format!("dedup index: {e}"),
+            });
+        }
+        Ok(report)
+    }
+
+    fn verify_segment_headers(&self, report: &mut VerifyReport) {
         for id in self.read_io().segments {
             let name = seg_name(*id);
             let mut head = [0u8; 8];
@@ -183,16 +209,198 @@ impl Store {
                 });
             }
         }
-        // The dedup index only steers writes, but damage there is still damage.
-        let mut rio = self.read_io();
-        if let Err(e) = trie::for_each_node(&mut rio, self.sb.dedup, &mut |_, _| Ok(true)) {
+    }
+
+    /// Format 3: every snapshot's chain (each chunk's crc32 and blake3), its map against the
+    /// manifest's content root and page count, every page's blake3; each copy of every commit
+    /// record back to the last checkpoint; and what open found wrong in the log.
+    fn verify3(&self, ids: &[SnapshotId], report: &mut VerifyReport) -> Result<(), StoreError> {
+        let store_damage = |report: &mut VerifyReport, detail: String| {
             report.damage.push(Damage {
                 snapshot: None,
                 vpn: None,
-                detail: format!("dedup index: {e}"),
-            });
+                detail,
+            })
+        };
+        for d in &self.catalog.damage {
+            store_damage(report, format!("commit log: {d}"));
         }
-        Ok(report)
+        let all = match self.snapshot_ids() {
+            Ok(ids) => ids,
+            Err(e) if e.is_corruption() => {
+                store_damage(report, format!("snapshot catalog: {e}"));
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let ids: Vec<SnapshotId> = if ids.is_empty() {
+            all.clone()
+        } else {
+            ids.to_vec()
+        };
+        let mut chunks: HashMap<Location, Result<(), String>> = HashMap::new();
+        #[allow(clippy::type_complexity)]
+        let mut pages: HashMap<Location, ([u8; 32], Vec<(SnapshotId, Vpn)>)> = HashMap::new();
+        for id in ids {
+            if !all.contains(&id) {
+                return Err(StoreError::UnknownSnapshot(id));
+            }
+            report.snapshots_checked += 1;
+            let m = self.manifest3(id)?.clone();
+            let damage = |report: &mut VerifyReport, vpn: Option<Vpn>, detail: String| {
+                report.damage.push(Damage {
+                    snapshot: Some(id),
+                    vpn,
+                    detail,
+                })
+            };
+            let chain = match self.chain(m.index.map(|r| r.chunk())) {
+                Ok(c) => c,
+                Err(e) if e.is_corruption() => {
+                    damage(report, None, format!("page map: {e}"));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            for (r, _) in &chain {
+                chunks.insert(r.loc, Ok(()));
+            }
+            if chain.last().is_some_and(|(_, c)| !c.base) {
+                damage(
+                    report,
+                    None,
+                    "page map: its chain does not start with a base".into(),
+                );
+            }
+            let map =
+                crate::index::apply_chain(&chain.into_iter().map(|(_, c)| c).collect::<Vec<_>>());
+            if crate::index::ContentRoot::of(&map).to_bytes() != m.content_root {
+                damage(
+                    report,
+                    None,
+                    "page map: content root differs from the manifest's".into(),
+                );
+            }
+            if map.len() as u64 != m.page_count {
+                damage(
+                    report,
+                    None,
+                    format!(
+                        "page map: {} pages, the manifest says {}",
+                        map.len(),
+                        m.page_count
+                    ),
+                );
+            }
+            for (vpn, r) in map.iter() {
+                pages
+                    .entry(r.loc)
+                    .or_insert((r.hash, Vec::new()))
+                    .1
+                    .push((id, Vpn(*vpn)));
+            }
+        }
+        // Pages are checked extent by extent: one read, the extent's crc32 (its header and
+        // padding hold no page, but a flip there is damage too), then each page's blake3.
+        let locs: Vec<Location> = pages.keys().copied().collect();
+        let (extents, alone) = self.extents_of(&locs)?;
+        let page_damage = |report: &mut VerifyReport, users: &[(SnapshotId, Vpn)], e: String| {
+            for (id, vpn) in users {
+                report.damage.push(Damage {
+                    snapshot: Some(*id),
+                    vpn: Some(*vpn),
+                    detail: e.clone(),
+                });
+            }
+        };
+        for (ext, in_it) in &extents {
+            let name = seg_name(ext.segment);
+            let mut buf = vec![0u8; ext.len as usize];
+            let read = self.io.read(&name, ext.offset, &mut buf);
+            if read.is_err() || crate::format::decode_record(&buf, Kind::Pages).is_err() {
+                store_damage(
+                    report,
+                    format!(
+                        "{} at offset {}: page extent fails its crc32 (its pages are checked one \
+                         by one)",
+                        self.io.location().join(&name).display(),
+                        ext.offset
+                    ),
+                );
+                for p in in_it {
+                    let (hash, users) = &pages[p];
+                    if let Err(e) = self.read_page_bytes(&crate::format::Ref {
+                        hash: *hash,
+                        loc: *p,
+                    }) {
+                        page_damage(report, users, e.to_string());
+                    }
+                }
+                continue;
+            }
+            for p in in_it {
+                let (hash, users) = &pages[p];
+                let from = (p.offset - ext.offset) as usize;
+                let bytes = &buf[from..from + p.len as usize];
+                if blake3::hash(bytes).as_bytes() != hash {
+                    page_damage(
+                        report,
+                        users,
+                        format!(
+                            "{} at offset {}: page content does not match its blake3 hash",
+                            self.io.location().join(&name).display(),
+                            p.offset
+                        ),
+                    );
+                }
+            }
+        }
+        for p in alone {
+            let (hash, users) = &pages[&p];
+            if let Err(e) = self.read_page_bytes(&crate::format::Ref {
+                hash: *hash,
+                loc: p,
+            }) {
+                page_damage(report, users, e.to_string());
+            }
+        }
+        report.pages_checked = pages.len() as u64;
+        report.nodes_checked = chunks.len() as u64;
+        // Each copy of each commit record back to the checkpoint, on its own.
+        let links = match self.commit_chain() {
+            Ok(l) => l,
+            Err(e) if e.is_corruption() => {
+                store_damage(report, format!("commit log: {e}"));
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        for l in links {
+            for (which, r) in [("first", l.a), ("second", l.b)] {
+                let read = super::read_record(&*self.io, self.segments(), &r.loc(), Kind::Commit)
+                    .and_then(|(_, _, p)| {
+                        if *blake3::hash(&p).as_bytes() == r.hash {
+                            Ok(())
+                        } else {
+                            Err(super::corrupt(
+                                &*self.io,
+                                &seg_name(r.segment),
+                                "commit record",
+                                r.offset,
+                                "blake3 differs from the link to it",
+                            ))
+                        }
+                    });
+                match read {
+                    Ok(()) => {}
+                    Err(e) if e.is_corruption() => {
+                        store_damage(report, format!("commit record ({which} copy): {e}"))
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Recomputes the Merkle hash below `ptr`, checking every record; `Err` describes why the

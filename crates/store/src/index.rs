@@ -1,0 +1,303 @@
+//! Format 3 page maps: a snapshot's index is a chain of *chunks*, each a sorted array of
+//! fixed-size entries (page number, content hash, location), linked newest to oldest. A chain is a
+//! *base* (the whole map, in chunks of ascending, disjoint page ranges) followed by *deltas* (each
+//! snapshot's changes since its parent; a delta entry with no location makes the page zero).
+//! Reading a snapshot applies its chain oldest first. A snapshot that changes D pages writes one
+//! delta of D entries (56 bytes each) and shares everything else with its parent; once the deltas
+//! since the base hold as many entries as the base (or 1,024 deltas), the writer writes a new base
+//! instead, so the chain a read walks stays within twice the map and a changed page costs about
+//! two entries of index in all. See `docs/format.md`.
+//!
+//! The map's *content root* is a multiset hash (the sum, modulo 2^256, of blake3 over each
+//! page number and content hash): it is updated from the changes alone, so equal maps have equal
+//! roots at O(changed) cost per commit, and verify recomputes it from the whole map.
+
+use crate::format::{Dec, Enc, Location, Ref};
+use std::collections::BTreeMap;
+
+/// Bytes of one entry: page number 8, hash 32, location 16.
+pub(crate) const ENTRY_BYTES: usize = 56;
+/// Bytes of a chunk payload before its entries.
+pub(crate) const CHUNK_HEADER: usize = 64;
+/// Entries per chunk at most (a chunk record is then at most ~3.5 MiB).
+pub(crate) const MAX_CHUNK_ENTRIES: usize = 1 << 16;
+/// A new base is written once a chain holds this many deltas.
+pub(crate) const MAX_CHAIN_DELTAS: u32 = 1024;
+/// A chain walk gives up past this many chunks (a damaged store cannot make a read loop).
+pub(crate) const MAX_CHAIN_CHUNKS: usize = 1 << 22;
+
+/// A whole page map: page number to the page's content hash and location.
+pub(crate) type PageMap = BTreeMap<u64, Ref>;
+
+/// Where a chunk record is and the blake3 of its payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct ChunkRef {
+    pub(crate) loc: Location,
+    pub(crate) hash: [u8; 32],
+}
+
+/// A decoded chunk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Chunk {
+    /// Part of a base (no zero entries) rather than a delta.
+    pub(crate) base: bool,
+    /// The chunk before it in the chain (`None`: the first chunk of a base).
+    pub(crate) prev: Option<ChunkRef>,
+    /// Ascending page numbers; `None`: the page becomes zero (deltas only).
+    pub(crate) entries: Vec<(u64, Option<Ref>)>,
+}
+
+impl Chunk {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut e = Enc(Vec::with_capacity(
+            CHUNK_HEADER + self.entries.len() * ENTRY_BYTES,
+        ));
+        e.u8(u8::from(self.base));
+        e.bytes(&[0; 7]);
+        match &self.prev {
+            Some(p) => {
+                e.u8(1);
+                e.loc(&p.loc);
+                e.bytes(&p.hash);
+            }
+            None => {
+                e.u8(0);
+                e.bytes(&[0; 48]);
+            }
+        }
+        e.bytes(&[0; 3]);
+        // Bounded by MAX_CHUNK_ENTRIES.
+        e.u32(u32::try_from(self.entries.len()).unwrap_or(u32::MAX));
+        for (vpn, r) in &self.entries {
+            e.u64(*vpn);
+            match r {
+                Some(r) => {
+                    e.bytes(&r.hash);
+                    e.loc(&r.loc);
+                }
+                None => e.bytes(&[0; 48]),
+            }
+        }
+        e.0
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Chunk, String> {
+        let short = |_| "chunk too short".to_string();
+        let mut d = Dec::new(bytes);
+        let flags = d.u8().map_err(short)?;
+        if flags > 1 || d.take(7).map_err(short)?.iter().any(|b| *b != 0) {
+            return Err("unknown chunk flags".into());
+        }
+        let present = d.u8().map_err(short)?;
+        let loc = d.loc().map_err(short)?;
+        let hash = d.hash().map_err(short)?;
+        let prev = match present {
+            0 => None,
+            1 => Some(ChunkRef { loc, hash }),
+            _ => return Err("bad chunk link".into()),
+        };
+        d.take(3).map_err(short)?;
+        let n = d.u32().map_err(short)? as usize;
+        if n > MAX_CHUNK_ENTRIES || n * ENTRY_BYTES != d.remaining() {
+            return Err(format!("chunk entry count {n} does not match its length"));
+        }
+        let mut entries = Vec::with_capacity(n);
+        let mut last = None;
+        for _ in 0..n {
+            let vpn = d.u64().map_err(short)?;
+            if last.is_some_and(|l| l >= vpn) {
+                return Err("chunk entries out of order".into());
+            }
+            last = Some(vpn);
+            let hash = d.hash().map_err(short)?;
+            let loc = d.loc().map_err(short)?;
+            let r = if loc.len == 0 {
+                if flags == 1 {
+                    return Err("a zero entry in a base chunk".into());
+                }
+                None
+            } else {
+                Some(Ref { hash, loc })
+            };
+            entries.push((vpn, r));
+        }
+        Ok(Chunk {
+            base: flags == 1,
+            prev,
+            entries,
+        })
+    }
+}
+
+/// Applies a chain, given newest first, to an empty map.
+pub(crate) fn apply_chain(chain: &[Chunk]) -> PageMap {
+    let mut map = PageMap::new();
+    for c in chain.iter().rev() {
+        for (vpn, r) in &c.entries {
+            match r {
+                Some(r) => {
+                    map.insert(*vpn, *r);
+                }
+                None => {
+                    map.remove(vpn);
+                }
+            }
+        }
+    }
+    map
+}
+
+/// One map entry's term of the content root.
+fn term(vpn: u64, hash: &[u8; 32]) -> [u64; 4] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"pagesnap map entry");
+    h.update(&vpn.to_le_bytes());
+    h.update(hash);
+    let out = h.finalize();
+    let b = out.as_bytes();
+    let mut w = [0u64; 4];
+    for (i, w) in w.iter_mut().enumerate() {
+        let mut x = [0u8; 8];
+        x.copy_from_slice(&b[i * 8..i * 8 + 8]);
+        *w = u64::from_le_bytes(x);
+    }
+    w
+}
+
+/// A content root under construction (256-bit little-endian sum).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ContentRoot([u64; 4]);
+
+impl ContentRoot {
+    pub(crate) fn from_bytes(b: &[u8; 32]) -> ContentRoot {
+        let mut w = [0u64; 4];
+        for (i, w) in w.iter_mut().enumerate() {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[i * 8..i * 8 + 8]);
+            *w = u64::from_le_bytes(x);
+        }
+        ContentRoot(w)
+    }
+
+    pub(crate) fn to_bytes(self) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        for (i, w) in self.0.iter().enumerate() {
+            b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        b
+    }
+
+    pub(crate) fn add(&mut self, vpn: u64, hash: &[u8; 32]) {
+        let t = term(vpn, hash);
+        let mut carry = false;
+        for (a, b) in self.0.iter_mut().zip(t) {
+            let (s1, c1) = a.overflowing_add(b);
+            let (s2, c2) = s1.overflowing_add(u64::from(carry));
+            *a = s2;
+            carry = c1 || c2;
+        }
+    }
+
+    pub(crate) fn sub(&mut self, vpn: u64, hash: &[u8; 32]) {
+        let t = term(vpn, hash);
+        let mut borrow = false;
+        for (a, b) in self.0.iter_mut().zip(t) {
+            let (s1, c1) = a.overflowing_sub(b);
+            let (s2, c2) = s1.overflowing_sub(u64::from(borrow));
+            *a = s2;
+            borrow = c1 || c2;
+        }
+    }
+
+    /// The root of a whole map.
+    pub(crate) fn of(map: &PageMap) -> ContentRoot {
+        let mut r = ContentRoot::default();
+        for (vpn, x) in map {
+            r.add(*vpn, &x.hash);
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(n: u8) -> Ref {
+        Ref {
+            hash: [n; 32],
+            loc: Location {
+                segment: 1,
+                offset: 64 + u64::from(n) * 4096,
+                len: 4096,
+            },
+        }
+    }
+
+    #[test]
+    fn chunks_round_trip_and_refuse_bad_bytes() {
+        let c = Chunk {
+            base: false,
+            prev: Some(ChunkRef {
+                loc: Location {
+                    segment: 2,
+                    offset: 64,
+                    len: 200,
+                },
+                hash: [9; 32],
+            }),
+            entries: vec![(1, Some(r(1))), (5, None), (7, Some(r(7)))],
+        };
+        let bytes = c.encode();
+        assert_eq!(bytes.len(), CHUNK_HEADER + 3 * ENTRY_BYTES);
+        assert_eq!(Chunk::decode(&bytes), Ok(c.clone()));
+        // Out of order, a zero entry in a base, a wrong count, a truncation: refused.
+        let mut swapped = c.clone();
+        swapped.entries.swap(0, 2);
+        assert!(Chunk::decode(&swapped.encode()).is_err());
+        let base = Chunk { base: true, ..c };
+        assert!(Chunk::decode(&base.encode()).is_err());
+        assert!(Chunk::decode(&bytes[..bytes.len() - 1]).is_err());
+        for cut in 0..CHUNK_HEADER {
+            assert!(Chunk::decode(&bytes[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn chains_apply_oldest_first_and_roots_follow_the_changes() {
+        let base = Chunk {
+            base: true,
+            prev: None,
+            entries: vec![(1, Some(r(1))), (2, Some(r(2))), (3, Some(r(3)))],
+        };
+        let delta = Chunk {
+            base: false,
+            prev: None,
+            entries: vec![(2, None), (3, Some(r(9))), (4, Some(r(4)))],
+        };
+        let map = apply_chain(&[delta, base.clone()]);
+        let keys: Vec<u64> = map.keys().copied().collect();
+        assert_eq!(keys, vec![1, 3, 4]);
+        assert_eq!(map[&3], r(9));
+        // The incremental root equals the root of the whole map.
+        let mut root = ContentRoot::of(&apply_chain(&[base]));
+        root.sub(2, &r(2).hash);
+        root.sub(3, &r(3).hash);
+        root.add(3, &r(9).hash);
+        root.add(4, &r(4).hash);
+        assert_eq!(root, ContentRoot::of(&map));
+        assert_eq!(ContentRoot::from_bytes(&root.to_bytes()), root);
+        assert_ne!(root, ContentRoot::default());
+        // Order does not matter; content does.
+        let mut a = ContentRoot::default();
+        a.add(1, &[1; 32]);
+        a.add(2, &[2; 32]);
+        let mut b = ContentRoot::default();
+        b.add(2, &[2; 32]);
+        b.add(1, &[1; 32]);
+        assert_eq!(a, b);
+        b.sub(1, &[1; 32]);
+        b.add(1, &[3; 32]);
+        assert_ne!(a, b);
+    }
+}

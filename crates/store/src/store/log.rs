@@ -1,0 +1,1320 @@
+//! Format 3: the commit log. How a commit is laid out and made durable with one sync, how open
+//! finds the last commit past the superblock's hint, the catalog the log carries, page maps
+//! (chains of chunks) and page extents. See `docs/format.md` ("Format 3").
+//!
+//! A commit appends, after the committed end of the active segment: its new pages in extents, its
+//! page map chunks (a delta, or a new base), then its commit record twice; then syncs the segment
+//! once. The superblock is written only as a *hint* (every [`HINT_EVERY`] commits or
+//! [`HINT_BYTES`], when a segment is added, when a writer opens, after a failed commit, and by gc
+//! and upgrade, for which it is the commit point). Open reads the hint and scans the log after it:
+//! a commit record counts only if it was written under the hint's generation, names the last
+//! counted commit as its predecessor, and the crc32 of every byte the commit appended before it
+//! matches — so a torn commit (its record landed, some of its pages did not) is not taken, and a
+//! record left over from an abandoned commit (older generation) never is.
+
+use super::commit::{new_segment, now_ms, WRITE_BUFFER};
+use super::{corrupt, io_err, Pending, Store, Writer};
+use crate::catalog::{CommitRecord, Link};
+use crate::error::StoreError;
+use crate::format::{
+    decode_record, encode_record, record_len, seg_name, Kind, Location, Ref, Superblock,
+    MAX_RECORD, REC_HEADER, REC_MAGIC, REC_TRAILER, SEG_HEADER, SLOT_SIZE, SUPERBLOCK_FILE,
+};
+use crate::index::{
+    apply_chain, Chunk, ChunkRef, ContentRoot, PageMap, MAX_CHAIN_CHUNKS, MAX_CHAIN_DELTAS,
+    MAX_CHUNK_ENTRIES,
+};
+use crate::manifest::{ManifestV3, RecordRef, MAX_LABEL};
+use crate::storage::Storage;
+use crate::{CommitReport, SnapshotId, SnapshotInfo, SnapshotMeta};
+use pagesnap_pagetable::{Epoch, Vpn};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io;
+use std::sync::Arc;
+
+/// The superblock hint is rewritten after this many commits...
+pub(crate) const HINT_EVERY: u64 = 256;
+/// ... or once this many bytes were appended since it (bounds open's scan).
+pub(crate) const HINT_BYTES: u64 = 64 << 20;
+/// A catalog checkpoint is written once this many commits (or more than the retained snapshots)
+/// passed since the last one (bounds the walk that lists snapshots).
+const CHECKPOINT_EVERY: u64 = 64;
+/// Page maps kept in memory (the writer's parent, the newest snapshots read).
+const MAP_CACHE: usize = 4;
+
+/// The snapshot catalog of a format 3 store, as the commit log gives it.
+#[derive(Debug, Default)]
+pub(crate) struct Catalog {
+    pub(crate) manifests: BTreeMap<u64, ManifestV3>,
+    /// The last commit's sequence number.
+    pub(crate) seq: u64,
+    /// Commits since the last checkpoint.
+    pub(crate) since_checkpoint: u64,
+    /// What open found wrong with the log (bytes under a commit that fail their crc32, a commit
+    /// record damaged in one copy): damage that verify reports.
+    pub(crate) damage: Vec<String>,
+    /// The catalog could not be read: no snapshot is reachable.
+    pub(crate) unreadable: Option<String>,
+}
+
+/// Page maps recently used, newest last.
+#[derive(Debug, Default)]
+pub(crate) struct MapCache(Vec<(u64, Arc<PageMap>)>);
+
+impl MapCache {
+    fn get(&mut self, id: u64) -> Option<Arc<PageMap>> {
+        let i = self.0.iter().position(|(k, _)| *k == id)?;
+        let e = self.0.remove(i);
+        let m = e.1.clone();
+        self.0.push(e);
+        Some(m)
+    }
+    fn put(&mut self, id: u64, map: Arc<PageMap>) {
+        self.0.retain(|(k, _)| *k != id);
+        if self.0.len() >= MAP_CACHE {
+            self.0.remove(0);
+        }
+        self.0.push((id, map));
+    }
+    fn take(&mut self, id: u64) -> Option<Arc<PageMap>> {
+        let i = self.0.iter().position(|(k, _)| *k == id)?;
+        Some(self.0.remove(i).1)
+    }
+    pub(crate) fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// The writer's format 3 state.
+#[derive(Default)]
+pub(crate) struct LogWriter {
+    /// crc32 of the bytes appended since the last commit (or since the segment began).
+    pub(crate) range_crc: crc32fast::Hasher,
+    /// An extent being filled in the write buffer: where its record starts in `buf`, and pages.
+    pub(crate) extent: Option<(usize, u32)>,
+    /// Commits and bytes since the superblock was last written.
+    pub(crate) since_hint: u64,
+    pub(crate) bytes_since_hint: u64,
+    /// Bytes may have been appended past the committed end by a commit that did not happen: the
+    /// superblock generation must move on before the next commit (records of the abandoned one
+    /// then never count).
+    pub(crate) need_hint: bool,
+    /// Content hash to the place of a stored page, for every page a retained snapshot uses (built
+    /// on first need).
+    pub(crate) dedup: Option<HashMap<[u8; 32], Location>>,
+    /// A commit is being written: if it is still set when the next change begins, that commit
+    /// was abandoned by a panic out of the backend, and its bytes may be on the disk.
+    pub(crate) in_commit: bool,
+    /// gc or an upgrade is copying into segments no superblock lists yet (its own superblock
+    /// write is the commit point): a new segment needs no hint.
+    pub(crate) bulk: bool,
+}
+
+impl std::fmt::Debug for LogWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogWriter")
+            .field("since_hint", &self.since_hint)
+            .field("need_hint", &self.need_hint)
+            .finish()
+    }
+}
+
+pub(super) fn link_of(sb: &Superblock) -> Option<Link> {
+    let (a, b) = (sb.catalog?, sb.catalog_copy?);
+    Some(Link {
+        a: RecordRef::new(a.loc, a.merkle),
+        b: RecordRef::new(b.loc, b.merkle),
+    })
+}
+
+pub(super) fn set_link(sb: &mut Superblock, link: Option<Link>) {
+    use crate::format::NodePtr;
+    sb.catalog = link.map(|l| NodePtr {
+        loc: l.a.loc(),
+        merkle: l.a.hash,
+    });
+    sb.catalog_copy = link.map(|l| NodePtr {
+        loc: l.b.loc(),
+        merkle: l.b.hash,
+    });
+}
+
+/// Reads a record of `kind` at `loc` and checks its crc32 and the blake3 of its payload.
+fn read_checked(
+    io: &dyn Storage,
+    segments: &[u32],
+    loc: &Location,
+    hash: &[u8; 32],
+    kind: Kind,
+) -> Result<Vec<u8>, StoreError> {
+    let (_, _, payload) = super::read_record(io, segments, loc, kind)?;
+    if blake3::hash(&payload).as_bytes() != hash {
+        return Err(corrupt(
+            io,
+            &seg_name(loc.segment),
+            kind.name(),
+            loc.offset,
+            "blake3 differs from the reference to it",
+        ));
+    }
+    Ok(payload)
+}
+
+/// Reads a commit record through its link: copy a, or b past damage (noted in `damage`).
+pub(super) fn read_commit(
+    io: &dyn Storage,
+    segments: &[u32],
+    link: &Link,
+    damage: &mut Vec<String>,
+) -> Result<CommitRecord, StoreError> {
+    let mut first = None;
+    for r in [link.a, link.b] {
+        let got = read_checked(io, segments, &r.loc(), &r.hash, Kind::Commit).and_then(|p| {
+            CommitRecord::from_bytes(&p)
+                .map_err(|e| corrupt(io, &seg_name(r.segment), "commit record", r.offset, e))
+        });
+        match got {
+            Ok(c) => {
+                if let Some(e) = first {
+                    damage.push(format!("commit record (first copy): {e}"));
+                }
+                return Ok(c);
+            }
+            Err(e) if e.is_corruption() => {
+                if first.is_none() {
+                    first = Some(e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(first.unwrap_or(StoreError::Usage("a link with no copy")))
+}
+
+/// Walks the commit chain from `head` back to a checkpoint (or its start): the retained
+/// snapshots' manifests, and the head's sequence number.
+pub(crate) fn load_catalog(
+    io: &dyn Storage,
+    sb: &Superblock,
+    damage: &mut Vec<String>,
+) -> Result<Catalog, StoreError> {
+    let mut cat = Catalog::default();
+    let Some(head) = link_of(sb) else {
+        return Ok(cat);
+    };
+    let mut deleted = BTreeSet::new();
+    let mut link = Some(head);
+    let mut first = true;
+    let mut walked = 0u64;
+    while let Some(l) = link {
+        let rec = read_commit(io, &sb.segments, &l, damage)?;
+        if first {
+            cat.seq = rec.seq;
+            first = false;
+        }
+        walked += 1;
+        if walked > (1 << 24) {
+            return Err(corrupt(
+                io,
+                &seg_name(l.a.segment),
+                "commit record",
+                l.a.offset,
+                "the commit chain does not end",
+            ));
+        }
+        deleted.extend(rec.deleted.iter().copied());
+        if let Some(m) = rec.added {
+            if !deleted.contains(&m.id) {
+                cat.manifests.entry(m.id).or_insert(m);
+            }
+        }
+        if let Some(all) = rec.checkpoint {
+            for m in all {
+                if !deleted.contains(&m.id) {
+                    cat.manifests.entry(m.id).or_insert(m);
+                }
+            }
+            break;
+        }
+        link = rec.prev;
+    }
+    cat.since_checkpoint = walked.saturating_sub(1);
+    Ok(cat)
+}
+
+/// What the scan of the log after the hint found.
+#[derive(Debug, Default)]
+pub(crate) struct Scanned {
+    pub(crate) commits: u64,
+    pub(crate) damage: Vec<String>,
+    pub(crate) discarded: Option<String>,
+}
+
+/// Finds the commits after the superblock's hint and moves `sb` (in memory) to the last one.
+pub(crate) fn scan_log(io: &dyn Storage, sb: &mut Superblock) -> Result<Scanned, StoreError> {
+    let mut out = Scanned::default();
+    let name = seg_name(sb.active_segment);
+    let file_len = io
+        .len(&name)
+        .map_err(io_err(io, &name, "open active segment"))?;
+    let start = sb.active_len;
+    if file_len <= start {
+        return Ok(out);
+    }
+    let window = (file_len - start).min(MAX_SCAN);
+    let mut buf = vec![0u8; usize::try_from(window).unwrap_or(usize::MAX)];
+    io.read(&name, start, &mut buf)
+        .map_err(|e| StoreError::Read {
+            path: io.location().join(&name),
+            what: "commit log",
+            offset: start,
+            len: u32::try_from(window).unwrap_or(u32::MAX),
+            source: e,
+        })?;
+    let mut head = link_of(sb).map(|l| l.a.hash);
+    let mut range_start = 0usize;
+    let mut i = 0usize;
+    // A commit accepted although the bytes under it fail their crc32: it stands only if a later
+    // commit stands on it (then it was whole when that one was written, and this is damage since);
+    // else it is a torn last commit and is dropped. Holds the state before it.
+    let mut unproven: Option<(Superblock, Option<[u8; 32]>, usize, u64)> = None;
+    while i + REC_HEADER + REC_TRAILER <= buf.len() {
+        let Some((rec, len)) = commit_at(&buf, i) else {
+            i += 8;
+            continue;
+        };
+        if rec.hint_gen != sb.generation || rec.prev.map(|l| l.a.hash) != head {
+            i += 8;
+            continue;
+        }
+        let crc_of = |from: usize, to: usize| crc32fast::hash(&buf[from..to]);
+        // Copy a at i (the crc covers up to it), or copy b at i with a damaged copy a before it.
+        let (a_at, whole) = if crc_of(range_start, i) == rec.range_crc {
+            (i, true)
+        } else if i >= range_start + len && crc_of(range_start, i - len) == rec.range_crc {
+            (i - len, true)
+        } else {
+            (i, false)
+        };
+        let rec_hash = record_hash(&buf, i);
+        // If this one is unproven, the state to go back to; a whole one proves the one before.
+        let before = (sb.clone(), head, range_start, out.commits);
+        unproven = (!whole).then_some(before);
+        let at = |off: usize| start + off as u64;
+        let l32 = u32::try_from(len).unwrap_or(u32::MAX);
+        let link = Link {
+            a: RecordRef::new(
+                Location {
+                    segment: sb.active_segment,
+                    offset: at(a_at),
+                    len: l32,
+                },
+                rec_hash,
+            ),
+            b: RecordRef::new(
+                Location {
+                    segment: sb.active_segment,
+                    offset: at(a_at + len),
+                    len: l32,
+                },
+                rec_hash,
+            ),
+        };
+        set_link(sb, Some(link));
+        sb.next_snapshot = rec.next_snapshot;
+        sb.active_len = at(a_at + 2 * len);
+        head = Some(rec_hash);
+        range_start = a_at + 2 * len;
+        i = range_start;
+        out.commits += 1;
+        if !whole {
+            out.damage.push(format!(
+                "{}: bytes under commit {} (offset {}) fail their crc32",
+                io.location().join(&name).display(),
+                rec.seq,
+                at(a_at)
+            ));
+        }
+    }
+    if let Some((old, _, _, commits)) = unproven {
+        // The last commit's bytes are not whole and nothing stands on it: a torn commit (or one
+        // damaged since, which the tail of a log cannot tell apart). Not taken, and said so.
+        out.damage.pop();
+        out.discarded = Some(format!(
+            "{}: the last commit after offset {} (snapshot id {} if it added one) was not taken: \
+             bytes it wrote fail their crc32 — a commit interrupted before its sync finished, \
+             or damage since",
+            io.location().join(&name).display(),
+            old.active_len,
+            old.next_snapshot
+        ));
+        *sb = old;
+        out.commits = commits;
+    }
+    Ok(out)
+}
+
+/// The most bytes open scans after the hint (the hint is rewritten well before).
+const MAX_SCAN: u64 = 2 * HINT_BYTES + (64 << 20);
+
+fn payload_len(buf: &[u8], i: usize) -> usize {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&buf[i + 8..i + 12]);
+    u32::from_le_bytes(b) as usize
+}
+
+fn record_hash(buf: &[u8], i: usize) -> [u8; 32] {
+    let mut h = [0u8; 32];
+    h.copy_from_slice(&buf[i + 24..i + 56]);
+    h
+}
+
+/// A whole, checked commit record at `i` of `buf`, and its length.
+fn commit_at(buf: &[u8], i: usize) -> Option<(CommitRecord, usize)> {
+    if buf[i..i + 4] != REC_MAGIC || buf[i + 4] != Kind::Commit as u8 {
+        return None;
+    }
+    let plen = payload_len(buf, i);
+    let len = record_len(plen);
+    if plen > crate::catalog::MAX_COMMIT_RECORD || i + len > buf.len() {
+        return None;
+    }
+    let rec = decode_record(&buf[i..i + len], Kind::Commit).ok()?;
+    if *blake3::hash(rec.payload).as_bytes() != rec.hash {
+        return None;
+    }
+    let c = CommitRecord::from_bytes(rec.payload).ok()?;
+    Some((c, len))
+}
+
+pub(crate) fn info3(m: &ManifestV3) -> SnapshotInfo {
+    SnapshotInfo {
+        id: SnapshotId(m.id),
+        parent: m.parent.map(SnapshotId),
+        epoch: Epoch(m.epoch),
+        time_unix_ms: m.time_unix_ms,
+        label: m.label.clone(),
+        origin: m.origin.clone(),
+        logical_size: m.logical_size,
+        page_size: m.page_size,
+        page_count: m.page_count,
+        merkle_root: m.content_root,
+        pages_written: m.pages_written,
+        pages_changed: m.pages_changed,
+        data_bytes: m.data_bytes,
+        meta_bytes: m.meta_bytes,
+    }
+}
+
+fn cap(mut s: String) -> String {
+    if s.len() > MAX_LABEL {
+        let mut cut = MAX_LABEL;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+/// The extent's record header, filled in when it is sealed.
+const EXTENT_HEADER: usize = REC_HEADER;
+
+impl Store {
+    pub(super) fn is_log(&self) -> bool {
+        self.sb.version >= 3
+    }
+
+    pub(super) fn log_writer(&mut self) -> Result<&mut Writer, StoreError> {
+        let w = self.writer.as_mut().ok_or(StoreError::ReadOnly)?;
+        if w.in_doubt {
+            return Err(StoreError::InDoubt {
+                path: self.io.location().into(),
+            });
+        }
+        Ok(w)
+    }
+
+    /// A format 3 manifest.
+    pub(super) fn manifest3(&self, id: SnapshotId) -> Result<&ManifestV3, StoreError> {
+        if let Some(e) = &self.catalog.unreadable {
+            return Err(StoreError::Corrupt {
+                path: self.io.location().into(),
+                what: "commit log",
+                offset: 0,
+                detail: e.clone(),
+            });
+        }
+        self.catalog
+            .manifests
+            .get(&id.0)
+            .ok_or(StoreError::UnknownSnapshot(id))
+    }
+
+    pub(super) fn segments(&self) -> &[u32] {
+        match &self.writer {
+            Some(w) => &w.segments,
+            None => &self.sb.segments,
+        }
+    }
+
+    /// Reads and checks one chunk.
+    pub(super) fn read_chunk(&self, r: &ChunkRef) -> Result<Chunk, StoreError> {
+        let payload = read_checked(&*self.io, self.segments(), &r.loc, &r.hash, Kind::Chunk)?;
+        Chunk::decode(&payload).map_err(|e| {
+            corrupt(
+                &*self.io,
+                &seg_name(r.loc.segment),
+                "page map chunk",
+                r.loc.offset,
+                e,
+            )
+        })
+    }
+
+    /// The chain of a page map, newest first, with each chunk's reference.
+    pub(super) fn chain(
+        &self,
+        head: Option<ChunkRef>,
+    ) -> Result<Vec<(ChunkRef, Chunk)>, StoreError> {
+        let mut out = Vec::new();
+        let mut next = head;
+        while let Some(r) = next {
+            if out.len() >= MAX_CHAIN_CHUNKS {
+                return Err(corrupt(
+                    &*self.io,
+                    &seg_name(r.loc.segment),
+                    "page map chunk",
+                    r.loc.offset,
+                    "the chain does not end",
+                ));
+            }
+            let c = self.read_chunk(&r)?;
+            next = c.prev;
+            out.push((r, c));
+        }
+        Ok(out)
+    }
+
+    /// Snapshot `id`'s whole page map (cached).
+    pub(super) fn page_map(&self, id: SnapshotId) -> Result<Arc<PageMap>, StoreError> {
+        if let Some(m) = self
+            .maps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id.0)
+        {
+            return Ok(m);
+        }
+        let head = self.manifest3(id)?.index.map(|r| r.chunk());
+        let chain: Vec<Chunk> = self.chain(head)?.into_iter().map(|(_, c)| c).collect();
+        let map = Arc::new(apply_chain(&chain));
+        self.maps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(id.0, map.clone());
+        Ok(map)
+    }
+
+    /// A page's bytes from a format 3 extent, checked against its blake3.
+    pub(super) fn read_page_bytes(&self, r: &Ref) -> Result<Vec<u8>, StoreError> {
+        let io = &*self.io;
+        let name = seg_name(r.loc.segment);
+        if self.segments().binary_search(&r.loc.segment).is_err()
+            || u64::from(r.loc.len) > MAX_RECORD
+            || r.loc.offset < SEG_HEADER
+        {
+            return Err(corrupt(
+                io,
+                &name,
+                "page",
+                r.loc.offset,
+                "implausible page location",
+            ));
+        }
+        let mut buf = vec![0u8; r.loc.len as usize];
+        io.read(&name, r.loc.offset, &mut buf).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                corrupt(
+                    io,
+                    &name,
+                    "page",
+                    r.loc.offset,
+                    "points past the end of the segment",
+                )
+            } else {
+                StoreError::Read {
+                    path: io.location().join(&name),
+                    what: "page",
+                    offset: r.loc.offset,
+                    len: r.loc.len,
+                    source: e,
+                }
+            }
+        })?;
+        if blake3::hash(&buf).as_bytes() != &r.hash {
+            return Err(corrupt(
+                io,
+                &name,
+                "page",
+                r.loc.offset,
+                "content does not match its blake3 hash",
+            ));
+        }
+        Ok(buf)
+    }
+
+    // ---- writing ----------------------------------------------------------------------------
+
+    /// Writes a superblock hint: the committed state (as the log holds it), at the next
+    /// generation, naming the active segment and where the scan starts (the writer's position:
+    /// the committed end between commits, the start of a new segment inside one). Segments
+    /// written so far are synced first. A hint changes no committed state, so one slot that
+    /// cannot be written (a bad sector) does not stop the writer: the other holds the hint, and
+    /// the lost redundancy is retried before the next change. Both failing leaves the writer in
+    /// doubt (the generation must move on before records past the committed end are reused).
+    pub(super) fn publish_hint(&mut self) -> Result<(), StoreError> {
+        let io = self.io.clone();
+        let mut sb = self.sb.clone();
+        let w = self.writer.as_mut().ok_or(StoreError::ReadOnly)?;
+        super::commit::flush_buffer(&*io, w)?;
+        for id in &w.touched {
+            let name = seg_name(*id);
+            io.sync_data(&name)
+                .map_err(io_err(&*io, &name, "sync segment"))?;
+        }
+        if w.dir_dirty {
+            io.sync_dir()
+                .map_err(io_err(&*io, "", "sync store directory"))?;
+        }
+        sb.generation += 1;
+        sb.active_segment = w.seg;
+        sb.active_len = w.off;
+        sb.segments = w.segments.clone();
+        sb.segments.sort_unstable();
+        sb.segment_bytes = self.opts.segment_bytes;
+        let bytes = sb.encode();
+        let first = (sb.generation % 2) * SLOT_SIZE as u64;
+        w.in_doubt = true;
+        let mut results = Vec::with_capacity(2);
+        for at in [first, SLOT_SIZE as u64 - first] {
+            results.push(
+                io.write(SUPERBLOCK_FILE, at, &bytes)
+                    .map_err(io_err(&*io, SUPERBLOCK_FILE, "write superblock"))
+                    .and_then(|_| {
+                        io.sync(SUPERBLOCK_FILE).map_err(io_err(
+                            &*io,
+                            SUPERBLOCK_FILE,
+                            "sync superblock",
+                        ))
+                    }),
+            );
+        }
+        let ok = results.iter().filter(|r| r.is_ok()).count();
+        if ok == 0 {
+            // Which slot holds what is unknown: the writer stays in doubt.
+            return match results.into_iter().next() {
+                Some(Err(e)) => Err(e),
+                _ => Err(StoreError::InDoubt {
+                    path: io.location().into(),
+                }),
+            };
+        }
+        w.in_doubt = false;
+        w.degraded = ok < 2;
+        w.touched.clear();
+        w.created.clear();
+        w.dir_dirty = false;
+        self.sb = sb;
+        Ok(())
+    }
+
+    /// Writes the superblock hint now (the committed state, generation + 1).
+    pub(super) fn write_hint(&mut self) -> Result<(), StoreError> {
+        self.publish_hint()?;
+        if let Some(w) = self.writer.as_mut() {
+            w.log.since_hint = 0;
+            w.log.bytes_since_hint = 0;
+            w.log.need_hint = false;
+            w.log.range_crc = crc32fast::Hasher::new();
+        }
+        Ok(())
+    }
+
+    /// Before a change: a hint if one is owed (a failed commit, a failed hint) or if a commit
+    /// was abandoned by a panic.
+    fn hint_if_owed(&mut self) -> Result<(), StoreError> {
+        if self
+            .writer
+            .as_ref()
+            .is_some_and(|w| w.log.need_hint || w.log.in_commit)
+        {
+            self.write_hint()?;
+            if let Some(w) = self.writer.as_mut() {
+                w.log.in_commit = false;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn begin3(&mut self, parent: Option<SnapshotId>) -> Result<(), StoreError> {
+        self.hint_if_owed()?;
+        let map = match parent {
+            Some(p) => Some(self.page_map(p)?),
+            None => None,
+        };
+        let w = self.log_writer()?;
+        w.pending = Some(Pending {
+            parent,
+            base_root: None,
+            base_count: 0,
+            changes: BTreeMap::new(),
+            fresh: HashMap::new(),
+            pages_written: 0,
+            changed: 0,
+            map,
+        });
+        w.data_appended = 0;
+        w.meta_appended = 0;
+        Ok(())
+    }
+
+    /// Every page a retained snapshot uses, by content (built once, kept up to date by commits).
+    fn ensure_dedup(&mut self) -> Result<(), StoreError> {
+        if self.writer.as_ref().is_some_and(|w| w.log.dedup.is_some()) {
+            return Ok(());
+        }
+        let mut dedup = HashMap::new();
+        let mut seen: BTreeSet<Location> = BTreeSet::new();
+        let heads: Vec<Option<ChunkRef>> = self
+            .catalog
+            .manifests
+            .values()
+            .map(|m| m.index.map(|r| r.chunk()))
+            .collect();
+        for head in heads {
+            let mut next = head;
+            while let Some(r) = next {
+                if !seen.insert(r.loc) {
+                    break; // the rest of this chain was read with another snapshot
+                }
+                let c = self.read_chunk(&r)?;
+                for (_, e) in &c.entries {
+                    if let Some(e) = e {
+                        dedup.entry(e.hash).or_insert(e.loc);
+                    }
+                }
+                next = c.prev;
+            }
+        }
+        if let Some(w) = self.writer.as_mut() {
+            w.log.dedup = Some(dedup);
+        }
+        Ok(())
+    }
+
+    pub(super) fn put3(&mut self, vpn: Vpn, data: &[u8], hash: [u8; 32]) -> Result<(), StoreError> {
+        let fresh = self
+            .log_writer()?
+            .pending
+            .as_ref()
+            .ok_or(StoreError::Usage("put without begin"))?
+            .fresh
+            .get(&hash)
+            .copied();
+        let r = match fresh {
+            Some(r) => r,
+            None => {
+                self.ensure_dedup()?;
+                let known = self
+                    .writer
+                    .as_ref()
+                    .and_then(|w| w.log.dedup.as_ref())
+                    .and_then(|d| d.get(&hash))
+                    .copied();
+                let reuse = match known {
+                    // Reuse stored content only after reading it back intact: a damaged page
+                    // must not be linked into a new snapshot (a fresh copy is written instead).
+                    Some(loc) => {
+                        let r = Ref { hash, loc };
+                        match self.read_page_bytes(&r) {
+                            Ok(b) if b == data => Some(r),
+                            Ok(_) => None,
+                            Err(e) if e.is_corruption() => None,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    None => None,
+                };
+                match reuse {
+                    Some(r) => r,
+                    None => {
+                        let loc = self.append_page(data)?;
+                        let r = Ref { hash, loc };
+                        let w = self.log_writer()?;
+                        let p = w
+                            .pending
+                            .as_mut()
+                            .ok_or(StoreError::Usage("put without begin"))?;
+                        p.fresh.insert(hash, r);
+                        p.pages_written += 1;
+                        r
+                    }
+                }
+            }
+        };
+        let w = self.log_writer()?;
+        let p = w
+            .pending
+            .as_mut()
+            .ok_or(StoreError::Usage("put without begin"))?;
+        p.changes.insert(vpn.0, Some(r));
+        Ok(())
+    }
+
+    /// Room for `len` bytes in the active segment: a new segment (and a hint naming it) if the
+    /// active one is full, the file grown if it is too short.
+    fn reserve3(&mut self, len: u64) -> Result<(), StoreError> {
+        self.reserve3_in(len, true)
+    }
+
+    /// [`Store::reserve3`]; with `roll` false, in the active segment whatever its size (the
+    /// second copy of a commit record goes right after the first).
+    fn reserve3_in(&mut self, len: u64, roll: bool) -> Result<(), StoreError> {
+        let io = self.io.clone();
+        let opts = self.opts;
+        let roll = roll && {
+            let w = self.log_writer()?;
+            w.off + len > opts.segment_bytes && w.off > SEG_HEADER
+        };
+        if roll {
+            self.seal_extent()?;
+            let w = self.log_writer()?;
+            super::commit::flush_buffer(&*io, w)?;
+            let name = seg_name(w.seg);
+            io.set_len(&name, w.off)
+                .map_err(io_err(&*io, &name, "trim segment"))?;
+            w.touched.insert(w.seg);
+            new_segment(&*io, &opts, w, 3)?;
+            if !w.log.bulk {
+                // The scan after a crash must know the new segment: a hint names it (the
+                // committed state is unchanged; the bytes of this commit so far are synced by it).
+                self.publish_hint()?;
+                let w = self.log_writer()?;
+                w.log.range_crc = crc32fast::Hasher::new();
+                w.log.since_hint = 0;
+                w.log.bytes_since_hint = 0;
+            }
+        }
+        let w = self.log_writer()?;
+        if w.off + len > w.cap {
+            let name = seg_name(w.seg);
+            let cap = (w.cap + opts.preallocate)
+                .max(w.off + len)
+                .min(opts.segment_bytes.max(w.off + len));
+            io.set_len(&name, cap)
+                .map_err(io_err(&*io, &name, "grow segment"))?;
+            w.cap = cap;
+        }
+        Ok(())
+    }
+
+    /// Appends a whole record (not a page) and returns where it is.
+    pub(super) fn append3(
+        &mut self,
+        kind: Kind,
+        key: u64,
+        hash: &[u8; 32],
+        payload: &[u8],
+    ) -> Result<Location, StoreError> {
+        self.append3_in(kind, key, hash, payload, true)
+    }
+
+    /// [`Store::append3`]; with `roll` false, in the active segment whatever its size.
+    pub(super) fn append3_in(
+        &mut self,
+        kind: Kind,
+        key: u64,
+        hash: &[u8; 32],
+        payload: &[u8],
+        roll: bool,
+    ) -> Result<Location, StoreError> {
+        self.seal_extent()?;
+        let rec = encode_record(kind, key, hash, payload);
+        self.reserve3_in(rec.len() as u64, roll)?;
+        let io = self.io.clone();
+        let w = self.log_writer()?;
+        let loc = Location {
+            segment: w.seg,
+            offset: w.off,
+            len: u32::try_from(rec.len()).unwrap_or(u32::MAX),
+        };
+        w.log.range_crc.update(&rec);
+        w.buf.extend_from_slice(&rec);
+        w.off += rec.len() as u64;
+        w.log.bytes_since_hint += rec.len() as u64;
+        w.meta_appended += rec.len() as u64;
+        w.touched.insert(w.seg);
+        if w.buf.len() >= WRITE_BUFFER {
+            super::commit::flush_buffer(&*io, w)?;
+        }
+        Ok(loc)
+    }
+
+    /// Pages an extent holds at most: a write buffer's worth, and no more than fit a segment.
+    fn extent_pages(&self) -> u32 {
+        let page = u64::from(self.sb.page_size);
+        let room = self.opts.segment_bytes.saturating_sub(SEG_HEADER + 64) / page;
+        let n = (WRITE_BUFFER as u64 / page).min(room).max(1);
+        u32::try_from(n).unwrap_or(1)
+    }
+
+    /// Appends one page to the open extent (opening one if needed); its place.
+    pub(super) fn append_page(&mut self, data: &[u8]) -> Result<Location, StoreError> {
+        let page = data.len() as u64;
+        let limit = self.extent_pages();
+        let segment_bytes = self.opts.segment_bytes;
+        // The extent's end after this page (its crc and padding included), if one is open.
+        let grown = self.writer.as_ref().and_then(|w| {
+            w.log
+                .extent
+                .map(|(at, n)| (n, w.off + (w.buf.len() - at) as u64 + page + 8))
+        });
+        if let Some((n, end)) = grown {
+            if n >= limit || (end > segment_bytes && n > 0) {
+                self.seal_extent()?;
+            }
+        }
+        if self.writer.as_ref().is_some_and(|w| w.log.extent.is_none()) {
+            self.reserve3(record_len(page as usize) as u64)?;
+            let w = self.log_writer()?;
+            let at = w.buf.len();
+            w.buf.resize(at + EXTENT_HEADER, 0);
+            w.log.extent = Some((at, 0));
+        }
+        let io = self.io.clone();
+        let preallocate = self.opts.preallocate;
+        let w = self.log_writer()?;
+        let Some((at, n)) = w.log.extent else {
+            return Err(StoreError::Usage("no extent"));
+        };
+        let end = w.off + (w.buf.len() - at) as u64 + page + 8;
+        if end > w.cap {
+            let name = seg_name(w.seg);
+            let cap = (w.cap + preallocate).max(end).min(segment_bytes.max(end));
+            io.set_len(&name, cap)
+                .map_err(io_err(&*io, &name, "grow segment"))?;
+            w.cap = cap;
+        }
+        // Until the extent is sealed, `w.off` is where its record starts (byte `at` of `buf`).
+        let loc = Location {
+            segment: w.seg,
+            offset: w.off + (w.buf.len() - at) as u64,
+            len: u32::try_from(page).unwrap_or(u32::MAX),
+        };
+        w.buf.extend_from_slice(data);
+        w.log.extent = Some((at, n + 1));
+        w.data_appended += page;
+        Ok(loc)
+    }
+
+    /// Closes the open extent: fills in its header, appends its crc32 and padding.
+    pub(super) fn seal_extent(&mut self) -> Result<(), StoreError> {
+        let Some(w) = self.writer.as_mut() else {
+            return Ok(());
+        };
+        let Some((at, n)) = w.log.extent.take() else {
+            return Ok(());
+        };
+        let plen = w.buf.len() - at - EXTENT_HEADER;
+        let mut head = Vec::with_capacity(EXTENT_HEADER);
+        head.extend_from_slice(&REC_MAGIC);
+        head.push(Kind::Pages as u8);
+        head.extend_from_slice(&[0; 3]);
+        head.extend_from_slice(&u32::try_from(plen).unwrap_or(u32::MAX).to_le_bytes());
+        head.extend_from_slice(&0u32.to_le_bytes());
+        head.extend_from_slice(&u64::from(n).to_le_bytes());
+        head.extend_from_slice(&[0; 32]);
+        w.buf[at..at + EXTENT_HEADER].copy_from_slice(&head);
+        let crc = crc32fast::hash(&w.buf[at..]);
+        w.buf.extend_from_slice(&crc.to_le_bytes());
+        let total = record_len(plen);
+        w.buf.resize(at + total, 0);
+        w.log.range_crc.update(&w.buf[at..]);
+        w.off += total as u64;
+        w.log.bytes_since_hint += total as u64;
+        w.meta_appended += (total - plen) as u64;
+        w.touched.insert(w.seg);
+        if w.buf.len() >= WRITE_BUFFER {
+            let io = self.io.clone();
+            let w = self.log_writer()?;
+            super::commit::flush_buffer(&*io, w)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `entries` (ascending) as chunks after `prev`; the newest chunk.
+    pub(super) fn write_chunks(
+        &mut self,
+        base: bool,
+        mut prev: Option<ChunkRef>,
+        entries: &[(u64, Option<Ref>)],
+    ) -> Result<Option<ChunkRef>, StoreError> {
+        for part in entries.chunks(MAX_CHUNK_ENTRIES) {
+            let chunk = Chunk {
+                base,
+                prev,
+                entries: part.to_vec(),
+            };
+            let bytes = chunk.encode();
+            let hash = *blake3::hash(&bytes).as_bytes();
+            let loc = self.append3(Kind::Chunk, part.len() as u64, &hash, &bytes)?;
+            prev = Some(ChunkRef { loc, hash });
+        }
+        Ok(prev)
+    }
+
+    /// Appends the commit record (twice), syncs, and moves the committed state to it.
+    fn write_commit(&mut self, mut rec: CommitRecord) -> Result<Link, StoreError> {
+        self.log_writer()?.log.in_commit = true;
+        rec.hint_gen = self.sb.generation;
+        rec.seq = self.catalog.seq + 1;
+        rec.prev = link_of(&self.sb);
+        self.seal_extent()?;
+        // The record's length does not depend on the integers in it (rkyv lays them out fixed),
+        // so it is known before they are filled in.
+        let len = record_len(rec.to_bytes().len()) as u64;
+        // Both copies in one segment, back to back (a segment change here writes a hint, so
+        // the generation and the crc are read after it).
+        self.reserve3(2 * len)?;
+        rec.hint_gen = self.sb.generation;
+        let w = self.log_writer()?;
+        rec.range_crc = w.log.range_crc.clone().finalize();
+        // meta_bytes counts both copies of the record itself.
+        let (data, meta) = (w.data_appended, w.meta_appended + 2 * len);
+        if let Some(m) = rec.added.as_mut() {
+            m.meta_bytes = meta;
+            m.data_bytes = data;
+        }
+        let bytes = rec.to_bytes();
+        let hash = *blake3::hash(&bytes).as_bytes();
+        let a = self.append3_in(Kind::Commit, rec.seq, &hash, &bytes, false)?;
+        let b = self.append3_in(Kind::Commit, rec.seq, &hash, &bytes, false)?;
+        let io = self.io.clone();
+        let w = self.log_writer()?;
+        super::commit::flush_buffer(&*io, w)?;
+        // One sync: the segment (normally one file; more if this commit filled a segment).
+        for id in &w.touched {
+            let name = seg_name(*id);
+            io.sync_data(&name)
+                .map_err(io_err(&*io, &name, "sync segment"))?;
+        }
+        if w.dir_dirty {
+            io.sync_dir()
+                .map_err(io_err(&*io, "", "sync store directory"))?;
+            w.dir_dirty = false;
+        }
+        w.touched.clear();
+        w.created.clear();
+        w.log.range_crc = crc32fast::Hasher::new();
+        w.log.since_hint += 1;
+        w.log.in_commit = false;
+        let link = Link {
+            a: RecordRef::new(a, hash),
+            b: RecordRef::new(b, hash),
+        };
+        let (seg, off) = (w.seg, w.off);
+        set_link(&mut self.sb, Some(link));
+        self.sb.active_segment = seg;
+        self.sb.active_len = off;
+        self.sb.next_snapshot = rec.next_snapshot;
+        self.catalog.seq = rec.seq;
+        self.catalog.since_checkpoint = if rec.checkpoint.is_some() {
+            0
+        } else {
+            self.catalog.since_checkpoint + 1
+        };
+        for id in &rec.deleted {
+            self.catalog.manifests.remove(id);
+        }
+        if let Some(m) = rec.added {
+            self.catalog.manifests.insert(m.id, m);
+        }
+        Ok(link)
+    }
+
+    fn checkpoint_due(&self) -> bool {
+        self.catalog.since_checkpoint + 1
+            >= CHECKPOINT_EVERY.max(self.catalog.manifests.len() as u64)
+    }
+
+    /// After a commit: the hint, when due. The commit stands whatever happens here.
+    fn after_commit(&mut self) {
+        let due = self.writer.as_ref().is_some_and(|w| {
+            w.log.since_hint >= HINT_EVERY || w.log.bytes_since_hint >= HINT_BYTES
+        });
+        if due && self.write_hint().is_err() {
+            if let Some(w) = self.writer.as_mut() {
+                w.log.need_hint = true;
+            }
+        }
+    }
+
+    /// After a failed commit (whose bytes may be on the disk, its record too): back to the
+    /// committed state, then a hint at a new generation so that nothing it wrote can ever count.
+    /// If the hint cannot be written, the writer is in doubt (see `recover_in_doubt`).
+    pub(super) fn abandon3(&mut self) {
+        self.rollback();
+        if let Some(w) = self.writer.as_mut() {
+            w.log = LogWriter {
+                dedup: w.log.dedup.take(),
+                ..LogWriter::default()
+            };
+            w.log.need_hint = true;
+        }
+        if self.writer.as_ref().is_some_and(|w| !w.in_doubt) && self.write_hint().is_err() {
+            if let Some(w) = self.writer.as_mut() {
+                w.in_doubt = true;
+            }
+        }
+    }
+
+    pub(super) fn commit3(&mut self, meta: SnapshotMeta) -> Result<CommitReport, StoreError> {
+        let result = self.commit3_inner(meta);
+        match result {
+            Ok((report, map, fresh)) => {
+                // Only now, with the commit durable: the caches learn it.
+                if let Some(w) = self.writer.as_mut() {
+                    if let Some(d) = w.log.dedup.as_mut() {
+                        // A page is written only when no intact copy was found: it replaces a
+                        // damaged one in the map.
+                        for r in fresh {
+                            d.insert(r.hash, r.loc);
+                        }
+                    }
+                }
+                self.maps
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .put(report.id.0, map);
+                self.after_commit();
+                Ok(report)
+            }
+            Err(e) => {
+                self.abandon3();
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn commit3_inner(
+        &mut self,
+        meta: SnapshotMeta,
+    ) -> Result<(CommitReport, Arc<PageMap>, Vec<Ref>), StoreError> {
+        let page_size = self.sb.page_size;
+        let pending = self
+            .log_writer()?
+            .pending
+            .take()
+            .ok_or(StoreError::Usage("commit without begin"))?;
+        let parent_m = match pending.parent {
+            Some(p) => Some(self.manifest3(p)?.clone()),
+            None => None,
+        };
+        let empty = Arc::new(PageMap::new());
+        let parent_map = pending.map.clone().unwrap_or(empty);
+        // Changes that leave a page as it was are dropped.
+        let mut delta: Vec<(u64, Option<Ref>)> = Vec::with_capacity(pending.changes.len());
+        let mut root =
+            ContentRoot::from_bytes(&parent_m.as_ref().map(|m| m.content_root).unwrap_or([0; 32]));
+        let mut count = parent_m.as_ref().map_or(0, |m| m.page_count);
+        for (k, v) in &pending.changes {
+            let old = parent_map.get(k);
+            if old.map(|r| r.hash) == v.map(|r| r.hash) {
+                continue;
+            }
+            if let Some(o) = old {
+                root.sub(*k, &o.hash);
+                count -= 1;
+            }
+            if let Some(n) = v {
+                root.add(*k, &n.hash);
+                count += 1;
+            }
+            delta.push((*k, *v));
+        }
+        // The new map: the parent's, changed in place when nobody else holds it.
+        drop(pending.map);
+        let mut map = match pending.parent {
+            Some(p) => self
+                .maps
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(p.0)
+                .unwrap_or(parent_map),
+            None => parent_map,
+        };
+        let map_mut = Arc::make_mut(&mut map);
+        let (mut base_entries, mut chain_entries, mut chain_deltas, parent_head) = match &parent_m {
+            Some(m) => (
+                m.base_entries,
+                m.chain_entries,
+                m.chain_deltas,
+                m.index.map(|r| r.chunk()),
+            ),
+            None => (0, 0, 0, None),
+        };
+        let apply = |map: &mut PageMap| {
+            for (k, v) in &delta {
+                match v {
+                    Some(r) => {
+                        map.insert(*k, *r);
+                    }
+                    None => {
+                        map.remove(k);
+                    }
+                }
+            }
+        };
+        // If writing fails below, the map must go back to the parent's: kept aside as changes.
+        let undo: Vec<(u64, Option<Ref>)> = delta
+            .iter()
+            .map(|(k, _)| (*k, map_mut.get(k).copied()))
+            .collect();
+        apply(map_mut);
+        let result = (|| {
+            let head = if delta.is_empty() {
+                parent_head
+            } else if parent_head.is_none()
+                || chain_entries + delta.len() as u64 > base_entries
+                || chain_deltas >= MAX_CHAIN_DELTAS
+            {
+                let all: Vec<(u64, Option<Ref>)> =
+                    map_mut.iter().map(|(k, r)| (*k, Some(*r))).collect();
+                base_entries = all.len() as u64;
+                chain_entries = 0;
+                chain_deltas = 0;
+                self.write_chunks(true, None, &all)?
+            } else {
+                chain_entries += delta.len() as u64;
+                chain_deltas += 1;
+                self.write_chunks(false, parent_head, &delta)?
+            };
+            let id = self.sb.next_snapshot;
+            let manifest = ManifestV3 {
+                id,
+                parent: pending.parent.map(|p| p.0),
+                epoch: meta.epoch.0,
+                time_unix_ms: meta.time_unix_ms.unwrap_or_else(now_ms),
+                label: meta.label.clone().map(cap),
+                origin: meta.origin.clone().map(cap),
+                logical_size: meta.logical_size,
+                page_size,
+                page_count: count,
+                content_root: root.to_bytes(),
+                index: head.map(|h| RecordRef::new(h.loc, h.hash)),
+                base_entries,
+                chain_entries,
+                chain_deltas,
+                pages_written: pending.pages_written,
+                pages_changed: delta.len() as u64,
+                data_bytes: 0,
+                meta_bytes: 0,
+            };
+            let checkpoint = self.checkpoint_due().then(|| {
+                let mut all: Vec<ManifestV3> = self.catalog.manifests.values().cloned().collect();
+                all.push(manifest.clone());
+                all
+            });
+            let rec = CommitRecord {
+                hint_gen: 0,
+                seq: 0,
+                range_crc: 0,
+                prev: None,
+                next_snapshot: id + 1,
+                added: Some(manifest),
+                deleted: Vec::new(),
+                checkpoint,
+            };
+            self.write_commit(rec)?;
+            let m = self.manifest3(SnapshotId(id))?;
+            Ok(CommitReport {
+                id: SnapshotId(id),
+                pages_written: m.pages_written,
+                pages_changed: m.pages_changed,
+                page_count: m.page_count,
+                data_bytes: m.data_bytes,
+                meta_bytes: m.meta_bytes,
+                merkle_root: m.content_root,
+            })
+        })();
+        match result {
+            Ok(report) => Ok((report, map, pending.fresh.into_values().collect())),
+            Err(e) => {
+                // The parent's map, as it was, back into the cache.
+                let m = Arc::make_mut(&mut map);
+                for (k, v) in undo {
+                    match v {
+                        Some(r) => {
+                            m.insert(k, r);
+                        }
+                        None => {
+                            m.remove(&k);
+                        }
+                    }
+                }
+                if let Some(p) = pending.parent {
+                    self.maps
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .put(p.0, map);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub(super) fn delete3(&mut self, ids: &[SnapshotId]) -> Result<(), StoreError> {
+        self.hint_if_owed()?;
+        let mut deleted: Vec<u64> = ids.iter().map(|i| i.0).collect();
+        deleted.sort_unstable();
+        deleted.dedup();
+        let checkpoint = self.checkpoint_due().then(|| {
+            self.catalog
+                .manifests
+                .values()
+                .filter(|m| deleted.binary_search(&m.id).is_err())
+                .cloned()
+                .collect()
+        });
+        let rec = CommitRecord {
+            hint_gen: 0,
+            seq: 0,
+            range_crc: 0,
+            prev: None,
+            next_snapshot: self.sb.next_snapshot,
+            added: None,
+            deleted,
+            checkpoint,
+        };
+        let w = self.log_writer()?;
+        w.data_appended = 0;
+        w.meta_appended = 0;
+        match self.write_commit(rec) {
+            Ok(_) => {
+                let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+                for id in ids {
+                    maps.take(id.0);
+                }
+                drop(maps);
+                self.after_commit();
+                Ok(())
+            }
+            Err(e) => {
+                self.abandon3();
+                Err(e)
+            }
+        }
+    }
+}
