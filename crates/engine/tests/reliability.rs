@@ -137,7 +137,7 @@ fn a_panic_in_the_snapshot_writer_is_an_error_and_the_space_stays_usable() {
     fill(&space, 0..32, 2);
 
     // A panic mid-commit: the store's writes happen when the commit flushes its buffer.
-    io.panic_on_write(2);
+    io.panic_on_write(1);
     let s = space.clone();
     let err = within("the panicking snapshot", move || s.snapshot()).expect_err("panicked");
     assert!(

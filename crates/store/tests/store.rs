@@ -467,10 +467,15 @@ fn a_damaged_last_commit_is_not_taken_and_open_says_so() {
         })
         .expect("walk");
     let loc = loc.expect("page 2");
+    // The machine stops here (a clean close would write a hint past the commit, and damage to
+    // it would then be page damage like any other: see the test above).
+    let crashed = Arc::new(io.crash_image(0));
     drop(store);
-    io.flip_bit(&format!("seg-{:08}.pss", loc.segment), loc.offset + 9, 1)
+    crashed
+        .flip_bit(&format!("seg-{:08}.pss", loc.segment), loc.offset + 9, 1)
         .expect("flip");
-    let (store, report) = Store::open_with(io, Mode::Read, StoreOptions::default()).expect("open");
+    let (store, report) =
+        Store::open_with(crashed, Mode::Read, StoreOptions::default()).expect("open");
     assert_eq!(store.snapshot_ids().expect("ids"), vec![s1.id]);
     let note = report.discarded_tail.expect("said so");
     assert!(

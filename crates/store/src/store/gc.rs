@@ -379,7 +379,7 @@ mod log_space {
 
         /// [`Store::live_records`] for format 3: commit records back to the checkpoint, the
         /// chunks of every retained snapshot's chain, and the extents holding a page one of
-        /// those maps names.
+        /// those maps names (with the bytes of that extent that are live).
         pub(in crate::store) fn live_records3(
             &self,
         ) -> Result<BTreeMap<Location, u64>, StoreError> {
@@ -389,6 +389,8 @@ mod log_space {
                     live.insert(r.loc(), u64::from(r.len));
                 }
             }
+            // Pages a retained snapshot's map names (not every entry of its chain: an entry a
+            // later delta replaced names a page gc does not copy).
             let mut pages: Vec<Location> = Vec::new();
             let mut seen = HashSet::new();
             for m in self.catalog.manifests.values() {
@@ -398,16 +400,19 @@ mod log_space {
                         break;
                     }
                     live.insert(r.loc, u64::from(r.loc.len));
-                    let c = self.read_chunk(&r)?;
-                    pages.extend(c.entries.iter().filter_map(|(_, e)| e.map(|e| e.loc)));
-                    next = c.prev;
+                    next = self.read_chunk(&r)?.prev;
                 }
+                pages.extend(self.page_map(SnapshotId(m.id))?.values().map(|r| r.loc));
             }
             pages.sort_unstable();
             pages.dedup();
             let (extents, alone) = self.extents_of(&pages)?;
-            for e in extents.keys() {
-                live.insert(*e, u64::from(e.len));
+            // An extent counts its header and the pages something names (gc copies those).
+            let page = u64::from(self.sb.page_size);
+            for (e, in_it) in &extents {
+                let total = (u64::from(e.len).saturating_sub(64)) / page;
+                let dead = total.saturating_sub(in_it.len() as u64);
+                live.insert(*e, u64::from(e.len) - dead * page);
             }
             // A page outside any extent found (a damaged header before it): counted alone.
             for p in alone {
