@@ -166,6 +166,10 @@ struct MapBlock {
 }
 
 /// A snapshot being persisted.
+/// A snapshot's dirty set up to this size is copied in one sweep right after the pause (see
+/// `persist`).
+const EAGER_COPY_BYTES: u64 = 64 << 20;
+
 struct Job {
     epoch: Epoch,
     since: Epoch,
@@ -174,6 +178,9 @@ struct Job {
     preserved: Mutex<HashMap<u64, Option<Vec<u8>>>>,
     /// Keys already persisted: later changes need no copy.
     copied: Mutex<HashSet<u64>>,
+    /// Every key's state at the pause has been taken: writers need no copy-on-write at all (and
+    /// take none of the job's locks).
+    all_copied: std::sync::atomic::AtomicBool,
 }
 
 struct Persisted {
@@ -245,6 +252,8 @@ struct Inner {
     /// The snapshots this space pinned in the store (its parent and its lazy source).
     pins: Mutex<BTreeSet<SnapshotId>>,
     stripes: Vec<Mutex<()>>,
+    /// Dirty sets up to this many bytes are copied in one sweep after the pause.
+    eager_copy: AtomicU64,
 }
 
 /// Ends a snapshot's persisting on every path, a panic included: aborts the store's pending
@@ -363,6 +372,7 @@ impl Inner {
             lazy: Mutex::new(lazy.map(Arc::new)),
             pins: Mutex::new(pins),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            eager_copy: AtomicU64::new(EAGER_COPY_BYTES),
         })
     }
 
@@ -645,6 +655,9 @@ impl Inner {
     fn preserve(&self, key: u64, state: impl FnOnce() -> Option<Vec<u8>>) {
         let job = self.job.read().clone();
         let Some(job) = job else { return };
+        if job.all_copied.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         if job.copied.lock().contains(&key) {
             return;
         }
@@ -730,17 +743,41 @@ impl Inner {
         let mut copied_on_write = 0u64;
         let parent = self.persisted.lock().id;
         self.store.lock().begin(parent)?;
+        // A dirty set that fits in memory comfortably is taken whole first (one sweep of copies):
+        // from then on writers need no copy-on-write and take none of the job's locks, so a
+        // mutator is slowed only for that sweep. A larger one goes in batches, as it is stored.
+        let eager = (keys.len() as u64).saturating_mul(self.ps.bytes())
+            <= self.eager_copy.load(std::sync::atomic::Ordering::Relaxed);
+        let mut taken: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
+        if eager {
+            taken = keys
+                .iter()
+                .map(|&key| {
+                    let (state, preserved) = self.state_at_pause(job, key);
+                    copied_on_write += u64::from(preserved);
+                    (key, state.filter(|b| b.iter().any(|x| *x != 0)))
+                })
+                .collect();
+            job.all_copied
+                .store(true, std::sync::atomic::Ordering::Release);
+            job.preserved.lock().clear();
+        }
         let result = (|| -> Result<_, StoreError> {
             // In batches: take the states at the pause, hash them on every core, then store.
+            let mut taken = taken.into_iter();
             for batch in keys.chunks(1024) {
-                let states: Vec<(u64, Option<Vec<u8>>)> = batch
-                    .iter()
-                    .map(|&key| {
-                        let (state, preserved) = self.state_at_pause(job, key);
-                        copied_on_write += u64::from(preserved);
-                        (key, state.filter(|b| b.iter().any(|x| *x != 0)))
-                    })
-                    .collect();
+                let states: Vec<(u64, Option<Vec<u8>>)> = if eager {
+                    taken.by_ref().take(batch.len()).collect()
+                } else {
+                    batch
+                        .iter()
+                        .map(|&key| {
+                            let (state, preserved) = self.state_at_pause(job, key);
+                            copied_on_write += u64::from(preserved);
+                            (key, state.filter(|b| b.iter().any(|x| *x != 0)))
+                        })
+                        .collect()
+                };
                 let hashes: Vec<Option<[u8; 32]>> = states
                     .par_iter()
                     .map(|(_, s)| s.as_ref().map(|b| *blake3::hash(b).as_bytes()))
@@ -1149,6 +1186,16 @@ impl Space {
         self.begin(false)
     }
 
+    /// Test hook: a snapshot whose dirty set is at most `bytes` copies it in one sweep right
+    /// after the pause (64 MiB by default); a larger one is copied (and copied on write) batch by
+    /// batch as it is stored. 0 makes every snapshot take the batch path.
+    #[doc(hidden)]
+    pub fn set_eager_copy_limit(&self, bytes: u64) {
+        self.inner
+            .eager_copy
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Test hook: [`Space::begin_snapshot`] whose persisting waits for
     /// [`SnapshotHandle::release`] (or `wait`), so a test can write between the pause and the
     /// persisting and check that the snapshot still holds the state at the pause.
@@ -1179,6 +1226,7 @@ impl Space {
                 view,
                 preserved: Mutex::new(HashMap::new()),
                 copied: Mutex::new(HashSet::new()),
+                all_copied: std::sync::atomic::AtomicBool::new(false),
             });
             *inner.job.write() = Some(job.clone());
             job
