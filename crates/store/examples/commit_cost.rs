@@ -56,7 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for (i, h) in &hashed {
             let mut p = pages[*i as usize].clone();
             p[0..8].copy_from_slice(&round.to_le_bytes());
-            store.put_hashed(Vpn((next() % 65_536) | 0), &p, *h)?;
+            store.put_hashed(Vpn(next() % 65_536), &p, *h)?;
         }
         let t1 = Instant::now();
         let r = store.commit(SnapshotMeta::default())?;
