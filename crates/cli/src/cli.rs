@@ -98,6 +98,10 @@ pub enum Command {
     /// Reclaim the space no retained snapshot uses.
     #[command(after_help = "Example:\n  pagesnap --store /backup/vm gc")]
     Gc,
+    /// Convert a store written by an older pagesnap (format 1 or 2) to the current format,
+    /// crash-safely (everything is copied, then committed by one superblock write).
+    #[command(after_help = "Example:\n  pagesnap --store /backup/vm upgrade")]
+    Upgrade,
     /// Store totals: snapshots, logical and stored bytes, dedup ratio.
     #[command(after_help = "Example:\n  pagesnap --store /backup/vm info --json")]
     Info {

@@ -56,6 +56,16 @@ impl Ctx {
                 dir.display()
             );
         }
+        if let Some(note) = &report.discarded_tail {
+            eprintln!("pagesnap: warning: {note}");
+        }
+        if report.repaired_records > 0 {
+            eprintln!(
+                "pagesnap: repaired {} damaged copy(ies) of commit records in {} from their other copy",
+                report.repaired_records,
+                dir.display()
+            );
+        }
         if !report.damaged.is_empty() {
             let ids: Vec<String> = report.damaged.iter().map(|i| i.to_string()).collect();
             eprintln!(
@@ -106,6 +116,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Verify { snapshots } => verify(&ctx, &snapshots),
         Command::Delete { snapshots } => delete(&ctx, &snapshots),
         Command::Gc => gc(&ctx),
+        Command::Upgrade => upgrade(&ctx),
         Command::Info { json } => info(&ctx, json),
         Command::Demo => demo(ctx.quiet),
         Command::Completions { shell } => {
@@ -420,6 +431,28 @@ fn gc(ctx: &Ctx) -> Result<i32> {
     Ok(OK)
 }
 
+fn upgrade(ctx: &Ctx) -> Result<i32> {
+    let mut store = ctx.open(Mode::Write)?;
+    let from = store.format_version();
+    let bar = ctx.bar(0, "upgrade");
+    let n = store.upgrade()?;
+    bar.finish_and_clear();
+    if from == store.format_version() {
+        println!(
+            "{} is already in format {}: nothing to do",
+            store.location().display(),
+            from
+        );
+    } else {
+        println!(
+            "upgraded {} from format {from} to format {}: {n} snapshot(s) converted",
+            store.location().display(),
+            store.format_version()
+        );
+    }
+    Ok(OK)
+}
+
 fn info(ctx: &Ctx, as_json: bool) -> Result<i32> {
     let store = ctx.open(Mode::Read)?;
     let snaps = store.snapshots()?;
@@ -441,6 +474,7 @@ fn info(ctx: &Ctx, as_json: bool) -> Result<i32> {
                 "reclaimable_bytes": space.leaked_bytes,
                 "dedup_ratio": ratio,
                 "page_size": store.page_size(),
+                "format_version": store.format_version(),
             })
         );
     } else {
@@ -453,6 +487,7 @@ fn info(ctx: &Ctx, as_json: bool) -> Result<i32> {
             HumanBytes(space.leaked_bytes)
         );
         println!("dedup ratio  {ratio:.2}x");
+        println!("format       {}", store.format_version());
     }
     Ok(OK)
 }

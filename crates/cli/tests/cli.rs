@@ -1070,3 +1070,40 @@ fn a_block_device_snapshots_whole_and_restores_identical() {
         );
     }
 }
+
+/// A store written by the previous format (fixtures/store-v2) restores the same bytes before and
+/// after `pagesnap upgrade`, which says what it did, and says so again when there is nothing to do.
+#[test]
+fn upgrade_converts_an_older_store_and_every_snapshot_restores_the_same() {
+    let env = Env::new();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/store-v2");
+    std::fs::create_dir_all(env.store()).expect("mkdir");
+    for e in std::fs::read_dir(&fixture).expect("fixture") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), env.store().join(e.file_name())).expect("copy");
+    }
+    let before: Vec<Vec<u8>> = ["1", "3", "4"]
+        .iter()
+        .map(|id| {
+            let out = env.path(&format!("before-{id}.img"));
+            env.ok(&["restore", id, out.to_str().expect("utf-8")]);
+            std::fs::read(&out).expect("read")
+        })
+        .collect();
+    let info: serde_json::Value = serde_json::from_str(&env.ok(&["info", "--json"])).expect("json");
+    assert_eq!(info["format_version"], 2);
+    let out = env.ok(&["upgrade"]);
+    assert!(
+        out.contains("from format 2 to format 3") && out.contains("3 snapshot(s)"),
+        "{out}"
+    );
+    let info: serde_json::Value = serde_json::from_str(&env.ok(&["info", "--json"])).expect("json");
+    assert_eq!(info["format_version"], 3);
+    assert!(env.ok(&["verify"]).contains("clean"));
+    for (id, want) in ["1", "3", "4"].iter().zip(&before) {
+        let out = env.path(&format!("after-{id}.img"));
+        env.ok(&["restore", id, out.to_str().expect("utf-8")]);
+        assert!(&std::fs::read(&out).expect("read") == want, "snapshot {id}");
+    }
+    assert!(env.ok(&["upgrade"]).contains("nothing to do"));
+}

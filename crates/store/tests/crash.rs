@@ -305,9 +305,15 @@ fn a_committed_snapshot_survives_a_crash_at_every_operation() {
     let workloads = std::env::var("PAGESNAP_CRASH_WORKLOADS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(12);
+        .unwrap_or(24);
     let (checked, failures) = crash_campaign(workloads, 4);
     println!("{checked} crash states checked, {} failed", failures.len());
+    // Every CI run checks at least 10,000 crash states (a format 3 commit is a few operations,
+    // so it takes more workloads than format 2 did).
+    assert!(
+        workloads < 24 || checked >= 10_000,
+        "{checked} crash states"
+    );
     assert!(
         failures.is_empty(),
         "{}",

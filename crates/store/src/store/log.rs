@@ -55,6 +55,8 @@ pub(crate) struct Catalog {
     pub(crate) damage: Vec<String>,
     /// The catalog could not be read: no snapshot is reachable.
     pub(crate) unreadable: Option<String>,
+    /// Open did not take the log's last commit (see `OpenReport::discarded_tail`).
+    pub(crate) discarded: Option<String>,
 }
 
 /// Page maps recently used, newest last.

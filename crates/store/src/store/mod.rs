@@ -349,9 +349,15 @@ impl Store {
         self.sb.page_size
     }
 
-    /// The committed generation (increases with every commit).
+    /// The superblock generation: it increases with every superblock write (every commit in
+    /// formats 1 and 2; in format 3, every hint, gc and upgrade — commits go to the log).
     pub fn generation(&self) -> u64 {
         self.sb.generation
+    }
+
+    /// The store's on-disk format version (1 and 2: trie index; 3: commit log).
+    pub fn format_version(&self) -> u32 {
+        self.sb.version
     }
 }
 

@@ -436,6 +436,7 @@ impl Store {
                 Err(e) => return Err(e),
             }
             catalog.damage = log_damage;
+            catalog.discarded = report.discarded_tail.clone();
         }
         let mut store = Store {
             io,

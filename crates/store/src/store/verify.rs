@@ -225,6 +225,7 @@ impl Store {
         for d in &self.catalog.damage {
             store_damage(report, format!("commit log: {d}"));
         }
+        report.notes.extend(self.catalog.discarded.clone());
         let all = match self.snapshot_ids() {
             Ok(ids) => ids,
             Err(e) if e.is_corruption() => {
