@@ -695,18 +695,12 @@ fn read_image(
     let ps = u64::from(store.page_size());
     let mut run = Run {
         store,
-        file,
-        path,
-        device: opened.source == Source::Block,
-        size,
         ps,
         parent,
-        buf: vec![0u8; (BATCH_PAGES * ps) as usize],
-        batch: Vec::new(),
-        batch_pages: 0,
         read: 0,
         changed: 0,
     };
+    let device = opened.source == Source::Block;
     // The extent map is taken after the first `fstat` (in `open`), while reading.
     let mut extents = Extents {
         file,
@@ -716,46 +710,138 @@ fn read_image(
         at: 0,
         holes,
     };
-    let mut done = 0u64; // pages before this one are handled (or in the pending batch)
-    while let Some(extent) = extents.next()? {
-        if extent.start > done {
-            run.hole(done..extent.start)?;
-        }
-        let mut first = extent.start;
-        while first < extent.end {
-            let n = (BATCH_PAGES - run.batch_pages).min(extent.end - first);
-            run.batch.push(first..first + n);
-            run.batch_pages += n;
-            first += n;
-            if run.batch_pages == BATCH_PAGES {
-                run.flush()?;
-                progress((first * ps).min(size));
+    // A reader thread reads the next batches while this one hashes and stores the last: reading
+    // (a disk, or the kernel's copy out of the page cache) overlaps hashing and writing.
+    std::thread::scope(|s| -> Result<(u64, u64), ImageError> {
+        let (to_reader, jobs) = std::sync::mpsc::sync_channel::<(Batch, Vec<u8>)>(PIPELINE);
+        let (to_main, done_rx) =
+            std::sync::mpsc::sync_channel::<Result<(Batch, Vec<u8>), ImageError>>(PIPELINE);
+        s.spawn(move || {
+            for (batch, mut buf) in jobs {
+                let read = read_batch(file, path, device, size, ps, &batch, &mut buf);
+                if to_main.send(read.map(|()| (batch, buf))).is_err() {
+                    break;
+                }
             }
+        });
+        let mut free: Vec<Vec<u8>> = (0..PIPELINE + 1)
+            .map(|_| vec![0u8; (BATCH_PAGES * ps) as usize])
+            .collect();
+        let mut in_flight = 0usize;
+        let mut batch = Batch::default();
+        // Sends the pending batch to the reader, first storing a read one if no buffer is free.
+        let send = |run: &mut Run<'_>,
+                    batch: &mut Batch,
+                    free: &mut Vec<Vec<u8>>,
+                    in_flight: &mut usize|
+         -> Result<(), ImageError> {
+            if batch.pages == 0 {
+                return Ok(());
+            }
+            let buf = match free.pop() {
+                Some(b) => b,
+                None => {
+                    let (b, buf) = done_rx.recv().map_err(|_| reader_gone(path))??;
+                    *in_flight -= 1;
+                    run.store_batch(&b, &buf)?;
+                    progress((b.end * ps).min(size));
+                    buf
+                }
+            };
+            to_reader
+                .send((std::mem::take(batch), buf))
+                .map_err(|_| reader_gone(path))?;
+            *in_flight += 1;
+            Ok(())
+        };
+        let mut done = 0u64; // pages before this one are handled (or in a pending batch)
+        while let Some(extent) = extents.next()? {
+            if extent.start > done {
+                run.hole(done..extent.start)?;
+            }
+            let mut first = extent.start;
+            while first < extent.end {
+                let n = (BATCH_PAGES - batch.pages).min(extent.end - first);
+                batch.ranges.push(first..first + n);
+                batch.pages += n;
+                first += n;
+                batch.end = first;
+                if batch.pages == BATCH_PAGES {
+                    send(&mut run, &mut batch, &mut free, &mut in_flight)?;
+                }
+            }
+            done = extent.end;
         }
-        done = extent.end;
+        send(&mut run, &mut batch, &mut free, &mut in_flight)?;
+        drop(to_reader);
+        while in_flight > 0 {
+            let (b, buf) = done_rx.recv().map_err(|_| reader_gone(path))??;
+            in_flight -= 1;
+            run.store_batch(&b, &buf)?;
+            progress((b.end * ps).min(size));
+        }
+        // The holes at the end, and the pages past a shrunken image's end: all gone.
+        run.hole(done..u64::MAX)?;
+        progress(size);
+        Ok((run.read, run.changed))
+    })
+}
+
+/// Batches of pages read ahead of the one being stored.
+const PIPELINE: usize = 2;
+
+/// Page ranges of data to read together, at most [`BATCH_PAGES`] pages in all.
+#[derive(Default)]
+struct Batch {
+    ranges: Vec<std::ops::Range<u64>>,
+    pages: u64,
+    /// The page after its last.
+    end: u64,
+}
+
+fn reader_gone(path: &Path) -> ImageError {
+    io_err(path, "read image")(io::Error::other("the image reader thread stopped"))
+}
+
+/// Reads `batch`'s pages of the image into `buf`, back to back.
+fn read_batch(
+    file: &File,
+    path: &Path,
+    device: bool,
+    size: u64,
+    ps: u64,
+    batch: &Batch,
+    buf: &mut [u8],
+) -> Result<(), ImageError> {
+    let mut off = 0usize;
+    for r in &batch.ranges {
+        let (at, want) = (r.start * ps, ((r.end - r.start) * ps) as usize);
+        // Only the image's last page can be partial; the rest of it is zero.
+        let bytes = (size.saturating_sub(at) as usize).min(want);
+        buf[off + bytes..off + want].fill(0);
+        file.read_exact_at(&mut buf[off..off + bytes], at)
+            .map_err(|e| {
+                if device {
+                    ImageError::DeviceRead {
+                        path: path.to_path_buf(),
+                        source: e,
+                    }
+                } else if e.kind() == io::ErrorKind::UnexpectedEof {
+                    ImageError::Changed(path.to_path_buf())
+                } else {
+                    io_err(path, "read image")(e)
+                }
+            })?;
+        off += want;
     }
-    run.flush()?;
-    // The holes at the end, and the pages past a shrunken image's end: all gone.
-    run.hole(done..u64::MAX)?;
-    progress(size);
-    Ok((run.read, run.changed))
+    Ok(())
 }
 
 /// The state of one snapshot's pass over its image.
 struct Run<'a> {
     store: &'a mut Store,
-    file: &'a File,
-    path: &'a Path,
-    /// A block device: a failed or short read means it failed or went away.
-    device: bool,
-    size: u64,
     ps: u64,
     parent: Option<SnapshotId>,
-    /// One batch of pages read.
-    buf: Vec<u8>,
-    /// Page ranges of data to read, at most [`BATCH_PAGES`] pages in all.
-    batch: Vec<std::ops::Range<u64>>,
-    batch_pages: u64,
     /// Pages read from the image.
     read: u64,
     /// Pages that differ from the parent's.
@@ -782,39 +868,17 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Reads the pending batch, hashes its non-zero pages on every core, and puts or removes the
-    /// pages that differ from the parent's.
-    fn flush(&mut self) -> Result<(), ImageError> {
+    /// Hashes a batch read into `buf` on every core, and puts or removes the pages that differ
+    /// from the parent's.
+    fn store_batch(&mut self, batch: &Batch, buf: &[u8]) -> Result<(), ImageError> {
         let ps = self.ps;
-        let (size, path, device) = (self.size, self.path, self.device);
-        let mut off = 0usize;
-        for r in &self.batch {
-            let (at, want) = (r.start * ps, ((r.end - r.start) * ps) as usize);
-            // Only the image's last page can be partial; the rest of it is zero.
-            let bytes = (size.saturating_sub(at) as usize).min(want);
-            self.buf[off + bytes..off + want].fill(0);
-            self.file
-                .read_exact_at(&mut self.buf[off..off + bytes], at)
-                .map_err(|e| {
-                    if device {
-                        ImageError::DeviceRead {
-                            path: path.to_path_buf(),
-                            source: e,
-                        }
-                    } else if e.kind() == io::ErrorKind::UnexpectedEof {
-                        ImageError::Changed(path.to_path_buf())
-                    } else {
-                        io_err(path, "read image")(e)
-                    }
-                })?;
-            off += want;
-        }
-        let hashes: Vec<Option<[u8; 32]>> = self.buf[..off]
+        let off = (batch.pages * ps) as usize;
+        let hashes: Vec<Option<[u8; 32]>> = buf[..off]
             .par_chunks(ps as usize)
             .map(|page| (!is_zero(page)).then(|| *blake3::hash(page).as_bytes()))
             .collect();
         let mut i = 0usize;
-        for r in std::mem::take(&mut self.batch) {
+        for r in batch.ranges.iter().cloned() {
             let mut old: HashMap<u64, [u8; 32]> = HashMap::new();
             if let Some(p) = self.parent {
                 self.store
@@ -825,7 +889,7 @@ impl Run<'_> {
             }
             for vpn in r {
                 let new = &hashes[i];
-                let page = &self.buf[i * ps as usize..(i + 1) * ps as usize];
+                let page = &buf[i * ps as usize..(i + 1) * ps as usize];
                 i += 1;
                 if old.get(&vpn) == new.as_ref() {
                     continue;
@@ -837,8 +901,7 @@ impl Run<'_> {
                 }
             }
         }
-        self.read += self.batch_pages;
-        self.batch_pages = 0;
+        self.read += batch.pages;
         Ok(())
     }
 }
