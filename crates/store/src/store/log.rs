@@ -783,10 +783,31 @@ impl Store {
     fn reserve3_in(&mut self, len: u64, roll: bool) -> Result<(), StoreError> {
         let io = self.io.clone();
         let opts = self.opts;
+        let may_roll = roll;
         let roll = roll && {
             let w = self.log_writer()?;
             w.off + len > opts.segment_bytes && w.off > SEG_HEADER
         };
+        // A commit that appended HINT_BYTES since the hint writes one at its position (as a roll
+        // does): open scans at most MAX_SCAN after the hint, so a record further on would be
+        // lost whenever the hint after the commit fails.
+        let hint_due = may_roll && !roll && {
+            let w = self.log_writer()?;
+            !w.log.bulk && w.log.bytes_since_hint >= HINT_BYTES
+        };
+        if hint_due {
+            self.seal_extent()?;
+            if let Err(e) = self.publish_hint() {
+                if let Some(w) = self.writer.as_mut() {
+                    w.log.need_hint = true;
+                }
+                return Err(e);
+            }
+            let w = self.log_writer()?;
+            w.log.range_crc = crc32fast::Hasher::new();
+            w.log.since_hint = 0;
+            w.log.bytes_since_hint = 0;
+        }
         if roll {
             self.seal_extent()?;
             let w = self.log_writer()?;
