@@ -785,10 +785,31 @@ impl Store {
     fn reserve3_in(&mut self, len: u64, roll: bool) -> Result<(), StoreError> {
         let io = self.io.clone();
         let opts = self.opts;
+        let may_roll = roll;
         let roll = roll && {
             let w = self.log_writer()?;
             w.off + len > opts.segment_bytes && w.off > SEG_HEADER
         };
+        // A commit that appended HINT_BYTES since the hint writes one at its position (as a roll
+        // does): open scans at most MAX_SCAN after the hint, so a record further on would be
+        // lost whenever the hint after the commit fails.
+        let hint_due = may_roll && !roll && {
+            let w = self.log_writer()?;
+            !w.log.bulk && w.log.bytes_since_hint >= HINT_BYTES
+        };
+        if hint_due {
+            self.seal_extent()?;
+            if let Err(e) = self.publish_hint() {
+                if let Some(w) = self.writer.as_mut() {
+                    w.log.need_hint = true;
+                }
+                return Err(e);
+            }
+            let w = self.log_writer()?;
+            w.log.range_crc = crc32fast::Hasher::new();
+            w.log.since_hint = 0;
+            w.log.bytes_since_hint = 0;
+        }
         if roll {
             self.seal_extent()?;
             let w = self.log_writer()?;
@@ -801,7 +822,15 @@ impl Store {
             if !w.log.bulk {
                 // The scan after a crash must know the new segment: a hint names it (the
                 // committed state is unchanged; the bytes of this commit so far are synced by it).
-                self.publish_hint()?;
+                // If it cannot be written, the commit must not go on as if it had been (its
+                // record would sit in a segment no hint names, its crc over the old segment's
+                // bytes too): `write_commit` writes the hint first.
+                if let Err(e) = self.publish_hint() {
+                    if let Some(w) = self.writer.as_mut() {
+                        w.log.need_hint = true;
+                    }
+                    return Err(e);
+                }
                 let w = self.log_writer()?;
                 w.log.range_crc = crc32fast::Hasher::new();
                 w.log.since_hint = 0;
@@ -983,6 +1012,12 @@ impl Store {
         rec.seq = self.catalog.seq + 1;
         rec.prev = link_of(&self.sb);
         self.seal_extent()?;
+        // A hint owed mid-commit (a segment roll whose hint failed in a `put`): written now, at
+        // the writer's position, as the roll would have (it syncs the bytes so far, names the
+        // segment, and the record's crc covers only what follows it).
+        if self.writer.as_ref().is_some_and(|w| w.log.need_hint) {
+            self.write_hint()?;
+        }
         // The record's length does not depend on the integers in it (rkyv lays them out fixed),
         // so it is known before they are filled in.
         let len = record_len(rec.to_bytes().len()) as u64;
