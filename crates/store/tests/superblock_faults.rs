@@ -441,7 +441,7 @@ fn verify_during_a_healthy_commit_reports_no_damage() {
 #[test]
 fn a_slot_that_cannot_be_written_does_not_lock_out_the_next_writer() {
     let (_mem, io, script) = scripted();
-    let mut store = Store::init_with(io.clone(), opts()).expect("init");
+    let mut store = Store::init_format2_with(io.clone(), opts()).expect("init");
     let s1 = snap(&mut store, None, 0);
     lock(&script).bad_offset = Some(0);
     let s2 = snap(&mut store, Some(s1), 8); // generation 3: slot 1 first, the copy fails
@@ -451,4 +451,56 @@ fn a_slot_that_cannot_be_written_does_not_lock_out_the_next_writer() {
     assert_eq!(store.read_page(s2, Vpn(8)).expect("read"), Some(page(8)));
     let v = store.verify(&[]).expect("verify");
     assert!(!v.is_clean(), "the writer reports the missing copy");
+}
+
+/// Format 3: a bad sector under one slot. Commits write no superblock; a hint that starts with
+/// that slot fails and leaves the writer in doubt (the other slot, then the only good copy, is
+/// not overwritten). Whatever the writer then does — refuse changes, or go on — every snapshot
+/// whose commit returned `Ok` reads back, in this handle and after reopening.
+#[test]
+fn format3_a_slot_that_cannot_be_written_loses_nothing() {
+    let (_mem, io, script) = scripted();
+    let mut store = Store::init_with(io.clone(), opts()).expect("init");
+    let s1 = snap(&mut store, None, 0);
+    lock(&script).bad_offset = Some(0);
+    let mut committed = vec![(s1, 0u64)];
+    for round in 0..3u64 {
+        let mut parent = committed.last().map(|c| c.0);
+        for k in 1..4u64 {
+            let base = 100 * (round + 1) + 10 * k;
+            let attempt = store.begin(parent).and_then(|_| {
+                for v in base..base + 8 {
+                    store.put(Vpn(v), &page(v))?;
+                }
+                store.commit(SnapshotMeta::default())
+            });
+            match attempt {
+                Ok(r) => {
+                    committed.push((r.id, base));
+                    parent = Some(r.id);
+                }
+                Err(e) => {
+                    store.abort();
+                    assert!(
+                        matches!(e, pagesnap_store::StoreError::InDoubt { .. })
+                            || e.to_string().contains("superblock"),
+                        "a clear error: {e}"
+                    );
+                }
+            }
+        }
+        drop(store);
+        store = Store::open_with(io.clone(), Mode::Write, opts())
+            .expect("reopens")
+            .0;
+        for (id, base) in &committed {
+            for v in *base..*base + 8 {
+                assert_eq!(
+                    store.read_page(*id, Vpn(v)).expect("read"),
+                    Some(page(v)),
+                    "snapshot {id} page {v}"
+                );
+            }
+        }
+    }
 }

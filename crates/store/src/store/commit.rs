@@ -612,10 +612,15 @@ pub(super) fn new_segment(
     w: &mut Writer,
     version: u32,
 ) -> Result<(), StoreError> {
+    // Above every listed segment and every file this writer created (one whose sizing failed is
+    // created but not listed).
     let id = w
         .segments
         .last()
         .copied()
+        .into_iter()
+        .chain(w.created.iter().copied())
+        .max()
         .unwrap_or(0)
         .checked_add(1)
         .ok_or(StoreError::TooManySegments {
@@ -631,14 +636,15 @@ pub(super) fn new_segment(
     let name = seg_name(id);
     io.create(&name)
         .map_err(io_err(io, &name, "create segment"))?;
+    // Removed again by a rollback; listed only once it has its size and header.
     w.created.push(id);
-    w.segments.push(id);
     w.dir_dirty = true;
     let cap = opts.preallocate.min(opts.segment_bytes).max(SEG_HEADER);
     io.set_len(&name, cap)
         .map_err(io_err(io, &name, "size segment"))?;
     io.write(&name, 0, &segment_header(id, version))
         .map_err(io_err(io, &name, "write segment header"))?;
+    w.segments.push(id);
     w.touched.insert(id);
     w.seg = id;
     w.off = SEG_HEADER;

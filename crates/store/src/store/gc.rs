@@ -618,7 +618,12 @@ mod log_space {
                     w.touched.clear();
                     w.buf.clear();
                 }
-                w.log = LogWriter::default();
+                // Whatever was owed before (a generation bump) is still owed, and the copy's
+                // bytes past the committed end may be on the disk: the next change writes a hint.
+                w.log = LogWriter {
+                    need_hint: true,
+                    ..LogWriter::default()
+                };
             }
         }
 

@@ -281,20 +281,37 @@ pub(crate) fn scan_log(io: &dyn Storage, sb: &mut Superblock) -> Result<Scanned,
     // else it is a torn last commit and is dropped. Holds the state before it.
     let mut unproven: Option<(Superblock, Option<[u8; 32]>, usize, u64)> = None;
     while i + REC_HEADER + REC_TRAILER <= buf.len() {
-        let Some((rec, len)) = commit_at(&buf, i) else {
+        // A whole record is stepped over as one (so the bytes of pages inside an extent are never
+        // read as records); damaged bytes are searched 8 bytes at a time.
+        let Some(len) = whole_record_at(&buf, i) else {
             i += 8;
             continue;
         };
+        let Some(rec) = commit_at(&buf, i, len) else {
+            i += len;
+            continue;
+        };
         if rec.hint_gen != sb.generation || rec.prev.map(|l| l.a.hash) != head {
-            i += 8;
+            i += len;
             continue;
         }
         let crc_of = |from: usize, to: usize| crc32fast::hash(&buf[from..to]);
-        // Copy a at i (the crc covers up to it), or copy b at i with a damaged copy a before it.
+        // The first copy at i (its crc covers up to it), or the second with a damaged first copy
+        // before it. When the crc matches neither way (damage under the commit too), the bytes
+        // decide: the copies are written identical and adjacent, so a damaged first copy differs
+        // from this one in a few bytes, and whatever else precedes it in most.
+        let second_follows =
+            i + 2 * len <= buf.len() && buf[i + len..i + 2 * len] == buf[i..i + len];
+        let has_before = i >= range_start + len;
         let (a_at, whole) = if crc_of(range_start, i) == rec.range_crc {
             (i, true)
-        } else if i >= range_start + len && crc_of(range_start, i - len) == rec.range_crc {
+        } else if has_before && crc_of(range_start, i - len) == rec.range_crc {
             (i - len, true)
+        } else if !second_follows
+            && has_before
+            && differing(&buf[i - len..i], &buf[i..i + len]) < len / 8
+        {
+            (i - len, false)
         } else {
             (i, false)
         };
@@ -371,22 +388,41 @@ fn record_hash(buf: &[u8], i: usize) -> [u8; 32] {
     h
 }
 
-/// A whole, checked commit record at `i` of `buf`, and its length.
-fn commit_at(buf: &[u8], i: usize) -> Option<(CommitRecord, usize)> {
-    if buf[i..i + 4] != REC_MAGIC || buf[i + 4] != Kind::Commit as u8 {
+/// The length of a whole record (format 3 kind, crc32 good) at `i` of `buf`.
+fn whole_record_at(buf: &[u8], i: usize) -> Option<usize> {
+    if buf[i..i + 4] != REC_MAGIC {
         return None;
     }
+    let kind = [Kind::Commit, Kind::Chunk, Kind::Pages]
+        .into_iter()
+        .find(|k| *k as u8 == buf[i + 4])?;
     let plen = payload_len(buf, i);
+    if u64::try_from(plen).ok()? > MAX_RECORD {
+        return None;
+    }
     let len = record_len(plen);
-    if plen > crate::catalog::MAX_COMMIT_RECORD || i + len > buf.len() {
+    if i + len > buf.len() {
+        return None;
+    }
+    decode_record(&buf[i..i + len], kind).ok()?;
+    Some(len)
+}
+
+/// The commit record in the whole record of `len` bytes at `i` of `buf`, checked.
+fn commit_at(buf: &[u8], i: usize, len: usize) -> Option<CommitRecord> {
+    if buf[i + 4] != Kind::Commit as u8 || payload_len(buf, i) > crate::catalog::MAX_COMMIT_RECORD {
         return None;
     }
     let rec = decode_record(&buf[i..i + len], Kind::Commit).ok()?;
     if *blake3::hash(rec.payload).as_bytes() != rec.hash {
         return None;
     }
-    let c = CommitRecord::from_bytes(rec.payload).ok()?;
-    Some((c, len))
+    CommitRecord::from_bytes(rec.payload).ok()
+}
+
+/// How many bytes differ between two slices of one length.
+fn differing(a: &[u8], b: &[u8]) -> usize {
+    a.iter().zip(b).filter(|(x, y)| x != y).count()
 }
 
 pub(crate) fn info3(m: &ManifestV3) -> SnapshotInfo {
@@ -571,10 +607,10 @@ impl Store {
     /// Writes a superblock hint: the committed state (as the log holds it), at the next
     /// generation, naming the active segment and where the scan starts (the writer's position:
     /// the committed end between commits, the start of a new segment inside one). Segments
-    /// written so far are synced first. A hint changes no committed state, so one slot that
-    /// cannot be written (a bad sector) does not stop the writer: the other holds the hint, and
-    /// the lost redundancy is retried before the next change. Both failing leaves the writer in
-    /// doubt (the generation must move on before records past the committed end are reused).
+    /// written so far are synced first. As in a format 2 commit, slot (generation mod 2) is
+    /// written and synced first: if that fails, the other slot (the only copy known good) is
+    /// left alone and the writer is in doubt; if only the second fails, the hint stands in one
+    /// slot and the copy is retried before the next change.
     pub(super) fn publish_hint(&mut self) -> Result<(), StoreError> {
         let io = self.io.clone();
         let mut sb = self.sb.clone();
@@ -597,31 +633,27 @@ impl Store {
         sb.segment_bytes = self.opts.segment_bytes;
         let bytes = sb.encode();
         let first = (sb.generation % 2) * SLOT_SIZE as u64;
+        let write_slot = |at: u64| {
+            io.write(SUPERBLOCK_FILE, at, &bytes)
+                .map_err(io_err(&*io, SUPERBLOCK_FILE, "write superblock"))
+                .and_then(|_| {
+                    io.sync(SUPERBLOCK_FILE).map_err(io_err(
+                        &*io,
+                        SUPERBLOCK_FILE,
+                        "sync superblock",
+                    ))
+                })
+        };
         w.in_doubt = true;
-        let mut results = Vec::with_capacity(2);
-        for at in [first, SLOT_SIZE as u64 - first] {
-            results.push(
-                io.write(SUPERBLOCK_FILE, at, &bytes)
-                    .map_err(io_err(&*io, SUPERBLOCK_FILE, "write superblock"))
-                    .and_then(|_| {
-                        io.sync(SUPERBLOCK_FILE).map_err(io_err(
-                            &*io,
-                            SUPERBLOCK_FILE,
-                            "sync superblock",
-                        ))
-                    }),
-            );
-        }
-        let ok = results.iter().filter(|r| r.is_ok()).count();
-        if ok == 0 {
-            // Which slot holds what is unknown: the writer stays in doubt.
-            return match results.into_iter().next() {
-                Some(Err(e)) => Err(e),
-                _ => Err(StoreError::InDoubt {
-                    path: io.location().into(),
-                }),
-            };
-        }
+        // The first slot's write failing may have torn it: the other slot then holds the only
+        // good copy, and is not touched (a crash while overwriting it would leave none). The
+        // writer is in doubt until both slots are rewritten, that slot first (`recover_in_doubt`).
+        write_slot(first)?;
+        let ok = if write_slot(SLOT_SIZE as u64 - first).is_ok() {
+            2
+        } else {
+            1
+        };
         w.in_doubt = false;
         w.degraded = ok < 2;
         w.touched.clear();
