@@ -4,8 +4,10 @@
 //! `cargo run --release -p pagesnap-bench` (quick, under 3 minutes on 2 cores) or
 //! `cargo run --release -p pagesnap-bench -- --full` (adds 8 Mi mappings and 1 Mi-page snapshots).
 //! `--svg PATH` names the chart (default `docs/bench-lookup.svg`). `--section NAME` runs one section:
-//! `pagetable`, `epochtree`, `snapshots` or `checkpoint` (continuous checkpointing, issue 13; see
-//! `checkpoint.rs`).
+//! `pagetable`, `epochtree`, `snapshots`, `checkpoint` (continuous checkpointing, issue 13; see
+//! `checkpoint.rs`) or `write-path` (the format 3 store's write path against the raw disk, and
+//! metadata per data; see `write_path.rs`). `--profile-write raw|store|engine [ROUNDS]` runs one
+//! path of `write-path` alone, for `perf record`.
 
 use pagesnap_bench::{
     keys, live_bytes, page, pagesnap, Brown, Counting, Dash, Flat, Map, Papaya, Pattern, Radix4,
@@ -22,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 mod checkpoint;
+mod write_path;
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
@@ -66,6 +69,12 @@ fn main() -> anyhow::Result<()> {
         println!("{which}: {lookups} lookups, checksum {sum}");
         return Ok(());
     }
+    if let Some(i) = args.iter().position(|a| a == "--profile-write") {
+        // For perf: one write path of section `write-path` alone (raw, store or engine).
+        let which = args.get(i + 1).map(String::as_str).unwrap_or("store");
+        let rounds = args.get(i + 2).and_then(|a| a.parse().ok()).unwrap_or(5);
+        return write_path::profile(which, rounds);
+    }
     let t0 = Instant::now();
     println!(
         "# pagesnap-bench ({} mode)\n",
@@ -95,6 +104,9 @@ fn main() -> anyhow::Result<()> {
     }
     if run("checkpoint") {
         checkpoint::checkpoint(&opts)?;
+    }
+    if run("write-path") {
+        write_path::write_path(&opts)?;
     }
     println!(
         "\nChart: `{}`. Total time {:.0} s.",
