@@ -166,6 +166,19 @@ struct MapBlock {
 }
 
 /// A snapshot being persisted.
+/// Keys with their states at the pause (`None`: zero or unmapped).
+type States = Vec<(u64, Option<Vec<u8>>)>;
+/// The blake3 of each state.
+type Hashes = Vec<Option<[u8; 32]>>;
+
+/// Hashes states on every core.
+fn hash_states(states: &States) -> Hashes {
+    states
+        .par_iter()
+        .map(|(_, s)| s.as_ref().map(|b| *blake3::hash(b).as_bytes()))
+        .collect()
+}
+
 /// A snapshot's dirty set up to this size is copied in one sweep right after the pause (see
 /// `persist`).
 const EAGER_COPY_BYTES: u64 = 64 << 20;
@@ -729,6 +742,18 @@ impl Inner {
         (Some(content), false)
     }
 
+    /// Puts (or removes) a batch of states with their hashes into the pending snapshot.
+    fn store_states(&self, states: &States, hashes: Hashes) -> Result<(), StoreError> {
+        let mut store = self.store.lock();
+        for ((key, state), hash) in states.iter().zip(hashes) {
+            match (state, hash) {
+                (Some(bytes), Some(h)) => store.put_hashed(Vpn(*key), bytes, h)?,
+                _ => store.remove(Vpn(*key))?,
+            }
+        }
+        Ok(())
+    }
+
     fn persist(
         &self,
         job: &Job,
@@ -765,6 +790,7 @@ impl Inner {
         let result = (|| -> Result<_, StoreError> {
             // In batches: take the states at the pause, hash them on every core, then store.
             let mut taken = taken.into_iter();
+            let mut ready: Option<(States, Hashes)> = None;
             for batch in keys.chunks(1024) {
                 let states: Vec<(u64, Option<Vec<u8>>)> = if eager {
                     taken.by_ref().take(batch.len()).collect()
@@ -778,17 +804,20 @@ impl Inner {
                         })
                         .collect()
                 };
-                let hashes: Vec<Option<[u8; 32]>> = states
-                    .par_iter()
-                    .map(|(_, s)| s.as_ref().map(|b| *blake3::hash(b).as_bytes()))
-                    .collect();
-                let mut store = self.store.lock();
-                for ((key, state), hash) in states.iter().zip(hashes) {
-                    match (state, hash) {
-                        (Some(bytes), Some(h)) => store.put_hashed(Vpn(*key), bytes, h)?,
-                        _ => store.remove(Vpn(*key))?,
-                    }
-                }
+                // This batch is hashed on every core while the one before is stored (its
+                // copies into the store's buffer and its writes), so the two overlap.
+                let (hashes, stored) = rayon::join(
+                    || hash_states(&states),
+                    || match ready.take() {
+                        Some((states, hashes)) => self.store_states(&states, hashes),
+                        None => Ok(()),
+                    },
+                );
+                stored?;
+                ready = Some((states, hashes));
+            }
+            if let Some((states, hashes)) = ready.take() {
+                self.store_states(&states, hashes)?;
             }
             let mapped = self
                 .maps

@@ -999,11 +999,15 @@ impl Store {
         head.extend_from_slice(&u64::from(n).to_le_bytes());
         head.extend_from_slice(&[0; 32]);
         w.buf[at..at + EXTENT_HEADER].copy_from_slice(&head);
-        let crc = crc32fast::hash(&w.buf[at..]);
-        w.buf.extend_from_slice(&crc.to_le_bytes());
+        // One pass over the pages: the extent's crc32, folded into the commit's range crc32.
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&w.buf[at..]);
+        w.log.range_crc.combine(&crc);
+        let body = w.buf.len();
+        w.buf.extend_from_slice(&crc.finalize().to_le_bytes());
         let total = record_len(plen);
         w.buf.resize(at + total, 0);
-        w.log.range_crc.update(&w.buf[at..]);
+        w.log.range_crc.update(&w.buf[body..]);
         w.off += total as u64;
         w.log.bytes_since_hint += total as u64;
         w.meta_appended += (total - plen) as u64;
