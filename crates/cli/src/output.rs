@@ -163,33 +163,73 @@ pub fn write(
     }
 }
 
+/// Stored pages with consecutive numbers: the first one's number, how many, their bytes.
+struct Run {
+    first: u64,
+    pages: u64,
+    bytes: Vec<u8>,
+}
+
 /// Calls `f` with each batch of the snapshot's pages: the first page's number, the number of
-/// pages, and the stored (non-zero) pages among them, each checked (crc32, blake3) on reading.
+/// pages, and the runs of consecutive stored (non-zero) pages among them, each page checked
+/// (blake3) on reading. A reader thread reads (pages back to back in the store with one `pread`,
+/// straight into the run) and checks the next batches on every core while `f` writes the last.
 fn for_each_batch(
     store: &Store,
     id: SnapshotId,
-    mut f: impl FnMut(u64, u64, &[(u64, Vec<u8>)]) -> Result<()>,
+    mut f: impl FnMut(u64, u64, &[Run]) -> Result<()>,
 ) -> Result<()> {
     let info = store.snapshot(id)?;
     let ps = u64::from(info.page_size);
     let per_batch = (BATCH_BYTES / ps).max(1);
     let pages = info.logical_size.div_ceil(ps);
-    let mut first = 0u64;
-    while first < pages {
-        let n = per_batch.min(pages - first);
-        let mut refs = Vec::new();
-        store.for_each_page_in(id, Vpn(first)..Vpn(first + n), |v, r| {
-            refs.push((v.0, *r));
-            Ok(())
-        })?;
-        let contents: Vec<(u64, Vec<u8>)> = refs
-            .par_iter()
-            .map(|(v, r)| store.read_ref(r).map(|c| (*v, c)))
-            .collect::<Result<_, _>>()?;
-        f(first, n, &contents)?;
-        first += n;
-    }
-    Ok(())
+    type Read = Result<(u64, u64, Vec<Run>)>;
+    std::thread::scope(|s| -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Read>(2);
+        s.spawn(move || {
+            let mut first = 0u64;
+            while first < pages {
+                let n = per_batch.min(pages - first);
+                let read = (|| -> Result<Vec<Run>> {
+                    // Runs of consecutive page numbers, each at most 64 pages (the unit of work
+                    // spread over the cores).
+                    let mut runs: Vec<(u64, Vec<pagesnap_store::Ref>)> = Vec::new();
+                    store.for_each_page_in(id, Vpn(first)..Vpn(first + n), |v, r| {
+                        match runs.last_mut() {
+                            Some((start, refs))
+                                if *start + refs.len() as u64 == v.0 && refs.len() < 64 =>
+                            {
+                                refs.push(*r)
+                            }
+                            _ => runs.push((v.0, vec![*r])),
+                        }
+                        Ok(())
+                    })?;
+                    runs.par_iter()
+                        .map(|(start, refs)| {
+                            let mut bytes = Vec::with_capacity(refs.len() * ps as usize);
+                            store.read_refs_into(refs, &mut bytes).map(|()| Run {
+                                first: *start,
+                                pages: refs.len() as u64,
+                                bytes,
+                            })
+                        })
+                        .collect::<Result<Vec<Run>, _>>()
+                        .map_err(Into::into)
+                })();
+                let failed = read.is_err();
+                if tx.send(read.map(|c| (first, n, c))).is_err() || failed {
+                    break;
+                }
+                first += n;
+            }
+        });
+        for item in rx {
+            let (first, n, runs) = item?;
+            f(first, n, &runs)?;
+        }
+        Ok(())
+    })
 }
 
 /// Restores into a new file beside `path` and renames it over `path`; with `original`, the new
@@ -233,27 +273,15 @@ fn replace(
     let file = tmp.as_file();
     file.set_len(size).map_err(io_err("sizing the output"))?;
     let mut pages = 0u64;
-    let mut run = Vec::with_capacity(BATCH_BYTES as usize);
-    for_each_batch(store, id, |first, n, contents| {
-        // Contiguous pages go out in one write (a batch is at most 4 MiB); zero pages stay holes.
-        let mut i = 0;
-        while i < contents.len() {
-            let start = contents[i].0;
-            let mut end = i + 1;
-            while end < contents.len() && contents[end].0 == start + (end - i) as u64 {
-                end += 1;
-            }
-            run.clear();
-            for (_, content) in &contents[i..end] {
-                run.extend_from_slice(content);
-            }
-            let at = start * ps;
-            let len = (size.saturating_sub(at) as usize).min(run.len());
-            file.write_all_at(&run[..len], at)
+    for_each_batch(store, id, |first, n, runs| {
+        // Each run of consecutive pages goes out in one write; zero pages stay holes.
+        for run in runs {
+            let at = run.first * ps;
+            let len = (size.saturating_sub(at) as usize).min(run.bytes.len());
+            file.write_all_at(&run.bytes[..len], at)
                 .map_err(io_err("writing the output"))?;
-            i = end;
+            pages += run.pages;
         }
-        pages += contents.len() as u64;
         progress(((first + n) * ps).min(size));
         Ok(())
     })?;
@@ -361,19 +389,18 @@ fn in_place(
     }
     let mut pages = 0u64;
     let mut buf = Vec::new();
-    for_each_batch(store, id, |first, n, contents| {
+    for_each_batch(store, id, |first, n, runs| {
         let at = first * ps;
         let bytes = (n * ps).min(size - at) as usize;
         buf.clear();
         buf.resize((n * ps) as usize, 0);
-        for (vpn, content) in contents {
-            let o = ((vpn - first) * ps) as usize;
-            let len = content.len().min(ps as usize);
-            buf[o..o + len].copy_from_slice(&content[..len]);
+        for run in runs {
+            let o = ((run.first - first) * ps) as usize;
+            buf[o..o + run.bytes.len()].copy_from_slice(&run.bytes);
+            pages += run.pages;
         }
         file.write_all_at(&buf[..bytes], at)
             .map_err(|e| anyhow!("{}: writing at offset {at} failed: {e}", path.display()))?;
-        pages += contents.len() as u64;
         progress(at + bytes as u64);
         Ok(())
     })

@@ -724,30 +724,54 @@ fn read_image(
                 }
             }
         });
-        let mut free: Vec<Vec<u8>> = (0..PIPELINE + 1)
+        let mut free: Vec<Vec<u8>> = (0..PIPELINE + 2)
             .map(|_| vec![0u8; (BATCH_PAGES * ps) as usize])
             .collect();
         let mut in_flight = 0usize;
         let mut batch = Batch::default();
-        // Sends the pending batch to the reader, first storing a read one if no buffer is free.
+        let mut prev: Option<Hashed> = None;
+        // Takes one batch the reader finished: hashes it on every core while the batch hashed
+        // before is stored, so reading, hashing and storing all overlap. Returns a freed buffer.
+        let take_in = |run: &mut Run<'_>,
+                       prev: &mut Option<Hashed>,
+                       in_flight: &mut usize|
+         -> Result<Option<Vec<u8>>, ImageError> {
+            let (b, buf) = done_rx.recv().map_err(|_| reader_gone(path))??;
+            *in_flight -= 1;
+            let last = prev.take();
+            let (hashes, stored) = rayon::join(
+                || hash_pages(&buf, b.pages, ps),
+                || -> Result<Option<Vec<u8>>, ImageError> {
+                    match last {
+                        Some((pb, pbuf, ph)) => {
+                            run.put_batch(&pb, &pbuf, &ph)?;
+                            progress((pb.end * ps).min(size));
+                            Ok(Some(pbuf))
+                        }
+                        None => Ok(None),
+                    }
+                },
+            );
+            let freed = stored?;
+            *prev = Some((b, buf, hashes));
+            Ok(freed)
+        };
+        // Sends the pending batch to the reader, first taking in read ones until a buffer is free.
         let send = |run: &mut Run<'_>,
                     batch: &mut Batch,
                     free: &mut Vec<Vec<u8>>,
+                    prev: &mut Option<Hashed>,
                     in_flight: &mut usize|
          -> Result<(), ImageError> {
             if batch.pages == 0 {
                 return Ok(());
             }
-            let buf = match free.pop() {
-                Some(b) => b,
-                None => {
-                    let (b, buf) = done_rx.recv().map_err(|_| reader_gone(path))??;
-                    *in_flight -= 1;
-                    run.store_batch(&b, &buf)?;
-                    progress((b.end * ps).min(size));
-                    buf
+            while free.is_empty() {
+                if let Some(b) = take_in(run, prev, in_flight)? {
+                    free.push(b);
                 }
-            };
+            }
+            let buf = free.pop().ok_or_else(|| reader_gone(path))?;
             to_reader
                 .send((std::mem::take(batch), buf))
                 .map_err(|_| reader_gone(path))?;
@@ -767,17 +791,18 @@ fn read_image(
                 first += n;
                 batch.end = first;
                 if batch.pages == BATCH_PAGES {
-                    send(&mut run, &mut batch, &mut free, &mut in_flight)?;
+                    send(&mut run, &mut batch, &mut free, &mut prev, &mut in_flight)?;
                 }
             }
             done = extent.end;
         }
-        send(&mut run, &mut batch, &mut free, &mut in_flight)?;
+        send(&mut run, &mut batch, &mut free, &mut prev, &mut in_flight)?;
         drop(to_reader);
         while in_flight > 0 {
-            let (b, buf) = done_rx.recv().map_err(|_| reader_gone(path))??;
-            in_flight -= 1;
-            run.store_batch(&b, &buf)?;
+            take_in(&mut run, &mut prev, &mut in_flight)?;
+        }
+        if let Some((b, buf, hashes)) = prev.take() {
+            run.put_batch(&b, &buf, &hashes)?;
             progress((b.end * ps).min(size));
         }
         // The holes at the end, and the pages past a shrunken image's end: all gone.
@@ -789,6 +814,17 @@ fn read_image(
 
 /// Batches of pages read ahead of the one being stored.
 const PIPELINE: usize = 2;
+
+/// The blake3 of each non-zero page of the first `pages` pages of `buf`, on every core.
+fn hash_pages(buf: &[u8], pages: u64, ps: u64) -> Vec<Option<[u8; 32]>> {
+    buf[..(pages * ps) as usize]
+        .par_chunks(ps as usize)
+        .map(|page| (!is_zero(page)).then(|| *blake3::hash(page).as_bytes()))
+        .collect()
+}
+
+/// A batch read and hashed, waiting to be stored.
+type Hashed = (Batch, Vec<u8>, Vec<Option<[u8; 32]>>);
 
 /// Page ranges of data to read together, at most [`BATCH_PAGES`] pages in all.
 #[derive(Default)]
@@ -868,15 +904,15 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Hashes a batch read into `buf` on every core, and puts or removes the pages that differ
-    /// from the parent's.
-    fn store_batch(&mut self, batch: &Batch, buf: &[u8]) -> Result<(), ImageError> {
+    /// Puts or removes the pages of a batch read into `buf` (with their hashes) that differ from
+    /// the parent's.
+    fn put_batch(
+        &mut self,
+        batch: &Batch,
+        buf: &[u8],
+        hashes: &[Option<[u8; 32]>],
+    ) -> Result<(), ImageError> {
         let ps = self.ps;
-        let off = (batch.pages * ps) as usize;
-        let hashes: Vec<Option<[u8; 32]>> = buf[..off]
-            .par_chunks(ps as usize)
-            .map(|page| (!is_zero(page)).then(|| *blake3::hash(page).as_bytes()))
-            .collect();
         let mut i = 0usize;
         for r in batch.ranges.iter().cloned() {
             let mut old: HashMap<u64, [u8; 32]> = HashMap::new();

@@ -554,6 +554,57 @@ impl Store {
         Ok(map)
     }
 
+    /// A page whose bytes failed their blake3 in a run read but read back intact alone (the
+    /// segment changed between the two reads: another program writing into the store).
+    pub(super) fn changed_under_us(&self, r: &Ref) -> StoreError {
+        corrupt(
+            &*self.io,
+            &seg_name(r.loc.segment),
+            "page",
+            r.loc.offset,
+            "content changed between two reads",
+        )
+    }
+
+    /// Appends the bytes at `r.loc` (any span of a segment) to `out`, unchecked: the caller
+    /// checks each page.
+    pub(super) fn read_span_into(&self, r: &Ref, out: &mut Vec<u8>) -> Result<(), StoreError> {
+        let io = &*self.io;
+        let name = seg_name(r.loc.segment);
+        if self.segments().binary_search(&r.loc.segment).is_err() || r.loc.offset < SEG_HEADER {
+            return Err(corrupt(
+                io,
+                &name,
+                "page",
+                r.loc.offset,
+                "implausible page location",
+            ));
+        }
+        let start = out.len();
+        out.resize(start + r.loc.len as usize, 0);
+        let read = io.read(&name, r.loc.offset, &mut out[start..]);
+        read.map_err(|e| {
+            out.truncate(start);
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                corrupt(
+                    io,
+                    &name,
+                    "page",
+                    r.loc.offset,
+                    "points past the end of the segment",
+                )
+            } else {
+                StoreError::Read {
+                    path: io.location().join(&name),
+                    what: "page",
+                    offset: r.loc.offset,
+                    len: r.loc.len,
+                    source: e,
+                }
+            }
+        })
+    }
+
     /// A page's bytes from a format 3 extent, checked against its blake3.
     pub(super) fn read_page_bytes(&self, r: &Ref) -> Result<Vec<u8>, StoreError> {
         let io = &*self.io;

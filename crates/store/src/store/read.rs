@@ -4,7 +4,10 @@
 
 use super::{corrupt, read_record, read_record_kind, Store};
 use crate::error::StoreError;
-use crate::format::{seg_name, Kind, NodePtr, Ref};
+use crate::format::{seg_name, Kind, Location, NodePtr, Ref};
+
+/// The most bytes [`Store::read_refs_into`] reads with one `pread`.
+const RUN_BYTES: u64 = 8 << 20;
 use crate::manifest::Manifest;
 use crate::trie::{self, NodeIo};
 use crate::{SnapshotId, SnapshotInfo};
@@ -223,6 +226,57 @@ impl Store {
             ));
         }
         Ok(payload)
+    }
+
+    /// Appends to `out` the contents the page references name, each checked, back to back in the
+    /// order given. Pages that lie back to back in a segment (as a snapshot's pages written
+    /// together do) are read with one `pread` per run of up to 8 MiB, straight into `out`.
+    pub fn read_refs_into(&self, refs: &[Ref], out: &mut Vec<u8>) -> Result<(), StoreError> {
+        if !self.is_log() {
+            for r in refs {
+                out.extend_from_slice(&self.read_ref(r)?);
+            }
+            return Ok(());
+        }
+        let mut i = 0;
+        while i < refs.len() {
+            // The run starting at i: each next page right after the one before, same segment.
+            let mut j = i + 1;
+            let mut bytes = u64::from(refs[i].loc.len);
+            while j < refs.len()
+                && refs[j].loc.segment == refs[i].loc.segment
+                && refs[j].loc.offset == refs[j - 1].loc.offset + u64::from(refs[j - 1].loc.len)
+                && bytes + u64::from(refs[j].loc.len) <= RUN_BYTES
+            {
+                bytes += u64::from(refs[j].loc.len);
+                j += 1;
+            }
+            let run = Ref {
+                hash: [0; 32],
+                loc: Location {
+                    segment: refs[i].loc.segment,
+                    offset: refs[i].loc.offset,
+                    len: u32::try_from(bytes).unwrap_or(u32::MAX),
+                },
+            };
+            let start = out.len();
+            self.read_span_into(&run, out)?;
+            let mut at = start;
+            for r in &refs[i..j] {
+                let page = &out[at..at + r.loc.len as usize];
+                at += r.loc.len as usize;
+                if blake3::hash(page).as_bytes() != &r.hash {
+                    out.truncate(start);
+                    // Named by the page itself, with the error a single read gives.
+                    return Err(self
+                        .read_page_bytes(r)
+                        .err()
+                        .unwrap_or_else(|| self.changed_under_us(r)));
+                }
+            }
+            i = j;
+        }
+        Ok(())
     }
 
     /// Pages whose content differs between snapshots `a` and `b`, in address order.
