@@ -29,6 +29,28 @@ pub(crate) const MAX_CHAIN_CHUNKS: usize = 1 << 22;
 /// A whole page map: page number to the page's content hash and location.
 pub(crate) type PageMap = BTreeMap<u64, Ref>;
 
+/// Hashes a blake3 key by its first 8 bytes: they are already uniformly distributed, and no
+/// content can steer them (that would need blake3 preimages), so SipHash's work buys nothing.
+#[derive(Default)]
+pub(crate) struct ContentHasher(u64);
+
+impl std::hash::Hasher for ContentHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // `[u8; 32]` hashes as its length then its bytes: keep the first 8 content bytes.
+        for (i, b) in bytes.iter().take(8).enumerate() {
+            self.0 ^= u64::from(*b) << (8 * i);
+        }
+        self.0 = self.0.rotate_left(29);
+    }
+}
+
+/// A map keyed by content hash.
+pub(crate) type ByContent<V> =
+    std::collections::HashMap<[u8; 32], V, std::hash::BuildHasherDefault<ContentHasher>>;
+
 /// Where a chunk record is and the blake3 of its payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct ChunkRef {

@@ -15,7 +15,7 @@ use crate::storage::Storage;
 use crate::trie::{self, Delta};
 use crate::{CommitReport, SnapshotId, SnapshotMeta, StoreOptions};
 use pagesnap_pagetable::Vpn;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 impl Store {
     /// After a superblock write whose outcome is unknown (it failed and so did its undo, or the
@@ -114,7 +114,7 @@ impl Store {
             base_root,
             base_count,
             changes: BTreeMap::new(),
-            fresh: HashMap::new(),
+            fresh: Default::default(),
             pages_written: 0,
             changed: 0,
             map: None,

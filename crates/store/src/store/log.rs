@@ -28,7 +28,7 @@ use crate::manifest::{ManifestV3, RecordRef, MAX_LABEL};
 use crate::storage::Storage;
 use crate::{CommitReport, SnapshotId, SnapshotInfo, SnapshotMeta};
 use pagesnap_pagetable::{Epoch, Vpn};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::sync::Arc;
 
@@ -103,7 +103,7 @@ pub(crate) struct LogWriter {
     pub(crate) need_hint: bool,
     /// Content hash to the place of a stored page, for every page a retained snapshot uses (built
     /// on first need).
-    pub(crate) dedup: Option<HashMap<[u8; 32], Location>>,
+    pub(crate) dedup: Option<crate::index::ByContent<Location>>,
     /// A commit is being written: if it is still set when the next change begins, that commit
     /// was abandoned by a panic out of the backend, and its bytes may be on the disk.
     pub(crate) in_commit: bool,
@@ -754,7 +754,7 @@ impl Store {
             base_root: None,
             base_count: 0,
             changes: BTreeMap::new(),
-            fresh: HashMap::new(),
+            fresh: Default::default(),
             pages_written: 0,
             changed: 0,
             map,
@@ -769,7 +769,7 @@ impl Store {
         if self.writer.as_ref().is_some_and(|w| w.log.dedup.is_some()) {
             return Ok(());
         }
-        let mut dedup = HashMap::new();
+        let mut dedup = crate::index::ByContent::default();
         let mut seen: BTreeSet<Location> = BTreeSet::new();
         let heads: Vec<Option<ChunkRef>> = self
             .catalog

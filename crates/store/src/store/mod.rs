@@ -53,7 +53,7 @@ struct Pending {
     base_count: u64,
     changes: BTreeMap<u64, Option<Ref>>,
     /// Page records written in this snapshot, by content hash (dedup within the snapshot).
-    fresh: HashMap<[u8; 32], Ref>,
+    fresh: crate::index::ByContent<Ref>,
     pages_written: u64,
     /// Index entries changed by earlier flushes.
     changed: u64,
