@@ -356,6 +356,24 @@ impl Store {
                 }
             }
         }
+        // Every page is written inside an extent: one found in no intact extent means a damaged
+        // record header (a flipped magic, kind or length) before or at it. The pages themselves
+        // are still checked, one by one.
+        let mut reported = std::collections::BTreeSet::new();
+        for p in &alone {
+            if reported.insert(p.segment) {
+                store_damage(
+                    report,
+                    format!(
+                        "{}: the page at offset {} (and any after it listed here) is in no intact \
+                         page extent: a record header before it is damaged (pages checked one by \
+                         one)",
+                        self.io.location().join(seg_name(p.segment)).display(),
+                        p.offset
+                    ),
+                );
+            }
+        }
         for p in alone {
             let (hash, users) = &pages[&p];
             if let Err(e) = self.read_page_bytes(&crate::format::Ref {
