@@ -312,13 +312,8 @@ mod log_space {
         }
 
         /// The records of one segment, in order, as (offset, kind, length), up to `end` or the
-        /// first bytes that are not a record header; and where the walk stopped short of `end` (a
-        /// damaged record header: every record up to `end` was written whole and synced).
-        pub(in crate::store) fn segment_records_to(
-            &self,
-            id: u32,
-            end: u64,
-        ) -> Result<(Vec<(u64, u8, u64)>, Option<u64>), StoreError> {
+        /// first bytes that are not a record header.
+        fn segment_records(&self, id: u32, end: u64) -> Result<Vec<(u64, u8, u64)>, StoreError> {
             let name = seg_name(id);
             let mut out = Vec::new();
             let mut at = SEG_HEADER;
@@ -336,7 +331,7 @@ mod log_space {
                 out.push((at, head[4], len));
                 at += len;
             }
-            Ok((out, (at < end).then_some(at)))
+            Ok(out)
         }
 
         /// The extents holding `pages` (ascending, distinct), each with its pages; and the pages
@@ -358,7 +353,7 @@ mod log_space {
                 } else {
                     self.io.len(&seg_name(id)).unwrap_or(0)
                 };
-                let (records, _) = self.segment_records_to(id, end)?;
+                let records = self.segment_records(id, end)?;
                 let extents: Vec<(u64, u64)> = records
                     .into_iter()
                     .filter(|(_, k, _)| *k == Kind::Pages as u8)
