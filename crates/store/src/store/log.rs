@@ -295,6 +295,22 @@ pub(crate) fn scan_log(io: &dyn Storage, sb: &mut Superblock) -> Result<Scanned,
             i += len;
             continue;
         }
+        // The record names where the commit it stands on lies: when that one was placed by a
+        // guess (the crc under it matched neither way), its copies, its end and so the start of
+        // this commit's crc range are taken from here.
+        if let Some(l) = rec.prev.filter(|_| unproven.is_some()) {
+            let end = l.b.offset + u64::from(l.b.len);
+            if l.a.segment == sb.active_segment && l.b.segment == sb.active_segment && end >= start
+            {
+                if let Ok(end) = usize::try_from(end - start) {
+                    if end <= i {
+                        set_link(sb, Some(l));
+                        sb.active_len = start + end as u64;
+                        range_start = end;
+                    }
+                }
+            }
+        }
         let crc_of = |from: usize, to: usize| crc32fast::hash(&buf[from..to]);
         // The first copy at i (its crc covers up to it), or the second with a damaged first copy
         // before it. When the crc matches neither way (damage under the commit too), the bytes
