@@ -626,7 +626,7 @@ impl Store {
         let io = &*self.io;
         let name = seg_name(r.loc.segment);
         if self.segments().binary_search(&r.loc.segment).is_err()
-            || u64::from(r.loc.len) > MAX_RECORD
+            || r.loc.len != self.sb.page_size
             || r.loc.offset < SEG_HEADER
         {
             return Err(corrupt(

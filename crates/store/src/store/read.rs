@@ -238,6 +238,21 @@ impl Store {
             }
             return Ok(());
         }
+        if let Some(r) = refs
+            .iter()
+            .find(|r| r.loc.len != self.sb.page_size || u64::from(r.loc.len) > RUN_BYTES)
+        {
+            return Err(super::corrupt(
+                &*self.io,
+                &seg_name(r.loc.segment),
+                "page",
+                r.loc.offset,
+                format!(
+                    "a page of {} bytes in a store of {}-byte pages",
+                    r.loc.len, self.sb.page_size
+                ),
+            ));
+        }
         let mut i = 0;
         while i < refs.len() {
             // The run starting at i: each next page right after the one before, same segment.
