@@ -4,20 +4,22 @@
 //! a two-slot superblock. Built for the engine (dirty pages of a persistent address space) and the
 //! CLI (pages of raw disk images).
 //!
-//! - **Page records**: header (page number, length, blake3 of the content), the content, crc32
-//!   over both. All-zero pages are never stored; identical contents are stored once across all
-//!   snapshots (dedup by blake3).
-//! - **Incremental index**: each snapshot's page index is a copy-on-write trie
-//!   ([`docs/format.md`](../../docs/format.md)) sharing every unchanged node with its parent, so
-//!   a snapshot that changes D pages writes O(D · depth) metadata, and a lookup reads one path.
-//!   Each node carries a Merkle hash; a snapshot's Merkle root names its contents.
-//! - **Atomic, redundant commit**: data and index are synced, then the new state is written and
-//!   synced into one superblock slot (the commit point) and then the other. A snapshot is entirely
-//!   there after a crash, or not at all, and one damaged slot hides nothing.
+//! - **Pages** (format 3): back to back in checksummed extents; an index entry points at the
+//!   page's bytes and holds its blake3, checked on every read. All-zero pages are never stored;
+//!   identical contents are stored once across all snapshots (dedup by blake3).
+//! - **Page maps O(changed)**: a snapshot's index is a chain of sorted chunks — a base and the
+//!   deltas of each commit since ([`docs/format.md`](../../docs/format.md)); a commit that
+//!   changes D pages writes D entries of 56 bytes, and a new base when the deltas reach its size,
+//!   so index metadata stays at a few percent of the data.
+//! - **One sync per commit**: pages, chunks and a chained, checksummed commit record (written
+//!   twice) are appended and synced once; the two-slot superblock is a hint that open scans on
+//!   from. A snapshot is entirely there after a crash, or not at all; one flipped bit in a commit
+//!   record or a slot hides nothing. Format 1 and 2 stores (a Merkle trie, a superblock write per
+//!   commit) are still read and written; [`Store::upgrade`] converts them.
 //! - **Recovery that proves before it deletes**: a writer locks before it reads, checks every
 //!   listed segment, makes both slots agree, and only then removes leftovers (or quarantines them
 //!   when a slot was damaged).
-//! - **Damage is contained and reported**: every read is checked (crc32, blake3, Merkle) and
+//! - **Damage is contained and reported**: every read is checked (crc32, blake3) and
 //!   never returns wrong bytes; [`Store::verify`] lists damaged snapshots and pages; open reports
 //!   the newest snapshot that still reads back.
 //! - **Delete and GC**: deleting is a commit; [`Store::gc`] copies live records to new segments
