@@ -6,4 +6,6 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let _ = pagesnap_store::fuzzing::decode_node(data);
     let _ = pagesnap_store::fuzzing::decode_superblock(data);
     let _ = pagesnap_store::fuzzing::decode_manifest(data);
+    let _ = pagesnap_store::fuzzing::decode_chunk(data);
+    let _ = pagesnap_store::fuzzing::decode_commit(data);
 });

@@ -63,9 +63,25 @@ pub mod fuzzing {
     /// Decodes a record of each kind; true if any kind accepts the bytes.
     pub fn decode_record(bytes: &[u8]) -> bool {
         use crate::format::{decode_record, Kind};
-        [Kind::Page, Kind::Node, Kind::Manifest, Kind::Manifest2]
-            .into_iter()
-            .any(|k| decode_record(bytes, k).is_ok())
+        [
+            Kind::Page,
+            Kind::Node,
+            Kind::Manifest,
+            Kind::Manifest2,
+            Kind::Commit,
+            Kind::Chunk,
+            Kind::Pages,
+        ]
+        .into_iter()
+        .any(|k| decode_record(bytes, k).is_ok())
+    }
+    /// Decodes a format 3 page-map chunk payload.
+    pub fn decode_chunk(bytes: &[u8]) -> bool {
+        crate::index::Chunk::decode(bytes).is_ok()
+    }
+    /// Decodes a format 3 commit record payload.
+    pub fn decode_commit(bytes: &[u8]) -> bool {
+        crate::catalog::CommitRecord::from_bytes(bytes).is_ok()
     }
     /// Decodes an index node payload.
     pub fn decode_node(bytes: &[u8]) -> bool {

@@ -13,6 +13,8 @@ proptest! {
         fuzzing::decode_node(&bytes);
         fuzzing::decode_superblock(&bytes);
         fuzzing::decode_manifest(&bytes);
+        fuzzing::decode_chunk(&bytes);
+        fuzzing::decode_commit(&bytes);
     }
 
     #[test]
