@@ -625,10 +625,7 @@ impl Store {
     pub(super) fn read_page_bytes(&self, r: &Ref) -> Result<Vec<u8>, StoreError> {
         let io = &*self.io;
         let name = seg_name(r.loc.segment);
-        if self.segments().binary_search(&r.loc.segment).is_err()
-            || r.loc.len != self.sb.page_size
-            || r.loc.offset < SEG_HEADER
-        {
+        if r.loc.len != self.sb.page_size {
             return Err(corrupt(
                 io,
                 &name,
@@ -637,26 +634,8 @@ impl Store {
                 "implausible page location",
             ));
         }
-        let mut buf = vec![0u8; r.loc.len as usize];
-        io.read(&name, r.loc.offset, &mut buf).map_err(|e| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                corrupt(
-                    io,
-                    &name,
-                    "page",
-                    r.loc.offset,
-                    "points past the end of the segment",
-                )
-            } else {
-                StoreError::Read {
-                    path: io.location().join(&name),
-                    what: "page",
-                    offset: r.loc.offset,
-                    len: r.loc.len,
-                    source: e,
-                }
-            }
-        })?;
+        let mut buf = Vec::with_capacity(r.loc.len as usize);
+        self.read_span_into(r, &mut buf)?;
         if blake3::hash(&buf).as_bytes() != &r.hash {
             return Err(corrupt(
                 io,
