@@ -29,6 +29,8 @@ bench:
     cargo run --release -p pagesnap-bench
     cargo run --release -p pagesnap-store --example incremental
     cargo run --release -p pagesnap-engine --example pause
+    cargo run --release -p pagesnap-store --example commit_cost
+    cargo run --release -p pagesnap-engine --example checkpoint_loop
 
 # The full benchmark run (8 Mi mappings, 1 Mi-page snapshots).
 bench-full:
@@ -54,6 +56,6 @@ fuzz seconds="60":
 # The crash campaign at scale: about a million store crash states, 100k corruptions, 5k engine
 # state-machine cases (tens of minutes on 2 cores).
 crash-long:
-    PAGESNAP_CRASH_WORKLOADS=670 cargo test --release -p pagesnap-store --test crash -- --nocapture
+    PAGESNAP_CRASH_WORKLOADS=1800 cargo test --release -p pagesnap-store --test crash -- --nocapture
     PAGESNAP_CORRUPTIONS=100000 cargo test --release -p pagesnap-store --test corruption -- --nocapture
     PAGESNAP_ENGINE_CRASH_CASES=5000 cargo test --release -p pagesnap-engine --test crash_machine -- --nocapture
