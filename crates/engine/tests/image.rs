@@ -496,7 +496,9 @@ fn loop_device(backing: &std::path::Path) -> Result<Loop, String> {
 fn a_block_device_that_shrinks_during_the_read_is_refused_clearly() {
     let dir = tempfile::tempdir().expect("tmp");
     let backing = dir.path().join("backing.img");
-    let data = image(4096, 6); // 16 MiB: four batches
+    // 64 MiB: sixteen batches, so that the reads go on well past the batches the snapshot's
+    // reader thread has already read ahead when the device shrinks.
+    let data = image(16384, 6);
     std::fs::write(&backing, &data).expect("write");
     let dev = match loop_device(&backing) {
         Ok(d) => d,
@@ -508,12 +510,12 @@ fn a_block_device_that_shrinks_during_the_read_is_refused_clearly() {
     let node = std::path::PathBuf::from(&dev.0);
     let mut store = Store::init(dir.path().join("store"), StoreOptions::default()).expect("store");
     let first = snapshot_image(&mut store, &node, None, &|_| {}).expect("snapshot the device");
-    assert_eq!((first.image_size, first.pages_read), (16 << 20, 4096));
+    assert_eq!((first.image_size, first.pages_read), (64 << 20, 16384));
     // The device goes (mostly) away after the first batch: its backing file is cut to 1 MiB and
     // the loop device told its new size.
     let once = std::sync::Once::new();
     let shrink = |done: u64| {
-        if done > 0 && done < 16 << 20 {
+        if done > 0 && done < 64 << 20 {
             once.call_once(|| {
                 std::fs::OpenOptions::new()
                     .write(true)
