@@ -799,28 +799,36 @@ impl Inner {
             let mut taken = taken.into_iter();
             let mut ready: Option<(States, Hashes)> = None;
             for batch in keys.chunks(1024) {
-                let states: Vec<(u64, Option<Vec<u8>>)> = if eager {
-                    taken.by_ref().take(batch.len()).collect()
-                } else {
-                    batch
-                        .iter()
-                        .map(|&key| {
-                            let (state, preserved) = self.state_at_pause(job, key);
-                            copied_on_write += u64::from(preserved);
-                            (key, state.filter(|b| b.iter().any(|x| *x != 0)))
-                        })
-                        .collect()
-                };
-                // This batch is hashed on every core while the one before is stored (its
-                // copies into the store's buffer and its writes), so the two overlap.
-                let (hashes, stored) = rayon::join(
-                    || hash_states(&states),
+                let eager_states: Option<States> =
+                    eager.then(|| taken.by_ref().take(batch.len()).collect());
+                // This batch's states are taken (copied out of their frames, unless the sweep did)
+                // and hashed while the one before is stored (its copies into the store's buffer
+                // and its writes), so the three overlap.
+                let (taken_batch, stored) = rayon::join(
+                    || {
+                        let mut cow = 0u64;
+                        let states: States = match eager_states {
+                            Some(s) => s,
+                            None => batch
+                                .iter()
+                                .map(|&key| {
+                                    let (state, preserved) = self.state_at_pause(job, key);
+                                    cow += u64::from(preserved);
+                                    (key, state.filter(|b| b.iter().any(|x| *x != 0)))
+                                })
+                                .collect(),
+                        };
+                        let hashes = hash_states(&states);
+                        (states, hashes, cow)
+                    },
                     || match ready.take() {
                         Some((states, hashes)) => self.store_states(&states, hashes),
                         None => Ok(()),
                     },
                 );
                 stored?;
+                let (states, hashes, cow) = taken_batch;
+                copied_on_write += cow;
                 ready = Some((states, hashes));
             }
             if let Some((states, hashes)) = ready.take() {
