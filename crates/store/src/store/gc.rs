@@ -598,26 +598,10 @@ mod log_space {
         }
 
         fn abandon_rewrite(&mut self) {
-            let sb = self.sb.clone();
+            // Back to the committed state (in doubt: the old segments stay readable, nothing
+            // is reused).
+            self.rollback();
             if let Some(w) = self.writer.as_mut() {
-                // In doubt, nothing is reused, but reads of the committed state must still find
-                // its segments (they were dropped from the list the failed write named).
-                for id in &sb.segments {
-                    if let Err(i) = w.segments.binary_search(id) {
-                        w.segments.insert(i, *id);
-                    }
-                }
-                if !w.in_doubt {
-                    for id in w.created.drain(..) {
-                        let _ = self.io.remove(&seg_name(id));
-                    }
-                    w.segments = sb.segments.clone();
-                    w.seg = sb.active_segment;
-                    w.off = sb.active_len;
-                    w.cap = self.io.len(&seg_name(sb.active_segment)).unwrap_or(0);
-                    w.touched.clear();
-                    w.buf.clear();
-                }
                 // Whatever was owed before (a generation bump) is still owed, and the copy's
                 // bytes past the committed end may be on the disk: the next change writes a hint.
                 w.log = LogWriter {

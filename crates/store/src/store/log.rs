@@ -709,6 +709,17 @@ impl Store {
         Ok(())
     }
 
+    /// A hint in the middle of a commit (a new segment, or 64 MiB appended): the commit's bytes so
+    /// far are synced by it and the range crc starts again after it. If it fails, the hint stays
+    /// owed, so the commit record is not written before one (`write_commit`).
+    fn hint_inside_commit(&mut self) -> Result<(), StoreError> {
+        self.write_hint().inspect_err(|_| {
+            if let Some(w) = self.writer.as_mut() {
+                w.log.need_hint = true;
+            }
+        })
+    }
+
     /// Writes the superblock hint now (the committed state, generation + 1).
     pub(super) fn write_hint(&mut self) -> Result<(), StoreError> {
         self.publish_hint()?;
@@ -877,16 +888,7 @@ impl Store {
         };
         if hint_due {
             self.seal_extent()?;
-            if let Err(e) = self.publish_hint() {
-                if let Some(w) = self.writer.as_mut() {
-                    w.log.need_hint = true;
-                }
-                return Err(e);
-            }
-            let w = self.log_writer()?;
-            w.log.range_crc = crc32fast::Hasher::new();
-            w.log.since_hint = 0;
-            w.log.bytes_since_hint = 0;
+            self.hint_inside_commit()?;
         }
         if roll {
             self.seal_extent()?;
@@ -903,16 +905,7 @@ impl Store {
                 // If it cannot be written, the commit must not go on as if it had been (its
                 // record would sit in a segment no hint names, its crc over the old segment's
                 // bytes too): `write_commit` writes the hint first.
-                if let Err(e) = self.publish_hint() {
-                    if let Some(w) = self.writer.as_mut() {
-                        w.log.need_hint = true;
-                    }
-                    return Err(e);
-                }
-                let w = self.log_writer()?;
-                w.log.range_crc = crc32fast::Hasher::new();
-                w.log.since_hint = 0;
-                w.log.bytes_since_hint = 0;
+                self.hint_inside_commit()?;
             }
         }
         let w = self.log_writer()?;
