@@ -50,6 +50,7 @@ pub mod fault;
 mod format;
 mod index;
 mod manifest;
+pub mod pagehash;
 mod storage;
 mod store;
 mod trie;
