@@ -92,7 +92,9 @@
 //! that fails, shrinks or goes away during the read is refused with [`ImageError::DeviceRead`],
 //! nothing committed.
 
-use pagesnap_store::{Epoch, SnapshotId, SnapshotMeta, Store, StoreError, Vpn, MAX_LABEL};
+use pagesnap_store::{
+    pagehash, Epoch, SnapshotId, SnapshotMeta, Store, StoreError, Vpn, MAX_LABEL,
+};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::fs::File;
@@ -710,66 +712,62 @@ fn read_image(
         at: 0,
         holes,
     };
-    // A reader thread reads the next batches while this one hashes and stores the last: reading
-    // (a disk, or the kernel's copy out of the page cache) overlaps hashing and writing.
+    // Three stages, each on its own thread, with buffers passed along: a reader thread reads the
+    // next batches (a disk, or the kernel's copy out of the page cache), a hashing thread hashes
+    // each on every core, and this thread stores them (the store's writer thread writes them
+    // out). No stage waits for another while a buffer is free, so reading, hashing, storing and
+    // the device all overlap.
     std::thread::scope(|s| -> Result<(u64, u64), ImageError> {
-        let (to_reader, jobs) = std::sync::mpsc::sync_channel::<(Batch, Vec<u8>)>(PIPELINE);
+        let (to_reader, jobs) = std::sync::mpsc::sync_channel::<(Batch, Vec<u8>)>(BUFFERS);
+        let (to_hasher, reads) =
+            std::sync::mpsc::sync_channel::<Result<(Batch, Vec<u8>), ImageError>>(BUFFERS);
         let (to_main, done_rx) =
-            std::sync::mpsc::sync_channel::<Result<(Batch, Vec<u8>), ImageError>>(PIPELINE);
+            std::sync::mpsc::sync_channel::<Result<Hashed, ImageError>>(BUFFERS);
         s.spawn(move || {
             for (batch, mut buf) in jobs {
                 let read = read_batch(file, path, device, size, ps, &batch, &mut buf);
-                if to_main.send(read.map(|()| (batch, buf))).is_err() {
+                if to_hasher.send(read.map(|()| (batch, buf))).is_err() {
                     break;
                 }
             }
         });
-        let mut free: Vec<Vec<u8>> = (0..PIPELINE + 2)
+        s.spawn(move || {
+            for read in reads {
+                let hashed = read.map(|(b, buf)| {
+                    let hashes = hash_pages(&buf, b.pages, ps);
+                    (b, buf, hashes)
+                });
+                if to_main.send(hashed).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut free: Vec<Vec<u8>> = (0..BUFFERS)
             .map(|_| vec![0u8; (BATCH_PAGES * ps) as usize])
             .collect();
         let mut in_flight = 0usize;
         let mut batch = Batch::default();
-        let mut prev: Option<Hashed> = None;
-        // Takes one batch the reader finished: hashes it on every core while the batch hashed
-        // before is stored, so reading, hashing and storing all overlap. Returns a freed buffer.
-        let take_in = |run: &mut Run<'_>,
-                       prev: &mut Option<Hashed>,
-                       in_flight: &mut usize|
-         -> Result<Option<Vec<u8>>, ImageError> {
-            let (b, buf) = done_rx.recv().map_err(|_| reader_gone(path))??;
+        // Stores one batch read and hashed; returns its buffer.
+        let take_in = |run: &mut Run<'_>, in_flight: &mut usize| -> Result<Vec<u8>, ImageError> {
+            let (b, buf, hashes) = done_rx.recv().map_err(|_| reader_gone(path))??;
             *in_flight -= 1;
-            let last = prev.take();
-            let (hashes, stored) = rayon::join(
-                || hash_pages(&buf, b.pages, ps),
-                || -> Result<Option<Vec<u8>>, ImageError> {
-                    match last {
-                        Some((pb, pbuf, ph)) => {
-                            run.put_batch(&pb, &pbuf, &ph)?;
-                            progress((pb.end * ps).min(size));
-                            Ok(Some(pbuf))
-                        }
-                        None => Ok(None),
-                    }
-                },
-            );
-            let freed = stored?;
-            *prev = Some((b, buf, hashes));
-            Ok(freed)
+            run.put_batch(&b, &buf, &hashes)?;
+            progress((b.end * ps).min(size));
+            Ok(buf)
         };
-        // Sends the pending batch to the reader, first taking in read ones until a buffer is free.
+        // Sends the pending batch to the reader, first storing finished ones until a buffer is
+        // free.
         let send = |run: &mut Run<'_>,
                     batch: &mut Batch,
                     free: &mut Vec<Vec<u8>>,
-                    prev: &mut Option<Hashed>,
                     in_flight: &mut usize|
          -> Result<(), ImageError> {
             if batch.pages == 0 {
                 return Ok(());
             }
-            while free.is_empty() {
-                if let Some(b) = take_in(run, prev, in_flight)? {
-                    free.push(b);
-                }
+            if free.is_empty() {
+                let b = take_in(run, in_flight)?;
+                free.push(b);
             }
             let buf = free.pop().ok_or_else(|| reader_gone(path))?;
             to_reader
@@ -791,19 +789,15 @@ fn read_image(
                 first += n;
                 batch.end = first;
                 if batch.pages == BATCH_PAGES {
-                    send(&mut run, &mut batch, &mut free, &mut prev, &mut in_flight)?;
+                    send(&mut run, &mut batch, &mut free, &mut in_flight)?;
                 }
             }
             done = extent.end;
         }
-        send(&mut run, &mut batch, &mut free, &mut prev, &mut in_flight)?;
+        send(&mut run, &mut batch, &mut free, &mut in_flight)?;
         drop(to_reader);
         while in_flight > 0 {
-            take_in(&mut run, &mut prev, &mut in_flight)?;
-        }
-        if let Some((b, buf, hashes)) = prev.take() {
-            run.put_batch(&b, &buf, &hashes)?;
-            progress((b.end * ps).min(size));
+            take_in(&mut run, &mut in_flight)?;
         }
         // The holes at the end, and the pages past a shrunken image's end: all gone.
         run.hole(done..u64::MAX)?;
@@ -812,16 +806,26 @@ fn read_image(
     })
 }
 
-/// Batches of pages read ahead of the one being stored.
-const PIPELINE: usize = 2;
+/// Batch buffers passed between the stages of an image snapshot (reading, hashing, storing).
+const BUFFERS: usize = 6;
 
-/// The blake3 of each non-zero page of the first `pages` pages of `buf`, on every core.
+/// The blake3 of each non-zero page of the first `pages` pages of `buf`, on every core, many
+/// pages at once on each (`pagehash`).
 fn hash_pages(buf: &[u8], pages: u64, ps: u64) -> Vec<Option<[u8; 32]>> {
-    buf[..(pages * ps) as usize]
-        .par_chunks(ps as usize)
-        .map(|page| (!is_zero(page)).then(|| *blake3::hash(page).as_bytes()))
+    let all: Vec<&[u8]> = buf[..(pages * ps) as usize].chunks(ps as usize).collect();
+    let data: Vec<&[u8]> = all.iter().copied().filter(|p| !is_zero(p)).collect();
+    let mut hashes = vec![[0u8; 32]; data.len()];
+    data.par_chunks(HASH_GROUP)
+        .zip(hashes.par_chunks_mut(HASH_GROUP))
+        .for_each(|(pages, out)| pagehash::hash_pages(pages, out));
+    let mut next = hashes.into_iter();
+    all.iter()
+        .map(|p| if is_zero(p) { None } else { next.next() })
         .collect()
 }
+
+/// Pages one core hashes at a time.
+const HASH_GROUP: usize = 256;
 
 /// A batch read and hashed, waiting to be stored.
 type Hashed = (Batch, Vec<u8>, Vec<Option<[u8; 32]>>);

@@ -59,10 +59,10 @@ use pagesnap_pagetable::{
     VirtAddr, Vpn,
 };
 use pagesnap_store::{
-    Mode, SharedStorage, SnapshotId, SnapshotMeta, Store, StoreError, StoreOptions,
+    pagehash, Mode, SharedStorage, SnapshotId, SnapshotMeta, Store, StoreError, StoreOptions,
 };
 use parking_lot::{Condvar, Mutex, RwLock};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -175,13 +175,24 @@ type Hashes = Vec<Option<[u8; 32]>>;
 /// keeps to one core and leaves the other to the mutators: ~1 ms per 1,000 pages), a large one
 /// on every core.
 fn hash_states(states: &States) -> Hashes {
-    let hash = |(_, s): &(u64, Option<Vec<u8>>)| s.as_ref().map(|b| *blake3::hash(b).as_bytes());
+    let data: Vec<&[u8]> = states.iter().filter_map(|(_, s)| s.as_deref()).collect();
+    let mut hashes = vec![[0u8; 32]; data.len()];
     if states.len() < PARALLEL_HASH_MIN {
-        states.iter().map(hash).collect()
+        pagehash::hash_pages(&data, &mut hashes);
     } else {
-        states.par_iter().map(hash).collect()
+        data.par_chunks(HASH_GROUP)
+            .zip(hashes.par_chunks_mut(HASH_GROUP))
+            .for_each(|(pages, out)| pagehash::hash_pages(pages, out));
     }
+    let mut next = hashes.into_iter();
+    states
+        .iter()
+        .map(|(_, s)| s.as_ref().and_then(|_| next.next()))
+        .collect()
 }
+
+/// Pages one core hashes at a time (many pages at once: `pagehash`).
+const HASH_GROUP: usize = 256;
 
 /// Batches of at least this many pages are hashed on every core.
 const PARALLEL_HASH_MIN: usize = 1024;
@@ -196,8 +207,12 @@ struct Job {
     view: EpochView,
     /// Content at the pause of keys changed since (None: unmapped page / empty block).
     preserved: Mutex<HashMap<u64, Option<Vec<u8>>>>,
-    /// Keys already persisted: later changes need no copy.
-    copied: Mutex<HashSet<u64>>,
+    /// Every key below this one has had its state at the pause taken (keys are taken in
+    /// ascending order): later changes to them need no copy. Set by the taker under the key's
+    /// lock (its stripe; the maps lock for a mapping block) and read by writers under the same
+    /// lock, so a writer that sees a key as not yet taken copies it aside before the taker gets
+    /// there, and the taker then finds the copy.
+    swept: AtomicU64,
     /// Every key's state at the pause has been taken: writers need no copy-on-write at all (and
     /// take none of the job's locks).
     all_copied: std::sync::atomic::AtomicBool,
@@ -678,7 +693,7 @@ impl Inner {
         if job.all_copied.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
-        if job.copied.lock().contains(&key) {
+        if key < job.swept.load(Ordering::Acquire) {
             return;
         }
         if job
@@ -728,20 +743,20 @@ impl Inner {
     fn state_at_pause(&self, job: &Job, key: u64) -> (Option<Vec<u8>>, bool) {
         if key >= MAP_KEY_BASE {
             let maps = self.maps.lock();
+            job.swept.store(key + 1, Ordering::Release);
             if let Some(p) = job.preserved.lock().remove(&key) {
                 return (p, true);
             }
-            job.copied.lock().insert(key);
             return (
                 maps.get(&(key - MAP_KEY_BASE)).map(|b| b.bits.clone()),
                 false,
             );
         }
         let _s = self.stripe(key).lock();
+        job.swept.store(key + 1, Ordering::Release);
         if let Some(p) = job.preserved.lock().remove(&key) {
             return (p, true);
         }
-        job.copied.lock().insert(key);
         let Some(page) = self.table.get_page(self.ps.addr(Vpn(key))) else {
             return (None, false);
         };
@@ -767,11 +782,15 @@ impl Inner {
         started: Instant,
         pause: Duration,
     ) -> Result<SnapshotReport, EngineError> {
-        let keys: Vec<u64> = job
+        let mut keys: Vec<u64> = job
             .view
             .modified_since(job.since)?
             .map(|(v, _)| v.0)
             .collect();
+        // Taken in ascending order (`Job::swept`); the tree yields them so, this makes sure.
+        if !keys.is_sorted() {
+            keys.sort_unstable();
+        }
         let mut copied_on_write = 0u64;
         let parent = self.persisted.lock().id;
         self.store.lock().begin(parent)?;
@@ -1269,7 +1288,7 @@ impl Space {
                 since,
                 view,
                 preserved: Mutex::new(HashMap::new()),
-                copied: Mutex::new(HashSet::new()),
+                swept: AtomicU64::new(0),
                 all_copied: std::sync::atomic::AtomicBool::new(false),
             });
             *inner.job.write() = Some(job.clone());
