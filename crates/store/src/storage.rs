@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A held advisory lock; dropping it releases the lock.
@@ -27,6 +28,21 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Writes `data` at `offset`, growing the file if needed. Not durable until [`Storage::sync`].
     fn write(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// [`Storage::write`], past the page cache where the backend can (`O_DIRECT`): for large
+    /// appends, which would otherwise be copied into the cache only to be written back. The
+    /// caller passes `offset`, `data.len()` and `data`'s address as multiples of
+    /// [`DIRECT_ALIGN`]; anything else, or a file system that refuses direct I/O, is written
+    /// through the cache. The default is [`Storage::write`].
+    fn write_direct(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.write(name, offset, data)
+    }
+    /// Whether [`Storage::write_direct`] waits for the device, so that appends gain from being
+    /// handed to a writer thread (the store then writes whole blocks from a second thread, in
+    /// order; see `store/buffer.rs`). The default, `false`, keeps every write on the caller's
+    /// thread.
+    fn write_behind(&self) -> bool {
+        false
+    }
     /// Sets the file's length (zero-filling when growing). Not durable until [`Storage::sync`].
     fn set_len(&self, name: &str, len: u64) -> io::Result<()>;
     /// Makes the file's data and length durable.
@@ -53,6 +69,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn try_lock(&self, name: &str) -> io::Result<Option<Box<dyn LockGuard>>>;
 }
 
+/// The alignment [`Storage::write_direct`] asks of offsets, lengths and buffers: a block of every
+/// device in use (logical blocks are 512 or 4096 bytes).
+pub const DIRECT_ALIGN: usize = 4096;
+
 /// The real backend: `std::fs` on a directory. Reads and writes are positioned (`pread`,
 /// `pwrite`) on file handles shared between threads: no lock is held while the kernel copies, so
 /// readers run in parallel, and a failed read is an `io::Error` (a memory map would turn it into
@@ -62,6 +82,10 @@ pub struct FsStorage {
     dir: PathBuf,
     writable: bool,
     files: Mutex<HashMap<String, Arc<File>>>,
+    /// Files opened with `O_DIRECT`, for [`Storage::write_direct`].
+    direct: Mutex<HashMap<String, Arc<File>>>,
+    /// Cleared when the file system refuses direct I/O: then everything goes through the cache.
+    direct_ok: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -75,6 +99,10 @@ impl FsStorage {
             dir: dir.into(),
             writable,
             files: Mutex::new(HashMap::new()),
+            direct: Mutex::new(HashMap::new()),
+            direct_ok: AtomicBool::new(
+                writable && std::env::var_os("PAGESNAP_NO_DIRECT_IO").is_none(),
+            ),
         }
     }
 
@@ -99,6 +127,55 @@ impl FsStorage {
                 .open(self.path(name))?,
         );
         Ok(self.files().entry(name.to_string()).or_insert(file).clone())
+    }
+
+    fn direct_files(&self) -> MutexGuard<'_, HashMap<String, Arc<File>>> {
+        // As for `files`: only a cache.
+        self.direct.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `name` opened for direct writes, or `None` where direct I/O is not available.
+    #[cfg(target_os = "linux")]
+    fn direct_file(&self, name: &str) -> Option<Arc<File>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if !self.direct_ok.load(Ordering::Relaxed) {
+            return None;
+        }
+        if let Some(f) = self.direct_files().get(name) {
+            return Some(f.clone());
+        }
+        match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(self.path(name))
+        {
+            Ok(f) => Some(
+                self.direct_files()
+                    .entry(name.to_string())
+                    .or_insert(Arc::new(f))
+                    .clone(),
+            ),
+            Err(e) => {
+                // tmpfs before Linux 6.6 and some FUSE file systems refuse O_DIRECT (EINVAL):
+                // the page cache serves from then on. Any other error (a missing file) is the
+                // buffered write's to report.
+                if e.raw_os_error() == Some(libc::EINVAL) {
+                    self.direct_ok.store(false, Ordering::Relaxed);
+                }
+                None
+            }
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn direct_file(&self, _name: &str) -> Option<Arc<File>> {
+        None
+    }
+
+    /// Whether writes still try `O_DIRECT` (for tests).
+    #[doc(hidden)]
+    pub fn direct_io(&self) -> bool {
+        self.direct_ok.load(Ordering::Relaxed)
     }
 }
 
@@ -127,6 +204,7 @@ impl Storage for FsStorage {
             .write(true)
             .create_new(true)
             .open(self.path(name))?;
+        self.direct_files().remove(name);
         self.files().insert(name.to_string(), Arc::new(file));
         Ok(())
     }
@@ -141,6 +219,28 @@ impl Storage for FsStorage {
 
     fn write(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
         std::os::unix::fs::FileExt::write_all_at(&*self.file(name)?, data, offset)
+    }
+
+    fn write_direct(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
+        let aligned = offset.is_multiple_of(DIRECT_ALIGN as u64)
+            && data.len().is_multiple_of(DIRECT_ALIGN)
+            && (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN);
+        if let Some(file) = self.direct_file(name).filter(|_| aligned) {
+            match std::os::unix::fs::FileExt::write_all_at(&*file, data, offset) {
+                Ok(()) => return Ok(()),
+                // Alignment the device refuses (a block larger than DIRECT_ALIGN): no more
+                // direct writes; this one goes through the cache.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.direct_ok.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.write(name, offset, data)
+    }
+
+    fn write_behind(&self) -> bool {
+        cfg!(target_os = "linux") && self.direct_ok.load(Ordering::Relaxed)
     }
 
     fn set_len(&self, name: &str, len: u64) -> io::Result<()> {
@@ -181,11 +281,15 @@ impl Storage for FsStorage {
         let mut files = self.files();
         files.remove(from);
         files.remove(to);
+        let mut direct = self.direct_files();
+        direct.remove(from);
+        direct.remove(to);
         std::fs::rename(self.path(from), self.path(to))
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
         self.files().remove(name);
+        self.direct_files().remove(name);
         std::fs::remove_file(self.path(name))
     }
 
@@ -231,5 +335,56 @@ mod tests {
         io.read("f", 0, &mut back).expect("read");
         assert_eq!(back, [7u8; 8192]);
         assert!(io.start_writeback("missing", 0, 1).is_err());
+    }
+
+    /// Direct writes: a block-aligned buffer goes past the cache (where the file system allows
+    /// it), anything unaligned through it; both read back, next to buffered writes in the
+    /// blocks around them, and after a rename and a re-create of the name.
+    #[test]
+    fn direct_writes_read_back_beside_buffered_ones() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let io = FsStorage::new(dir.path(), true);
+        io.create("f").expect("create");
+        io.set_len("f", 64 << 10).expect("size");
+        let mut block = rkyv::util::AlignedVec::<DIRECT_ALIGN>::with_capacity(3 * DIRECT_ALIGN);
+        block.extend_from_slice(&[5u8; 3 * DIRECT_ALIGN]);
+        io.write("f", 100, &[1u8; 3996])
+            .expect("head, through the cache");
+        io.write_direct("f", 4096, &block).expect("aligned");
+        io.write("f", 4 * 4096, &[2u8; 10])
+            .expect("tail, through the cache");
+        // Unaligned offset, length or address: through the cache.
+        io.write_direct("f", 5 * 4096 + 1, &block[..4096])
+            .expect("unaligned offset");
+        io.write_direct("f", 7 * 4096, &block[1..4097])
+            .expect("unaligned address");
+        io.sync_data("f").expect("sync");
+        let mut back = vec![0u8; 8 * 4096 + 1];
+        io.read("f", 0, &mut back).expect("read");
+        assert!(back[..100].iter().all(|b| *b == 0));
+        assert!(back[100..4096].iter().all(|b| *b == 1));
+        assert!(back[4096..4 * 4096].iter().all(|b| *b == 5));
+        assert!(back[4 * 4096..4 * 4096 + 10].iter().all(|b| *b == 2));
+        assert!(back[5 * 4096 + 1..6 * 4096 + 1].iter().all(|b| *b == 5));
+        assert!(back[7 * 4096..8 * 4096].iter().all(|b| *b == 5));
+        println!("direct I/O on this file system: {}", io.direct_io());
+        // A renamed name and a new file of the old name: no stale direct handle writes the old.
+        io.rename("f", "g").expect("rename");
+        io.create("f").expect("create again");
+        io.set_len("f", 16 << 10).expect("size");
+        io.write_direct("f", 4096, &block[..4096])
+            .expect("direct, new file");
+        let mut g = vec![0u8; 4096];
+        io.read("g", 4096, &mut g).expect("read g");
+        let mut f = vec![0u8; 4096];
+        io.read("f", 4096, &mut f).expect("read f");
+        assert!(g.iter().all(|b| *b == 5) && f.iter().all(|b| *b == 5));
+        let before = io.direct_io();
+        assert!(io.write_direct("missing", 0, &block[..4096]).is_err());
+        assert_eq!(
+            io.direct_io(),
+            before,
+            "a missing file turned direct I/O off"
+        );
     }
 }

@@ -118,6 +118,7 @@ impl Store {
             pages_written: 0,
             changed: 0,
             map: None,
+            start: (w.seg, w.off),
         });
         w.data_appended = 0;
         w.meta_appended = 0;
@@ -254,6 +255,10 @@ impl Store {
     pub(super) fn rollback(&mut self) {
         let sb = self.sb.clone();
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        if let Some(w) = self.writer.as_mut() {
+            // Format 3's dedup map learned the dropped commit's pages as they were appended.
+            w.log.dedup = None;
+        }
         if let Some(w) = self.writer.as_mut().filter(|w| w.in_doubt) {
             // No reuse while in doubt, but reads of the committed state must still find its
             // segments (a failed gc dropped them from the list).
@@ -275,7 +280,7 @@ impl Store {
             w.off = sb.active_len;
             w.cap = self.io.len(&seg_name(sb.active_segment)).unwrap_or(0);
             w.touched.clear();
-            w.buf.clear();
+            w.buf.restart(w.off);
             w.log.extent = None;
             w.log.range_crc = crc32fast::Hasher::new();
         }
@@ -648,6 +653,7 @@ pub(super) fn new_segment(
     w.touched.insert(id);
     w.seg = id;
     w.off = SEG_HEADER;
+    w.buf.restart(w.off);
     w.cap = cap;
     Ok(())
 }
@@ -656,19 +662,23 @@ pub(super) fn new_segment(
 /// filesystem zero-filling the rest of each fresh page (records are not page-sized).
 pub(super) const WRITE_BUFFER: usize = 1 << 20;
 
-/// Writes the buffered records of the active segment.
+/// Writes the buffered records of the active segment (whole blocks past the page cache, see
+/// `buffer.rs`).
 pub(super) fn flush_buffer(io: &dyn Storage, w: &mut Writer) -> Result<(), StoreError> {
-    if !w.buf.is_empty() {
-        let name = seg_name(w.seg);
-        let at = w.off - w.buf.len() as u64;
-        io.write(&name, at, &w.buf)
-            .map_err(io_err(io, &name, "write records"))?;
-        // The device starts on these bytes now, while the writer fills the next buffer: the
-        // commit's one sync then waits for the tail only. Only a hint, so a failure is ignored.
-        let _ = io.start_writeback(&name, at, w.buf.len() as u64);
-        w.buf.clear();
-    }
-    Ok(())
+    write_buffer(io, w, true)
+}
+
+/// [`flush_buffer`] while a commit goes on: the whole blocks only, the last partial block stays
+/// buffered.
+pub(super) fn flush_blocks(io: &dyn Storage, w: &mut Writer) -> Result<(), StoreError> {
+    write_buffer(io, w, false)
+}
+
+fn write_buffer(io: &dyn Storage, w: &mut Writer, all: bool) -> Result<(), StoreError> {
+    let name = seg_name(w.seg);
+    w.buf
+        .write_out(io, &name, w.off, all)
+        .map_err(io_err(io, &name, "write records"))
 }
 
 pub(super) fn append(
@@ -709,7 +719,7 @@ pub(super) fn append(
     w.off += len;
     w.touched.insert(w.seg);
     if w.buf.len() >= WRITE_BUFFER {
-        flush_buffer(io, w)?;
+        flush_blocks(io, w)?;
     }
     Ok(loc)
 }

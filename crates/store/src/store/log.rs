@@ -764,13 +764,15 @@ impl Store {
             pages_written: 0,
             changed: 0,
             map,
+            start: (w.seg, w.off),
         });
         w.data_appended = 0;
         w.meta_appended = 0;
         Ok(())
     }
 
-    /// Every page a retained snapshot uses, by content (built once, kept up to date by commits).
+    /// Every page a retained snapshot uses, by content: built once, learns each page a commit
+    /// appends as it is appended, and is dropped by a rollback (its pages are gone).
     fn ensure_dedup(&mut self) -> Result<(), StoreError> {
         if self.writer.as_ref().is_some_and(|w| w.log.dedup.is_some()) {
             return Ok(());
@@ -805,53 +807,46 @@ impl Store {
     }
 
     pub(super) fn put3(&mut self, vpn: Vpn, data: &[u8], hash: [u8; 32]) -> Result<(), StoreError> {
-        let fresh = self
-            .log_writer()?
+        self.ensure_dedup()?;
+        let w = self.log_writer()?;
+        let start = w
             .pending
             .as_ref()
             .ok_or(StoreError::Usage("put without begin"))?
-            .fresh
-            .get(&hash)
-            .copied();
-        let r = match fresh {
+            .start;
+        let known = w.log.dedup.as_ref().and_then(|d| d.get(&hash)).copied();
+        let reuse = match known {
+            // Written by this commit (the dedup map learns a page when it is appended; a
+            // rollback drops the map): the same bytes, not yet readable from the file.
+            Some(loc) if (loc.segment, loc.offset) >= start => Some(Ref { hash, loc }),
+            // Reuse stored content only after reading it back intact: a damaged page must not
+            // be linked into a new snapshot (a fresh copy is written instead).
+            Some(loc) => {
+                let r = Ref { hash, loc };
+                match self.read_page_bytes(&r) {
+                    Ok(b) if b == data => Some(r),
+                    Ok(_) => None,
+                    Err(e) if e.is_corruption() => None,
+                    Err(e) => return Err(e),
+                }
+            }
+            None => None,
+        };
+        let r = match reuse {
             Some(r) => r,
             None => {
-                self.ensure_dedup()?;
-                let known = self
-                    .writer
-                    .as_ref()
-                    .and_then(|w| w.log.dedup.as_ref())
-                    .and_then(|d| d.get(&hash))
-                    .copied();
-                let reuse = match known {
-                    // Reuse stored content only after reading it back intact: a damaged page
-                    // must not be linked into a new snapshot (a fresh copy is written instead).
-                    Some(loc) => {
-                        let r = Ref { hash, loc };
-                        match self.read_page_bytes(&r) {
-                            Ok(b) if b == data => Some(r),
-                            Ok(_) => None,
-                            Err(e) if e.is_corruption() => None,
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    None => None,
-                };
-                match reuse {
-                    Some(r) => r,
-                    None => {
-                        let loc = self.append_page(data)?;
-                        let r = Ref { hash, loc };
-                        let w = self.log_writer()?;
-                        let p = w
-                            .pending
-                            .as_mut()
-                            .ok_or(StoreError::Usage("put without begin"))?;
-                        p.fresh.insert(hash, r);
-                        p.pages_written += 1;
-                        r
-                    }
+                let loc = self.append_page(data)?;
+                let w = self.log_writer()?;
+                if let Some(d) = w.log.dedup.as_mut() {
+                    // Replaces a damaged copy's entry, if there was one.
+                    d.insert(hash, loc);
                 }
+                let p = w
+                    .pending
+                    .as_mut()
+                    .ok_or(StoreError::Usage("put without begin"))?;
+                p.pages_written += 1;
+                Ref { hash, loc }
             }
         };
         let w = self.log_writer()?;
@@ -958,7 +953,7 @@ impl Store {
         w.meta_appended += rec.len() as u64;
         w.touched.insert(w.seg);
         if w.buf.len() >= WRITE_BUFFER {
-            super::commit::flush_buffer(&*io, w)?;
+            super::commit::flush_blocks(&*io, w)?;
         }
         Ok(loc)
     }
@@ -1054,7 +1049,7 @@ impl Store {
         if w.buf.len() >= WRITE_BUFFER {
             let io = self.io.clone();
             let w = self.log_writer()?;
-            super::commit::flush_buffer(&*io, w)?;
+            super::commit::flush_blocks(&*io, w)?;
         }
         Ok(())
     }
@@ -1178,10 +1173,9 @@ impl Store {
     pub(super) fn abandon3(&mut self) {
         self.rollback();
         if let Some(w) = self.writer.as_mut() {
-            w.log = LogWriter {
-                dedup: w.log.dedup.take(),
-                ..LogWriter::default()
-            };
+            // The dedup map learned this commit's pages as they were appended: rebuilt from the
+            // committed page maps when next needed.
+            w.log = LogWriter::default();
             w.log.need_hint = true;
         }
         if self.writer.as_ref().is_some_and(|w| !w.in_doubt) && self.write_hint().is_err() {
@@ -1194,17 +1188,8 @@ impl Store {
     pub(super) fn commit3(&mut self, meta: SnapshotMeta) -> Result<CommitReport, StoreError> {
         let result = self.commit3_inner(meta);
         match result {
-            Ok((report, map, fresh)) => {
-                // Only now, with the commit durable: the caches learn it.
-                if let Some(w) = self.writer.as_mut() {
-                    if let Some(d) = w.log.dedup.as_mut() {
-                        // A page is written only when no intact copy was found: it replaces a
-                        // damaged one in the map.
-                        for r in fresh {
-                            d.insert(r.hash, r.loc);
-                        }
-                    }
-                }
+            Ok((report, map)) => {
+                // Only now, with the commit durable: the cache learns its map.
                 self.maps
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -1223,7 +1208,7 @@ impl Store {
     fn commit3_inner(
         &mut self,
         meta: SnapshotMeta,
-    ) -> Result<(CommitReport, Arc<PageMap>, Vec<Ref>), StoreError> {
+    ) -> Result<(CommitReport, Arc<PageMap>), StoreError> {
         let page_size = self.sb.page_size;
         let pending = self
             .log_writer()?
@@ -1362,7 +1347,7 @@ impl Store {
             })
         })();
         match result {
-            Ok(report) => Ok((report, map, pending.fresh.into_values().collect())),
+            Ok(report) => Ok((report, map)),
             Err(e) => {
                 // The parent's map, as it was, back into the cache.
                 let m = Arc::make_mut(&mut map);

@@ -13,6 +13,7 @@
 //! - `verify`: checking every record and Merkle hash;
 //! - `gc`: live records, the space check, and gc.
 
+mod buffer;
 mod commit;
 mod gc;
 mod log;
@@ -52,13 +53,17 @@ struct Pending {
     base_root: Option<NodePtr>,
     base_count: u64,
     changes: BTreeMap<u64, Option<Ref>>,
-    /// Page records written in this snapshot, by content hash (dedup within the snapshot).
+    /// Formats 1 and 2: page records written in this snapshot, by content hash (dedup within
+    /// the snapshot; format 3's dedup map learns them as they are appended).
     fresh: crate::index::ByContent<Ref>,
     pages_written: u64,
     /// Index entries changed by earlier flushes.
     changed: u64,
     /// Format 3: the parent's page map.
     map: Option<Arc<crate::index::PageMap>>,
+    /// Where this commit's first byte goes (segment, offset): a record at or after it was
+    /// written by this commit.
+    start: (u32, u64),
 }
 
 struct Writer {
@@ -80,7 +85,7 @@ struct Writer {
     /// gc keeps the files it replaced until both slots agree again (a later commit or a reopen).
     degraded: bool,
     /// Records appended but not yet written: they end at `off` in segment `seg`.
-    buf: Vec<u8>,
+    buf: buffer::LogBuffer,
     /// Format 3: the commit log's writer state.
     log: log::LogWriter,
 }
@@ -365,8 +370,9 @@ impl Writer {
     fn new(
         lock: Box<dyn LockGuard>,
         sb: &Superblock,
-        io: &dyn Storage,
+        shared: &SharedStorage,
     ) -> Result<Writer, StoreError> {
+        let io = &**shared;
         let name = seg_name(sb.active_segment);
         let cap = io
             .len(&name)
@@ -385,7 +391,11 @@ impl Writer {
             pending: None,
             in_doubt: false,
             degraded: false,
-            buf: Vec::with_capacity(2 * WRITE_BUFFER + (64 << 10)),
+            buf: buffer::LogBuffer::new(
+                2 * WRITE_BUFFER + (64 << 10),
+                sb.active_len,
+                shared.clone(),
+            ),
             log: log::LogWriter::default(),
         })
     }

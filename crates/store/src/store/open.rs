@@ -188,7 +188,7 @@ impl Store {
             .map_err(io_err(&*io, SUPERBLOCK_FILE, "sync superblock"))?;
         io.sync_dir()
             .map_err(io_err(&*io, "", "sync store directory"))?;
-        let writer = Writer::new(lock, &sb, &*io)?;
+        let writer = Writer::new(lock, &sb, &io)?;
         Ok(Store {
             io,
             opts,
@@ -414,7 +414,7 @@ impl Store {
                     io.sync_dir()
                         .map_err(io_err(&*io, "", "sync store directory"))?;
                 }
-                let mut w = Writer::new(lock, &sb, &*io)?;
+                let mut w = Writer::new(lock, &sb, &io)?;
                 w.degraded = !agree;
                 Some(w)
             }
