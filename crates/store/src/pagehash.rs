@@ -31,9 +31,11 @@ const IV: [u32; 8] = [
 /// the chaining values stay in cache.
 const BATCH: usize = 64;
 
-/// The blake3 of each page of `pages` (all of one length) into `out` (one hash per page).
+/// The blake3 of each page of `pages` into `out`, which holds one hash per page (it panics
+/// otherwise: a caller's error). Pages of one length, a power of two of at least 1 KiB, go many
+/// at a time; others one by one.
 pub fn hash_pages(pages: &[&[u8]], out: &mut [[u8; 32]]) {
-    debug_assert_eq!(pages.len(), out.len());
+    assert_eq!(pages.len(), out.len(), "one hash per page");
     let len = pages.first().map_or(0, |p| p.len());
     let chunks = len / CHUNK;
     let batched = len.is_multiple_of(CHUNK)

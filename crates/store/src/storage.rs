@@ -82,8 +82,9 @@ pub struct FsStorage {
     dir: PathBuf,
     writable: bool,
     files: Mutex<HashMap<String, Arc<File>>>,
-    /// Files opened with `O_DIRECT`, for [`Storage::write_direct`].
-    direct: Mutex<HashMap<String, Arc<File>>>,
+    /// The file last opened with `O_DIRECT`, for [`Storage::write_direct`] (the writer appends
+    /// to one segment at a time: one descriptor, not one per segment ever written).
+    direct: Mutex<Option<(String, Arc<File>)>>,
     /// Cleared when the file system refuses direct I/O: then everything goes through the cache.
     direct_ok: AtomicBool,
 }
@@ -99,7 +100,7 @@ impl FsStorage {
             dir: dir.into(),
             writable,
             files: Mutex::new(HashMap::new()),
-            direct: Mutex::new(HashMap::new()),
+            direct: Mutex::new(None),
             direct_ok: AtomicBool::new(
                 writable && std::env::var_os("PAGESNAP_NO_DIRECT_IO").is_none(),
             ),
@@ -129,9 +130,17 @@ impl FsStorage {
         Ok(self.files().entry(name.to_string()).or_insert(file).clone())
     }
 
-    fn direct_files(&self) -> MutexGuard<'_, HashMap<String, Arc<File>>> {
+    fn direct_file_cache(&self) -> MutexGuard<'_, Option<(String, Arc<File>)>> {
         // As for `files`: only a cache.
         self.direct.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets the direct descriptor of `name` (removed, renamed or created anew).
+    fn forget_direct(&self, name: &str) {
+        let mut d = self.direct_file_cache();
+        if d.as_ref().is_some_and(|(n, _)| n == name) {
+            *d = None;
+        }
     }
 
     /// `name` opened for direct writes, or `None` where direct I/O is not available.
@@ -141,7 +150,7 @@ impl FsStorage {
         if !self.direct_ok.load(Ordering::Relaxed) {
             return None;
         }
-        if let Some(f) = self.direct_files().get(name) {
+        if let Some((_, f)) = self.direct_file_cache().as_ref().filter(|(n, _)| n == name) {
             return Some(f.clone());
         }
         match OpenOptions::new()
@@ -149,12 +158,11 @@ impl FsStorage {
             .custom_flags(libc::O_DIRECT)
             .open(self.path(name))
         {
-            Ok(f) => Some(
-                self.direct_files()
-                    .entry(name.to_string())
-                    .or_insert(Arc::new(f))
-                    .clone(),
-            ),
+            Ok(f) => {
+                let f = Arc::new(f);
+                *self.direct_file_cache() = Some((name.to_string(), f.clone()));
+                Some(f)
+            }
             Err(e) => {
                 // tmpfs before Linux 6.6 and some FUSE file systems refuse O_DIRECT (EINVAL):
                 // the page cache serves from then on. Any other error (a missing file) is the
@@ -204,7 +212,7 @@ impl Storage for FsStorage {
             .write(true)
             .create_new(true)
             .open(self.path(name))?;
-        self.direct_files().remove(name);
+        self.forget_direct(name);
         self.files().insert(name.to_string(), Arc::new(file));
         Ok(())
     }
@@ -281,15 +289,14 @@ impl Storage for FsStorage {
         let mut files = self.files();
         files.remove(from);
         files.remove(to);
-        let mut direct = self.direct_files();
-        direct.remove(from);
-        direct.remove(to);
+        self.forget_direct(from);
+        self.forget_direct(to);
         std::fs::rename(self.path(from), self.path(to))
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
         self.files().remove(name);
-        self.direct_files().remove(name);
+        self.forget_direct(name);
         std::fs::remove_file(self.path(name))
     }
 

@@ -24,7 +24,7 @@ use crate::storage::{SharedStorage, Storage, DIRECT_ALIGN};
 use rkyv::util::AlignedVec;
 use std::io;
 use std::ops::{Deref, DerefMut};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
 use std::sync::Mutex;
 
 /// Buffers the writer thread holds at most (about a megabyte each).
@@ -82,31 +82,48 @@ impl WriteBehind {
                 .get_mut()
                 .unwrap_or_else(|e| e.into_inner())
                 .try_recv();
-            let Ok((bytes, r)) = got else { break };
-            self.in_flight -= 1;
-            r?;
-            spare.push(bytes);
+            match got {
+                Ok((bytes, r)) => {
+                    self.in_flight -= 1;
+                    r?;
+                    spare.push(bytes);
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return Err(self.stopped()),
+            }
         }
         Ok(())
     }
 
     /// Waits for one write; its buffer for reuse.
     fn take_one(&mut self) -> io::Result<Block> {
-        let (bytes, r) = self
+        let got = self
             .done
             .get_mut()
             .unwrap_or_else(|e| e.into_inner())
-            .recv()
-            .map_err(|_| io::Error::other("the store's writer thread stopped"))?;
+            .recv();
+        let Ok((bytes, r)) = got else {
+            return Err(self.stopped());
+        };
         self.in_flight -= 1;
         r.map(|()| bytes)
+    }
+
+    /// The writer thread is gone (its backend panicked): the writes it held are lost, and
+    /// nothing is in flight any more.
+    fn stopped(&mut self) -> io::Error {
+        self.in_flight = 0;
+        self.jobs = None;
+        io::Error::other("the store's writer thread stopped (its backend panicked)")
     }
 }
 
 impl Drop for WriteBehind {
     fn drop(&mut self) {
         self.jobs = None; // the thread ends when the jobs queued before are written
-        while self.in_flight > 0 && self.take_one().is_ok() {}
+        while self.in_flight > 0 {
+            let _ = self.take_one(); // counts the write down, or everything if the thread died
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -123,6 +140,10 @@ pub(super) struct LogBuffer {
     behind: Option<WriteBehind>,
     /// Buffers back from the writer thread.
     spare: Vec<Block>,
+    /// A write failed (its bytes are not in the file): every later write of this buffer fails
+    /// too, until the position moves back over them (`restart`, by a rollback), so no commit
+    /// that appended them can be acknowledged.
+    failed: Option<(io::ErrorKind, String)>,
 }
 
 impl LogBuffer {
@@ -136,6 +157,7 @@ impl LogBuffer {
             io,
             behind: None,
             spare: Vec::new(),
+            failed: None,
         };
         b.restart(at);
         b
@@ -146,6 +168,7 @@ impl LogBuffer {
     /// what they wrote lies past every committed byte.
     pub(super) fn restart(&mut self, at: u64) {
         let _ = self.drain();
+        self.failed = None;
         self.lead = offset_in_block(at);
         self.bytes.clear();
         self.bytes.resize(self.lead, 0);
@@ -183,6 +206,26 @@ impl LogBuffer {
     /// the page cache if `all`, else kept (then the buffer holds it alone, block-aligned). With
     /// `all`, every write has reached the file when this returns `Ok`.
     pub(super) fn write_out(
+        &mut self,
+        io: &dyn Storage,
+        name: &str,
+        end: u64,
+        all: bool,
+    ) -> io::Result<()> {
+        if let Some((kind, msg)) = &self.failed {
+            return Err(io::Error::new(
+                *kind,
+                format!("an earlier write of this commit failed: {msg}"),
+            ));
+        }
+        let r = self.write_blocks(io, name, end, all);
+        if let Err(e) = &r {
+            self.failed = Some((e.kind(), e.to_string()));
+        }
+        r
+    }
+
+    fn write_blocks(
         &mut self,
         io: &dyn Storage,
         name: &str,
@@ -249,10 +292,12 @@ impl LogBuffer {
             }
         }
         if all {
+            // Every direct write done before the tail goes through the cache: on a kernel with
+            // pages larger than a block, the tail's cache page covers blocks written directly.
+            self.drain()?;
             if last < end {
                 io.write(name, last, self)?;
             }
-            self.drain()?;
             self.restart(end);
         }
         Ok(())

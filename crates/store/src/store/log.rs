@@ -791,7 +791,13 @@ impl Store {
                 if !seen.insert(r.loc) {
                     break; // the rest of this chain was read with another snapshot
                 }
-                let c = self.read_chunk(&r)?;
+                // A damaged chunk only means its pages are not offered for reuse (dedup is an
+                // optimisation; `verify` reports the damage): new content is then written again.
+                let c = match self.read_chunk(&r) {
+                    Ok(c) => c,
+                    Err(e) if e.is_corruption() => break,
+                    Err(e) => return Err(e),
+                };
                 for (_, e) in &c.entries {
                     if let Some(e) = e {
                         dedup.entry(e.hash).or_insert(e.loc);

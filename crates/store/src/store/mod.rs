@@ -67,7 +67,6 @@ struct Pending {
 }
 
 struct Writer {
-    _lock: Box<dyn LockGuard>,
     seg: u32,
     off: u64,
     cap: u64,
@@ -88,6 +87,9 @@ struct Writer {
     buf: buffer::LogBuffer,
     /// Format 3: the commit log's writer state.
     log: log::LogWriter,
+    /// Last, so dropped last: the buffer's writes still in flight finish (its writer thread is
+    /// joined) before another writer may take the store.
+    _lock: Box<dyn LockGuard>,
 }
 
 /// A snapshot store in a directory.
