@@ -27,8 +27,9 @@ use std::ops::{Deref, DerefMut};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
 use std::sync::Mutex;
 
-/// Buffers the writer thread holds at most (about a megabyte each).
-const DEPTH: usize = 2;
+/// Buffers the writer thread holds at most (about a megabyte each): enough for the device to
+/// have several writes queued (a 1 GiB first snapshot: 0.54–0.63 s with 2, 0.45–0.49 s with 8).
+const DEPTH: usize = 8;
 
 type Block = AlignedVec<DIRECT_ALIGN>;
 
