@@ -17,6 +17,8 @@ use pagesnap_engine::tracked::{TrackedImage, TrackedSnapshot};
 use pagesnap_nbd::{Backend, Export, Extent, Listener, Server};
 use pagesnap_store::{Mode, SnapshotId, Store, Vpn};
 use serde_json::{json, Value};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -59,6 +61,19 @@ pub struct ServeArgs {
 }
 
 pub fn serve(ctx: &Ctx, args: ServeArgs) -> Result<i32> {
+    // Before anything else, so that a signal at any moment ends the server cleanly.
+    let signals =
+        Signals::new([SIGTERM, SIGINT]).context("installing the SIGTERM/SIGINT handlers")?;
+    match (&args.image, &args.snapshot) {
+        (Some(image), None) => serve_image(ctx, image, signals, &args),
+        (None, Some(name)) => serve_snapshot(ctx, name, signals, &args),
+        _ => bail!("give either IMAGE (serve it read-write) or --snapshot ID|LABEL (serve a snapshot read-only)"),
+    }
+}
+
+/// Binds the NBD listener, last (once it accepts, everything else is ready): the listener and
+/// the URI clients use.
+fn listen(args: &ServeArgs) -> Result<(Listener, String)> {
     let listener = match (&args.socket, &args.listen) {
         (Some(p), _) => Listener::bind_unix(p).with_context(|| {
             format!(
@@ -76,28 +91,20 @@ pub fn serve(ctx: &Ctx, args: ServeArgs) -> Result<i32> {
         Some(p) => format!("nbd+unix:///?socket={}", p.display()),
         None => format!("nbd://{}/", listener.describe()),
     };
-    match (&args.image, &args.snapshot) {
-        (Some(image), None) => serve_image(ctx, image, listener, &uri, &args),
-        (None, Some(name)) => serve_snapshot(ctx, name, listener, &uri, &args),
-        _ => bail!("give either IMAGE (serve it read-write) or --snapshot ID|LABEL (serve a snapshot read-only)"),
-    }
+    Ok((listener, uri))
 }
 
 /// Runs `server` until SIGTERM or SIGINT; returns once every connection has ended.
 fn run_until_signal<B: Backend>(
     server: &Server<B>,
     listener: Listener,
-    on_stop: impl Fn() + Send + 'static,
+    mut signals: Signals,
 ) -> Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
-        .context("installing the SIGTERM/SIGINT handlers")?;
     let handle = signals.handle();
     let stop = server.shutdown_handle();
     let waiter = std::thread::spawn(move || {
         if signals.forever().next().is_some() {
             stop.shutdown();
-            on_stop();
         }
     });
     let served = server.serve(listener).context("accepting connections");
@@ -106,13 +113,7 @@ fn run_until_signal<B: Backend>(
     served
 }
 
-fn serve_image(
-    ctx: &Ctx,
-    image: &Path,
-    listener: Listener,
-    uri: &str,
-    args: &ServeArgs,
-) -> Result<i32> {
+fn serve_image(ctx: &Ctx, image: &Path, signals: Signals, args: &ServeArgs) -> Result<i32> {
     let dir = ctx.dir()?.to_path_buf();
     let paths = served(&dir, image)?;
     let tracked = {
@@ -133,6 +134,7 @@ fn serve_image(
     // A flush is an fdatasync of the one image file every connection writes: global.
     export.multi_conn = true;
     let t = tracked.tracking();
+    let (listener, uri) = listen(args)?;
     println!(
         "serving {} ({} bytes) read-write at {uri}",
         image.display(),
@@ -163,7 +165,7 @@ fn serve_image(
         })
     });
     let server = Server::new(ImageBackend(tracked.clone()), export);
-    let served = run_until_signal(&server, listener, || {});
+    let served = run_until_signal(&server, listener, signals);
     // Connections have ended: stop taking snapshots (one running finishes first).
     drop(stop_tick);
     if let Some(t) = ticker {
@@ -390,13 +392,7 @@ impl Backend for ImageBackend {
     }
 }
 
-fn serve_snapshot(
-    ctx: &Ctx,
-    name: &str,
-    listener: Listener,
-    uri: &str,
-    args: &ServeArgs,
-) -> Result<i32> {
+fn serve_snapshot(ctx: &Ctx, name: &str, signals: Signals, args: &ServeArgs) -> Result<i32> {
     if args.snapshot_every.is_some() {
         bail!("--snapshot-every is for a served image; a snapshot export is read-only");
     }
@@ -418,6 +414,7 @@ fn serve_snapshot(
             .unwrap_or_default(),
         ctx.dir()?.display()
     );
+    let (listener, uri) = listen(args)?;
     println!(
         "serving snapshot {id} ({} bytes) read-only at {uri}",
         info.logical_size
@@ -432,7 +429,7 @@ fn serve_snapshot(
         },
         export,
     );
-    run_until_signal(&server, listener, || {})?;
+    run_until_signal(&server, listener, signals)?;
     println!("stopped");
     Ok(OK)
 }
