@@ -29,9 +29,15 @@
 //!   (the process was killed, or the machine went down), an image changed since — means the next
 //!   snapshot reads the whole image once, and [`Tracking::full_read`] says why. A snapshot
 //!   therefore never misses a write.
-//! - Either way, if the store's newest snapshot is of this very image as it is now (its recorded
-//!   identity matches, by the rule of the unchanged-image skip in [`crate::image`]), tracking
-//!   starts from it with nothing tracked.
+//! - Unless the end was unclean (or the state is damaged or unreadable), if the store's newest
+//!   snapshot is of this very image as it is now (its recorded identity matches, by the rule of
+//!   the unchanged-image skip in [`crate::image`]), tracking starts from it with nothing
+//!   tracked. After an unclean end the identity proves nothing: a client's FLUSH (`fdatasync`)
+//!   makes the written data durable but not necessarily the timestamps (XFS leaves
+//!   timestamp-only changes out; ext4 commits them with a later journal transaction), so after a
+//!   machine crash the image can hold writes made after that snapshot while its identity still
+//!   matches it. The whole image is read once instead ([`unclean_end`] tells a snapshot taken
+//!   without a server the same).
 //!
 //! The image is locked (`flock`, exclusive) while open: a second server of it is refused.
 
@@ -48,6 +54,9 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// Why a full read follows an unclean end (the state file is the unclean marker).
+const UNCLEAN: &str = "the last server of this image did not stop cleanly (killed, or the machine went down): writes it took after its last snapshot may be in the image without having changed the image's recorded identity, so the whole image is read once";
 
 /// A raw image open for writing, with its written pages tracked.
 #[derive(Debug)]
@@ -87,6 +96,26 @@ struct Inner {
 struct Cow {
     pending: Bits,
     saved: HashMap<u64, Box<[u8]>>,
+}
+
+/// Whether the tracking state at `state` shows that the last server of its image did not stop
+/// cleanly (the unclean marker, or a state that cannot be read or decoded): then the image may
+/// hold writes that its recorded identity does not show, and a snapshot of it must read it whole
+/// rather than trust the unchanged-image skip. `Some(why)` if so; `None` without a state file or
+/// with a clean one.
+pub fn unclean_end(state: &Path) -> Option<String> {
+    match std::fs::read(state) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => Some(format!(
+            "the tracking state {} could not be read ({e})",
+            state.display()
+        )),
+        Ok(bytes) => match State::decode(&bytes) {
+            None => Some(format!("the tracking state {} is damaged", state.display())),
+            Some(st) if !st.clean => Some(UNCLEAN.into()),
+            Some(_) => None,
+        },
+    }
 }
 
 /// Where tracking stands.
@@ -147,28 +176,42 @@ impl TrackedImage {
         };
         let trusted = trusted_fs(&file);
         let snaps = store.snapshots()?;
-        let from_state = (|| -> Result<(SnapshotId, Bits), String> {
+        // `Err((why, may_resume))`: tracking from the state is not trusted, and whether the
+        // store's newest snapshot may stand in for it.
+        let from_state = (|| -> Result<(SnapshotId, Bits), (String, bool)> {
             let bytes = match std::fs::read(state) {
                 Ok(b) => b,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    return Err("no tracking state for this image in this store yet".into())
+                    return Err((
+                        "no tracking state for this image in this store yet".into(),
+                        true,
+                    ))
                 }
                 Err(e) => {
-                    return Err(format!(
-                        "the tracking state {} could not be read ({e})",
-                        state.display()
+                    return Err((
+                        format!(
+                            "the tracking state {} could not be read ({e})",
+                            state.display()
+                        ),
+                        false,
                     ))
                 }
             };
-            let st = State::decode(&bytes)
-                .ok_or_else(|| format!("the tracking state {} is damaged", state.display()))?;
+            // A damaged state may have been an unclean marker: treated as one.
+            let st = State::decode(&bytes).ok_or_else(|| {
+                (
+                    format!("the tracking state {} is damaged", state.display()),
+                    false,
+                )
+            })?;
             if !st.clean {
-                return Err("the last server of this image did not stop cleanly (killed, or the machine went down)".into());
+                return Err((UNCLEAN.into(), false));
             }
             if st.path != canonical || u64::from(st.page_size) != ps || st.image_size != size {
-                return Err(
+                return Err((
                     "the tracking state is of another image path, size or page size".into(),
-                );
+                    true,
+                ));
             }
             let same = Origin {
                 stamp: st.stamp,
@@ -176,15 +219,21 @@ impl TrackedImage {
                 path: st.path.clone(),
             };
             if !may_skip(Some(&same.render()), &now, trusted) {
-                return Err("the image changed (or may have) since its server stopped".into());
+                return Err((
+                    "the image changed (or may have) since its server stopped".into(),
+                    true,
+                ));
             }
             if let Some(why) = st.full {
-                return Err(why);
+                return Err((why, true));
             }
             let base = SnapshotId(st.base);
             if !snaps.iter().any(|s| s.id == base) {
-                return Err(format!(
-                    "snapshot {base}, which tracking counted from, is no longer in the store"
+                return Err((
+                    format!(
+                        "snapshot {base}, which tracking counted from, is no longer in the store"
+                    ),
+                    true,
                 ));
             }
             let mut bits = Bits::new(pages);
@@ -197,10 +246,17 @@ impl TrackedImage {
         })();
         let (base, active, full) = match from_state {
             Ok((base, bits)) => (Some(base), bits, None),
-            Err(why) => {
-                // The store's newest snapshot may be of exactly this image as it is now.
+            Err((why, may_resume)) => {
+                // The store's newest snapshot may be of exactly this image as it is now — but
+                // not after an unclean end: `fdatasync` (a client's FLUSH) makes data durable
+                // and not necessarily the timestamps that record it (XFS leaves timestamp-only
+                // changes out of it; ext4 commits them with a later journal transaction), so
+                // after a machine crash the image can hold writes made after that snapshot
+                // while its identity still matches it.
                 let latest = snaps.last();
-                if latest.is_some_and(|s| may_skip(s.origin.as_deref(), &now, trusted)) {
+                if may_resume
+                    && latest.is_some_and(|s| may_skip(s.origin.as_deref(), &now, trusted))
+                {
                     (latest.map(|s| s.id), Bits::new(pages), None)
                 } else {
                     (None, Bits::new(pages), Some(why))

@@ -280,3 +280,55 @@ fn bits_runs_and_the_state_round_trip() {
     flipped[40] ^= 1;
     assert_eq!(State::decode(&flipped), None);
 }
+
+#[test]
+fn review_an_unclean_marker_is_not_overridden_by_the_latest_snapshot_identity() {
+    let s = Setup::new();
+    let img = s.open();
+    img.write(4096 * 3, b"before", false).expect("write"); // unclean marker durable
+                                                           // Sets up the scenario, not a wait to pass: the snapshot's recorded identity is trusted
+                                                           // only if the image's ctime was SETTLE old at the freeze. `settled_stamp` waits for exactly
+                                                           // that condition (bounded by SETTLE_LIMIT).
+    let (_, settled) = settled_stamp(&img.file, &s.image()).expect("settle");
+    assert!(settled, "the image settled");
+    let s1 = s.snapshot(&img);
+    assert!(
+        s.store(Mode::Read)
+            .snapshots()
+            .expect("list")
+            .last()
+            .and_then(|m| m.origin.clone())
+            .is_some_and(|o| o.contains("settled=1")),
+        "the snapshot's identity is one the shortcut would trust"
+    );
+    drop(img); // killed: no close
+    let img = s.open();
+    let t = img.tracking();
+    assert!(
+        t.full_read.is_some(),
+        "unclean end, yet tracking resumes from snapshot {:?} (taken: {}) with {} page(s) tracked and no full read",
+        t.base,
+        s1.snapshot.id,
+        t.pages
+    );
+    assert!(
+        t.full_read
+            .as_deref()
+            .is_some_and(|w| w.contains("did not stop cleanly")),
+        "{t:?}"
+    );
+}
+
+#[test]
+fn unclean_end_reads_the_state_file() {
+    let s = Setup::new();
+    assert_eq!(unclean_end(&s.state()), None, "no state yet");
+    let img = s.open();
+    img.write(0, b"a", false).expect("write");
+    let why = unclean_end(&s.state()).expect("the unclean marker");
+    assert!(why.contains("did not stop cleanly"), "{why}");
+    img.close().expect("close");
+    assert_eq!(unclean_end(&s.state()), None, "a clean close");
+    std::fs::write(s.state(), b"PSNTRAK1 garbage").expect("damage");
+    assert!(unclean_end(&s.state()).is_some_and(|w| w.contains("damaged")));
+}
