@@ -220,6 +220,19 @@ fn snapshot(
         }
         return Ok(OK);
     }
+    // No server answers, but one served this image and did not stop cleanly: the image may
+    // hold writes (made durable by a client's FLUSH) whose timestamps did not survive a crash,
+    // so its identity cannot vouch for it: read it whole.
+    let mut reread = reread;
+    if !reread {
+        if let Some(why) = crate::serve::served(ctx.dir()?, image)
+            .ok()
+            .and_then(|p| pagesnap_engine::tracked::unclean_end(&p.state))
+        {
+            eprintln!("pagesnap: note: reading the whole image: {why}");
+            reread = true;
+        }
+    }
     let mut store = ctx.open(Mode::Write)?;
     let bar = ctx.bar(size, "snapshot");
     let report = snapshot_image_with(

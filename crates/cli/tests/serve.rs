@@ -536,3 +536,51 @@ fn sigterm_with_an_idle_client_connected_exits_zero_and_bad_input_is_refused() {
         assert!(err.contains(words), "{args:?}: {err:?} lacks {words:?}");
     }
 }
+
+/// Waits (bounded) until the image's last change is `age` old: sets up a snapshot whose
+/// recorded identity is settled (trusted by the unchanged-image skip).
+fn settle(image: &Path, age: Duration) {
+    use std::os::unix::fs::MetadataExt;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = std::fs::metadata(image).expect("stat");
+        let ctime = std::time::UNIX_EPOCH + Duration::new(m.ctime() as u64, m.ctime_nsec() as u32);
+        if std::time::SystemTime::now()
+            .duration_since(ctime)
+            .is_ok_and(|a| a >= age)
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the image did not settle");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn review_after_a_killed_server_a_snapshot_without_one_reads_the_image_whole() {
+    if !has("qemu-io") {
+        return;
+    }
+    let env = Env::new();
+    let sock = env.sock("nbd.sock");
+    let server = env.serve(&[s(&env.image())], &sock);
+    client(
+        "qemu-io",
+        &["-f", "raw", &uri(&sock), "-c", "write -P 9 0 4096"],
+    );
+    settle(&env.image(), Duration::from_millis(200));
+    env.snapshot(); // by the server: records the image's identity, settled
+    server.signal("KILL");
+    let _ = server.wait();
+    // Without a server: the identity matches that snapshot, but after an unclean end it cannot
+    // vouch for the image (a crash may have lost timestamps while keeping flushed data).
+    let (code, out, err) = env.run(&["snapshot", s(&env.image()), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let snap: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        snap["unchanged"], false,
+        "skipped on the strength of its identity: {snap}"
+    );
+    assert!(snap["pages_read"].as_u64() > Some(0), "{snap}");
+    assert!(err.contains("did not stop cleanly"), "{err}");
+}
