@@ -9,9 +9,16 @@
 //! shared gate from marking their pages to the end of their write; the freeze takes it
 //! exclusively, for as long as it takes to swap two bit sets). The pages tracked until then become
 //! the snapshot's set; new writes are tracked afresh for the next snapshot. While the snapshot
-//! reads its pages, a writer about to change one of them that is not read yet first copies it
-//! aside (copy-on-write, under the same lock the snapshot reads under), and the snapshot takes
-//! that copy. If the snapshot fails, its pages are tracked again.
+//! reads its pages, a writer about to change one of them that is not read yet first keeps it as
+//! of the freeze (copy-on-write, under the same lock the snapshot reads under, a few pages per
+//! hold), and the snapshot takes that: a page in a hole is recorded as a zero page (nothing
+//! copied), a data page is copied into a *spill file* — an unlinked temporary file in the state
+//! file's directory, sparse, each page at its own offset — so the memory this takes is three bit
+//! sets and one small buffer, however large the write, trim or zeroing. (Making the write wait
+//! until the snapshot has read those pages would stall a client for as long as a full read of
+//! the image can take; keeping copies in memory lets one trim of a large range exhaust it.) If
+//! copying a page aside fails (the spill file's file system is full), the snapshot is abandoned,
+//! not the write. If the snapshot fails, its pages are tracked again.
 //!
 //! # The tracking state and crashes
 //!
@@ -47,13 +54,16 @@ use crate::image::{
 };
 use pagesnap_store::{Epoch, SnapshotId, SnapshotMeta, Store, MAX_LABEL};
 use parking_lot::{Mutex, RwLock};
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// Pages a writer copies aside per hold of the lock (128 KiB of 4 KiB pages): the bound on the
+/// memory a write uses to keep a running snapshot's pages, and on how long it holds the lock.
+const COPY_CHUNK: u64 = 32;
 
 /// Why a full read follows an unclean end (the state file is the unclean marker).
 const UNCLEAN: &str = "the last server of this image did not stop cleanly (killed, or the machine went down): writes it took after its last snapshot may be in the image without having changed the image's recorded identity, so the whole image is read once";
@@ -91,11 +101,22 @@ struct Inner {
     marked: bool,
 }
 
-/// A snapshot in progress: its pages not read yet, and copies of the ones writers changed.
+/// A snapshot in progress: its pages not taken yet, and where those that writers changed since
+/// the freeze are kept as of the freeze. Its memory is three bit sets, however much is copied.
 #[derive(Debug)]
 struct Cow {
+    /// Frozen pages not taken yet and unchanged since the freeze: read from the image.
     pending: Bits,
-    saved: HashMap<u64, Box<[u8]>>,
+    /// Frozen pages a writer changed: their content as of the freeze is in `spill`, at the
+    /// page's own offset.
+    saved: Bits,
+    /// Frozen pages a writer changed that were holes at the freeze: zero pages, nothing copied.
+    zero: Bits,
+    /// An unlinked temporary file in the state file's directory (the store's), sparse: only the
+    /// copied pages take space, and it is gone when the snapshot ends.
+    spill: File,
+    /// Copying a page aside failed: the snapshot is abandoned (the write goes on), and why.
+    failed: Option<String>,
 }
 
 /// Whether the tracking state at `state` shows that the last server of its image did not stop
@@ -444,25 +465,97 @@ impl TrackedImage {
         for p in first..end.min(self.pages) {
             g.active.set(p);
         }
-        if let Some(cow) = &mut g.cow {
-            for p in first..end.min(self.pages) {
-                if cow.pending.get(p) {
-                    let mut page = vec![0u8; self.ps as usize].into_boxed_slice();
-                    self.read_page(p, &mut page)?;
-                    cow.saved.insert(p, page);
-                    cow.pending.clear(p);
-                }
-            }
+        if g.cow.is_some() {
+            drop(g);
+            self.copy_aside(first, end.min(self.pages));
         }
         Ok(())
     }
 
-    /// Reads page `p` into `buf` (zeros past the image's end).
-    fn read_page(&self, p: u64, buf: &mut [u8]) -> io::Result<()> {
-        let at = p * self.ps;
-        let n = (self.size.saturating_sub(at) as usize).min(buf.len());
-        buf[n..].fill(0);
-        self.file.read_exact_at(&mut buf[..n], at)
+    /// Before pages `first..end` change while a snapshot runs: those it has not taken yet are
+    /// kept as of the freeze — holes recorded as zero pages, data copied into the spill file —
+    /// [`COPY_CHUNK`] pages at a time under the lock the snapshot takes pages under (it goes on
+    /// between chunks; the caller holds the gate, so no other snapshot can start meanwhile).
+    /// Memory: one buffer of at most [`COPY_CHUNK`] pages, whatever the range. A failure
+    /// abandons the snapshot, not the write: the snapshot then fails and its pages are tracked
+    /// again.
+    fn copy_aside(&self, first: u64, end: u64) {
+        let mut buf = Vec::new();
+        let mut at = first;
+        while at < end {
+            let stop = at.saturating_add(COPY_CHUNK).min(end);
+            let mut g = self.inner.lock();
+            let Some(cow) = g.cow.as_mut() else { return };
+            if cow.failed.is_some() {
+                return;
+            }
+            if let Err(e) = self.copy_chunk(cow, at..stop, &mut buf) {
+                cow.failed = Some(format!(
+                    "keeping pages {at}..{stop} as of the snapshot before a write changed them failed ({e}); the snapshot was abandoned"
+                ));
+                return;
+            }
+            drop(g);
+            at = stop;
+        }
+    }
+
+    /// [`TrackedImage::copy_aside`] of one chunk, under the lock.
+    fn copy_chunk(&self, cow: &mut Cow, range: Range<u64>, buf: &mut Vec<u8>) -> io::Result<()> {
+        let ps = self.ps;
+        if !(range.start..range.end).any(|p| cow.pending.get(p)) {
+            return Ok(());
+        }
+        // A pending page has not changed since the freeze, nor has its allocation: one in a
+        // hole now was a hole then.
+        let mut ext = Extents {
+            file: &self.file,
+            path: &self.path,
+            size: (range.end * ps).min(self.size),
+            ps,
+            at: range.start * ps,
+            holes: Holes::Seek,
+        };
+        let mut at = range.start;
+        loop {
+            let next = ext.next().map_err(io::Error::other)?;
+            let data = match &next {
+                Some(d) => d.start.max(at).min(range.end)..d.end.min(range.end),
+                None => range.end..range.end,
+            };
+            for p in at..data.start {
+                if cow.pending.get(p) {
+                    cow.pending.clear(p);
+                    cow.zero.set(p);
+                }
+            }
+            let mut p = data.start;
+            while p < data.end {
+                if !cow.pending.get(p) {
+                    p += 1;
+                    continue;
+                }
+                let mut q = p;
+                while q < data.end && cow.pending.get(q) {
+                    q += 1;
+                }
+                let want = ((q - p) * ps) as usize;
+                buf.resize(want, 0);
+                let have = (self.size.saturating_sub(p * ps) as usize).min(want);
+                buf[have..].fill(0);
+                self.file.read_exact_at(&mut buf[..have], p * ps)?;
+                cow.spill.write_all_at(buf, p * ps)?;
+                for i in p..q {
+                    cow.pending.clear(i);
+                    cow.saved.set(i);
+                }
+                p = q;
+            }
+            at = data.end;
+            if next.is_none() || at >= range.end {
+                return Ok(());
+            }
+        }
     }
 
     /// Snapshots the image into `store` (opened as the writer): the tracked pages, on top of the
@@ -517,7 +610,8 @@ impl TrackedImage {
             .max()
             .unwrap_or(Epoch(0))
             .next();
-        let frozen = self.freeze(full.is_some())?;
+        let spill = spill_file(&self.state_path)?;
+        let frozen = self.freeze(full.is_some(), spill)?;
         after_freeze();
         let result = self
             .persist(store, parent, &frozen, progress)
@@ -570,8 +664,8 @@ impl TrackedImage {
     }
 
     /// The freeze: waits for writes in flight, takes the tracked pages (every page if `all`) as
-    /// the snapshot's, and starts copy-on-write for them.
-    fn freeze(&self, all: bool) -> Result<Frozen, ImageError> {
+    /// the snapshot's, and starts copy-on-write for them (into `spill`).
+    fn freeze(&self, all: bool, spill: File) -> Result<Frozen, ImageError> {
         let _w = self.gate.write();
         let mut g = self.inner.lock();
         let m = self
@@ -587,7 +681,10 @@ impl TrackedImage {
         };
         g.cow = Some(Cow {
             pending: pages.clone(),
-            saved: HashMap::new(),
+            saved: Bits::new(self.pages),
+            zero: Bits::new(self.pages),
+            spill,
+            failed: None,
         });
         Ok(Frozen {
             // A write after the freeze lands in a later timestamp tick only if the last change
@@ -652,13 +749,23 @@ impl TrackedImage {
         }
         // Pages a parent of another size has past this image's end.
         run.hole(self.pages..u64::MAX)?;
+        if let Some(why) = self
+            .inner
+            .lock()
+            .cow
+            .as_ref()
+            .and_then(|c| c.failed.clone())
+        {
+            return Err(io_err(&self.path, "snapshot")(io::Error::other(why)));
+        }
         Ok((run.read, run.changed))
     }
 
     /// Takes the pages of `window` as of the freeze, under the lock writers copy aside under:
-    /// pages not read yet are read from the image (holes are not read: they are returned as
-    /// ranges of zero pages), pages a writer changed since come from its copy. The data pages go
-    /// into `buf`, back to back, as the returned batch.
+    /// pages unchanged since are read from the image (those in holes are not read: they are
+    /// returned as ranges of zero pages, with the pages a writer changed that were holes at the
+    /// freeze); pages a writer changed since come from the spill file. The data pages go into
+    /// `buf`, back to back, as the returned batch.
     fn capture(
         &self,
         window: &[Range<u64>],
@@ -669,9 +776,27 @@ impl TrackedImage {
         let cow = g.cow.as_mut().ok_or_else(|| {
             io_err(&self.path, "snapshot")(io::Error::other("no snapshot running"))
         })?;
+        if let Some(why) = &cow.failed {
+            return Err(io_err(&self.path, "snapshot")(io::Error::other(
+                why.clone(),
+            )));
+        }
         let mut batch = Batch::default();
         let mut holes: Vec<Range<u64>> = Vec::new();
-        let read_err = io_err(&self.path, "read image");
+        let hole = |holes: &mut Vec<Range<u64>>, p: u64| match holes.last_mut() {
+            Some(h) if h.end == p => h.end = p + 1,
+            _ => holes.push(p..p + 1),
+        };
+        let spill_dir = self.state_path.parent().unwrap_or(Path::new("."));
+        let spill_err =
+            |e: io::Error| io_err(spill_dir, "read the snapshot's copy-on-write file in")(e);
+        let image_err = |e: io::Error| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                ImageError::Changed(self.path.clone())
+            } else {
+                io_err(&self.path, "read image")(e)
+            }
+        };
         for r in window {
             // The image's data as it is now: for pending pages, as of the freeze.
             let mut ext = Extents {
@@ -689,59 +814,46 @@ impl TrackedImage {
                     Some(d) => d.start.max(at).min(r.end)..d.end.min(r.end),
                     None => r.end..r.end,
                 };
-                for p in at..data.start {
-                    // In a hole.
-                    match cow.saved.remove(&p) {
-                        Some(copy) => push_page(&mut batch, buf, p, &copy, ps),
-                        None => {
-                            cow.pending.clear(p);
-                            match holes.last_mut() {
-                                Some(h) if h.end == p => h.end = p + 1,
-                                _ => holes.push(p..p + 1),
-                            }
-                        }
+                // In a hole now: copied aside before a write filled it, or zeros.
+                let mut p = at;
+                while p < data.start {
+                    if cow.saved.get(p) {
+                        let q = take_run(&mut cow.saved, p, data.start);
+                        append(&mut batch, buf, &cow.spill, u64::MAX, p..q, ps)
+                            .map_err(spill_err)?;
+                        p = q;
+                    } else {
+                        cow.pending.clear(p);
+                        cow.zero.clear(p);
+                        hole(&mut holes, p);
+                        p += 1;
                     }
                 }
                 let mut p = data.start;
                 while p < data.end {
-                    if let Some(copy) = cow.saved.remove(&p) {
-                        push_page(&mut batch, buf, p, &copy, ps);
+                    if cow.saved.get(p) {
+                        let q = take_run(&mut cow.saved, p, data.end);
+                        append(&mut batch, buf, &cow.spill, u64::MAX, p..q, ps)
+                            .map_err(spill_err)?;
+                        p = q;
+                    } else if cow.zero.get(p) {
+                        cow.zero.clear(p);
+                        hole(&mut holes, p);
                         p += 1;
-                        continue;
+                    } else {
+                        // A run of pages not changed since the freeze: one read.
+                        let q = take_run(&mut cow.pending, p, data.end);
+                        if q == p {
+                            // Neither pending nor kept aside: cannot happen (every frozen page
+                            // is one or the other until taken here); refuse rather than guess.
+                            return Err(image_err(io::Error::other(format!(
+                                "page {p} of the snapshot was lost track of"
+                            ))));
+                        }
+                        append(&mut batch, buf, &self.file, self.size, p..q, ps)
+                            .map_err(image_err)?;
+                        p = q;
                     }
-                    // A run of pages not read yet: one read.
-                    let mut q = p;
-                    while q < data.end && cow.pending.get(q) {
-                        cow.pending.clear(q);
-                        q += 1;
-                    }
-                    if q == p {
-                        // Neither pending nor copied: cannot happen (every frozen page is one
-                        // or the other until taken here); refuse rather than guess.
-                        return Err(read_err(io::Error::other(format!(
-                            "page {p} of the snapshot was lost track of"
-                        ))));
-                    }
-                    let at_byte = (batch.pages * ps) as usize;
-                    let want = ((q - p) * ps) as usize;
-                    let have = (self.size.saturating_sub(p * ps) as usize).min(want);
-                    buf[at_byte + have..at_byte + want].fill(0);
-                    self.file
-                        .read_exact_at(&mut buf[at_byte..at_byte + have], p * ps)
-                        .map_err(|e| {
-                            if e.kind() == io::ErrorKind::UnexpectedEof {
-                                ImageError::Changed(self.path.clone())
-                            } else {
-                                io_err(&self.path, "read image")(e)
-                            }
-                        })?;
-                    match batch.ranges.last_mut() {
-                        Some(l) if l.end == p => l.end = q,
-                        _ => batch.ranges.push(p..q),
-                    }
-                    batch.pages += q - p;
-                    batch.end = q;
-                    p = q;
                 }
                 at = data.end;
                 if next.is_none() || at >= r.end {
@@ -783,16 +895,51 @@ impl TrackedImage {
     }
 }
 
-/// Appends one page (a copy taken by a writer) to the batch in `buf`.
-fn push_page(batch: &mut Batch, buf: &mut [u8], p: u64, page: &[u8], ps: u64) {
-    let at = (batch.pages * ps) as usize;
-    buf[at..at + ps as usize].copy_from_slice(page);
-    match batch.ranges.last_mut() {
-        Some(l) if l.end == p => l.end = p + 1,
-        _ => batch.ranges.push(p..p + 1),
+/// The pages from `p` on that are in `set`, up to `end`: taken out of it; the run's end.
+fn take_run(set: &mut Bits, p: u64, end: u64) -> u64 {
+    let mut q = p;
+    while q < end && set.get(q) {
+        set.clear(q);
+        q += 1;
     }
-    batch.pages += 1;
-    batch.end = p + 1;
+    q
+}
+
+/// Appends pages `pages` of `file` (each at its own offset; zeros from byte `len` on) to the
+/// batch in `buf`.
+fn append(
+    batch: &mut Batch,
+    buf: &mut [u8],
+    file: &File,
+    len: u64,
+    pages: Range<u64>,
+    ps: u64,
+) -> io::Result<()> {
+    let (p, q) = (pages.start, pages.end);
+    let at = (batch.pages * ps) as usize;
+    let want = ((q - p) * ps) as usize;
+    let have = (len.saturating_sub(p * ps).min(want as u64)) as usize;
+    buf[at + have..at + want].fill(0);
+    file.read_exact_at(&mut buf[at..at + have], p * ps)?;
+    match batch.ranges.last_mut() {
+        Some(l) if l.end == p => l.end = q,
+        _ => batch.ranges.push(p..q),
+    }
+    batch.pages += q - p;
+    batch.end = q;
+    Ok(())
+}
+
+/// The spill file of a snapshot: unlinked (`O_TMPFILE` where there is one), in the directory of
+/// the state file `state` — the store's, whose file system takes the snapshot anyway.
+fn spill_file(state: &Path) -> Result<File, ImageError> {
+    let dir = state
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)
+        .and_then(|()| tempfile::tempfile_in(dir))
+        .map_err(io_err(dir, "create the snapshot's copy-on-write file in"))
 }
 
 /// The frozen set of a snapshot.

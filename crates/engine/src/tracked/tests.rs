@@ -1,6 +1,9 @@
 use super::*;
 use crate::image::{restore_image, snapshot_image};
 use pagesnap_store::{Mode, StoreOptions};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::os::unix::fs::MetadataExt;
 
 const PAGES: u64 = 256; // 1 MiB
 
@@ -11,8 +14,12 @@ struct Setup {
 impl Setup {
     /// An image of random pages (every fourth zero) and an empty store.
     fn new() -> Setup {
+        Setup::sized(PAGES)
+    }
+    /// [`Setup::new`] with an image of `pages` pages.
+    fn sized(pages: u64) -> Setup {
         let dir = tempfile::tempdir().expect("tmp");
-        let mut data = vec![0u8; (PAGES * 4096) as usize];
+        let mut data = vec![0u8; (pages * 4096) as usize];
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         for (p, page) in data.chunks_mut(4096).enumerate() {
             if p % 4 == 0 {
@@ -331,4 +338,213 @@ fn unclean_end_reads_the_state_file() {
     assert_eq!(unclean_end(&s.state()), None, "a clean close");
     std::fs::write(s.state(), b"PSNTRAK1 garbage").expect("damage");
     assert!(unclean_end(&s.state()).is_some_and(|w| w.contains("damaged")));
+}
+
+/// Counts the bytes each thread has allocated, to measure what one call takes.
+struct Counting;
+
+thread_local! {
+    static LIVE: Cell<isize> = const { Cell::new(0) };
+    static PEAK: Cell<isize> = const { Cell::new(0) };
+}
+
+fn allocated(delta: isize) {
+    let _ = LIVE.try_with(|l| {
+        let now = l.get() + delta;
+        l.set(now);
+        let _ = PEAK.try_with(|p| p.set(p.get().max(now)));
+    });
+}
+
+// SAFETY: every call goes to `System` unchanged (so its guarantees hold); the counting only
+// touches thread-local cells, which neither allocate nor lock.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller keeps `alloc`'s contract (a non-zero size), passed on as is.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            allocated(layout.size() as isize);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as for `alloc`.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            allocated(layout.size() as isize);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller passes a block this allocator (that is, `System`) gave out, with
+        // its layout.
+        unsafe { System.dealloc(ptr, layout) };
+        allocated(-(layout.size() as isize));
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as for `dealloc`, and `new_size` is the caller's valid new size.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            allocated(new_size as isize - layout.size() as isize);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static COUNTING: Counting = Counting;
+
+/// The most bytes the calling thread held allocated at once during `f`, beyond what it held
+/// before.
+fn peak_during(f: impl FnOnce()) -> usize {
+    let before = LIVE.with(Cell::get);
+    PEAK.with(|p| p.set(before));
+    f();
+    (PEAK.with(Cell::get) - before).max(0) as usize
+}
+
+#[test]
+fn the_allocation_counter_sees_a_big_buffer() {
+    let peak = peak_during(|| drop(std::hint::black_box(vec![1u8; 1 << 20])));
+    assert!((1 << 20..2 << 20).contains(&peak), "{peak}");
+}
+
+/// Punches a hole over pages `pages` of the file at `path`.
+fn punch(path: &Path, pages: Range<u64>) {
+    let f = OpenOptions::new().write(true).open(path).expect("open");
+    fallocate(
+        &f,
+        FALLOC_PUNCH,
+        pages.start * 4096,
+        (pages.end - pages.start) * 4096,
+    )
+    .expect("punch a hole");
+}
+
+#[test]
+fn review_a_discard_during_a_snapshot_copies_the_whole_range_into_memory() {
+    let s = Setup::new();
+    let img = s.open();
+    let mut store = s.store(Mode::Write);
+    let at_freeze = s.bytes();
+    let copied = Cell::new(0usize);
+    // Adapted: the copies no longer live in the `Cow`; what one trim holds in memory at once
+    // is measured with the allocation counter (one page copied to memory = 4096 bytes).
+    let snap = img
+        .snapshot_with(&mut store, None, false, &|_| {}, &|| {
+            let peak = peak_during(|| img.trim(0, PAGES * 4096, false).expect("trim"));
+            copied.set(peak / 4096);
+        })
+        .expect("snapshot");
+    assert!(
+        copied.get() < (PAGES / 4) as usize,
+        "{} of {PAGES} pages copied to memory by one trim",
+        copied.get()
+    );
+    drop(store);
+    assert_eq!(
+        s.restored(snap.snapshot.id),
+        at_freeze,
+        "the image at the freeze"
+    );
+}
+
+#[test]
+fn pages_in_holes_at_the_freeze_are_recorded_as_zero_not_copied() {
+    let s = Setup::new();
+    for p in (0..PAGES).step_by(4) {
+        punch(&s.image(), p..p + 1);
+    }
+    let img = s.open();
+    let mut store = s.store(Mode::Write);
+    let at_freeze = s.bytes();
+    let kept = Cell::new((0, 0, 0));
+    let snap = img
+        .snapshot_with(&mut store, None, false, &|_| {}, &|| {
+            img.write(0, &vec![0xEE; (PAGES * 4096) as usize], false)
+                .expect("write over everything");
+            let g = img.inner.lock();
+            let c = g.cow.as_ref().expect("a snapshot runs");
+            let spilled = c.spill.metadata().expect("stat").blocks() * 512;
+            kept.set((c.saved.count(), c.zero.count(), spilled));
+        })
+        .expect("snapshot");
+    let (saved, zero, spilled) = kept.get();
+    assert_eq!(
+        (saved, zero),
+        (PAGES - PAGES / 4, PAGES / 4),
+        "holes are recorded as zero pages, data pages copied"
+    );
+    assert!(
+        (saved * 4096..(saved + 64) * 4096).contains(&spilled),
+        "the copies are in the spill file: {spilled} bytes for {saved} pages"
+    );
+    drop(store);
+    assert_eq!(
+        s.restored(snap.snapshot.id),
+        at_freeze,
+        "the image at the freeze"
+    );
+    assert!(s.bytes().iter().all(|&b| b == 0xEE));
+}
+
+#[test]
+fn a_large_discard_of_data_during_a_snapshot_keeps_memory_bounded() {
+    const BIG: u64 = 8192; // 32 MiB, none of it a hole
+    let s = Setup::sized(BIG);
+    let img = s.open();
+    let mut store = s.store(Mode::Write);
+    let at_freeze = s.bytes();
+    let measured = Cell::new((0, 0, 0));
+    let snap = img
+        .snapshot_with(&mut store, None, false, &|_| {}, &|| {
+            let peak = peak_during(|| {
+                img.trim(0, BIG * 4096, false).expect("trim");
+                img.write_zeroes(0, BIG * 4096, false, false).expect("zero");
+            });
+            let g = img.inner.lock();
+            let c = g.cow.as_ref().expect("a snapshot runs");
+            let spilled = c.spill.metadata().expect("stat").blocks() * 512;
+            measured.set((peak, c.saved.count(), spilled));
+        })
+        .expect("snapshot");
+    let (peak, saved, spilled) = measured.get();
+    assert_eq!(saved, BIG, "every page was copied aside");
+    assert!(spilled >= BIG * 4096, "to the spill file: {spilled} bytes");
+    assert!(
+        peak <= 2 * (COPY_CHUNK * 4096) as usize,
+        "{peak} bytes of memory to keep {BIG} pages of a running snapshot"
+    );
+    drop(store);
+    assert_eq!(
+        s.restored(snap.snapshot.id),
+        at_freeze,
+        "the image at the freeze"
+    );
+    assert!(s.bytes().iter().all(|&b| b == 0));
+}
+
+#[test]
+fn a_failed_copy_abandons_the_snapshot_not_the_write() {
+    let s = Setup::new();
+    let img = s.open();
+    let mut store = s.store(Mode::Write);
+    let r = img.snapshot_with(&mut store, None, false, &|_| {}, &|| {
+        // A spill file that cannot be written: read-only.
+        {
+            let mut g = img.inner.lock();
+            let c = g.cow.as_mut().expect("a snapshot runs");
+            c.spill = File::open(s.image()).expect("open read-only");
+        }
+        img.write(4096 * 9, b"goes on", false)
+            .expect("the write goes on");
+    });
+    let e = r.expect_err("the snapshot is abandoned").to_string();
+    assert!(e.contains("abandoned"), "{e}");
+    drop(store);
+    assert_eq!(&s.bytes()[4096 * 9..4096 * 9 + 7], b"goes on");
+    let t = img.tracking();
+    assert!(t.full_read.is_some(), "still a full read next: {t:?}");
+    let snap = s.snapshot(&img);
+    assert_eq!(s.restored(snap.snapshot.id), s.bytes());
 }
