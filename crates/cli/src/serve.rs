@@ -164,7 +164,8 @@ fn serve_image(ctx: &Ctx, image: &Path, signals: Signals, args: &ServeArgs) -> R
             }
         })
     });
-    let server = Server::new(ImageBackend(tracked.clone()), export);
+    let mut server = Server::new(ImageBackend(tracked.clone()), export);
+    server.set_log(|m| eprintln!("pagesnap: serve: {m}"));
     let served = run_until_signal(&server, listener, signals);
     // Connections have ended: stop taking snapshots (one running finishes first).
     drop(stop_tick);
@@ -420,7 +421,7 @@ fn serve_snapshot(ctx: &Ctx, name: &str, signals: Signals, args: &ServeArgs) -> 
         info.logical_size
     );
     let _ = io::stdout().flush();
-    let server = Server::new(
+    let mut server = Server::new(
         SnapshotBackend {
             store,
             id,
@@ -429,6 +430,7 @@ fn serve_snapshot(ctx: &Ctx, name: &str, signals: Signals, args: &ServeArgs) -> 
         },
         export,
     );
+    server.set_log(|m| eprintln!("pagesnap: serve: {m}"));
     run_until_signal(&server, listener, signals)?;
     println!("stopped");
     Ok(OK)

@@ -23,11 +23,17 @@
 //!   the maximum is read and dropped (`EINVAL`), keeping the stream in sync. Requests past the
 //!   export's end get `ENOSPC` (writes, write zeroes) or `EINVAL` (the rest); writes to a
 //!   read-only export get `EPERM`.
-//! - **Connections**: one thread each; [`Export::multi_conn`] advertises
+//! - **Connections**: one thread each, up to [`Limits::connections`] (64) at once — one more is
+//!   closed without a greeting, and the server logs ([`Server::set_log`]) when it starts and
+//!   stops refusing; a connection must finish option haggling within [`Limits::handshake`]
+//!   (30 s), so silent connections cannot hold every slot. [`Export::multi_conn`] advertises
 //!   `NBD_FLAG_CAN_MULTI_CONN` (set it only if the backend's flush is global).
-//! - **Shutdown**: [`ShutdownHandle::shutdown`] stops accepting, lets each connection finish
-//!   the request it is in, answers requests already sent with `NBD_ESHUTDOWN`, and closes;
-//!   [`Server::serve`] returns when every connection has ended.
+//! - **Shutdown**: [`ShutdownHandle::shutdown`] stops accepting (the accept loop polls the
+//!   listener, so nothing has to reach the socket's path), lets each connection finish the
+//!   request it is in, answers requests already sent with `NBD_ESHUTDOWN`, and closes; a
+//!   connection still in a request, or whose client does not read its replies, is dropped after
+//!   [`Limits::drain`] (5 s: socket writes time out every poll period and are retried until
+//!   then). [`Server::serve`] returns when every connection has ended.
 //!
 //! ```no_run
 //! use pagesnap_nbd::{Backend, Export, Extent, Listener, Server};
@@ -67,7 +73,7 @@
 mod proto;
 mod server;
 
-pub use server::{Listener, Server, ShutdownHandle, Transport};
+pub use server::{wait_readable, Limits, Listener, Server, ShutdownHandle, Transport};
 
 use std::io;
 

@@ -3,22 +3,46 @@
 
 use crate::proto::*;
 use crate::{Backend, Export, Extent, MAX_PAYLOAD, PREFERRED_BLOCK};
+use std::fmt;
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// How often an idle connection looks whether the server is shutting down.
+/// How often a blocked accept, read or write looks whether the server is shutting down.
 const POLL: Duration = Duration::from_millis(100);
-/// How long a shutdown waits for a connection in the middle of a request (a client that stopped
-/// sending half way through a write's payload).
-const DRAIN: Duration = Duration::from_secs(5);
-/// Connections served at once; more are closed as they come.
-const MAX_CONNECTIONS: usize = 64;
+
+/// The server's limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once (default 64). One more is closed as it comes, without a
+    /// greeting, and the server logs that it is refusing connections.
+    pub connections: usize,
+    /// How long a connection may take from its acceptance to the end of option haggling
+    /// (default 30 s): a client that connects and says nothing is dropped then, so silent
+    /// connections cannot hold every slot. A connection in transmission may stay idle: NBD
+    /// clients keep idle connections open.
+    pub handshake: Duration,
+    /// How long a shutdown waits for a connection in the middle of a request — a client that
+    /// stopped sending half way through a write's payload, or stopped reading its replies —
+    /// before that connection is dropped (default 5 s).
+    pub drain: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            connections: 64,
+            handshake: Duration::from_secs(30),
+            drain: Duration::from_secs(5),
+        }
+    }
+}
 
 /// A byte stream a connection runs over: a Unix or TCP socket.
 pub trait Transport: Read + Write + Send + Sized {
@@ -26,6 +50,8 @@ pub trait Transport: Read + Write + Send + Sized {
     fn try_clone(&self) -> io::Result<Self>;
     /// How long a read may block.
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    /// How long a write may block.
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
 }
 
 impl Transport for UnixStream {
@@ -34,6 +60,9 @@ impl Transport for UnixStream {
     }
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         UnixStream::set_read_timeout(self, timeout)
+    }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_write_timeout(self, timeout)
     }
 }
 
@@ -44,6 +73,33 @@ impl Transport for TcpStream {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         TcpStream::set_read_timeout(self, timeout)
     }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_write_timeout(self, timeout)
+    }
+}
+
+/// Waits up to `timeout` for `fd` to be readable — for a listening socket, for a connection to
+/// accept. `Ok(false)` on timeout (or a signal). The server's accept loop waits this way, so a
+/// shutdown is noticed within a poll period without a wake-up through the socket's path.
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `p` is one initialised `pollfd` that outlives the call, and the count passed is 1;
+    // its descriptor is borrowed, hence open for the whole call.
+    let rc = unsafe { libc::poll(&mut p, 1, ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(rc > 0)
 }
 
 /// Where the server listens. A Unix socket's file is removed when the listener is dropped (if
@@ -107,21 +163,19 @@ impl Listener {
         }
     }
 
-    /// How to reach the listener from this process (to wake its `accept`).
-    fn wake(&self) -> io::Result<Wake> {
-        Ok(match self {
-            Listener::Unix { path, .. } => Wake::Unix(path.clone()),
-            Listener::Tcp(t) => {
-                let mut a = t.local_addr()?;
-                if a.ip().is_unspecified() {
-                    a.set_ip(match a {
-                        SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                        SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-                    });
-                }
-                Wake::Tcp(a)
-            }
-        })
+    /// The listening socket's descriptor.
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Unix { listener, .. } => listener.as_fd(),
+            Listener::Tcp(t) => t.as_fd(),
+        }
+    }
+
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Listener::Unix { listener, .. } => listener.set_nonblocking(on),
+            Listener::Tcp(t) => t.set_nonblocking(on),
+        }
     }
 }
 
@@ -135,29 +189,43 @@ impl Drop for Listener {
     }
 }
 
-#[derive(Clone, Debug)]
-enum Wake {
-    Unix(PathBuf),
-    Tcp(SocketAddr),
+/// Where the server's messages go (a connection limit reached, and left).
+struct Log(Box<dyn Fn(&str) + Send + Sync>);
+
+impl fmt::Debug for Log {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Log")
+    }
+}
+
+impl Default for Log {
+    fn default() -> Log {
+        Log(Box::new(|m| eprintln!("nbd: {m}")))
+    }
 }
 
 #[derive(Debug, Default)]
 struct Shared {
     shutdown: AtomicBool,
     since: Mutex<Option<Instant>>,
-    wake: Mutex<Option<Wake>>,
     connections: AtomicUsize,
+    limits: Limits,
+    log: Log,
+    /// New connections are being refused (the limit was reached).
+    refusing: AtomicBool,
+    /// Connections refused since the limit was last reached.
+    refused: AtomicU64,
 }
 
 impl Shared {
     fn shutting_down(&self) -> bool {
         self.shutdown.load(Ordering::Acquire)
     }
-    /// The shutdown began more than [`DRAIN`] ago.
+    /// The shutdown began more than [`Limits::drain`] ago.
     fn drain_over(&self) -> bool {
         self.since
             .lock()
-            .map(|s| s.is_some_and(|t| t.elapsed() > DRAIN))
+            .map(|s| s.is_some_and(|t| t.elapsed() > self.limits.drain))
             .unwrap_or(true)
     }
 }
@@ -167,20 +235,16 @@ impl Shared {
 pub struct ShutdownHandle(Arc<Shared>);
 
 impl ShutdownHandle {
-    /// Stops accepting connections; each connection finishes the request it is in, answers the
-    /// requests already sent with `NBD_ESHUTDOWN`, and closes. [`Server::serve`] then returns.
+    /// Stops accepting connections (within a poll period: the accept loop polls, so nothing
+    /// needs to reach the socket); each connection finishes the request it is in, answers the
+    /// requests already sent with `NBD_ESHUTDOWN`, and closes. A connection still in the middle
+    /// of a request, or whose client does not read its replies, after [`Limits::drain`] is
+    /// dropped. [`Server::serve`] then returns.
     pub fn shutdown(&self) {
         if let Ok(mut s) = self.0.since.lock() {
             s.get_or_insert_with(Instant::now);
         }
         self.0.shutdown.store(true, Ordering::Release);
-        // Wake the accept loop: it looks at the flag after each connection.
-        let wake = self.0.wake.lock().ok().and_then(|w| w.clone());
-        match wake {
-            Some(Wake::Unix(p)) => drop(UnixStream::connect(p)),
-            Some(Wake::Tcp(a)) => drop(TcpStream::connect_timeout(&a, Duration::from_secs(1))),
-            None => {}
-        }
     }
 
     /// Whether [`ShutdownHandle::shutdown`] was called.
@@ -234,12 +298,29 @@ fn protocol(msg: &str) -> io::Error {
 }
 
 impl<B: Backend> Server<B> {
-    /// A server of `export`, backed by `backend`.
+    /// A server of `export`, backed by `backend`, with the default [`Limits`].
     pub fn new(backend: B, export: Export) -> Server<B> {
+        Server::with_limits(backend, export, Limits::default())
+    }
+
+    /// A server of `export`, backed by `backend`, with `limits`.
+    pub fn with_limits(backend: B, export: Export, limits: Limits) -> Server<B> {
         Server {
             backend,
             export,
-            shared: Arc::default(),
+            shared: Arc::new(Shared {
+                limits,
+                ..Shared::default()
+            }),
+        }
+    }
+
+    /// Where the server's messages go (default: standard error, prefixed `nbd: `): that it
+    /// reached its connection limit and refuses new connections, and that it accepts again.
+    /// Call before [`Server::serve`].
+    pub fn set_log(&mut self, log: impl Fn(&str) + Send + Sync + 'static) {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.log = Log(Box::new(log));
         }
     }
 
@@ -257,11 +338,22 @@ impl<B: Backend> Server<B> {
     /// every connection has ended. A connection's own errors (a client that breaks the protocol
     /// or goes away) end that connection only.
     pub fn serve(&self, listener: Listener) -> io::Result<()> {
-        if let Ok(mut w) = self.shared.wake.lock() {
-            *w = Some(listener.wake()?);
-        }
+        // Polled, not blocked in: a shutdown is seen within a poll period, whatever became of
+        // the socket's path.
+        listener.set_nonblocking(true)?;
         std::thread::scope(|s| -> io::Result<()> {
             loop {
+                if self.shared.shutting_down() {
+                    return Ok(());
+                }
+                match wait_readable(listener.fd(), POLL) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        self.shutdown_handle().shutdown();
+                        return Err(e);
+                    }
+                }
                 if self.shared.shutting_down() {
                     return Ok(());
                 }
@@ -269,20 +361,19 @@ impl<B: Backend> Server<B> {
                     Listener::Unix { listener, .. } => listener.accept().map(|(c, _)| Ok(c)),
                     Listener::Tcp(t) => t.accept().map(|(c, _)| Err(c)),
                 };
-                if self.shared.shutting_down() {
-                    return Ok(());
-                }
                 let conn = match accepted {
                     Ok(c) => c,
                     Err(e) => match e.raw_os_error() {
                         // Out of descriptors: let connections end, then accept again.
-                        Some(23 | 24) => {
+                        Some(libc::ENFILE | libc::EMFILE) => {
                             std::thread::sleep(POLL);
                             continue;
                         }
                         _ if matches!(
                             e.kind(),
-                            io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
+                            io::ErrorKind::WouldBlock
+                                | io::ErrorKind::ConnectionAborted
+                                | io::ErrorKind::Interrupted
                         ) =>
                         {
                             continue
@@ -293,14 +384,16 @@ impl<B: Backend> Server<B> {
                         }
                     },
                 };
-                if self.shared.connections.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-                    self.shared.connections.fetch_sub(1, Ordering::AcqRel);
+                if !self.admit() {
                     continue; // dropped: closed
                 }
                 s.spawn(move || {
                     let _ = match conn {
-                        Ok(u) => self.handle(u),
-                        Err(t) => t.set_nodelay(true).and_then(|()| self.handle(t)),
+                        Ok(u) => u.set_nonblocking(false).and_then(|()| self.handle(u)),
+                        Err(t) => t
+                            .set_nonblocking(false)
+                            .and_then(|()| t.set_nodelay(true))
+                            .and_then(|()| self.handle(t)),
                     };
                     self.shared.connections.fetch_sub(1, Ordering::AcqRel);
                 });
@@ -308,21 +401,57 @@ impl<B: Backend> Server<B> {
         })
     }
 
+    /// Counts a new connection in, or refuses it at the limit; logs when refusing starts and
+    /// when it ends (not each refusal: a flood of connections is one line).
+    fn admit(&self) -> bool {
+        let sh = &self.shared;
+        let max = sh.limits.connections;
+        if sh.connections.fetch_add(1, Ordering::AcqRel) >= max {
+            sh.connections.fetch_sub(1, Ordering::AcqRel);
+            sh.refused.fetch_add(1, Ordering::AcqRel);
+            if !sh.refusing.swap(true, Ordering::AcqRel) {
+                (sh.log.0)(&format!(
+                    "{max} connections are open, the most this server takes: new connections are closed until one ends (one that says nothing is dropped {} s after it connected)",
+                    sh.limits.handshake.as_secs()
+                ));
+            }
+            return false;
+        }
+        if sh.refusing.swap(false, Ordering::AcqRel) {
+            let n = sh.refused.swap(0, Ordering::AcqRel);
+            (sh.log.0)(&format!(
+                "accepting connections again ({n} closed at the limit meanwhile)"
+            ));
+        }
+        true
+    }
+
     /// Serves one connection to its end: the handshake, then requests until the client
-    /// disconnects or the server shuts down. `Err` if the client broke the protocol or the
-    /// socket failed.
+    /// disconnects or the server shuts down. `Err` if the client broke the protocol, did not
+    /// finish the handshake within [`Limits::handshake`], or the socket failed.
     pub fn handle<T: Transport>(&self, stream: T) -> io::Result<()> {
         stream.set_read_timeout(Some(POLL))?;
+        stream.set_write_timeout(Some(POLL))?;
         let mut c = Conn {
             server: self,
             input: Input {
                 r: BufReader::with_capacity(64 << 10, stream.try_clone()?),
                 shared: &self.shared,
+                deadline: Some(Instant::now() + self.shared.limits.handshake),
             },
-            out: BufWriter::with_capacity(256 << 10, stream),
+            out: BufWriter::with_capacity(
+                256 << 10,
+                Output {
+                    w: stream,
+                    shared: &self.shared,
+                },
+            ),
         };
         let r = match c.handshake() {
-            Ok(Some(session)) => c.transmit(session),
+            Ok(Some(session)) => {
+                c.input.deadline = None;
+                c.transmit(session)
+            }
             Ok(None) => Ok(()),
             Err(e) => Err(e),
         };
@@ -331,10 +460,47 @@ impl<B: Backend> Server<B> {
     }
 }
 
+/// The write side of a connection: writes that block are retried every poll period, until the
+/// server is shutting down and [`Limits::drain`] is over — so a client that stops reading its
+/// replies holds its connection's thread, but not a shutdown.
+struct Output<'a, T: Transport> {
+    w: T,
+    shared: &'a Shared,
+}
+
+impl<T: Transport> Write for Output<'_, T> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match self.w.write(buf) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if self.shared.shutting_down() && self.shared.drain_over() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "nbd: the client does not read its replies and the server is shutting down",
+                        ));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => return r,
+            }
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
+}
+
 /// The read side of a connection: reads whole messages, and notices a shutdown while idle.
 struct Input<'a, T: Transport> {
     r: BufReader<T>,
     shared: &'a Shared,
+    /// Reads fail once this passes (the handshake's deadline).
+    deadline: Option<Instant>,
 }
 
 impl<T: Transport> Input<'_, T> {
@@ -344,6 +510,16 @@ impl<T: Transport> Input<'_, T> {
     fn read(&mut self, buf: &mut [u8], start: bool) -> io::Result<bool> {
         let mut n = 0;
         while n < buf.len() {
+            // Checked at every read, so a client that trickles bytes is held to it too.
+            if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "nbd: the client did not finish the handshake within {} s",
+                        self.shared.limits.handshake.as_secs_f64()
+                    ),
+                ));
+            }
             match self.r.read(&mut buf[n..]) {
                 Ok(0) if n == 0 && start => return Ok(false),
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
@@ -385,7 +561,7 @@ impl<T: Transport> Input<'_, T> {
 struct Conn<'a, B, T: Transport> {
     server: &'a Server<B>,
     input: Input<'a, T>,
-    out: BufWriter<T>,
+    out: BufWriter<Output<'a, T>>,
 }
 
 impl<B: Backend, T: Transport> Conn<'_, B, T> {
@@ -653,6 +829,11 @@ impl<B: Backend, T: Transport> Conn<'_, B, T> {
             if self.input.r.buffer().is_empty() {
                 // Nothing more is waiting: send the replies gathered so far.
                 self.out.flush()?;
+            }
+            if self.input.shared.shutting_down() && self.input.shared.drain_over() {
+                // A client that keeps sending requests (each answered NBD_ESHUTDOWN) does not
+                // hold a shutdown past the drain period either.
+                return Ok(());
             }
             let mut h = [0u8; 28];
             if !self.input.read(&mut h, true)? {

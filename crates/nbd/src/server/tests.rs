@@ -4,12 +4,14 @@ use super::*;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::AtomicUsize;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 const SIZE: usize = 1 << 20;
 
 /// 1 MiB in memory; block status says "hole, zero" for each all-zero 4 KiB block.
 struct Ram {
     data: Mutex<Vec<u8>>,
+    reads: AtomicUsize,
     writes: AtomicUsize,
     flushes: AtomicUsize,
 }
@@ -22,6 +24,7 @@ impl Ram {
         }
         Ram {
             data: Mutex::new(data),
+            reads: AtomicUsize::new(0),
             writes: AtomicUsize::new(0),
             flushes: AtomicUsize::new(0),
         }
@@ -36,6 +39,7 @@ impl Backend for Ram {
         SIZE as u64
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
         let d = self.data.lock().expect("lock");
         buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
         Ok(())
@@ -628,4 +632,174 @@ fn descriptors_merge_clamp_and_never_come_back_empty() {
         descriptors(&[e(u64::MAX, true)], u32::MAX, false),
         vec![(u32::MAX, 3)]
     );
+}
+
+/// Serves `server` on a Unix socket at `path` in a thread; its result arrives on the channel.
+fn serve_in_thread(
+    server: &Arc<Server<Ram>>,
+    path: &Path,
+) -> std::sync::mpsc::Receiver<io::Result<()>> {
+    let listener = Listener::bind_unix(path).expect("bind");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s = server.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(s.serve(listener));
+    });
+    rx
+}
+
+/// Waits (bounded) until `cond` holds.
+fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A client on `path`, in transmission with structured replies.
+fn connect(server: &Arc<Server<Ram>>, path: &Path) -> Client {
+    let stream = UnixStream::connect(path).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut c = Client {
+        c: stream,
+        server: server.clone(),
+        thread: None,
+    };
+    c.greet(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    c.structured();
+    c.go("");
+    c
+}
+
+#[test]
+fn review_shutdown_completes_while_a_client_does_not_read_its_replies() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("s.sock");
+    let limits = Limits {
+        drain: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let server = Arc::new(Server::with_limits(Ram::new(), Export::new("disk"), limits));
+    let done = serve_in_thread(&server, &path);
+    let mut c = connect(&server, &path);
+    // 64 MiB of replies asked for and none read: the server's writes block once the socket's
+    // buffers are full (a few hundred KiB).
+    for i in 0..64 {
+        c.request(0, CMD_READ, i, 0, SIZE as u32, &[]);
+    }
+    wait_until("the first read", || {
+        server.backend().reads.load(Ordering::SeqCst) >= 1
+    });
+    server.shutdown_handle().shutdown();
+    let ended = done.recv_timeout(limits.drain + Duration::from_secs(10));
+    assert!(
+        matches!(ended, Ok(Ok(()))),
+        "serve did not return within the drain period and 10 s more: {ended:?}"
+    );
+    drop(c);
+}
+
+#[test]
+fn review_shutdown_ends_serve_when_the_socket_file_was_removed() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("s.sock");
+    let server = Arc::new(Server::new(Ram::new(), Export::new("disk")));
+    let done = serve_in_thread(&server, &path);
+    // Serving: a client gets through.
+    let mut c = connect(&server, &path);
+    c.request(0, CMD_READ, 1, 0, 4, &[]);
+    assert_eq!(c.chunk().1, REPLY_TYPE_OFFSET_DATA);
+    drop(c);
+    std::fs::remove_file(&path).expect("remove the socket file");
+    server.shutdown_handle().shutdown();
+    let ended = done.recv_timeout(Duration::from_secs(10));
+    assert!(
+        matches!(ended, Ok(Ok(()))),
+        "serve did not return within 10 s of the shutdown: {ended:?}"
+    );
+}
+
+#[test]
+fn review_silent_connections_are_dropped_after_the_handshake_limit_and_refusals_are_logged() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("s.sock");
+    let limits = Limits {
+        connections: 2,
+        handshake: Duration::from_millis(500),
+        ..Limits::default()
+    };
+    let mut server = Server::with_limits(Ram::new(), Export::new("disk"), limits);
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let l = log.clone();
+    server.set_log(move |m| l.lock().expect("log").push(m.to_string()));
+    let server = Arc::new(server);
+    let done = serve_in_thread(&server, &path);
+    let logged = |words: &str| log.lock().expect("log").iter().any(|m| m.contains(words));
+    // Two connections that say nothing fill the server (each got its greeting: admitted).
+    let silent: Vec<UnixStream> = (0..2)
+        .map(|_| {
+            let mut c = UnixStream::connect(&path).expect("connect");
+            c.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let mut greeting = [0u8; 18];
+            c.read_exact(&mut greeting).expect("greeting");
+            c
+        })
+        .collect();
+    // A third is closed without a greeting, and the server says why.
+    let mut third = UnixStream::connect(&path).expect("connect");
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    third.read_to_end(&mut got).expect("closed");
+    assert!(got.is_empty(), "no greeting past the limit");
+    assert!(
+        logged("2 connections are open"),
+        "{:?}",
+        log.lock().expect("log")
+    );
+    // The silent ones are dropped once the handshake limit is over.
+    for mut c in silent {
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).expect("dropped, not left waiting");
+        assert!(rest.is_empty());
+    }
+    wait_until("the slots to free", || {
+        server.shared.connections.load(Ordering::SeqCst) == 0
+    });
+    // A client gets through again, and the server says it accepts again.
+    let mut c = connect(&server, &path);
+    c.request(0, CMD_READ, 1, 0, 4, &[]);
+    assert_eq!(c.chunk().1, REPLY_TYPE_OFFSET_DATA);
+    assert!(
+        logged("accepting connections again (1 closed"),
+        "{:?}",
+        log.lock().expect("log")
+    );
+    // In transmission, an idle client is not dropped: past the handshake limit it still works.
+    std::thread::sleep(limits.handshake * 2); // the scenario: idle for longer than the limit
+    c.request(0, CMD_READ, 2, 0, 4, &[]);
+    assert_eq!(c.chunk().1, REPLY_TYPE_OFFSET_DATA);
+    drop(c);
+    server.shutdown_handle().shutdown();
+    assert!(matches!(
+        done.recv_timeout(Duration::from_secs(10)),
+        Ok(Ok(()))
+    ));
+}
+
+#[test]
+fn wait_readable_sees_a_waiting_connection_and_times_out_without_one() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("w.sock");
+    let l = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    let started = Instant::now();
+    assert!(!wait_readable(l.as_fd(), Duration::from_millis(50)).expect("poll"));
+    assert!(started.elapsed() >= Duration::from_millis(50), "it waited");
+    let _c = UnixStream::connect(&path).expect("connect");
+    assert!(wait_readable(l.as_fd(), Duration::from_secs(10)).expect("poll"));
 }
