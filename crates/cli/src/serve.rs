@@ -19,12 +19,14 @@ use pagesnap_store::{Mode, SnapshotId, Store, Vpn};
 use serde_json::{json, Value};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 /// Where the server of `image` keeps its tracking state and control socket in store `dir`.
 pub struct Served {
@@ -34,6 +36,14 @@ pub struct Served {
 
 /// The longest Unix socket path (`sun_path` less its NUL).
 const MAX_SOCKET_PATH: usize = 107;
+/// How often the control socket's loops look whether the server is stopping.
+const POLL: Duration = Duration::from_millis(100);
+/// How long a control client may take to send its request, and to take the answer.
+const CONTROL_IO: Duration = Duration::from_secs(10);
+/// Control clients served at once (each on its own thread); more are answered "busy".
+const CONTROL_CLIENTS: usize = 8;
+/// The longest control request.
+const MAX_REQUEST: usize = 64 << 10;
 
 pub fn served(dir: &Path, image: &Path) -> Result<Served> {
     let canonical = std::fs::canonicalize(image)
@@ -122,7 +132,7 @@ fn serve_image(ctx: &Ctx, image: &Path, signals: Signals, args: &ServeArgs) -> R
             .with_context(|| format!("opening {} to serve it", image.display()))?
     };
     let tracked = Arc::new(tracked);
-    let control = bind_control(&paths.control)?;
+    let control = ControlSocket::bind(&paths.control)?;
     let name = args.name.clone().unwrap_or_else(|| {
         image
             .file_name()
@@ -146,17 +156,24 @@ fn serve_image(ctx: &Ctx, image: &Path, signals: Signals, args: &ServeArgs) -> R
         (None, None) => {}
     }
     let _ = io::stdout().flush();
+    let snapper = Arc::new(Snapper {
+        tracked: tracked.clone(),
+        dir: dir.clone(),
+        one: Mutex::new(()),
+    });
     let stopping = Arc::new(AtomicBool::new(false));
     let control_thread = {
-        let (tracked, dir, stopping) = (tracked.clone(), dir.clone(), stopping.clone());
-        std::thread::spawn(move || control_loop(&control, &tracked, &dir, &stopping))
+        let (snapper, stopping) = (snapper.clone(), stopping.clone());
+        // The thread owns the control socket: its file is removed when the loop ends, before
+        // the image's lock is released below (a server started after that keeps its own).
+        std::thread::spawn(move || control_loop(control, &snapper, &stopping))
     };
     let (stop_tick, ticks) = mpsc::channel::<()>();
     let ticker = args.snapshot_every.map(|every| {
-        let (tracked, dir) = (tracked.clone(), dir.clone());
+        let snapper = snapper.clone();
         std::thread::spawn(move || {
             while let Err(mpsc::RecvTimeoutError::Timeout) = ticks.recv_timeout(every) {
-                match take_snapshot(&dir, &tracked, None, false) {
+                match snapper.take(None, false) {
                     Ok(s) => println!("{}", human(&s)),
                     Err(e) => eprintln!("pagesnap: warning: the periodic snapshot failed: {e:#}"),
                 }
@@ -173,16 +190,15 @@ fn serve_image(ctx: &Ctx, image: &Path, signals: Signals, args: &ServeArgs) -> R
         let _ = t.join();
     }
     stopping.store(true, Ordering::Release);
-    let _ = UnixStream::connect(&paths.control);
     let _ = control_thread.join();
     drop(server);
+    drop(snapper);
     served?;
     let tracked =
         Arc::try_unwrap(tracked).map_err(|_| anyhow!("the image is still in use at shutdown"))?;
     let t = tracked
         .close()
         .with_context(|| format!("saving the tracking state of {}", image.display()))?;
-    let _ = std::fs::remove_file(&paths.control);
     println!(
         "stopped: {} page(s) tracked{}; saved in {}",
         t.pages,
@@ -194,92 +210,200 @@ fn serve_image(ctx: &Ctx, image: &Path, signals: Signals, args: &ServeArgs) -> R
     Ok(OK)
 }
 
-/// Binds the control socket, replacing one a killed server left.
-fn bind_control(path: &Path) -> Result<UnixListener> {
-    if path.as_os_str().len() > MAX_SOCKET_PATH {
-        bail!(
-            "the control socket path {} is longer than a Unix socket path may be ({MAX_SOCKET_PATH} bytes); use a store directory with a shorter path",
-            path.display()
-        );
-    }
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
-    match UnixListener::bind(path) {
-        Ok(l) => Ok(l),
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            if UnixStream::connect(path).is_ok() {
-                bail!(
-                    "another pagesnap serve of this image answers on {}; stop it first",
-                    path.display()
-                );
+/// The control socket: its listener (non-blocking: the loop polls it), and its file, removed
+/// when this is dropped if the path still names the socket this server made — a server of the
+/// same image started since (once this one released the image's lock) keeps its own.
+struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    /// (device, inode) of the socket file it made.
+    id: (u64, u64),
+}
+
+impl ControlSocket {
+    /// Binds the control socket, replacing one a killed server left.
+    fn bind(path: &Path) -> Result<ControlSocket> {
+        if path.as_os_str().len() > MAX_SOCKET_PATH {
+            bail!(
+                "the control socket path {} is longer than a Unix socket path may be ({MAX_SOCKET_PATH} bytes); use a store directory with a shorter path",
+                path.display()
+            );
+        }
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let listener = match UnixListener::bind(path) {
+            Ok(l) => l,
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                if UnixStream::connect(path).is_ok() {
+                    bail!(
+                        "another pagesnap serve of this image answers on {}; stop it first",
+                        path.display()
+                    );
+                }
+                std::fs::remove_file(path).with_context(|| {
+                    format!("removing the stale control socket {}", path.display())
+                })?;
+                UnixListener::bind(path)
+                    .with_context(|| format!("binding the control socket {}", path.display()))?
             }
-            std::fs::remove_file(path)
-                .with_context(|| format!("removing the stale control socket {}", path.display()))?;
-            UnixListener::bind(path)
-                .with_context(|| format!("binding the control socket {}", path.display()))
-        }
-        Err(e) => Err(e).with_context(|| format!("binding the control socket {}", path.display())),
-    }
-}
-
-/// Answers control requests (one JSON line each) until `stopping`.
-fn control_loop(
-    listener: &UnixListener,
-    tracked: &TrackedImage,
-    dir: &Path,
-    stopping: &AtomicBool,
-) {
-    for conn in listener.incoming() {
-        if stopping.load(Ordering::Acquire) {
-            return;
-        }
-        let Ok(conn) = conn else { continue };
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
-        let reply = match read_request(&conn) {
-            Ok(req) => answer(&req, tracked, dir),
-            Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("binding the control socket {}", path.display()))
+            }
         };
-        let mut w = &conn;
-        let _ = writeln!(w, "{reply}");
+        let m = std::fs::symlink_metadata(path)
+            .with_context(|| format!("reading the control socket {}", path.display()))?;
+        listener
+            .set_nonblocking(true)
+            .with_context(|| format!("setting up the control socket {}", path.display()))?;
+        Ok(ControlSocket {
+            listener,
+            path: path.to_path_buf(),
+            id: (m.dev(), m.ino()),
+        })
     }
 }
 
-fn read_request(conn: &UnixStream) -> Result<Value> {
-    let mut line = String::new();
-    BufReader::new(io::Read::take(conn, 64 << 10))
-        .read_line(&mut line)
-        .context("reading the request")?;
-    serde_json::from_str(&line).context("parsing the request")
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
-fn answer(req: &Value, tracked: &TrackedImage, dir: &Path) -> Value {
+/// Snapshots of the served image, one at a time — the timer's and those asked for on the
+/// control socket: the store is opened as the writer only once the snapshot before is done, so
+/// they wait for each other instead of colliding on the store's writer lock.
+struct Snapper {
+    tracked: Arc<TrackedImage>,
+    dir: PathBuf,
+    one: Mutex<()>,
+}
+
+impl Snapper {
+    /// A snapshot of the served image: the store is opened as the writer for just this snapshot.
+    fn take(&self, label: Option<String>, reread: bool) -> Result<TrackedSnapshot> {
+        let _one = self.one.lock().unwrap_or_else(PoisonError::into_inner);
+        let (mut store, _) = Store::open(&self.dir, Mode::Write)
+            .with_context(|| format!("opening store {} for the snapshot", self.dir.display()))?;
+        self.tracked
+            .snapshot(&mut store, label, reread, &|_| {})
+            .with_context(|| format!("snapshotting {}", self.tracked.path().display()))
+    }
+}
+
+/// Answers control requests (one JSON line each), each client on its own thread, until
+/// `stopping`; returns once the clients' threads have ended (a snapshot they asked for
+/// included), and drops the socket.
+fn control_loop(control: ControlSocket, snapper: &Snapper, stopping: &AtomicBool) {
+    let clients = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        while !stopping.load(Ordering::Acquire) {
+            // Polled, not blocked in: the stop is seen whatever became of the socket's path.
+            match pagesnap_nbd::wait_readable(control.listener.as_fd(), POLL) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    eprintln!("pagesnap: warning: the control socket {} failed ({e}): snapshot requests are no longer answered", control.path.display());
+                    return;
+                }
+            }
+            let conn = match control.listener.accept() {
+                Ok((c, _)) => c,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => {
+                    // Out of descriptors, say: let clients end first.
+                    std::thread::sleep(POLL);
+                    continue;
+                }
+            };
+            if clients.fetch_add(1, Ordering::AcqRel) >= CONTROL_CLIENTS {
+                clients.fetch_sub(1, Ordering::AcqRel);
+                let busy = json!({"ok": false, "error": format!("the server is answering {CONTROL_CLIENTS} other requests; try again")});
+                let _ = conn
+                    .set_nonblocking(false)
+                    .and_then(|()| conn.set_write_timeout(Some(POLL)));
+                let mut w = &conn;
+                let _ = writeln!(w, "{busy}");
+                continue;
+            }
+            let clients = &clients;
+            s.spawn(move || {
+                control_client(&conn, snapper, stopping);
+                clients.fetch_sub(1, Ordering::AcqRel);
+            });
+        }
+    });
+}
+
+/// One control client: its request, within [`CONTROL_IO`], and the answer.
+fn control_client(conn: &UnixStream, snapper: &Snapper, stopping: &AtomicBool) {
+    let reply = match read_request(conn, stopping) {
+        Ok(req) => answer(&req, snapper),
+        Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+    };
+    let _ = conn.set_write_timeout(Some(CONTROL_IO));
+    let mut w = conn;
+    let _ = writeln!(w, "{reply}");
+}
+
+/// Reads one request line, giving up after [`CONTROL_IO`] or when the server stops.
+fn read_request(conn: &UnixStream, stopping: &AtomicBool) -> Result<Value> {
+    conn.set_nonblocking(false)
+        .and_then(|()| conn.set_read_timeout(Some(POLL)))
+        .context("setting up the control connection")?;
+    let deadline = Instant::now() + CONTROL_IO;
+    let mut line = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut r = conn;
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                line.extend_from_slice(&buf[..n]);
+                if let Some(end) = line.iter().position(|&b| b == b'\n') {
+                    line.truncate(end);
+                    break;
+                }
+                if line.len() > MAX_REQUEST {
+                    bail!("the request is longer than {MAX_REQUEST} bytes");
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if stopping.load(Ordering::Acquire) {
+                    bail!("the server is stopping");
+                }
+                if Instant::now() >= deadline {
+                    bail!("no request within {} s", CONTROL_IO.as_secs());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).context("reading the request"),
+        }
+    }
+    serde_json::from_slice(&line).context("parsing the request")
+}
+
+fn answer(req: &Value, snapper: &Snapper) -> Value {
     let op = req.get("op").and_then(Value::as_str).unwrap_or("");
     match op {
         "snapshot" => {
             let label = req.get("label").and_then(Value::as_str).map(str::to_string);
             let reread = req.get("reread").and_then(Value::as_bool).unwrap_or(false);
-            match take_snapshot(dir, tracked, label, reread) {
+            match snapper.take(label, reread) {
                 Ok(s) => json!({"ok": true, "report": report_json(&s)}),
                 Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
             }
         }
         other => json!({"ok": false, "error": format!("unknown request '{other}'")}),
     }
-}
-
-/// A snapshot of the served image: the store is opened as the writer for just this snapshot.
-fn take_snapshot(
-    dir: &Path,
-    tracked: &TrackedImage,
-    label: Option<String>,
-    reread: bool,
-) -> Result<TrackedSnapshot> {
-    let (mut store, _) = Store::open(dir, Mode::Write)
-        .with_context(|| format!("opening store {} for the snapshot", dir.display()))?;
-    tracked
-        .snapshot(&mut store, label, reread, &|_| {})
-        .with_context(|| format!("snapshotting {}", tracked.path().display()))
 }
 
 pub fn report_json(s: &TrackedSnapshot) -> Value {
@@ -551,4 +675,29 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         ));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn review_a_stopping_server_leaves_a_newer_servers_control_socket_alone() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("served/k.sock");
+        let old = ControlSocket::bind(&path).expect("bind");
+        // The old server released the image's lock before its socket file was gone (the order
+        // before the fix): a new server of the image starts and binds the same path, replacing
+        // the file...
+        std::fs::remove_file(&path).expect("stale socket removed by the new server");
+        let new = ControlSocket::bind(&path).expect("the new server binds");
+        // ...then the old server finishes stopping: the new socket stays.
+        drop(old);
+        assert!(
+            UnixStream::connect(&path).is_ok(),
+            "the new server's control socket was removed by the old one"
+        );
+        drop(new);
+        assert!(!path.exists(), "a server removes its own socket");
+    }
 }

@@ -584,3 +584,78 @@ fn review_after_a_killed_server_a_snapshot_without_one_reads_the_image_whole() {
     assert!(snap["pages_read"].as_u64() > Some(0), "{snap}");
     assert!(err.contains("did not stop cleanly"), "{err}");
 }
+
+/// The control socket of the server of `env`'s image (there is one server per test).
+fn control_socket(env: &Env) -> PathBuf {
+    let dir = env.path("store").join("served");
+    std::fs::read_dir(&dir)
+        .expect("served dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "sock"))
+        .expect("a control socket")
+}
+
+#[test]
+fn review_timer_snapshots_and_requested_snapshots_do_not_collide_on_the_store_lock() {
+    let env = Env::new();
+    let sock = env.sock("nbd.sock");
+    let server = env.serve(&[s(&env.image()), "--snapshot-every", "100ms"], &sock);
+    // Each request reads the whole image (16 MiB), so the timer fires during most of them.
+    for i in 0..12 {
+        let (code, out, err) = env.run(&["snapshot", s(&env.image()), "--reread", "--json"]);
+        assert_eq!(code, 0, "request {i} failed: {out}{err}");
+        let snap: serde_json::Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(snap["served"], true, "{snap}");
+    }
+    server.signal("TERM");
+    let (code, out, err) = server.wait();
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        !err.contains("periodic snapshot failed"),
+        "a timer snapshot collided: {err}"
+    );
+    assert!(out.contains("snapshot "), "the timer took snapshots: {out}");
+}
+
+#[test]
+fn review_sigterm_stops_the_server_even_if_its_control_socket_file_was_removed() {
+    let env = Env::new();
+    let sock = env.sock("nbd.sock");
+    let server = env.serve(&[s(&env.image())], &sock);
+    std::fs::remove_file(control_socket(&env)).expect("remove the control socket");
+    std::fs::remove_file(&sock).expect("remove the NBD socket");
+    server.signal("TERM");
+    let (code, out, err) = server.wait(); // asserts it ends within 20 s
+    assert_eq!(code, Some(0), "{out}{err}");
+}
+
+#[test]
+fn review_a_silent_control_client_does_not_hold_up_snapshots() {
+    let env = Env::new();
+    let sock = env.sock("nbd.sock");
+    let server = env.serve(&[s(&env.image())], &sock);
+    let silent = UnixStream::connect(control_socket(&env)).expect("connect");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let cmd = {
+        let mut c = env.cmd();
+        c.args(["snapshot", s(&env.image()), "--json"]);
+        c
+    };
+    std::thread::spawn(move || {
+        let mut cmd = cmd;
+        let _ = tx.send(cmd.output());
+    });
+    let out = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the snapshot waited on a silent control client")
+        .expect("run pagesnap");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snap: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(snap["served"], true, "{snap}");
+    drop(silent);
+    server.stop();
+}
