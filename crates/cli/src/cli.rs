@@ -30,7 +30,7 @@ pub enum Command {
     Init,
     /// Snapshot a raw disk image: only pages changed since the store's last snapshot are written.
     #[command(
-        after_help = "Example:\n  pagesnap --store /backup/vm snapshot disk.img --label before-upgrade\n  pagesnap --store /backup/vm snapshot /dev/vg0/vm-snap\n\nAn image file unchanged since the store's last snapshot of it (same inode, size, mtime and ctime to the nanosecond, same path) is not read: the new snapshot has the last one's pages. A block device is read whole every time; quiesce it first (unmount, or fsfreeze).\n\nThe last line of output is the new snapshot's id."
+        after_help = "Example:\n  pagesnap --store /backup/vm snapshot disk.img --label before-upgrade\n  pagesnap --store /backup/vm snapshot /dev/vg0/vm-snap\n\nWhile `pagesnap serve` serves the image with this store, the snapshot is taken by the server: only the pages written since the last one are read.\n\nAn image file unchanged since the store's last snapshot of it (same inode, size, mtime and ctime to the nanosecond, same path) is not read: the new snapshot has the last one's pages. A block device is read whole every time; quiesce it first (unmount, or fsfreeze).\n\nThe last line of output is the new snapshot's id."
     )]
     Snapshot {
         /// The raw image (a regular file) or a block device.
@@ -108,6 +108,31 @@ pub enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Serve a raw image read-write over NBD, every write tracked so that a snapshot reads only
+    /// the pages written; or serve a stored snapshot read-only.
+    #[command(
+        after_help = "Examples:\n  pagesnap --store /backup/vm serve disk.img --socket /run/vm.sock\n  qemu-system-x86_64 -drive file=nbd+unix:///?socket=/run/vm.sock,format=raw ...\n  pagesnap --store /backup/vm snapshot disk.img        # asks the running server\n  pagesnap --store /backup/vm serve --snapshot nightly --socket /run/old.sock\n\nThe image stays a plain raw image. While the server runs, `pagesnap snapshot IMAGE` with the same store asks it (through a control socket in the store's served/ directory) and only the tracked pages are read. Tracking survives a clean stop (SIGTERM, SIGINT); after an unclean end (the server killed, the machine down) the next snapshot reads the whole image once, and says so. Clients may use the empty export name or the name shown."
+    )]
+    Serve {
+        /// The raw image to serve read-write (a regular file).
+        #[arg(required_unless_present = "snapshot")]
+        image: Option<PathBuf>,
+        /// Serve this stored snapshot (id or label) read-only instead of an image.
+        #[arg(long, value_name = "ID|LABEL", conflicts_with_all = ["image", "snapshot_every"])]
+        snapshot: Option<String>,
+        /// Listen on a Unix socket at PATH.
+        #[arg(long, value_name = "PATH", conflicts_with = "listen")]
+        socket: Option<PathBuf>,
+        /// Listen on TCP (127.0.0.1:10809 when neither this nor --socket is given).
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<String>,
+        /// Take a snapshot every DURATION (e.g. 30s, 15m, 2h).
+        #[arg(long, value_name = "DURATION", value_parser = crate::serve::parse_duration)]
+        snapshot_every: Option<std::time::Duration>,
+        /// The export's name (default: the image's file name, or snapshot-ID).
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Build a sample image, snapshot it, change it, snapshot again, restore and verify both.
     #[command(after_help = "Example:\n  pagesnap demo")]

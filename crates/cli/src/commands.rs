@@ -15,19 +15,19 @@ pub const OK: i32 = 0;
 /// Exit status: verify found damage.
 pub const DAMAGED: i32 = 1;
 
-struct Ctx {
+pub(crate) struct Ctx {
     store: Option<PathBuf>,
     quiet: bool,
 }
 
 impl Ctx {
-    fn dir(&self) -> Result<&Path> {
+    pub(crate) fn dir(&self) -> Result<&Path> {
         self.store
             .as_deref()
             .ok_or_else(|| anyhow!("no store given: pass --store DIR or set PAGESNAP_STORE"))
     }
 
-    fn open(&self, mode: Mode) -> Result<Store> {
+    pub(crate) fn open(&self, mode: Mode) -> Result<Store> {
         let dir = self.dir()?;
         let (store, report) =
             Store::open(dir, mode).with_context(|| format!("opening store {}", dir.display()))?;
@@ -118,6 +118,24 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Gc => gc(&ctx),
         Command::Upgrade => upgrade(&ctx),
         Command::Info { json } => info(&ctx, json),
+        Command::Serve {
+            image,
+            snapshot,
+            socket,
+            listen,
+            snapshot_every,
+            name,
+        } => crate::serve::serve(
+            &ctx,
+            crate::serve::ServeArgs {
+                image,
+                snapshot,
+                socket,
+                listen,
+                snapshot_every,
+                name,
+            },
+        ),
         Command::Demo => demo(ctx.quiet),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -136,7 +154,7 @@ fn init(ctx: &Ctx) -> Result<i32> {
 }
 
 /// A snapshot named by id or label (the newest snapshot with that label).
-fn resolve(store: &Store, name: &str) -> Result<SnapshotId> {
+pub(crate) fn resolve(store: &Store, name: &str) -> Result<SnapshotId> {
     let snaps = store.snapshots()?;
     if let Ok(id) = name.parse::<u64>() {
         if snaps.iter().any(|s| s.id.0 == id) {
@@ -170,6 +188,51 @@ fn snapshot(
     } else {
         m.len()
     };
+    // A server of this image with this store takes the snapshot itself (tracked pages only).
+    if let Some(report) =
+        crate::serve::snapshot_via_server(ctx.dir()?, image, label.as_deref(), reread)?
+    {
+        if as_json {
+            println!("{report}");
+        } else {
+            let n = |k: &str| {
+                report
+                    .get(k)
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0)
+            };
+            let full = report
+                .get("full_read")
+                .and_then(serde_json::Value::as_str)
+                .map(|w| format!("; the whole image was read: {w}"))
+                .unwrap_or_default();
+            println!(
+                "taken by the running server: {} pages tracked, {} read, {} changed, {} new ({} data + {} metadata) in {:.2} s{full}",
+                n("pages_tracked"),
+                n("pages_read"),
+                n("pages_changed"),
+                n("pages_written"),
+                HumanBytes(n("data_bytes")),
+                HumanBytes(n("meta_bytes")),
+                report.get("seconds").and_then(serde_json::Value::as_f64).unwrap_or(0.0),
+            );
+            println!("{}", n("id"));
+        }
+        return Ok(OK);
+    }
+    // No server answers, but one served this image and did not stop cleanly: the image may
+    // hold writes (made durable by a client's FLUSH) whose timestamps did not survive a crash,
+    // so its identity cannot vouch for it: read it whole.
+    let mut reread = reread;
+    if !reread {
+        if let Some(why) = crate::serve::served(ctx.dir()?, image)
+            .ok()
+            .and_then(|p| pagesnap_engine::tracked::unclean_end(&p.state))
+        {
+            eprintln!("pagesnap: note: reading the whole image: {why}");
+            reread = true;
+        }
+    }
     let mut store = ctx.open(Mode::Write)?;
     let bar = ctx.bar(size, "snapshot");
     let report = snapshot_image_with(

@@ -110,7 +110,7 @@ pub const SETTLE: Duration = Duration::from_millis(50);
 pub const SETTLE_LIMIT: Duration = Duration::from_secs(2);
 
 /// Pages read and hashed per batch (4 MiB of 4 KiB pages).
-const BATCH_PAGES: u64 = 1024;
+pub(crate) const BATCH_PAGES: u64 = 1024;
 
 /// Errors of image snapshots and restores.
 #[derive(Debug, thiserror::Error)]
@@ -142,12 +142,18 @@ pub enum ImageError {
     /// The image changed while it was read (or kept changing before the read could start).
     #[error("{} changed while it was being read for a snapshot (its size, modification or status-change time, or the file the path names); nothing was committed — stop whatever writes to it and retry", .0.display())]
     Changed(PathBuf),
+    /// `pagesnap serve` serves regular files only.
+    #[error("{} is not a regular file; pagesnap serve serves raw disk images (regular files)", .0.display())]
+    NotServable(PathBuf),
+    /// Another process holds the image's lock (another `pagesnap serve` of it).
+    #[error("{} is locked by another process (another `pagesnap serve` of it?); stop that one first", .0.display())]
+    Busy(PathBuf),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-fn io_err(path: &Path, step: &'static str) -> impl FnOnce(io::Error) -> ImageError {
+pub(crate) fn io_err(path: &Path, step: &'static str) -> impl FnOnce(io::Error) -> ImageError {
     let path = path.to_path_buf();
     move |source| ImageError::Io { path, step, source }
 }
@@ -188,16 +194,16 @@ pub struct SnapshotOptions {
 /// What must not change while an image is read: its identity, size and times (`fstat` of the open
 /// descriptor).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
+pub(crate) struct Stamp {
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
+    pub(crate) size: u64,
+    pub(crate) mtime: (i64, i64),
+    pub(crate) ctime: (i64, i64),
 }
 
 impl Stamp {
-    fn of(m: &std::fs::Metadata) -> Stamp {
+    pub(crate) fn of(m: &std::fs::Metadata) -> Stamp {
         Stamp {
             dev: m.dev(),
             ino: m.ino(),
@@ -208,7 +214,7 @@ impl Stamp {
     }
 
     /// How long ago the file last changed (zero if its `ctime` is in the future).
-    fn age(&self) -> Duration {
+    pub(crate) fn age(&self) -> Duration {
         let ctime = if self.ctime.0 >= 0 {
             SystemTime::UNIX_EPOCH
                 + Duration::new(
@@ -339,16 +345,16 @@ fn unchanged(opened: &Opened, path: &Path) -> Result<(), ImageError> {
 /// ([`SnapshotMeta::origin`]): `image v1 dev=… ino=… size=… mtime=…s.…ns ctime=…s.…ns settled=…
 /// path=…`, the canonical path last (it may hold spaces).
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Origin {
-    stamp: Stamp,
-    settled: bool,
-    path: String,
+pub(crate) struct Origin {
+    pub(crate) stamp: Stamp,
+    pub(crate) settled: bool,
+    pub(crate) path: String,
 }
 
 const ORIGIN_V1: &str = "image v1 ";
 
 impl Origin {
-    fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let s = &self.stamp;
         format!(
             "{ORIGIN_V1}dev={} ino={} size={} mtime={}s.{}ns ctime={}s.{}ns settled={} path={}",
@@ -365,7 +371,7 @@ impl Origin {
     }
 
     /// `None` for anything else: another version, another writer's origin, a cut-off string.
-    fn parse(text: &str) -> Option<Origin> {
+    pub(crate) fn parse(text: &str) -> Option<Origin> {
         let rest = text.strip_prefix(ORIGIN_V1)?;
         let (fields, path) = rest.split_once(" path=")?;
         let mut it = fields.split(' ');
@@ -415,7 +421,7 @@ impl Origin {
 /// origin is an image identity that was settled when taken (so any later write moved `ctime`),
 /// the same device, inode, size, mtime and ctime to the nanosecond and the same canonical path,
 /// times that are not coarse, and a file system that keeps `ctime` itself (`trusted_fs`).
-fn may_skip(parent: Option<&str>, now: &Origin, trusted_fs: bool) -> bool {
+pub(crate) fn may_skip(parent: Option<&str>, now: &Origin, trusted_fs: bool) -> bool {
     let Some(p) = parent.and_then(Origin::parse) else {
         return false;
     };
@@ -432,7 +438,7 @@ fn may_skip(parent: Option<&str>, now: &Origin, trusted_fs: bool) -> bool {
 /// may be cached, coarse or not kept at all).
 #[cfg(any(target_os = "linux", target_os = "android"))]
 #[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
-fn trusted_fs(file: &File) -> bool {
+pub(crate) fn trusted_fs(file: &File) -> bool {
     use std::os::fd::AsRawFd;
     const UNTRUSTED: [i64; 10] = [
         0x6573_5546, // FUSE
@@ -458,13 +464,13 @@ fn trusted_fs(file: &File) -> bool {
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn trusted_fs(_file: &File) -> bool {
+pub(crate) fn trusted_fs(_file: &File) -> bool {
     false
 }
 
 /// How a snapshot finds the image's data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Holes {
+pub(crate) enum Holes {
     /// `lseek(SEEK_DATA)` / `lseek(SEEK_HOLE)`, falling back to [`Holes::ReadAll`] where the file
     /// system does not support them.
     Seek,
@@ -474,7 +480,7 @@ enum Holes {
 
 /// `lseek(fd, from, whence)` on the image's descriptor: the offset it returns.
 #[cfg(any(target_os = "linux", target_os = "android"))]
-fn seek(file: &File, from: u64, whence: libc::c_int) -> io::Result<u64> {
+pub(crate) fn seek(file: &File, from: u64, whence: libc::c_int) -> io::Result<u64> {
     use std::os::fd::AsRawFd;
     let from =
         libc::off_t::try_from(from).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
@@ -496,18 +502,18 @@ fn unsupported(e: &io::Error) -> bool {
 /// The data extents of the image, in pages, in ascending order and disjoint: each extent found
 /// with `SEEK_DATA` / `SEEK_HOLE`, aligned outward to whole pages. Where the file system cannot
 /// say (or on systems without `SEEK_DATA`), the rest of the image is one extent.
-struct Extents<'a> {
-    file: &'a File,
-    path: &'a Path,
-    size: u64,
-    ps: u64,
+pub(crate) struct Extents<'a> {
+    pub(crate) file: &'a File,
+    pub(crate) path: &'a Path,
+    pub(crate) size: u64,
+    pub(crate) ps: u64,
     /// Bytes before this offset have been handed out (always a page boundary).
-    at: u64,
-    holes: Holes,
+    pub(crate) at: u64,
+    pub(crate) holes: Holes,
 }
 
 impl Extents<'_> {
-    fn next(&mut self) -> Result<Option<std::ops::Range<u64>>, ImageError> {
+    pub(crate) fn next(&mut self) -> Result<Option<std::ops::Range<u64>>, ImageError> {
         let (size, ps) = (self.size, self.ps);
         if self.at >= size {
             return Ok(None);
@@ -562,7 +568,7 @@ fn unsupported(e: &io::Error) -> bool {
 
 /// Whether a page is all zero bytes (64 bytes at a time, so the compiler vectorizes it, and a
 /// data page is rejected after its first 64 bytes).
-fn is_zero(page: &[u8]) -> bool {
+pub(crate) fn is_zero(page: &[u8]) -> bool {
     page.chunks(64)
         .all(|c| c.iter().fold(0u8, |a, b| a | b) == 0)
 }
@@ -811,7 +817,7 @@ const BUFFERS: usize = 6;
 
 /// The blake3 of each non-zero page of the first `pages` pages of `buf`, on every core, many
 /// pages at once on each (`pagehash`).
-fn hash_pages(buf: &[u8], pages: u64, ps: u64) -> Vec<Option<[u8; 32]>> {
+pub(crate) fn hash_pages(buf: &[u8], pages: u64, ps: u64) -> Vec<Option<[u8; 32]>> {
     let all: Vec<&[u8]> = buf[..(pages * ps) as usize].chunks(ps as usize).collect();
     let data: Vec<&[u8]> = all.iter().copied().filter(|p| !is_zero(p)).collect();
     let mut hashes = vec![[0u8; 32]; data.len()];
@@ -832,11 +838,11 @@ type Hashed = (Batch, Vec<u8>, Vec<Option<[u8; 32]>>);
 
 /// Page ranges of data to read together, at most [`BATCH_PAGES`] pages in all.
 #[derive(Default)]
-struct Batch {
-    ranges: Vec<std::ops::Range<u64>>,
-    pages: u64,
+pub(crate) struct Batch {
+    pub(crate) ranges: Vec<std::ops::Range<u64>>,
+    pub(crate) pages: u64,
     /// The page after its last.
-    end: u64,
+    pub(crate) end: u64,
 }
 
 fn reader_gone(path: &Path) -> ImageError {
@@ -878,20 +884,20 @@ fn read_batch(
 }
 
 /// The state of one snapshot's pass over its image.
-struct Run<'a> {
-    store: &'a mut Store,
-    ps: u64,
-    parent: Option<SnapshotId>,
+pub(crate) struct Run<'a> {
+    pub(crate) store: &'a mut Store,
+    pub(crate) ps: u64,
+    pub(crate) parent: Option<SnapshotId>,
     /// Pages read from the image.
-    read: u64,
+    pub(crate) read: u64,
     /// Pages that differ from the parent's.
-    changed: u64,
+    pub(crate) changed: u64,
 }
 
 impl Run<'_> {
     /// Pages `range` are a hole: every page the parent stored there is removed (the cost is the
     /// parent's pages in the range, not the range's length).
-    fn hole(&mut self, range: std::ops::Range<u64>) -> Result<(), ImageError> {
+    pub(crate) fn hole(&mut self, range: std::ops::Range<u64>) -> Result<(), ImageError> {
         let Some(p) = self.parent else {
             return Ok(());
         };
@@ -910,7 +916,7 @@ impl Run<'_> {
 
     /// Puts or removes the pages of a batch read into `buf` (with their hashes) that differ from
     /// the parent's.
-    fn put_batch(
+    pub(crate) fn put_batch(
         &mut self,
         batch: &Batch,
         buf: &[u8],

@@ -50,6 +50,7 @@
 //! ```
 
 pub mod image;
+pub mod tracked;
 
 use rayon::prelude::*;
 
