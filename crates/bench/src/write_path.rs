@@ -23,7 +23,7 @@ use pagesnap_bench::Rng;
 use pagesnap_engine::Space;
 use pagesnap_pagetable::{VirtAddr, Vpn};
 use pagesnap_store::{CommitReport, SnapshotId, SnapshotMeta, Store, StoreOptions};
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -184,23 +184,11 @@ fn raw(dir: &Path, pool: &mut Pool, pages: u64) -> anyhow::Result<Duration> {
         .create_new(true)
         .open(&path)
         .with_context(|| format!("create {}", path.display()))?;
-    settle();
-    let t = Instant::now();
-    for k in 0..pages / RUN {
-        f.write_all_at(pool.run(), k * RUN * PAGE as u64)
-            .with_context(|| format!("write {}", path.display()))?;
-    }
-    f.sync_data()
-        .with_context(|| format!("fdatasync {}", path.display()))?;
-    let d = t.elapsed();
-    drop(f);
-    std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
-    Ok(d)
+    timed_writes(f, &path, pool, pages)
 }
 
-/// The raw limit past the page cache: `pages` pages in 1 MiB `O_DIRECT` pwrites to a fresh
-/// file, then `fdatasync` (as the store writes its extents). `None` where the file system
-/// refuses `O_DIRECT`.
+/// The raw limit past the page cache: the same in 1 MiB `O_DIRECT` pwrites (as the store writes
+/// its extents). `None` where the file system refuses `O_DIRECT`.
 fn raw_direct(dir: &Path, pool: &mut Pool, pages: u64) -> anyhow::Result<Option<Duration>> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join("raw-direct");
@@ -212,6 +200,12 @@ fn raw_direct(dir: &Path, pool: &mut Pool, pages: u64) -> anyhow::Result<Option<
     else {
         return Ok(None);
     };
+    timed_writes(f, &path, pool, pages).map(Some)
+}
+
+/// `pages` pages of the pool in 1 MiB pwrites to `f` (fresh, at `path`), then `fdatasync`, timed
+/// after the machine settles; the file is removed.
+fn timed_writes(f: File, path: &Path, pool: &mut Pool, pages: u64) -> anyhow::Result<Duration> {
     settle();
     let t = Instant::now();
     for k in 0..pages / RUN {
@@ -222,8 +216,8 @@ fn raw_direct(dir: &Path, pool: &mut Pool, pages: u64) -> anyhow::Result<Option<
         .with_context(|| format!("fdatasync {}", path.display()))?;
     let d = t.elapsed();
     drop(f);
-    std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
-    Ok(Some(d))
+    std::fs::remove_file(path).with_context(|| format!("remove {}", path.display()))?;
+    Ok(d)
 }
 
 /// The store's first snapshot of `pages` pages, timed from `begin` to `commit` returning; also
