@@ -91,10 +91,17 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .position(|a| a == "--section")
         .and_then(|i| args.get(i + 1).cloned());
-    let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    // `pagetable-targets` is a short check of issue 18's targets: only when asked for by name.
+    let run = |name: &str| {
+        only.as_deref()
+            .map_or(name != "pagetable-targets", |o| o == name)
+    };
     if run("pagetable") {
         let chart = page_table(&opts);
         draw(&opts.svg, &chart)?;
+    }
+    if run("pagetable-targets") {
+        page_table_targets(&args);
     }
     if run("epochtree") {
         epoch_tree();
@@ -531,6 +538,84 @@ fn patterns_and_writers(ops: usize) {
         });
         println!(
             "| {name} | {alone:.1} | {busy:.1} | {:.0}% |",
+            100.0 * busy / alone
+        );
+    }
+    println!();
+}
+
+/// Issue 18's targets, `--section pagetable-targets [--rounds N]`: at 1 Mi sparse mappings, the
+/// default table's get hits (1 and 2 threads), misses and reads under a concurrent writer against
+/// single-threaded hashbrown, measured `N` times (default 3) in one run, each round's ratios
+/// against that round's hashbrown rate.
+fn page_table_targets(args: &[String]) {
+    let rounds: usize = args
+        .iter()
+        .position(|a| a == "--rounds")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(3);
+    let n = 1 << 20;
+    let ops = 2_000_000;
+    let (present, absent) = keys(n, Pattern::Sparse, 42);
+    let mut r = Rng(7);
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, (r.next_u64() % (i as u64 + 1)) as usize);
+    }
+    let (table, bytes) = build(|| pagesnap::<Fmix64, pagesnap_pagetable::DefaultLock>(&present));
+    let (brown, _) = build(|| {
+        Brown(
+            present
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (*k, page(*k, i as u64)))
+                .collect(),
+        )
+    });
+    println!("## Page-table targets (issue 18): {n} sparse mappings, default table (fmix64, default lock)\n");
+    println!(
+        "Memory: {:.1} bytes/mapping ({:.2}x the 64-byte descriptor; target <= 1.3x).\n",
+        bytes as f64 / n as f64,
+        bytes as f64 / n as f64 / 64.0
+    );
+    println!("| round | hashbrown hit, 1 thr | pagesnap hit, 1 thr | 2 thr | miss | reads alone | reads under a writer | hit 1 thr / hashbrown (>= 0.7) | hit 2 thr / hashbrown (>= 1.2) | miss / hit (>= 1) | under writer / alone (>= 0.8) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let hit = |m: &dyn MapDyn, threads: usize| {
+        rate(threads, ops, |t, i| {
+            m.get_key(&present, order[(i * 2 + t) % n] as usize)
+        })
+    };
+    for round in 1..=rounds {
+        let b1 = hit(brown.as_ref(), 1);
+        let p1 = hit(table.as_ref(), 1);
+        let p2 = hit(table.as_ref(), 2);
+        let miss = rate(1, ops, |_, i| {
+            table.get_absent(&absent, order[i % n] as usize)
+        });
+        let alone = rate(1, ops, |_, i| {
+            table.get_key(&present, order[(i * 7 + 3) % n] as usize)
+        });
+        let stop = AtomicBool::new(false);
+        let mut busy = 0.0;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    table.set_key(&present, order[(i * 13) % n] as usize, i as u64);
+                    i += 1;
+                }
+            });
+            busy = rate(1, ops, |_, i| {
+                table.get_key(&present, order[(i * 7 + 3) % n] as usize)
+            });
+            stop.store(true, Ordering::Relaxed);
+        });
+        println!(
+            "| {round} | {b1:.1} | {p1:.1} | {p2:.1} | {miss:.1} | {alone:.1} | {busy:.1} | {:.2}x | {:.2}x | {:.2}x | {:.0}% |",
+            p1 / b1,
+            p2 / b1,
+            miss / p1,
             100.0 * busy / alone
         );
     }
