@@ -380,6 +380,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     // Readers
 
     /// Lock-free: the slot and words of the entry `key` in the chain for hash `h`.
+    #[inline]
     fn read(&self, h: u64, key: Key) -> Option<(u32, Words)> {
         loop {
             let n = self.shape.0.load(Ordering::Acquire);
