@@ -80,11 +80,11 @@ impl<T: Default, const SEG_SHIFT: u32> SegVec<T, SEG_SHIFT> {
         // SAFETY: `segments > k` was acquired above, so the directory this Acquire load returns
         // (published with Release in `grow_dir` after its entries were copied) has more than `k`
         // entries and entry `k` set; directories are freed only in `drop`, which has `&mut self`.
-        let entry = unsafe { &*dir.add(k) };
+        let entry = unsafe { &*dir.wrapping_add(k) };
         let seg = entry.load(Ordering::Relaxed);
         // SAFETY: `seg` is the first of `SEG` elements initialised in `reserve` before `segments`
         // passed `k` (Release; acquired above), freed only in `drop`; the offset is below `SEG`.
-        Some(unsafe { &*seg.add(i & (Self::SEG - 1)) })
+        Some(unsafe { &*seg.wrapping_add(i & (Self::SEG - 1)) })
     }
 
     /// Allocates segments until `len` elements fit. Callers serialise calls (the table's writer
@@ -109,7 +109,7 @@ impl<T: Default, const SEG_SHIFT: u32> SegVec<T, SEG_SHIFT> {
         let dir = self.dir.load(Ordering::Relaxed);
         // SAFETY: the current directory has `dir_cap > n` entries (just ensured) and lives until
         // `drop`; only this (serialised) writer stores into it.
-        unsafe { &*dir.add(n) }.store(seg, Ordering::Relaxed);
+        unsafe { &*dir.wrapping_add(n) }.store(seg, Ordering::Relaxed);
         // Publishes the segment's elements and the directory entry naming it.
         self.segments.store(n + 1, Ordering::Release);
     }
@@ -123,7 +123,7 @@ impl<T: Default, const SEG_SHIFT: u32> SegVec<T, SEG_SHIFT> {
             .map(|k| {
                 AtomicPtr::new(if k < n {
                     // SAFETY: `old` has `n` entries, all set (it was full), and lives until drop.
-                    unsafe { &*old.add(k) }.load(Ordering::Relaxed)
+                    unsafe { &*old.wrapping_add(k) }.load(Ordering::Relaxed)
                 } else {
                     ptr::null_mut()
                 })
@@ -157,7 +157,7 @@ impl<T, const SEG_SHIFT: u32> Drop for SegVec<T, SEG_SHIFT> {
         for k in 0..segs {
             // SAFETY: the current directory has every entry below `segments` set; `&mut self`
             // means no reader can hold a reference any more.
-            let seg = unsafe { &*dir.add(k) }.load(Ordering::Relaxed);
+            let seg = unsafe { &*dir.wrapping_add(k) }.load(Ordering::Relaxed);
             // SAFETY: made by `Box::<[T]>::into_raw` with `seg_len` elements in `grow`; each
             // segment is named once in the current directory, so it is freed once here.
             drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(seg, seg_len)) });
