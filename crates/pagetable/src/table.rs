@@ -20,7 +20,7 @@ use crate::hash::{Fmix64, VpnHasher};
 use crate::lock::{DefaultLock, WriterMutex};
 use crate::page::{is_live, meta_of, Page, PageHandle, Words, GEN_MASK, LIVE_BIT, META_SHIFT};
 use crate::segvec::SegVec;
-use crate::sync::{fence, spin_wait, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::{fence, spin_wait, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -52,6 +52,13 @@ const BUCKET_SEG_SHIFT: u32 = 1;
 /// Slot handles are stored as `index + 1` in 32 bits, 0 meaning "empty".
 const MAX_SLOTS: u64 = u32::MAX as u64 - 1;
 
+/// Tags are 16 bits, four to a 64-bit word.
+const TAG_WORDS: usize = BUCKET_SLOTS.div_ceil(4);
+/// Every stored tag has its top bit set, so an empty entry (tag 0) never matches a lookup.
+const TAG_USED: u16 = 0x8000;
+const LANES_LOW: u64 = 0x0001_0001_0001_0001;
+const LANES_TOP: u64 = 0x8000_8000_8000_8000;
+
 #[repr(C, align(64))]
 #[derive(Default)]
 struct Bucket {
@@ -59,9 +66,50 @@ struct Bucket {
     /// 1 + index of the next overflow bucket; 0 ends the chain. Free overflow buckets are chained
     /// through it too.
     next: AtomicU32,
-    tags: [AtomicU16; BUCKET_SLOTS],
+    /// Entry `i`'s tag is bits `16 * (i % 4)..` of word `i / 4`: the top 15 bits of the hash with
+    /// [`TAG_USED`] set, or 0 for an empty entry. Compared four at a time (`matches`).
+    tags: [AtomicU64; TAG_WORDS],
     /// 1 + slot index; 0 is an empty entry (and ends the chain's packed entries).
     handles: [AtomicU32; BUCKET_SLOTS],
+}
+
+impl Bucket {
+    /// Entry `i`'s tag.
+    #[inline]
+    fn tag(&self, i: usize) -> u16 {
+        #[allow(clippy::cast_possible_truncation)] // one 16-bit lane
+        let t = (self.tags[i / 4].load(Ordering::Relaxed) >> (16 * (i % 4))) as u16;
+        t
+    }
+
+    /// Sets entry `i` (a writer, inside the chain's write window; `tag` 0 and `handle` 0 empty
+    /// it). Only writers store tags, one at a time under the writer lock, so the word's other lanes
+    /// cannot change between the load and the store.
+    fn set_entry(&self, i: usize, tag: u16, handle: u32) {
+        debug_assert_eq!(
+            tag == 0,
+            handle == 0,
+            "an entry has both a tag and a handle, or neither"
+        );
+        let word = &self.tags[i / 4];
+        let shift = 16 * (i % 4);
+        let old = word.load(Ordering::Relaxed);
+        word.store(
+            (old & !(0xffff << shift)) | (u64::from(tag) << shift),
+            Ordering::Relaxed,
+        );
+        self.handles[i].store(handle, Ordering::Relaxed);
+    }
+
+    /// The entries of this bucket whose tag is `tag`, four lanes a word at a time: bit `16 * i +
+    /// 15` of the result is set if entry `i` matches (`i` below 4 in word 0, and so on).
+    #[inline]
+    fn matches(&self, k: usize, tag: u16) -> u64 {
+        let x = self.tags[k].load(Ordering::Relaxed) ^ (u64::from(tag) * LANES_LOW);
+        // A lane's top bit ends up set iff the lane is non-zero (no carry crosses lanes).
+        let nonzero = ((x & !LANES_TOP) + !LANES_TOP) | x;
+        !nonzero & LANES_TOP
+    }
 }
 
 #[cfg(not(loom))]
@@ -297,15 +345,28 @@ fn write_end(b: &Bucket) {
 enum Key {
     /// The mapping of this page-aligned address, found by tag.
     Addr { vaddr: u64, tag: u16 },
-    /// A handle: this slot, this address, this generation.
-    Handle { vaddr: u64, slot: u32, gen: u16 },
+    /// A handle: this slot, this address (and its tag), this generation.
+    Handle {
+        vaddr: u64,
+        tag: u16,
+        slot: u32,
+        gen: u16,
+    },
 }
 
 impl Key {
     #[inline]
-    fn entry_may_match(&self, tag: u16, handle: u32) -> bool {
+    fn tag(&self) -> u16 {
         match *self {
-            Key::Addr { tag: t, .. } => t == tag,
+            Key::Addr { tag, .. } | Key::Handle { tag, .. } => tag,
+        }
+    }
+
+    /// Whether an entry whose tag matched may be this key.
+    #[inline]
+    fn handle_may_match(&self, handle: u32) -> bool {
+        match *self {
+            Key::Addr { .. } => true,
             Key::Handle { slot, .. } => handle == slot + 1,
         }
     }
@@ -415,9 +476,9 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     fn hash_key(&self, vaddr: VirtAddr) -> (u64, u64, u16) {
         let vaddr = self.page_size.align_down(vaddr);
         let h = self.hasher.hash(self.page_size.vpn(vaddr).0);
-        // The top 16 bits of the hash; the low bits pick the bucket.
+        // The top 15 bits of the hash, marked used; the low bits pick the bucket.
         #[allow(clippy::cast_possible_truncation)]
-        let tag = (h >> 48) as u16;
+        let tag = (h >> 48) as u16 | TAG_USED;
         (vaddr.0, h, tag)
     }
 
@@ -464,14 +525,18 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         let limit = self.overflow_high.load(Ordering::Relaxed);
         let mut bucket = head;
         let mut hops = 0u32;
+        let tag = key.tag();
         loop {
-            for i in 0..BUCKET_SLOTS {
-                let handle = bucket.handles[i].load(Ordering::Relaxed);
-                if handle == 0 {
-                    return None;
-                }
-                if key.entry_may_match(bucket.tags[i].load(Ordering::Relaxed), handle) {
-                    if let Some(slot) = self.slots.get((handle - 1) as usize) {
+            for k in 0..TAG_WORDS {
+                let mut m = bucket.matches(k, tag);
+                while m != 0 {
+                    let i = 4 * k + (m.trailing_zeros() / 16) as usize;
+                    m &= m - 1;
+                    let handle = bucket.handles[i].load(Ordering::Relaxed);
+                    if !key.handle_may_match(handle) {
+                        continue;
+                    }
+                    if let Some(slot) = self.slots.get(handle.wrapping_sub(1) as usize) {
                         let w = slot.load();
                         if key.words_match(&w) {
                             return Some((handle - 1, w));
@@ -513,11 +578,12 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     /// A copy of the descriptor `handle` names, or `None` if that mapping no longer exists (even
     /// if the same address was mapped again since).
     pub fn get_by_handle(&self, handle: PageHandle) -> Option<Page> {
-        let (vaddr, h, _) = self.hash_key(self.page_size.addr(handle.vpn));
+        let (vaddr, h, tag) = self.hash_key(self.page_size.addr(handle.vpn));
         self.read(
             h,
             Key::Handle {
                 vaddr,
+                tag,
                 slot: handle.slot,
                 gen: handle.gen,
             },
@@ -568,7 +634,8 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
                 if handle == 0 {
                     return None;
                 }
-                if key.entry_may_match(bucket.tags[entry].load(Ordering::Relaxed), handle)
+                if bucket.tag(entry) == key.tag()
+                    && key.handle_may_match(handle)
                     && key.words_match(&self.slot(handle - 1).load())
                 {
                     return Some(Found {
@@ -641,8 +708,8 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     /// Clears an unlinked overflow bucket and puts it on the free list. Callers are inside the
     /// write window of the chain it belonged to.
     fn free_overflow(&self, w: &mut Writer, idx: u32, b: &Bucket) {
-        for h in b.handles.iter() {
-            h.store(0, Ordering::Relaxed);
+        for i in 0..BUCKET_SLOTS {
+            b.set_entry(i, 0, 0);
         }
         b.next.store(w.free_overflow, Ordering::Relaxed);
         w.free_overflow = idx + 1;
@@ -676,8 +743,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         spare: Option<u32>,
     ) {
         if end.used < BUCKET_SLOTS {
-            end.last.tags[end.used].store(tag, Ordering::Relaxed);
-            end.last.handles[end.used].store(handle, Ordering::Relaxed);
+            end.last.set_entry(end.used, tag, handle);
             if let Some(idx) = spare {
                 // Not needed after all: give it back.
                 let b = self
@@ -695,10 +761,10 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
             .get(idx as usize)
             .unwrap_or_else(|| unreachable!("spare bucket"));
         b.next.store(0, Ordering::Relaxed);
-        for (i, h) in b.handles.iter().enumerate() {
-            h.store(if i == 0 { handle } else { 0 }, Ordering::Relaxed);
+        b.set_entry(0, tag, handle);
+        for i in 1..BUCKET_SLOTS {
+            b.set_entry(i, 0, 0);
         }
-        b.tags[0].store(tag, Ordering::Relaxed);
         end.last.next.store(idx + 1, Ordering::Relaxed);
     }
 
@@ -778,11 +844,12 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         handle: PageHandle,
         f: impl FnOnce(&mut Page) -> R,
     ) -> Option<R> {
-        let (vaddr, h, _) = self.hash_key(self.page_size.addr(handle.vpn));
+        let (vaddr, h, tag) = self.hash_key(self.page_size.addr(handle.vpn));
         self.update_key(
             h,
             Key::Handle {
                 vaddr,
+                tag,
                 slot: handle.slot,
                 gen: handle.gen,
             },
@@ -825,16 +892,13 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         let last = end.used - 1;
         write_begin(head);
         if !(core::ptr::eq(found.bucket, end.last) && found.entry == last) {
-            found.bucket.tags[found.entry].store(
-                end.last.tags[last].load(Ordering::Relaxed),
-                Ordering::Relaxed,
-            );
-            found.bucket.handles[found.entry].store(
+            found.bucket.set_entry(
+                found.entry,
+                end.last.tag(last),
                 end.last.handles[last].load(Ordering::Relaxed),
-                Ordering::Relaxed,
             );
         }
-        end.last.handles[last].store(0, Ordering::Relaxed);
+        end.last.set_entry(last, 0, 0);
         if last == 0 {
             if let (Some(prev), Some(idx)) = (end.prev, end.last_overflow) {
                 prev.next.store(0, Ordering::Relaxed);
@@ -883,7 +947,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
                 if handle == 0 {
                     break;
                 }
-                let tag = bucket.tags[i].load(Ordering::Relaxed);
+                let tag = bucket.tag(i);
                 let vaddr = VirtAddr(self.slot(handle - 1).words[0].load(Ordering::Relaxed));
                 let h = self.hasher.hash(self.page_size.vpn(vaddr).0);
                 if h & low != 0 {
@@ -951,8 +1015,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
             let chunk = chunks.next().unwrap_or(&[]);
             for i in 0..BUCKET_SLOTS {
                 let (tag, handle) = chunk.get(i).copied().unwrap_or((0, 0));
-                bucket.tags[i].store(tag, Ordering::Relaxed);
-                bucket.handles[i].store(handle, Ordering::Relaxed);
+                bucket.set_entry(i, tag, handle);
             }
             if chunks.peek().is_none() {
                 bucket.next.store(0, Ordering::Relaxed);
@@ -1124,6 +1187,41 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+
+    /// The four-lanes-at-a-time tag comparison finds exactly the entries whose tag is equal, with
+    /// no false match from a borrow between lanes (tags differing only in the top bit, in one bit,
+    /// empty lanes next to matching ones).
+    #[test]
+    fn bucket_matches_exactly_the_entries_with_the_tag() {
+        let b = Bucket::default();
+        let tags = [
+            0x8000, 0xffff, 0x8001, 0x0000, 0xc000, 0x8000, 0x7fff, 0x0001, 0x4000, 0x8002,
+        ];
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..20_000 {
+            x = x.rotate_left(17).wrapping_mul(0xff51_afd7_ed55_8ccd) ^ 0x1234_5678;
+            let entries: [u16; BUCKET_SLOTS] =
+                core::array::from_fn(|i| tags[((x >> (4 * i)) % tags.len() as u64) as usize]);
+            for (i, t) in entries.iter().enumerate() {
+                b.set_entry(i, *t, u32::from(*t != 0));
+            }
+            for probe in tags {
+                let mut found = 0u32;
+                for k in 0..TAG_WORDS {
+                    let mut m = b.matches(k, probe);
+                    while m != 0 {
+                        found |= 1 << (4 * k + (m.trailing_zeros() / 16) as usize);
+                        m &= m - 1;
+                    }
+                }
+                let want = (0..BUCKET_SLOTS)
+                    .filter(|i| entries[*i] == probe)
+                    .fold(0u32, |acc, i| acc | 1 << i);
+                assert_eq!(found, want, "{entries:x?} probed with {probe:x}");
+                assert!((0..BUCKET_SLOTS).all(|i| b.tag(i) == entries[i]));
+            }
+        }
+    }
 
     /// The one-copy read of a slot returns exactly the words the portable word-by-word read does,
     /// for every word position and bit (the stress test checks it against concurrent writers).
