@@ -101,15 +101,29 @@ impl Bucket {
         self.handles[i].store(handle, Ordering::Relaxed);
     }
 
-    /// The entries of this bucket whose tag is `tag`, four lanes a word at a time: bit `16 * i +
-    /// 15` of the result is set if entry `i` matches (`i` below 4 in word 0, and so on).
+    /// The entries of this bucket whose tag is `tag`, compared four lanes a word at a time and
+    /// merged without a branch: word `k`'s lane `l` (entry `4k + l`) is bit `16l + 15 - (TAG_WORDS
+    /// - 1 - k)` of the result; [`entry_of`] turns a bit position back into an entry. Lookups take
+    /// no branch on where in the bucket a match is, so the branch predictor has nothing to miss.
     #[inline]
-    fn matches(&self, k: usize, tag: u16) -> u64 {
-        let x = self.tags[k].load(Ordering::Relaxed) ^ (u64::from(tag) * LANES_LOW);
-        // A lane's top bit ends up set iff the lane is non-zero (no carry crosses lanes).
-        let nonzero = ((x & !LANES_TOP) + !LANES_TOP) | x;
-        !nonzero & LANES_TOP
+    fn matches(&self, tag: u16) -> u64 {
+        let pattern = u64::from(tag) * LANES_LOW;
+        let mut m = 0;
+        for (k, word) in self.tags.iter().enumerate() {
+            let x = word.load(Ordering::Relaxed) ^ pattern;
+            // A lane's top bit ends up set iff the lane is non-zero (no carry crosses lanes).
+            let nonzero = ((x & !LANES_TOP) + !LANES_TOP) | x;
+            m |= (!nonzero & LANES_TOP) >> (TAG_WORDS - 1 - k);
+        }
+        m
     }
+}
+
+/// The entry a bit of [`Bucket::matches`] stands for.
+#[inline]
+fn entry_of(bit: u32) -> usize {
+    let (lane, word) = (bit as usize >> 4, (bit as usize & 15) + TAG_WORDS - 16);
+    4 * word + lane
 }
 
 #[cfg(not(loom))]
@@ -527,20 +541,19 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         let mut hops = 0u32;
         let tag = key.tag();
         loop {
-            for k in 0..TAG_WORDS {
-                let mut m = bucket.matches(k, tag);
-                while m != 0 {
-                    let i = 4 * k + (m.trailing_zeros() / 16) as usize;
-                    m &= m - 1;
-                    let handle = bucket.handles[i].load(Ordering::Relaxed);
-                    if !key.handle_may_match(handle) {
-                        continue;
-                    }
-                    if let Some(slot) = self.slots.get(handle.wrapping_sub(1) as usize) {
-                        let w = slot.load();
-                        if key.words_match(&w) {
-                            return Some((handle - 1, w));
-                        }
+            let mut m = bucket.matches(tag);
+            while m != 0 {
+                // `entry_of` is below BUCKET_SLOTS (a power of two); the mask spares a bounds check.
+                let i = entry_of(m.trailing_zeros()) & (BUCKET_SLOTS - 1);
+                m &= m - 1;
+                let handle = bucket.handles[i].load(Ordering::Relaxed);
+                if !key.handle_may_match(handle) {
+                    continue;
+                }
+                if let Some(slot) = self.slots.get(handle.wrapping_sub(1) as usize) {
+                    let w = slot.load();
+                    if key.words_match(&w) {
+                        return Some((handle - 1, w));
                     }
                 }
             }
@@ -1207,12 +1220,10 @@ mod tests {
             }
             for probe in tags {
                 let mut found = 0u32;
-                for k in 0..TAG_WORDS {
-                    let mut m = b.matches(k, probe);
-                    while m != 0 {
-                        found |= 1 << (4 * k + (m.trailing_zeros() / 16) as usize);
-                        m &= m - 1;
-                    }
+                let mut m = b.matches(probe);
+                while m != 0 {
+                    found |= 1 << entry_of(m.trailing_zeros());
+                    m &= m - 1;
                 }
                 let want = (0..BUCKET_SLOTS)
                     .filter(|i| entries[*i] == probe)
