@@ -16,7 +16,8 @@ use pagesnap_bench::{
 use pagesnap_engine::Space;
 use pagesnap_epochtree::{scan, EpochTree};
 use pagesnap_pagetable::{
-    BlockingLock, Epoch, Fibonacci, Fmix64, PageTable, PrototypeModulo, SpinLock, VirtAddr, Vpn,
+    BlockingLock, Epoch, Fibonacci, Fmix64, FoldMul, PageTable, PrototypeModulo, SpinLock,
+    VirtAddr, Vpn,
 };
 use pagesnap_store::{Store, StoreOptions};
 use std::hint::black_box;
@@ -63,6 +64,8 @@ fn main() -> anyhow::Result<()> {
                     .map(|(i, k)| (*k, page(*k, i as u64)))
                     .collect(),
             ))),
+            "pagesnap-fibonacci" => Box::new(Keyed(pagesnap::<Fibonacci, SpinLock>(&present))),
+            "pagesnap-foldmul" => Box::new(Keyed(pagesnap::<FoldMul, SpinLock>(&present))),
             _ => Box::new(Keyed(pagesnap::<Fmix64, SpinLock>(&present))),
         };
         let sum: u64 = order.iter().map(|i| m.get_key(&present, *i)).sum();
@@ -556,7 +559,13 @@ fn page_table_targets(args: &[String]) {
         .and_then(|i| args.get(i + 1))
         .and_then(|a| a.parse().ok())
         .unwrap_or(3);
-    let n = 1 << 20;
+    // `--mappings N` measures another size (the targets are at 1 Mi).
+    let n: usize = args
+        .iter()
+        .position(|a| a == "--mappings")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1 << 20);
     let ops = 250_000;
     let turns = 8;
     let (present, absent) = keys(n, Pattern::Sparse, 42);
@@ -565,7 +574,17 @@ fn page_table_targets(args: &[String]) {
     for i in (1..order.len()).rev() {
         order.swap(i, (r.next_u64() % (i as u64 + 1)) as usize);
     }
-    let (table, bytes) = build(|| pagesnap::<Fmix64, pagesnap_pagetable::DefaultLock>(&present));
+    // `--hash fibonacci|foldmul` measures another hash (the default table's is fmix64).
+    let hash = args
+        .iter()
+        .position(|a| a == "--hash")
+        .and_then(|i| args.get(i + 1))
+        .map_or("fmix64", String::as_str);
+    let (table, bytes) = match hash {
+        "fibonacci" => build(|| pagesnap::<Fibonacci, pagesnap_pagetable::DefaultLock>(&present)),
+        "foldmul" => build(|| pagesnap::<FoldMul, pagesnap_pagetable::DefaultLock>(&present)),
+        _ => build(|| pagesnap::<Fmix64, pagesnap_pagetable::DefaultLock>(&present)),
+    };
     let (brown, _) = build(|| {
         Brown(
             present
@@ -575,7 +594,7 @@ fn page_table_targets(args: &[String]) {
                 .collect(),
         )
     });
-    println!("## Page-table targets (issue 18): {n} sparse mappings, default table (fmix64, default lock)\n");
+    println!("## Page-table targets (issue 18): {n} sparse mappings, default table ({hash}, default lock)\n");
     println!(
         "Memory: {:.1} bytes/mapping ({:.2}x the 64-byte descriptor; target <= 1.3x).\n",
         bytes as f64 / n as f64,

@@ -40,6 +40,22 @@ impl VpnHasher for Fibonacci {
     }
 }
 
+/// A folded multiply: the 128-bit product of the page number and an odd constant, its halves
+/// xored together (foldhash's and wyhash's mixing step). One widening multiply: the high half
+/// carries every input bit into the top bits (the tag), the low half into the bottom (the bucket).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FoldMul;
+
+impl VpnHasher for FoldMul {
+    #[inline]
+    fn hash(&self, vpn: u64) -> u64 {
+        let m = u128::from(vpn ^ 0x243f_6a88_85a3_08d3) * 0x9e37_79b9_7f4a_7c15;
+        #[allow(clippy::cast_possible_truncation)] // the two halves of the product
+        let h = (m as u64) ^ ((m >> 64) as u64);
+        h
+    }
+}
+
 /// The 2022 prototype's hash, `vaddr % 2^20` on page-aligned 4 KiB addresses: only 256 distinct
 /// values. Kept to prove that even the worst hash loses no mapping (everything lands in overflow
 /// chains), and to show in the benchmarks what it costs. Never use it for real work.
