@@ -101,12 +101,51 @@ impl Bucket {
         self.handles[i].store(handle, Ordering::Relaxed);
     }
 
-    /// The entries of this bucket whose tag is `tag`, compared four lanes a word at a time and
-    /// merged without a branch: word `k`'s lane `l` (entry `4k + l`) is bit `16l + 15 - (TAG_WORDS
-    /// - 1 - k)` of the result; [`entry_of`] turns a bit position back into an entry. Lookups take
-    /// no branch on where in the bucket a match is, so the branch predictor has nothing to miss.
+    /// The entries of this bucket whose tag is `tag`, as a mask [`entry_of`] turns back into
+    /// entries, computed without a branch: lookups take no branch on where in the bucket a match
+    /// is, so the branch predictor has nothing to miss. x86-64 compares all eight tags in one SSE2
+    /// instruction; elsewhere (and under loom) four at a time in a 64-bit word.
     #[inline]
     fn matches(&self, tag: u16) -> u64 {
+        #[cfg(all(target_arch = "x86_64", not(loom)))]
+        {
+            // SAFETY: `matches_sse2` only needs SSE2, which every x86-64 processor has (it is in
+            // the x86_64 targets' baseline); it has no other precondition.
+            unsafe { self.matches_sse2(tag) }
+        }
+        #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+        {
+            self.matches_swar(tag)
+        }
+    }
+
+    /// SSE2: entry `i` is bit `2i + 1` of the result.
+    #[cfg(all(target_arch = "x86_64", not(loom)))]
+    #[inline]
+    #[target_feature(enable = "sse2")]
+    fn matches_sse2(&self, tag: u16) -> u64 {
+        use core::arch::x86_64::{
+            _mm_cmpeq_epi16, _mm_movemask_epi8, _mm_set1_epi16, _mm_set_epi64x,
+        };
+        const _: () = assert!(TAG_WORDS == 2);
+        #[allow(clippy::cast_possible_wrap)] // bit patterns, not numbers
+        let tags = _mm_set_epi64x(
+            self.tags[1].load(Ordering::Relaxed) as i64,
+            self.tags[0].load(Ordering::Relaxed) as i64,
+        );
+        #[allow(clippy::cast_possible_wrap)]
+        let equal = _mm_cmpeq_epi16(tags, _mm_set1_epi16(tag as i16));
+        // Two mask bits per 16-bit lane; keep the upper one.
+        #[allow(clippy::cast_sign_loss)] // a 16-bit mask
+        let m = (_mm_movemask_epi8(equal) as u32 & 0xaaaa) as u64;
+        m
+    }
+
+    /// Four lanes a word at a time, merged: word `k`'s lane `l` (entry `4k + l`) is bit
+    /// `16l + 15 - (TAG_WORDS - 1 - k)` of the result.
+    #[inline]
+    #[cfg_attr(all(target_arch = "x86_64", not(loom)), allow(dead_code))]
+    fn matches_swar(&self, tag: u16) -> u64 {
         let pattern = u64::from(tag) * LANES_LOW;
         let mut m = 0;
         for (k, word) in self.tags.iter().enumerate() {
@@ -122,6 +161,20 @@ impl Bucket {
 /// The entry a bit of [`Bucket::matches`] stands for.
 #[inline]
 fn entry_of(bit: u32) -> usize {
+    #[cfg(all(target_arch = "x86_64", not(loom)))]
+    {
+        bit as usize >> 1
+    }
+    #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+    {
+        entry_of_swar(bit)
+    }
+}
+
+/// The entry a bit of [`Bucket::matches_swar`] stands for.
+#[inline]
+#[cfg_attr(all(target_arch = "x86_64", not(loom)), allow(dead_code))]
+fn entry_of_swar(bit: u32) -> usize {
     let (lane, word) = (bit as usize >> 4, (bit as usize & 15) + TAG_WORDS - 16);
     4 * word + lane
 }
@@ -290,7 +343,7 @@ impl TableStats {
 /// [`get_by_handle`](Self::get_by_handle), [`for_each`](Self::for_each) with [`WalkLock::None`])
 /// never wait for each other or take the writer lock.
 pub struct PageTable<H: VpnHasher = Fmix64, L: lock_api::RawMutex = DefaultLock> {
-    /// Linear-hashing shape: the number of primary buckets (only grows).
+    /// Linear-hashing shape: the number of primary buckets (only grows), as a [`Shape`] word.
     shape: CachePadded<AtomicU64>,
     /// Mirrors of writer state that readers may look at.
     len: CachePadded<AtomicUsize>,
@@ -325,7 +378,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> fmt::Debug for PageTable<H, L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PageTable")
             .field("len", &self.len())
-            .field("buckets", &self.shape.0.load(Ordering::Relaxed))
+            .field("buckets", &Shape(self.shape.0.load(Ordering::Relaxed)).n())
             .field("page_size", &self.page_size.bytes())
             .finish()
     }
@@ -339,6 +392,38 @@ fn bucket_index(h: u64, n: u64) -> usize {
     let b = if b < n - low { h & ((low << 1) - 1) } else { b };
     // `b < n`, and `n` never exceeds the bucket array's length, which fits in usize.
     b as usize
+}
+
+/// The linear-hashing shape as readers load it: `n` buckets stored as the mask of the round's
+/// power of two (low 32 bits) and how many buckets of the round were split (high 32 bits), so a
+/// reader finds its bucket with an `and`, a compare and a conditional move ([`Shape::bucket`],
+/// the same index as [`bucket_index`]). One word, so readers compare shapes as words.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Shape(u64);
+
+impl Shape {
+    fn of(n: u64) -> Shape {
+        let low = 1u64 << (63 - n.leading_zeros());
+        debug_assert!(low <= 1 << 31, "bucket count {n} beyond the shape word");
+        Shape((low - 1) | ((n - low) << 32))
+    }
+
+    fn n(self) -> u64 {
+        (self.0 & 0xffff_ffff) + 1 + (self.0 >> 32)
+    }
+
+    #[inline]
+    fn bucket(self, h: u64) -> usize {
+        let mask = self.0 & 0xffff_ffff;
+        let b = h & mask;
+        let b = if b < self.0 >> 32 {
+            h & (2 * mask + 1)
+        } else {
+            b
+        };
+        // `b < n`, and `n` never exceeds the bucket array's length, which fits in usize.
+        b as usize
+    }
 }
 
 // Writers are serialised by the writer lock, so a plain load and store would do; the bumps are
@@ -418,7 +503,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     /// An empty table for pages of `page_size`, sized for `mappings` without growing.
     pub fn with_config(page_size: PageSize, mappings: usize) -> Self {
         let table = PageTable {
-            shape: CachePadded(AtomicU64::new(MIN_BUCKETS)),
+            shape: CachePadded(AtomicU64::new(Shape::of(MIN_BUCKETS).0)),
             len: CachePadded(AtomicUsize::new(0)),
             overflow_high: AtomicU32::new(0),
             buckets: SegVec::new(),
@@ -444,7 +529,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         table.slots.reserve(mappings.min(MAX_SLOTS as usize));
         if want > MIN_BUCKETS {
             // Splitting empty buckets moves nothing; publish the shape directly.
-            table.shape.0.store(want, Ordering::Release);
+            table.shape.0.store(Shape::of(want).0, Ordering::Release);
         }
         table
     }
@@ -452,6 +537,11 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     /// The page size this table maps.
     pub fn page_size(&self) -> PageSize {
         self.page_size
+    }
+
+    /// The number of primary buckets (writers, walks and statistics).
+    fn buckets_now(&self) -> u64 {
+        Shape(self.shape.0.load(Ordering::Relaxed)).n()
     }
 
     /// A fresh descriptor for the page containing `vaddr` (`vm_map_page_init`). It is not stored
@@ -475,7 +565,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         let w = self.writer.lock();
         TableStats {
             mappings: w.len,
-            buckets: self.shape.0.load(Ordering::Relaxed),
+            buckets: self.buckets_now(),
             overflow_buckets: w.overflow_in_use,
             slot_capacity: self.slots.capacity(),
             retired_slots: w.retired_slots,
@@ -508,8 +598,8 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     #[inline]
     fn read(&self, h: u64, key: Key) -> Option<(u32, Words)> {
         loop {
-            let n = self.shape.0.load(Ordering::Acquire);
-            let Some(head) = self.buckets.get(bucket_index(h, n)) else {
+            let shape = self.shape.0.load(Ordering::Acquire);
+            let Some(head) = self.buckets.get(Shape(shape).bucket(h)) else {
                 // Unreachable: buckets are allocated before the shape naming them is published.
                 spin_wait();
                 continue;
@@ -521,7 +611,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
             }
             // A split publishes the new shape before it closes the source bucket's window; having
             // acquired that close, a stale shape here means our bucket choice may be stale too.
-            if self.shape.0.load(Ordering::Relaxed) != n {
+            if self.shape.0.load(Ordering::Relaxed) != shape {
                 continue;
             }
             let found = self.scan(head, key);
@@ -618,7 +708,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     // Writer helpers (the writer lock is held)
 
     fn head(&self, h: u64) -> &Bucket {
-        let n = self.shape.0.load(Ordering::Relaxed);
+        let n = self.buckets_now();
         match self.buckets.get(bucket_index(h, n)) {
             Some(b) => b,
             // The shape never names a bucket that was not allocated first.
@@ -940,7 +1030,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     /// Linear hashing: split one bucket whenever the average load passes the target. Each split
     /// moves one chain (a bounded step), so no operation ever rehashes the whole table.
     fn grow(&self, w: &mut Writer) {
-        let n = self.shape.0.load(Ordering::Relaxed);
+        let n = self.buckets_now();
         if (w.len as u64) <= n * TARGET_LOAD || !self.buckets.reserve(n as usize + 1) {
             return;
         }
@@ -1009,7 +1099,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
                 .unwrap_or_else(|| unreachable!("spare"));
             self.free_overflow(w, idx, b);
         }
-        self.shape.0.store(n + 1, Ordering::Release);
+        self.shape.0.store(Shape::of(n + 1).0, Ordering::Release);
         write_end(dst);
         write_end(src);
     }
@@ -1062,7 +1152,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         match lock {
             WalkLock::Map => {
                 let _w = self.writer.lock();
-                let n = self.shape.0.load(Ordering::Relaxed);
+                let n = self.buckets_now();
                 (0..n as usize)
                     .map(|b| self.visit_chain_locked(b, &mut f))
                     .sum()
@@ -1072,7 +1162,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
                 let mut visited = 0;
                 for g in 0..groups {
                     let _w = self.writer.lock();
-                    let n = self.shape.0.load(Ordering::Relaxed) as usize;
+                    let n = self.buckets_now() as usize;
                     visited += (g..n)
                         .step_by(groups)
                         .map(|b| self.visit_chain_locked(b, &mut f))
@@ -1101,7 +1191,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     /// two at or below the bucket count when the walk starts. Splits only move entries within a
     /// group, so a mapping cannot slip from an unvisited group into a visited one.
     fn walk_groups(&self) -> usize {
-        let n = self.shape.0.load(Ordering::Acquire);
+        let n = Shape(self.shape.0.load(Ordering::Acquire)).n();
         1usize << (63 - n.leading_zeros())
     }
 
@@ -1134,7 +1224,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         'retry: loop {
             out.clear();
             seqs.clear();
-            let n = self.shape.0.load(Ordering::Acquire) as usize;
+            let n = Shape(self.shape.0.load(Ordering::Acquire)).n() as usize;
             for b in (g..n).step_by(groups) {
                 let Some(head) = self.buckets.get(b) else {
                     continue 'retry;
@@ -1149,7 +1239,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
             }
             // A bucket added to this group since we read the shape means an entry may have moved
             // out of a bucket we read after the move (see `read`).
-            if in_group(self.shape.0.load(Ordering::Relaxed) as usize) != in_group(n) {
+            if in_group(self.buckets_now() as usize) != in_group(n) {
                 continue 'retry;
             }
             fence(Ordering::Acquire);
@@ -1225,6 +1315,14 @@ mod tests {
                     found |= 1 << entry_of(m.trailing_zeros());
                     m &= m - 1;
                 }
+                // The portable comparison, whichever one this target uses.
+                let mut portable = 0u32;
+                let mut m = b.matches_swar(probe);
+                while m != 0 {
+                    portable |= 1 << entry_of_swar(m.trailing_zeros());
+                    m &= m - 1;
+                }
+                assert_eq!(portable, found);
                 let want = (0..BUCKET_SLOTS)
                     .filter(|i| entries[*i] == probe)
                     .fold(0u32, |acc, i| acc | 1 << i);
@@ -1282,6 +1380,25 @@ mod tests {
         let other = t.set_page(Page::new(VirtAddr(0x8000))).expect("insert");
         assert_ne!(other.slot, first.slot);
         assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn shape_words_name_the_same_buckets_as_the_count() {
+        for n in (1..5000u64).chain([1 << 20, (1 << 20) + 12_345, (1 << 31) - 1, 1 << 31]) {
+            let s = Shape::of(n);
+            assert_eq!(s.n(), n);
+            for h in [
+                0u64,
+                1,
+                0x35,
+                0xdead_beef_1234_5678,
+                u64::MAX,
+                n,
+                n.wrapping_mul(7919),
+            ] {
+                assert_eq!(s.bucket(h), bucket_index(h, n), "n {n} h {h:x}");
+            }
+        }
     }
 
     #[test]
