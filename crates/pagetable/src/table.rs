@@ -439,45 +439,64 @@ fn write_end(b: &Bucket) {
     b.seq.fetch_add(1, Ordering::Release);
 }
 
-/// Which entry a reader or writer is looking for.
-#[derive(Clone, Copy)]
-enum Key {
-    /// The mapping of this page-aligned address, found by tag.
-    Addr { vaddr: u64, tag: u16 },
-    /// A handle: this slot, this address (and its tag), this generation.
-    Handle {
-        vaddr: u64,
-        tag: u16,
-        slot: u32,
-        gen: u16,
-    },
+/// Which entry a reader or writer is looking for. A trait rather than an enum so that each
+/// lookup is compiled for its own kind of key, with nothing to pack or match at run time.
+trait Key: Copy {
+    /// The tag the entry carries.
+    fn tag(&self) -> u16;
+    /// Whether an entry whose tag matched may be this key.
+    fn handle_may_match(&self, handle: u32) -> bool;
+    /// Whether a slot's words are this key's live mapping.
+    fn words_match(&self, w: &Words) -> bool;
 }
 
-impl Key {
+/// The mapping of this page-aligned address, found by tag.
+#[derive(Clone, Copy)]
+struct AddrKey {
+    vaddr: u64,
+    tag: u16,
+}
+
+impl Key for AddrKey {
     #[inline]
     fn tag(&self) -> u16 {
-        match *self {
-            Key::Addr { tag, .. } | Key::Handle { tag, .. } => tag,
-        }
+        self.tag
     }
 
-    /// Whether an entry whose tag matched may be this key.
     #[inline]
-    fn handle_may_match(&self, handle: u32) -> bool {
-        match *self {
-            Key::Addr { .. } => true,
-            Key::Handle { slot, .. } => handle == slot + 1,
-        }
+    fn handle_may_match(&self, _: u32) -> bool {
+        true
     }
 
     #[inline]
     fn words_match(&self, w: &Words) -> bool {
-        match *self {
-            Key::Addr { vaddr, .. } => w[0] == vaddr && is_live(w),
-            Key::Handle { vaddr, gen, .. } => {
-                w[0] == vaddr && is_live(w) && u64::from(meta_of(w)) & GEN_MASK == u64::from(gen)
-            }
-        }
+        w[0] == self.vaddr && is_live(w)
+    }
+}
+
+/// A handle: this slot, this address (and its tag), this generation.
+#[derive(Clone, Copy)]
+struct HandleKey {
+    vaddr: u64,
+    tag: u16,
+    slot: u32,
+    gen: u16,
+}
+
+impl Key for HandleKey {
+    #[inline]
+    fn tag(&self) -> u16 {
+        self.tag
+    }
+
+    #[inline]
+    fn handle_may_match(&self, handle: u32) -> bool {
+        handle == self.slot + 1
+    }
+
+    #[inline]
+    fn words_match(&self, w: &Words) -> bool {
+        w[0] == self.vaddr && is_live(w) && u64::from(meta_of(w)) & GEN_MASK == u64::from(self.gen)
     }
 }
 
@@ -596,7 +615,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
 
     /// Lock-free: the slot and words of the entry `key` in the chain for hash `h`.
     #[inline]
-    fn read(&self, h: u64, key: Key) -> Option<(u32, Words)> {
+    fn read(&self, h: u64, key: impl Key) -> Option<(u32, Words)> {
         loop {
             let shape = self.shape.0.load(Ordering::Acquire);
             let Some(head) = self.buckets.get(Shape(shape).bucket(h)) else {
@@ -625,7 +644,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
 
     /// Racy scan of a chain; only meaningful if the head's sequence did not move meanwhile.
     #[inline]
-    fn scan(&self, head: &Bucket, key: Key) -> Option<(u32, Words)> {
+    fn scan(&self, head: &Bucket, key: impl Key) -> Option<(u32, Words)> {
         let limit = self.overflow_high.load(Ordering::Relaxed);
         let mut bucket = head;
         let mut hops = 0u32;
@@ -661,7 +680,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     #[inline]
     pub fn get_page(&self, vaddr: VirtAddr) -> Option<Page> {
         let (vaddr, h, tag) = self.hash_key(vaddr);
-        self.read(h, Key::Addr { vaddr, tag })
+        self.read(h, AddrKey { vaddr, tag })
             .map(|(_, w)| Page::from_words(&w))
     }
 
@@ -670,7 +689,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         let (aligned, h, tag) = self.hash_key(vaddr);
         self.read(
             h,
-            Key::Addr {
+            AddrKey {
                 vaddr: aligned,
                 tag,
             },
@@ -684,7 +703,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         let (vaddr, h, tag) = self.hash_key(self.page_size.addr(handle.vpn));
         self.read(
             h,
-            Key::Handle {
+            HandleKey {
                 vaddr,
                 tag,
                 slot: handle.slot,
@@ -729,7 +748,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         self.overflow.get(idx as usize).map(|b| (idx, b))
     }
 
-    fn find<'a>(&'a self, head: &'a Bucket, key: Key) -> Option<Found<'a>> {
+    fn find<'a>(&'a self, head: &'a Bucket, key: impl Key) -> Option<Found<'a>> {
         let mut bucket = head;
         loop {
             for entry in 0..BUCKET_SLOTS {
@@ -885,7 +904,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         };
         let mut w = self.writer.lock();
         let head = self.head(h);
-        if let Some(found) = self.find(head, Key::Addr { vaddr, tag }) {
+        if let Some(found) = self.find(head, AddrKey { vaddr, tag }) {
             let slot = self.slot(found.slot);
             let meta = meta_of(&slot.load());
             write_begin(head);
@@ -938,7 +957,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     /// changed by `f`.
     pub fn update<R>(&self, vaddr: VirtAddr, f: impl FnOnce(&mut Page) -> R) -> Option<R> {
         let (vaddr, h, tag) = self.hash_key(vaddr);
-        self.update_key(h, Key::Addr { vaddr, tag }, f)
+        self.update_key(h, AddrKey { vaddr, tag }, f)
     }
 
     /// [`update`](Self::update) through a handle: `None` if its mapping no longer exists.
@@ -950,7 +969,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         let (vaddr, h, tag) = self.hash_key(self.page_size.addr(handle.vpn));
         self.update_key(
             h,
-            Key::Handle {
+            HandleKey {
                 vaddr,
                 tag,
                 slot: handle.slot,
@@ -960,7 +979,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         )
     }
 
-    fn update_key<R>(&self, h: u64, key: Key, f: impl FnOnce(&mut Page) -> R) -> Option<R> {
+    fn update_key<R>(&self, h: u64, key: impl Key, f: impl FnOnce(&mut Page) -> R) -> Option<R> {
         let _w = self.writer.lock();
         let head = self.head(h);
         let found = self.find(head, key)?;
@@ -987,7 +1006,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         let (vaddr, h, tag) = self.hash_key(vaddr);
         let mut w = self.writer.lock();
         let head = self.head(h);
-        let found = self.find(head, Key::Addr { vaddr, tag })?;
+        let found = self.find(head, AddrKey { vaddr, tag })?;
         let end = self.chain_end(head);
         let slot = self.slot(found.slot);
         let words = slot.load();
