@@ -310,6 +310,10 @@ fn page_table(opts: &Opts) -> Chart {
             build(|| pagesnap::<Fibonacci, SpinLock>(&present)),
         );
         add(
+            "pagesnap (foldmul, spin)",
+            build(|| pagesnap::<FoldMul, SpinLock>(&present)),
+        );
+        add(
             "pagesnap (fmix64, blocking)",
             build(|| pagesnap::<Fmix64, BlockingLock>(&present)),
         );

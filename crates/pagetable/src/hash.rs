@@ -91,18 +91,26 @@ mod tests {
             let vpns = || (0..4096u64).map(move |i| 0x0007_fff0_0000 + i * stride);
             let fm = distinct_buckets(&Fmix64, vpns(), 12);
             let fib = distinct_buckets(&Fibonacci, vpns(), 12);
+            let fold = distinct_buckets(&FoldMul, vpns(), 12);
             let proto = distinct_buckets(&PrototypeModulo, vpns(), 12);
             assert!(fm > 2400, "fmix64 stride {stride}: {fm}");
             assert!(fib > 2400, "fibonacci stride {stride}: {fib}");
+            assert!(fold > 2400, "foldmul stride {stride}: {fold}");
             assert!(proto <= 256, "prototype stride {stride}: {proto}");
         }
     }
 
     #[test]
     fn tags_differ_for_neighbouring_pages() {
-        let tags: alloc::collections::BTreeSet<u64> =
-            (0..1000u64).map(|v| Fmix64.hash(v) >> 48).collect();
-        // 1000 uniform 16-bit tags collide about 7.6 times (birthday bound).
-        assert!(tags.len() > 975, "{}", tags.len());
+        fn tags<H: VpnHasher>(h: &H, stride: u64) -> usize {
+            let t: alloc::collections::BTreeSet<u64> =
+                (0..1000u64).map(|v| h.hash(v * stride) >> 49).collect();
+            t.len()
+        }
+        // 1000 uniform 15-bit tags (the table keeps 15) collide about 15 times (birthday bound).
+        for stride in [1, 16, 512, 1 << 20] {
+            assert!(tags(&Fmix64, stride) > 960, "fmix64 stride {stride}");
+            assert!(tags(&FoldMul, stride) > 960, "foldmul stride {stride}");
+        }
     }
 }
