@@ -351,7 +351,9 @@ pub struct PageTable<H: VpnHasher = Fmix64, L: lock_api::RawMutex = DefaultLock>
     buckets: SegVec<Bucket, BUCKET_SEG_SHIFT>,
     overflow: SegVec<Bucket, BUCKET_SEG_SHIFT>,
     slots: SegVec<Slot, SLOT_SEG_SHIFT>,
-    writer: WriterMutex<L, Writer>,
+    /// On a cache line of its own: writers store the lock word (and, with `std`, its owner) at
+    /// every operation, which must not invalidate the line readers take the directories from.
+    writer: CachePadded<WriterMutex<L, Writer>>,
     hasher: H,
     page_size: PageSize,
 }
@@ -528,7 +530,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
             buckets: SegVec::new(),
             overflow: SegVec::new(),
             slots: SegVec::new(),
-            writer: WriterMutex::new(Writer {
+            writer: CachePadded(WriterMutex::new(Writer {
                 next_slot: 0,
                 free_slot: 0,
                 next_overflow: 0,
@@ -536,7 +538,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
                 len: 0,
                 overflow_in_use: 0,
                 retired_slots: 0,
-            }),
+            })),
             hasher: H::default(),
             page_size,
         };
@@ -581,7 +583,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
 
     /// Sizes and heap bytes.
     pub fn stats(&self) -> TableStats {
-        let w = self.writer.lock();
+        let w = self.writer.0.lock();
         TableStats {
             mappings: w.len,
             buckets: self.buckets_now(),
@@ -902,7 +904,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
             vaddr: VirtAddr(vaddr),
             ..page
         };
-        let mut w = self.writer.lock();
+        let mut w = self.writer.0.lock();
         let head = self.head(h);
         if let Some(found) = self.find(head, AddrKey { vaddr, tag }) {
             let slot = self.slot(found.slot);
@@ -980,7 +982,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     }
 
     fn update_key<R>(&self, h: u64, key: impl Key, f: impl FnOnce(&mut Page) -> R) -> Option<R> {
-        let _w = self.writer.lock();
+        let _w = self.writer.0.lock();
         let head = self.head(h);
         let found = self.find(head, key)?;
         Some(self.modify(head, self.slot(found.slot), f))
@@ -1004,7 +1006,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     /// Removes the mapping of the page containing `vaddr` and returns its last descriptor.
     pub fn remove(&self, vaddr: VirtAddr) -> Option<Page> {
         let (vaddr, h, tag) = self.hash_key(vaddr);
-        let mut w = self.writer.lock();
+        let mut w = self.writer.0.lock();
         let head = self.head(h);
         let found = self.find(head, AddrKey { vaddr, tag })?;
         let end = self.chain_end(head);
@@ -1170,7 +1172,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     pub fn for_each(&self, lock: WalkLock, mut f: impl FnMut(&mut Page)) -> usize {
         match lock {
             WalkLock::Map => {
-                let _w = self.writer.lock();
+                let _w = self.writer.0.lock();
                 let n = self.buckets_now();
                 (0..n as usize)
                     .map(|b| self.visit_chain_locked(b, &mut f))
@@ -1180,7 +1182,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
                 let groups = self.walk_groups();
                 let mut visited = 0;
                 for g in 0..groups {
-                    let _w = self.writer.lock();
+                    let _w = self.writer.0.lock();
                     let n = self.buckets_now() as usize;
                     visited += (g..n)
                         .step_by(groups)
