@@ -16,7 +16,8 @@ use pagesnap_bench::{
 use pagesnap_engine::Space;
 use pagesnap_epochtree::{scan, EpochTree};
 use pagesnap_pagetable::{
-    BlockingLock, Epoch, Fibonacci, Fmix64, PageTable, PrototypeModulo, SpinLock, VirtAddr, Vpn,
+    BlockingLock, Epoch, Fibonacci, Fmix64, FoldMul, PageTable, PrototypeModulo, SpinLock,
+    VirtAddr, Vpn,
 };
 use pagesnap_store::{Store, StoreOptions};
 use std::hint::black_box;
@@ -63,6 +64,8 @@ fn main() -> anyhow::Result<()> {
                     .map(|(i, k)| (*k, page(*k, i as u64)))
                     .collect(),
             ))),
+            "pagesnap-fibonacci" => Box::new(Keyed(pagesnap::<Fibonacci, SpinLock>(&present))),
+            "pagesnap-foldmul" => Box::new(Keyed(pagesnap::<FoldMul, SpinLock>(&present))),
             _ => Box::new(Keyed(pagesnap::<Fmix64, SpinLock>(&present))),
         };
         let sum: u64 = order.iter().map(|i| m.get_key(&present, *i)).sum();
@@ -91,10 +94,17 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .position(|a| a == "--section")
         .and_then(|i| args.get(i + 1).cloned());
-    let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    // `pagetable-targets` is a short check of issue 18's targets: only when asked for by name.
+    let run = |name: &str| {
+        only.as_deref()
+            .map_or(name != "pagetable-targets", |o| o == name)
+    };
     if run("pagetable") {
         let chart = page_table(&opts);
         draw(&opts.svg, &chart)?;
+    }
+    if run("pagetable-targets") {
+        page_table_targets(&args);
     }
     if run("epochtree") {
         epoch_tree();
@@ -298,6 +308,10 @@ fn page_table(opts: &Opts) -> Chart {
         add(
             "pagesnap (fibonacci, spin)",
             build(|| pagesnap::<Fibonacci, SpinLock>(&present)),
+        );
+        add(
+            "pagesnap (foldmul, spin)",
+            build(|| pagesnap::<FoldMul, SpinLock>(&present)),
         );
         add(
             "pagesnap (fmix64, blocking)",
@@ -531,6 +545,110 @@ fn patterns_and_writers(ops: usize) {
         });
         println!(
             "| {name} | {alone:.1} | {busy:.1} | {:.0}% |",
+            100.0 * busy / alone
+        );
+    }
+    println!();
+}
+
+/// Issue 18's targets, `--section pagetable-targets [--rounds N]`: at 1 Mi sparse mappings, the
+/// default table's get hits (1 and 2 threads), misses and reads under a concurrent writer against
+/// single-threaded hashbrown, `N` rounds (default 3) in one run. On a shared machine the load can
+/// change within seconds, so each round interleaves short runs (8 × 250,000 operations of each
+/// measurement, in turn) and compares totals: a burst of load hits both sides of a ratio.
+fn page_table_targets(args: &[String]) {
+    let rounds: usize = args
+        .iter()
+        .position(|a| a == "--rounds")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(3);
+    // `--mappings N` measures another size (the targets are at 1 Mi).
+    let n: usize = args
+        .iter()
+        .position(|a| a == "--mappings")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1 << 20);
+    let ops = 250_000;
+    let turns = 8;
+    let (present, absent) = keys(n, Pattern::Sparse, 42);
+    let mut r = Rng(7);
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, (r.next_u64() % (i as u64 + 1)) as usize);
+    }
+    // `--hash fibonacci|foldmul` measures another hash (the default table's is fmix64).
+    let hash = args
+        .iter()
+        .position(|a| a == "--hash")
+        .and_then(|i| args.get(i + 1))
+        .map_or("fmix64", String::as_str);
+    let (table, bytes) = match hash {
+        "fibonacci" => build(|| pagesnap::<Fibonacci, pagesnap_pagetable::DefaultLock>(&present)),
+        "foldmul" => build(|| pagesnap::<FoldMul, pagesnap_pagetable::DefaultLock>(&present)),
+        _ => build(|| pagesnap::<Fmix64, pagesnap_pagetable::DefaultLock>(&present)),
+    };
+    let (brown, _) = build(|| {
+        Brown(
+            present
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (*k, page(*k, i as u64)))
+                .collect(),
+        )
+    });
+    println!("## Page-table targets (issue 18): {n} sparse mappings, default table ({hash}, default lock)\n");
+    println!(
+        "Memory: {:.1} bytes/mapping ({:.2}x the 64-byte descriptor; target <= 1.3x).\n",
+        bytes as f64 / n as f64,
+        bytes as f64 / n as f64 / 64.0
+    );
+    println!("| round | hashbrown hit, 1 thr | pagesnap hit, 1 thr | 2 thr | miss | reads alone | reads under a writer | hit 1 thr / hashbrown (>= 0.7) | hit 2 thr / hashbrown (>= 1.2) | miss / hit (>= 1) | under writer / alone (>= 0.8) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    // Each run starts where the last one of its kind stopped, so turns do not repeat keys.
+    let hit = |m: &dyn MapDyn, threads: usize, turn: usize| {
+        rate(threads, ops, |t, i| {
+            let i = turn * ops + i;
+            m.get_key(&present, order[(i * 2 + t) % n] as usize)
+        })
+    };
+    let under_writer = |turn: usize| {
+        let stop = AtomicBool::new(false);
+        let mut busy = 0.0;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut i = turn * ops;
+                while !stop.load(Ordering::Relaxed) {
+                    table.set_key(&present, order[(i * 13) % n] as usize, i as u64);
+                    i += 1;
+                }
+            });
+            busy = hit(table.as_ref(), 1, turn + 1000);
+            stop.store(true, Ordering::Relaxed);
+        });
+        busy
+    };
+    for round in 1..=rounds {
+        // Totals of ops/s over the turns: their ratios are ratios of mean rates.
+        let mut sum = [0.0f64; 6];
+        for turn in 0..turns {
+            let turn = (round - 1) * turns + turn;
+            sum[0] += hit(brown.as_ref(), 1, turn);
+            sum[1] += hit(table.as_ref(), 1, turn);
+            sum[2] += hit(table.as_ref(), 2, turn);
+            sum[3] += rate(1, ops, |_, i| {
+                table.get_absent(&absent, order[(turn * ops + i) % n] as usize)
+            });
+            sum[4] += hit(table.as_ref(), 1, turn + 1000);
+            sum[5] += under_writer(turn);
+        }
+        let [b1, p1, p2, miss, alone, busy] = sum.map(|x| x / turns as f64);
+        println!(
+            "| {round} | {b1:.1} | {p1:.1} | {p2:.1} | {miss:.1} | {alone:.1} | {busy:.1} | {:.2}x | {:.2}x | {:.2}x | {:.0}% |",
+            p1 / b1,
+            p2 / b1,
+            miss / p1,
             100.0 * busy / alone
         );
     }

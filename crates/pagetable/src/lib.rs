@@ -50,7 +50,7 @@ mod sync;
 mod table;
 
 pub use addr::{DiskPage, Epoch, PageSize, PhysAddr, VirtAddr, Vpn};
-pub use hash::{Fibonacci, Fmix64, PrototypeModulo, VpnHasher};
+pub use hash::{Fibonacci, Fmix64, FoldMul, PrototypeModulo, VpnHasher};
 #[cfg(feature = "std")]
 pub use lock::BlockingLock;
 pub use lock::{DefaultLock, SpinLock, WriterLock};

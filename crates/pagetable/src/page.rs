@@ -98,6 +98,7 @@ impl Page {
     }
 
     #[allow(clippy::cast_possible_truncation)] // unpacking fields packed by `to_words`
+    #[inline]
     pub(crate) fn from_words(w: &Words) -> Page {
         Page {
             vaddr: VirtAddr(w[0]),

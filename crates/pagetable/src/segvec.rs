@@ -2,32 +2,47 @@
 //!
 //! Elements never move once allocated, so an index is a stable name for an element (the page
 //! table's slot handles rely on this), and growing never copies or frees anything a reader might be
-//! looking at: there is nothing to reclaim while the array lives. The directory is a fixed
-//! two-level radix (`top` → `mid` → segment), allocated on demand.
+//! looking at: there is nothing to reclaim while the array lives.
+//!
+//! The directory is a single level: one array of segment pointers, so a read is the directory
+//! pointer, one directory entry and the element (the two-level radix it replaced cost one more
+//! dependent load and two null checks a lookup). When the directory is full, a writer copies it
+//! into one twice as large and publishes that; the old one is kept, unchanged, until the array is
+//! dropped (a reader may still be reading it). Old directories add up to less than the current
+//! one: 8 bytes per segment at most, against a segment's 64 KiB or more.
 
 use crate::sync::{AtomicPtr, AtomicUsize, Ordering};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ptr;
 
+/// The most segments an array can have.
 #[cfg(not(loom))]
-const MID_SHIFT: u32 = 10;
+const MAX_SEGS: usize = 1 << 20;
 #[cfg(loom)]
-const MID_SHIFT: u32 = 1;
+const MAX_SEGS: usize = 8;
+/// Directory entries allocated with the first segment.
 #[cfg(not(loom))]
-const TOP: usize = 1024;
+const FIRST_DIR: usize = 16;
 #[cfg(loom)]
-const TOP: usize = 4;
-const MID: usize = 1 << MID_SHIFT;
-
-struct Mid<T> {
-    segs: [AtomicPtr<T>; MID],
-}
+const FIRST_DIR: usize = 1;
 
 /// Segments of `1 << SEG_SHIFT` elements of `T`, created with `T::default()`.
+///
+/// Reads ([`get`](Self::get), [`capacity`](Self::capacity)) may run on any thread at any time;
+/// [`reserve`](Self::reserve) must be serialised by the caller (the page table calls it only under
+/// its writer lock).
 pub(crate) struct SegVec<T, const SEG_SHIFT: u32> {
-    top: Box<[AtomicPtr<Mid<T>>]>,
+    /// The directory: the first of `dir_cap` segment pointers, of which the first `segments` are
+    /// set. Replaced (never changed in place below `segments`) when it is full.
+    dir: AtomicPtr<AtomicPtr<T>>,
+    /// Segments published: every directory entry below it is set in every directory published
+    /// after it was stored.
     segments: AtomicUsize,
+    /// Writer-only: entries in the current directory (0 before the first segment).
+    dir_cap: AtomicUsize,
+    /// Writer-only: directories replaced by larger ones, freed on drop.
+    old_dirs: spin::mutex::SpinMutex<Vec<(*mut AtomicPtr<T>, usize)>>,
 }
 
 impl<T: Default, const SEG_SHIFT: u32> SegVec<T, SEG_SHIFT> {
@@ -35,14 +50,16 @@ impl<T: Default, const SEG_SHIFT: u32> SegVec<T, SEG_SHIFT> {
 
     pub(crate) fn new() -> Self {
         SegVec {
-            top: (0..TOP).map(|_| AtomicPtr::new(ptr::null_mut())).collect(),
+            dir: AtomicPtr::new(ptr::null_mut()),
             segments: AtomicUsize::new(0),
+            dir_cap: AtomicUsize::new(0),
+            old_dirs: spin::mutex::SpinMutex::new(Vec::new()),
         }
     }
 
     /// The most elements this array can ever hold.
     pub(crate) const fn max_len() -> usize {
-        TOP << (MID_SHIFT + SEG_SHIFT)
+        MAX_SEGS << SEG_SHIFT
     }
 
     /// How many elements are allocated.
@@ -53,28 +70,24 @@ impl<T: Default, const SEG_SHIFT: u32> SegVec<T, SEG_SHIFT> {
     /// The element at `i`, or `None` if its segment does not exist (yet). Lock-free.
     #[inline]
     pub(crate) fn get(&self, i: usize) -> Option<&T> {
-        let mid = self
-            .top
-            .get(i >> (SEG_SHIFT + MID_SHIFT))?
-            .load(Ordering::Acquire);
-        if mid.is_null() {
+        let k = i >> SEG_SHIFT;
+        // Segments first: every directory published from now on has entry `k` set (a directory
+        // loaded before this could be one too small for `k`).
+        if k >= self.segments.load(Ordering::Acquire) {
             return None;
         }
-        // SAFETY: a non-null `mid` was made by `Box::into_raw` in `grow` and published with a
-        // Release store after it was initialised (this Acquire load pairs with it); it is freed only
-        // in `drop`, which has `&mut self`, so it outlives the `&self` borrow we return.
-        let mid = unsafe { &*mid };
-        let seg = mid.segs[(i >> SEG_SHIFT) & (MID - 1)].load(Ordering::Acquire);
-        if seg.is_null() {
-            return None;
-        }
-        let elem = seg.wrapping_add(i & (Self::SEG - 1));
-        // SAFETY: `seg` points at the first of `SEG` initialised elements made by `grow` (published
-        // with Release, acquired above) and freed only in `drop`; the offset is below `SEG`.
-        Some(unsafe { &*elem })
+        let dir = self.dir.load(Ordering::Acquire);
+        // SAFETY: `segments > k` was acquired above, so the directory this Acquire load returns
+        // (published with Release in `grow_dir` after its entries were copied) has more than `k`
+        // entries and entry `k` set; directories are freed only in `drop`, which has `&mut self`.
+        let entry = unsafe { &*dir.wrapping_add(k) };
+        let seg = entry.load(Ordering::Relaxed);
+        // SAFETY: `seg` is the first of `SEG` elements initialised in `reserve` before `segments`
+        // passed `k` (Release; acquired above), freed only in `drop`; the offset is below `SEG`.
+        Some(unsafe { &*seg.wrapping_add(i & (Self::SEG - 1)) })
     }
 
-    /// Allocates segments until `len` elements fit. Called by writers (under the table's writer
+    /// Allocates segments until `len` elements fit. Callers serialise calls (the table's writer
     /// lock); readers may run concurrently. Returns false if `len` exceeds [`Self::max_len`].
     pub(crate) fn reserve(&self, len: usize) -> bool {
         if len > Self::max_len() {
@@ -88,81 +101,87 @@ impl<T: Default, const SEG_SHIFT: u32> SegVec<T, SEG_SHIFT> {
 
     fn grow(&self) {
         let n = self.segments.load(Ordering::Relaxed);
-        let ti = n >> MID_SHIFT;
-        let mut mid = self.top[ti].load(Ordering::Acquire);
-        if mid.is_null() {
-            let fresh = Box::into_raw(Box::new(Mid {
-                segs: core::array::from_fn(|_| AtomicPtr::new(ptr::null_mut())),
-            }));
-            match self.top[ti].compare_exchange(
-                ptr::null_mut(),
-                fresh,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => mid = fresh,
-                Err(existing) => {
-                    // SAFETY: `fresh` came from `Box::into_raw` just above and was never shared.
-                    drop(unsafe { Box::from_raw(fresh) });
-                    mid = existing;
-                }
-            }
+        if n == self.dir_cap.load(Ordering::Relaxed) {
+            self.grow_dir(n);
         }
-        // SAFETY: `mid` is non-null, made by `Box::into_raw` and freed only in `drop` (see `get`).
-        let mid = unsafe { &*mid };
         let seg: Box<[T]> = (0..Self::SEG).map(|_| T::default()).collect();
         let seg = Box::into_raw(seg).cast::<T>();
-        let slot = &mid.segs[n & (MID - 1)];
-        if slot
-            .compare_exchange(ptr::null_mut(), seg, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            // SAFETY: `seg` is the unshared allocation of `SEG` elements made just above.
-            drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(seg, Self::SEG)) });
-        }
-        self.segments.store(n + 1, Ordering::Relaxed);
+        let dir = self.dir.load(Ordering::Relaxed);
+        // SAFETY: the current directory has `dir_cap > n` entries (just ensured) and lives until
+        // `drop`; only this (serialised) writer stores into it.
+        unsafe { &*dir.wrapping_add(n) }.store(seg, Ordering::Relaxed);
+        // Publishes the segment's elements and the directory entry naming it.
+        self.segments.store(n + 1, Ordering::Release);
     }
 
-    /// Heap bytes held: segments plus directory.
+    /// Replaces a full directory of `n` entries by one twice as large (the first by one of
+    /// `FIRST_DIR`), keeping the old one until drop.
+    fn grow_dir(&self, n: usize) {
+        let cap = if n == 0 { FIRST_DIR } else { n * 2 }.min(MAX_SEGS);
+        let old = self.dir.load(Ordering::Relaxed);
+        let fresh: Box<[AtomicPtr<T>]> = (0..cap)
+            .map(|k| {
+                AtomicPtr::new(if k < n {
+                    // SAFETY: `old` has `n` entries, all set (it was full), and lives until drop.
+                    unsafe { &*old.wrapping_add(k) }.load(Ordering::Relaxed)
+                } else {
+                    ptr::null_mut()
+                })
+            })
+            .collect();
+        let fresh = Box::into_raw(fresh).cast::<AtomicPtr<T>>();
+        // Readers that acquire a later `segments` acquire this directory or a later one.
+        self.dir.store(fresh, Ordering::Release);
+        self.dir_cap.store(cap, Ordering::Relaxed);
+        if !old.is_null() {
+            self.old_dirs.lock().push((old, n));
+        }
+    }
+
+    /// Heap bytes held: segments plus directories.
     pub(crate) fn heap_bytes(&self) -> usize {
         let segs = self.segments.load(Ordering::Relaxed);
-        let mids = segs.div_ceil(MID);
+        let dirs: usize = self.dir_cap.load(Ordering::Relaxed)
+            + self.old_dirs.lock().iter().map(|d| d.1).sum::<usize>();
         segs * Self::SEG * core::mem::size_of::<T>()
-            + mids * core::mem::size_of::<Mid<T>>()
-            + TOP * core::mem::size_of::<AtomicPtr<Mid<T>>>()
+            + dirs * core::mem::size_of::<AtomicPtr<T>>()
+            + self.old_dirs.lock().capacity() * core::mem::size_of::<(*mut AtomicPtr<T>, usize)>()
     }
 }
 
 impl<T, const SEG_SHIFT: u32> Drop for SegVec<T, SEG_SHIFT> {
     fn drop(&mut self) {
         let seg_len = 1usize << SEG_SHIFT;
-        let mut mids = Vec::new();
-        for top in self.top.iter() {
-            let mid = top.load(Ordering::Acquire);
-            if !mid.is_null() {
-                mids.push(mid);
-            }
+        let segs = self.segments.load(Ordering::Relaxed);
+        let dir = self.dir.load(Ordering::Relaxed);
+        for k in 0..segs {
+            // SAFETY: the current directory has every entry below `segments` set; `&mut self`
+            // means no reader can hold a reference any more.
+            let seg = unsafe { &*dir.wrapping_add(k) }.load(Ordering::Relaxed);
+            // SAFETY: made by `Box::<[T]>::into_raw` with `seg_len` elements in `grow`; each
+            // segment is named once in the current directory, so it is freed once here.
+            drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(seg, seg_len)) });
         }
-        for mid in mids {
-            // SAFETY: every non-null `top` entry was made by `Box::into_raw` in `grow`; `&mut self`
-            // means no reader can hold a reference into it any more, and each is freed once here.
-            let mid = unsafe { Box::from_raw(mid) };
-            for seg in mid.segs.iter() {
-                let seg = seg.load(Ordering::Acquire);
-                if !seg.is_null() {
-                    // SAFETY: made by `Box::<[T]>::into_raw` with `seg_len` elements in `grow`,
-                    // freed once here.
-                    drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(seg, seg_len)) });
-                }
-            }
+        let cap = self.dir_cap.load(Ordering::Relaxed);
+        let old = core::mem::take(self.old_dirs.get_mut());
+        for (d, len) in old
+            .into_iter()
+            .chain((!dir.is_null()).then_some((dir, cap)))
+        {
+            // SAFETY: every directory was made by `Box::<[AtomicPtr<T>]>::into_raw` with `len`
+            // entries in `grow_dir`, recorded once (old ones in `old_dirs`, the current one in
+            // `dir`), and is freed once here.
+            drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(d, len)) });
         }
     }
 }
 
 // SAFETY: the array hands out `&T` to any thread and `T` values are created on one thread and
-// dropped on another, exactly like a `Vec<T>` behind an `Arc`: `T: Send + Sync` suffices.
+// dropped on another, exactly like a `Vec<T>` behind an `Arc`: `T: Send + Sync` suffices. The raw
+// pointers it holds (directories, segments) are owned by it and freed only in `drop`.
 unsafe impl<T: Send + Sync, const S: u32> Send for SegVec<T, S> {}
-// SAFETY: as above; all shared mutation of the directory is through atomics.
+// SAFETY: as above; all shared mutation is through atomics (the directory list of old directories
+// is behind a lock).
 unsafe impl<T: Send + Sync, const S: u32> Sync for SegVec<T, S> {}
 
 #[cfg(all(test, not(loom)))]
@@ -179,12 +198,14 @@ mod tests {
         let first = v.get(0).map(|e| e as *const AtomicU64);
         v.get(3).expect("reserved").store(33, Ordering::Relaxed);
         assert!(v.get(4).is_none());
+        // 1,250 segments: the directory is replaced seven times (16, 32, ..., 2048 entries).
         assert!(v.reserve(5000));
         assert_eq!(v.get(0).map(|e| e as *const AtomicU64), first);
         assert_eq!(v.get(3).map(|e| e.load(Ordering::Relaxed)), Some(33));
         assert_eq!(v.get(4999).map(|e| e.load(Ordering::Relaxed)), Some(0));
         assert!(v.get(v.capacity()).is_none());
         assert!(v.heap_bytes() >= 5000 * 8);
+        assert_eq!(v.old_dirs.lock().len(), 7);
     }
 
     #[test]
@@ -192,5 +213,32 @@ mod tests {
         let v: SegVec<AtomicU64, 2> = SegVec::new();
         assert!(!v.reserve(SegVec::<AtomicU64, 2>::max_len() + 1));
         assert!(v.get(usize::MAX).is_none());
+    }
+
+    #[cfg(feature = "std")]
+    #[test]
+    fn readers_see_every_element_while_a_writer_grows_the_directory() {
+        let v: SegVec<AtomicU64, 1> = SegVec::new();
+        std::thread::scope(|s| {
+            let v = &v;
+            s.spawn(move || {
+                for len in 1..=4096 {
+                    assert!(v.reserve(len));
+                    v.get(len - 1)
+                        .expect("reserved")
+                        .store(len as u64, Ordering::Relaxed);
+                }
+            });
+            s.spawn(move || {
+                let mut seen = 0;
+                while seen < 4096 {
+                    let cap = v.capacity();
+                    for i in 0..cap {
+                        assert!(v.get(i).is_some(), "element {i} of {cap} missing");
+                    }
+                    seen = cap;
+                }
+            });
+        });
     }
 }

@@ -20,7 +20,7 @@ use crate::hash::{Fmix64, VpnHasher};
 use crate::lock::{DefaultLock, WriterMutex};
 use crate::page::{is_live, meta_of, Page, PageHandle, Words, GEN_MASK, LIVE_BIT, META_SHIFT};
 use crate::segvec::SegVec;
-use crate::sync::{fence, spin_wait, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::{fence, spin_wait, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -52,6 +52,13 @@ const BUCKET_SEG_SHIFT: u32 = 1;
 /// Slot handles are stored as `index + 1` in 32 bits, 0 meaning "empty".
 const MAX_SLOTS: u64 = u32::MAX as u64 - 1;
 
+/// Tags are 16 bits, four to a 64-bit word.
+const TAG_WORDS: usize = BUCKET_SLOTS.div_ceil(4);
+/// Every stored tag has its top bit set, so an empty entry (tag 0) never matches a lookup.
+const TAG_USED: u16 = 0x8000;
+const LANES_LOW: u64 = 0x0001_0001_0001_0001;
+const LANES_TOP: u64 = 0x8000_8000_8000_8000;
+
 #[repr(C, align(64))]
 #[derive(Default)]
 struct Bucket {
@@ -59,9 +66,117 @@ struct Bucket {
     /// 1 + index of the next overflow bucket; 0 ends the chain. Free overflow buckets are chained
     /// through it too.
     next: AtomicU32,
-    tags: [AtomicU16; BUCKET_SLOTS],
+    /// Entry `i`'s tag is bits `16 * (i % 4)..` of word `i / 4`: the top 15 bits of the hash with
+    /// [`TAG_USED`] set, or 0 for an empty entry. Compared four at a time (`matches`).
+    tags: [AtomicU64; TAG_WORDS],
     /// 1 + slot index; 0 is an empty entry (and ends the chain's packed entries).
     handles: [AtomicU32; BUCKET_SLOTS],
+}
+
+impl Bucket {
+    /// Entry `i`'s tag.
+    #[inline]
+    fn tag(&self, i: usize) -> u16 {
+        #[allow(clippy::cast_possible_truncation)] // one 16-bit lane
+        let t = (self.tags[i / 4].load(Ordering::Relaxed) >> (16 * (i % 4))) as u16;
+        t
+    }
+
+    /// Sets entry `i` (a writer, inside the chain's write window; `tag` 0 and `handle` 0 empty
+    /// it). Only writers store tags, one at a time under the writer lock, so the word's other lanes
+    /// cannot change between the load and the store.
+    fn set_entry(&self, i: usize, tag: u16, handle: u32) {
+        debug_assert_eq!(
+            tag == 0,
+            handle == 0,
+            "an entry has both a tag and a handle, or neither"
+        );
+        let word = &self.tags[i / 4];
+        let shift = 16 * (i % 4);
+        let old = word.load(Ordering::Relaxed);
+        word.store(
+            (old & !(0xffff << shift)) | (u64::from(tag) << shift),
+            Ordering::Relaxed,
+        );
+        self.handles[i].store(handle, Ordering::Relaxed);
+    }
+
+    /// The entries of this bucket whose tag is `tag`, as a mask [`entry_of`] turns back into
+    /// entries, computed without a branch: lookups take no branch on where in the bucket a match
+    /// is, so the branch predictor has nothing to miss. x86-64 compares all eight tags in one SSE2
+    /// instruction; elsewhere (and under loom) four at a time in a 64-bit word.
+    #[inline]
+    fn matches(&self, tag: u16) -> u64 {
+        #[cfg(all(target_arch = "x86_64", not(loom)))]
+        {
+            // SAFETY: `matches_sse2` only needs SSE2, which every x86-64 processor has (it is in
+            // the x86_64 targets' baseline); it has no other precondition.
+            unsafe { self.matches_sse2(tag) }
+        }
+        #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+        {
+            self.matches_swar(tag)
+        }
+    }
+
+    /// SSE2: entry `i` is bit `2i + 1` of the result.
+    #[cfg(all(target_arch = "x86_64", not(loom)))]
+    #[inline]
+    #[target_feature(enable = "sse2")]
+    fn matches_sse2(&self, tag: u16) -> u64 {
+        use core::arch::x86_64::{
+            _mm_cmpeq_epi16, _mm_movemask_epi8, _mm_set1_epi16, _mm_set_epi64x,
+        };
+        const _: () = assert!(TAG_WORDS == 2);
+        #[allow(clippy::cast_possible_wrap)] // bit patterns, not numbers
+        let tags = _mm_set_epi64x(
+            self.tags[1].load(Ordering::Relaxed) as i64,
+            self.tags[0].load(Ordering::Relaxed) as i64,
+        );
+        #[allow(clippy::cast_possible_wrap)]
+        let equal = _mm_cmpeq_epi16(tags, _mm_set1_epi16(tag as i16));
+        // Two mask bits per 16-bit lane; keep the upper one.
+        #[allow(clippy::cast_sign_loss)] // a 16-bit mask
+        let m = (_mm_movemask_epi8(equal) as u32 & 0xaaaa) as u64;
+        m
+    }
+
+    /// Four lanes a word at a time, merged: word `k`'s lane `l` (entry `4k + l`) is bit
+    /// `16l + 15 - (TAG_WORDS - 1 - k)` of the result.
+    #[inline]
+    #[cfg_attr(all(target_arch = "x86_64", not(loom)), allow(dead_code))]
+    fn matches_swar(&self, tag: u16) -> u64 {
+        let pattern = u64::from(tag) * LANES_LOW;
+        let mut m = 0;
+        for (k, word) in self.tags.iter().enumerate() {
+            let x = word.load(Ordering::Relaxed) ^ pattern;
+            // A lane's top bit ends up set iff the lane is non-zero (no carry crosses lanes).
+            let nonzero = ((x & !LANES_TOP) + !LANES_TOP) | x;
+            m |= (!nonzero & LANES_TOP) >> (TAG_WORDS - 1 - k);
+        }
+        m
+    }
+}
+
+/// The entry a bit of [`Bucket::matches`] stands for.
+#[inline]
+fn entry_of(bit: u32) -> usize {
+    #[cfg(all(target_arch = "x86_64", not(loom)))]
+    {
+        bit as usize >> 1
+    }
+    #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+    {
+        entry_of_swar(bit)
+    }
+}
+
+/// The entry a bit of [`Bucket::matches_swar`] stands for.
+#[inline]
+#[cfg_attr(all(target_arch = "x86_64", not(loom)), allow(dead_code))]
+fn entry_of_swar(bit: u32) -> usize {
+    let (lane, word) = (bit as usize >> 4, (bit as usize & 15) + TAG_WORDS - 16);
+    4 * word + lane
 }
 
 #[cfg(not(loom))]
@@ -77,13 +192,63 @@ struct Slot {
 const _: () = assert!(core::mem::size_of::<Slot>() == 64);
 
 impl Slot {
+    /// A copy of the eight words, racy unless the caller holds the writer lock: a reader validates
+    /// it with its bucket's sequence counter.
     #[inline]
     fn load(&self) -> Words {
+        #[cfg(all(target_arch = "x86_64", not(loom), not(miri)))]
+        {
+            self.load_x86_64()
+        }
+        #[cfg(not(all(target_arch = "x86_64", not(loom), not(miri))))]
+        {
+            self.load_words()
+        }
+    }
+
+    /// The portable copy: eight relaxed word loads.
+    #[inline]
+    #[cfg_attr(all(target_arch = "x86_64", not(loom), not(miri)), allow(dead_code))]
+    fn load_words(&self) -> Words {
         let mut w = [0u64; 8];
         for (dst, src) in w.iter_mut().zip(self.words.iter()) {
             *dst = src.load(Ordering::Relaxed);
         }
         w
+    }
+
+    /// The descriptor as one copy: four 16-byte loads of the (64-byte aligned) slot and four
+    /// stores, instead of eight word loads held in registers. What each load reads is what a pair
+    /// of relaxed 8-byte atomic loads would read (x86-64 never splits an aligned 8-byte access),
+    /// which is all the seqlock needs: a copy that overlapped a write window is discarded.
+    #[cfg(all(target_arch = "x86_64", not(loom), not(miri)))]
+    #[inline]
+    fn load_x86_64(&self) -> Words {
+        use core::arch::x86_64::__m128i;
+        let (a, b, c, d): (__m128i, __m128i, __m128i, __m128i);
+        // SAFETY: `src` is this slot: 64 readable bytes aligned to 64. The asm only loads them into
+        // the four xmm registers it declares as outputs; it touches no other memory, no stack and
+        // no flags. The slot's words are atomics that writers may store concurrently: the loads
+        // are plain hardware loads, each 8-byte half of which is single-copy atomic, i.e. what
+        // relaxed `AtomicU64` loads return (see `load_words`), so no torn word is ever read and
+        // nothing the compiler assumed is broken; a copy taken during a write window is rejected by
+        // the caller's validation.
+        unsafe {
+            core::arch::asm!(
+                "movdqa {a}, xmmword ptr [{src}]",
+                "movdqa {b}, xmmword ptr [{src} + 16]",
+                "movdqa {c}, xmmword ptr [{src} + 32]",
+                "movdqa {d}, xmmword ptr [{src} + 48]",
+                src = in(reg) self.words.as_ptr(),
+                a = out(xmm_reg) a,
+                b = out(xmm_reg) b,
+                c = out(xmm_reg) c,
+                d = out(xmm_reg) d,
+                options(nostack, preserves_flags, readonly),
+            );
+        }
+        // SAFETY: four 16-byte vectors are 64 bytes, and every bit pattern is a valid `[u64; 8]`.
+        unsafe { core::mem::transmute::<[__m128i; 4], Words>([a, b, c, d]) }
     }
 
     fn store(&self, w: &Words) {
@@ -178,7 +343,7 @@ impl TableStats {
 /// [`get_by_handle`](Self::get_by_handle), [`for_each`](Self::for_each) with [`WalkLock::None`])
 /// never wait for each other or take the writer lock.
 pub struct PageTable<H: VpnHasher = Fmix64, L: lock_api::RawMutex = DefaultLock> {
-    /// Linear-hashing shape: the number of primary buckets (only grows).
+    /// Linear-hashing shape: the number of primary buckets (only grows), as a [`Shape`] word.
     shape: CachePadded<AtomicU64>,
     /// Mirrors of writer state that readers may look at.
     len: CachePadded<AtomicUsize>,
@@ -186,7 +351,9 @@ pub struct PageTable<H: VpnHasher = Fmix64, L: lock_api::RawMutex = DefaultLock>
     buckets: SegVec<Bucket, BUCKET_SEG_SHIFT>,
     overflow: SegVec<Bucket, BUCKET_SEG_SHIFT>,
     slots: SegVec<Slot, SLOT_SEG_SHIFT>,
-    writer: WriterMutex<L, Writer>,
+    /// On a cache line of its own: writers store the lock word (and, with `std`, its owner) at
+    /// every operation, which must not invalidate the line readers take the directories from.
+    writer: CachePadded<WriterMutex<L, Writer>>,
     hasher: H,
     page_size: PageSize,
 }
@@ -213,7 +380,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> fmt::Debug for PageTable<H, L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PageTable")
             .field("len", &self.len())
-            .field("buckets", &self.shape.0.load(Ordering::Relaxed))
+            .field("buckets", &Shape(self.shape.0.load(Ordering::Relaxed)).n())
             .field("page_size", &self.page_size.bytes())
             .finish()
     }
@@ -229,6 +396,38 @@ fn bucket_index(h: u64, n: u64) -> usize {
     b as usize
 }
 
+/// The linear-hashing shape as readers load it: `n` buckets stored as the mask of the round's
+/// power of two (low 32 bits) and how many buckets of the round were split (high 32 bits), so a
+/// reader finds its bucket with an `and`, a compare and a conditional move ([`Shape::bucket`],
+/// the same index as [`bucket_index`]). One word, so readers compare shapes as words.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Shape(u64);
+
+impl Shape {
+    fn of(n: u64) -> Shape {
+        let low = 1u64 << (63 - n.leading_zeros());
+        debug_assert!(low <= 1 << 31, "bucket count {n} beyond the shape word");
+        Shape((low - 1) | ((n - low) << 32))
+    }
+
+    fn n(self) -> u64 {
+        (self.0 & 0xffff_ffff) + 1 + (self.0 >> 32)
+    }
+
+    #[inline]
+    fn bucket(self, h: u64) -> usize {
+        let mask = self.0 & 0xffff_ffff;
+        let b = h & mask;
+        let b = if b < self.0 >> 32 {
+            h & (2 * mask + 1)
+        } else {
+            b
+        };
+        // `b < n`, and `n` never exceeds the bucket array's length, which fits in usize.
+        b as usize
+    }
+}
+
 // Writers are serialised by the writer lock, so a plain load and store would do; the bumps are
 // read-modify-writes so that loom's partial-order reduction sees them conflict with the readers'
 // loads (it tracks the last access to each atomic, and a writer's own load would hide them).
@@ -242,32 +441,64 @@ fn write_end(b: &Bucket) {
     b.seq.fetch_add(1, Ordering::Release);
 }
 
-/// Which entry a reader or writer is looking for.
-#[derive(Clone, Copy)]
-enum Key {
-    /// The mapping of this page-aligned address, found by tag.
-    Addr { vaddr: u64, tag: u16 },
-    /// A handle: this slot, this address, this generation.
-    Handle { vaddr: u64, slot: u32, gen: u16 },
+/// Which entry a reader or writer is looking for. A trait rather than an enum so that each
+/// lookup is compiled for its own kind of key, with nothing to pack or match at run time.
+trait Key: Copy {
+    /// The tag the entry carries.
+    fn tag(&self) -> u16;
+    /// Whether an entry whose tag matched may be this key.
+    fn handle_may_match(&self, handle: u32) -> bool;
+    /// Whether a slot's words are this key's live mapping.
+    fn words_match(&self, w: &Words) -> bool;
 }
 
-impl Key {
+/// The mapping of this page-aligned address, found by tag.
+#[derive(Clone, Copy)]
+struct AddrKey {
+    vaddr: u64,
+    tag: u16,
+}
+
+impl Key for AddrKey {
     #[inline]
-    fn entry_may_match(&self, tag: u16, handle: u32) -> bool {
-        match *self {
-            Key::Addr { tag: t, .. } => t == tag,
-            Key::Handle { slot, .. } => handle == slot + 1,
-        }
+    fn tag(&self) -> u16 {
+        self.tag
+    }
+
+    #[inline]
+    fn handle_may_match(&self, _: u32) -> bool {
+        true
     }
 
     #[inline]
     fn words_match(&self, w: &Words) -> bool {
-        match *self {
-            Key::Addr { vaddr, .. } => w[0] == vaddr && is_live(w),
-            Key::Handle { vaddr, gen, .. } => {
-                w[0] == vaddr && is_live(w) && u64::from(meta_of(w)) & GEN_MASK == u64::from(gen)
-            }
-        }
+        w[0] == self.vaddr && is_live(w)
+    }
+}
+
+/// A handle: this slot, this address (and its tag), this generation.
+#[derive(Clone, Copy)]
+struct HandleKey {
+    vaddr: u64,
+    tag: u16,
+    slot: u32,
+    gen: u16,
+}
+
+impl Key for HandleKey {
+    #[inline]
+    fn tag(&self) -> u16 {
+        self.tag
+    }
+
+    #[inline]
+    fn handle_may_match(&self, handle: u32) -> bool {
+        handle == self.slot + 1
+    }
+
+    #[inline]
+    fn words_match(&self, w: &Words) -> bool {
+        w[0] == self.vaddr && is_live(w) && u64::from(meta_of(w)) & GEN_MASK == u64::from(self.gen)
     }
 }
 
@@ -293,13 +524,13 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     /// An empty table for pages of `page_size`, sized for `mappings` without growing.
     pub fn with_config(page_size: PageSize, mappings: usize) -> Self {
         let table = PageTable {
-            shape: CachePadded(AtomicU64::new(MIN_BUCKETS)),
+            shape: CachePadded(AtomicU64::new(Shape::of(MIN_BUCKETS).0)),
             len: CachePadded(AtomicUsize::new(0)),
             overflow_high: AtomicU32::new(0),
             buckets: SegVec::new(),
             overflow: SegVec::new(),
             slots: SegVec::new(),
-            writer: WriterMutex::new(Writer {
+            writer: CachePadded(WriterMutex::new(Writer {
                 next_slot: 0,
                 free_slot: 0,
                 next_overflow: 0,
@@ -307,7 +538,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
                 len: 0,
                 overflow_in_use: 0,
                 retired_slots: 0,
-            }),
+            })),
             hasher: H::default(),
             page_size,
         };
@@ -319,7 +550,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         table.slots.reserve(mappings.min(MAX_SLOTS as usize));
         if want > MIN_BUCKETS {
             // Splitting empty buckets moves nothing; publish the shape directly.
-            table.shape.0.store(want, Ordering::Release);
+            table.shape.0.store(Shape::of(want).0, Ordering::Release);
         }
         table
     }
@@ -327,6 +558,11 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     /// The page size this table maps.
     pub fn page_size(&self) -> PageSize {
         self.page_size
+    }
+
+    /// The number of primary buckets (writers, walks and statistics).
+    fn buckets_now(&self) -> u64 {
+        Shape(self.shape.0.load(Ordering::Relaxed)).n()
     }
 
     /// A fresh descriptor for the page containing `vaddr` (`vm_map_page_init`). It is not stored
@@ -347,10 +583,10 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
 
     /// Sizes and heap bytes.
     pub fn stats(&self) -> TableStats {
-        let w = self.writer.lock();
+        let w = self.writer.0.lock();
         TableStats {
             mappings: w.len,
-            buckets: self.shape.0.load(Ordering::Relaxed),
+            buckets: self.buckets_now(),
             overflow_buckets: w.overflow_in_use,
             slot_capacity: self.slots.capacity(),
             retired_slots: w.retired_slots,
@@ -365,9 +601,9 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     fn hash_key(&self, vaddr: VirtAddr) -> (u64, u64, u16) {
         let vaddr = self.page_size.align_down(vaddr);
         let h = self.hasher.hash(self.page_size.vpn(vaddr).0);
-        // The top 16 bits of the hash; the low bits pick the bucket.
+        // The top 15 bits of the hash, marked used; the low bits pick the bucket.
         #[allow(clippy::cast_possible_truncation)]
-        let tag = (h >> 48) as u16;
+        let tag = (h >> 48) as u16 | TAG_USED;
         (vaddr.0, h, tag)
     }
 
@@ -380,10 +616,11 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     // Readers
 
     /// Lock-free: the slot and words of the entry `key` in the chain for hash `h`.
-    fn read(&self, h: u64, key: Key) -> Option<(u32, Words)> {
+    #[inline]
+    fn read(&self, h: u64, key: impl Key) -> Option<(u32, Words)> {
         loop {
-            let n = self.shape.0.load(Ordering::Acquire);
-            let Some(head) = self.buckets.get(bucket_index(h, n)) else {
+            let shape = self.shape.0.load(Ordering::Acquire);
+            let Some(head) = self.buckets.get(Shape(shape).bucket(h)) else {
                 // Unreachable: buckets are allocated before the shape naming them is published.
                 spin_wait();
                 continue;
@@ -395,7 +632,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
             }
             // A split publishes the new shape before it closes the source bucket's window; having
             // acquired that close, a stale shape here means our bucket choice may be stale too.
-            if self.shape.0.load(Ordering::Relaxed) != n {
+            if self.shape.0.load(Ordering::Relaxed) != shape {
                 continue;
             }
             let found = self.scan(head, key);
@@ -409,22 +646,25 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
 
     /// Racy scan of a chain; only meaningful if the head's sequence did not move meanwhile.
     #[inline]
-    fn scan(&self, head: &Bucket, key: Key) -> Option<(u32, Words)> {
+    fn scan(&self, head: &Bucket, key: impl Key) -> Option<(u32, Words)> {
         let limit = self.overflow_high.load(Ordering::Relaxed);
         let mut bucket = head;
         let mut hops = 0u32;
+        let tag = key.tag();
         loop {
-            for i in 0..BUCKET_SLOTS {
+            let mut m = bucket.matches(tag);
+            while m != 0 {
+                // `entry_of` is below BUCKET_SLOTS (a power of two); the mask spares a bounds check.
+                let i = entry_of(m.trailing_zeros()) & (BUCKET_SLOTS - 1);
+                m &= m - 1;
                 let handle = bucket.handles[i].load(Ordering::Relaxed);
-                if handle == 0 {
-                    return None;
+                if !key.handle_may_match(handle) {
+                    continue;
                 }
-                if key.entry_may_match(bucket.tags[i].load(Ordering::Relaxed), handle) {
-                    if let Some(slot) = self.slots.get((handle - 1) as usize) {
-                        let w = slot.load();
-                        if key.words_match(&w) {
-                            return Some((handle - 1, w));
-                        }
+                if let Some(slot) = self.slots.get(handle.wrapping_sub(1) as usize) {
+                    let w = slot.load();
+                    if key.words_match(&w) {
+                        return Some((handle - 1, w));
                     }
                 }
             }
@@ -442,7 +682,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     #[inline]
     pub fn get_page(&self, vaddr: VirtAddr) -> Option<Page> {
         let (vaddr, h, tag) = self.hash_key(vaddr);
-        self.read(h, Key::Addr { vaddr, tag })
+        self.read(h, AddrKey { vaddr, tag })
             .map(|(_, w)| Page::from_words(&w))
     }
 
@@ -451,7 +691,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         let (aligned, h, tag) = self.hash_key(vaddr);
         self.read(
             h,
-            Key::Addr {
+            AddrKey {
                 vaddr: aligned,
                 tag,
             },
@@ -462,11 +702,12 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     /// A copy of the descriptor `handle` names, or `None` if that mapping no longer exists (even
     /// if the same address was mapped again since).
     pub fn get_by_handle(&self, handle: PageHandle) -> Option<Page> {
-        let (vaddr, h, _) = self.hash_key(self.page_size.addr(handle.vpn));
+        let (vaddr, h, tag) = self.hash_key(self.page_size.addr(handle.vpn));
         self.read(
             h,
-            Key::Handle {
+            HandleKey {
                 vaddr,
+                tag,
                 slot: handle.slot,
                 gen: handle.gen,
             },
@@ -488,7 +729,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     // Writer helpers (the writer lock is held)
 
     fn head(&self, h: u64) -> &Bucket {
-        let n = self.shape.0.load(Ordering::Relaxed);
+        let n = self.buckets_now();
         match self.buckets.get(bucket_index(h, n)) {
             Some(b) => b,
             // The shape never names a bucket that was not allocated first.
@@ -509,7 +750,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         self.overflow.get(idx as usize).map(|b| (idx, b))
     }
 
-    fn find<'a>(&'a self, head: &'a Bucket, key: Key) -> Option<Found<'a>> {
+    fn find<'a>(&'a self, head: &'a Bucket, key: impl Key) -> Option<Found<'a>> {
         let mut bucket = head;
         loop {
             for entry in 0..BUCKET_SLOTS {
@@ -517,7 +758,8 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
                 if handle == 0 {
                     return None;
                 }
-                if key.entry_may_match(bucket.tags[entry].load(Ordering::Relaxed), handle)
+                if bucket.tag(entry) == key.tag()
+                    && key.handle_may_match(handle)
                     && key.words_match(&self.slot(handle - 1).load())
                 {
                     return Some(Found {
@@ -590,8 +832,8 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     /// Clears an unlinked overflow bucket and puts it on the free list. Callers are inside the
     /// write window of the chain it belonged to.
     fn free_overflow(&self, w: &mut Writer, idx: u32, b: &Bucket) {
-        for h in b.handles.iter() {
-            h.store(0, Ordering::Relaxed);
+        for i in 0..BUCKET_SLOTS {
+            b.set_entry(i, 0, 0);
         }
         b.next.store(w.free_overflow, Ordering::Relaxed);
         w.free_overflow = idx + 1;
@@ -625,8 +867,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         spare: Option<u32>,
     ) {
         if end.used < BUCKET_SLOTS {
-            end.last.tags[end.used].store(tag, Ordering::Relaxed);
-            end.last.handles[end.used].store(handle, Ordering::Relaxed);
+            end.last.set_entry(end.used, tag, handle);
             if let Some(idx) = spare {
                 // Not needed after all: give it back.
                 let b = self
@@ -644,10 +885,10 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
             .get(idx as usize)
             .unwrap_or_else(|| unreachable!("spare bucket"));
         b.next.store(0, Ordering::Relaxed);
-        for (i, h) in b.handles.iter().enumerate() {
-            h.store(if i == 0 { handle } else { 0 }, Ordering::Relaxed);
+        b.set_entry(0, tag, handle);
+        for i in 1..BUCKET_SLOTS {
+            b.set_entry(i, 0, 0);
         }
-        b.tags[0].store(tag, Ordering::Relaxed);
         end.last.next.store(idx + 1, Ordering::Relaxed);
     }
 
@@ -663,9 +904,9 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
             vaddr: VirtAddr(vaddr),
             ..page
         };
-        let mut w = self.writer.lock();
+        let mut w = self.writer.0.lock();
         let head = self.head(h);
-        if let Some(found) = self.find(head, Key::Addr { vaddr, tag }) {
+        if let Some(found) = self.find(head, AddrKey { vaddr, tag }) {
             let slot = self.slot(found.slot);
             let meta = meta_of(&slot.load());
             write_begin(head);
@@ -718,7 +959,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     /// changed by `f`.
     pub fn update<R>(&self, vaddr: VirtAddr, f: impl FnOnce(&mut Page) -> R) -> Option<R> {
         let (vaddr, h, tag) = self.hash_key(vaddr);
-        self.update_key(h, Key::Addr { vaddr, tag }, f)
+        self.update_key(h, AddrKey { vaddr, tag }, f)
     }
 
     /// [`update`](Self::update) through a handle: `None` if its mapping no longer exists.
@@ -727,11 +968,12 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         handle: PageHandle,
         f: impl FnOnce(&mut Page) -> R,
     ) -> Option<R> {
-        let (vaddr, h, _) = self.hash_key(self.page_size.addr(handle.vpn));
+        let (vaddr, h, tag) = self.hash_key(self.page_size.addr(handle.vpn));
         self.update_key(
             h,
-            Key::Handle {
+            HandleKey {
                 vaddr,
+                tag,
                 slot: handle.slot,
                 gen: handle.gen,
             },
@@ -739,8 +981,8 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         )
     }
 
-    fn update_key<R>(&self, h: u64, key: Key, f: impl FnOnce(&mut Page) -> R) -> Option<R> {
-        let _w = self.writer.lock();
+    fn update_key<R>(&self, h: u64, key: impl Key, f: impl FnOnce(&mut Page) -> R) -> Option<R> {
+        let _w = self.writer.0.lock();
         let head = self.head(h);
         let found = self.find(head, key)?;
         Some(self.modify(head, self.slot(found.slot), f))
@@ -764,9 +1006,9 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     /// Removes the mapping of the page containing `vaddr` and returns its last descriptor.
     pub fn remove(&self, vaddr: VirtAddr) -> Option<Page> {
         let (vaddr, h, tag) = self.hash_key(vaddr);
-        let mut w = self.writer.lock();
+        let mut w = self.writer.0.lock();
         let head = self.head(h);
-        let found = self.find(head, Key::Addr { vaddr, tag })?;
+        let found = self.find(head, AddrKey { vaddr, tag })?;
         let end = self.chain_end(head);
         let slot = self.slot(found.slot);
         let words = slot.load();
@@ -774,16 +1016,13 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         let last = end.used - 1;
         write_begin(head);
         if !(core::ptr::eq(found.bucket, end.last) && found.entry == last) {
-            found.bucket.tags[found.entry].store(
-                end.last.tags[last].load(Ordering::Relaxed),
-                Ordering::Relaxed,
-            );
-            found.bucket.handles[found.entry].store(
+            found.bucket.set_entry(
+                found.entry,
+                end.last.tag(last),
                 end.last.handles[last].load(Ordering::Relaxed),
-                Ordering::Relaxed,
             );
         }
-        end.last.handles[last].store(0, Ordering::Relaxed);
+        end.last.set_entry(last, 0, 0);
         if last == 0 {
             if let (Some(prev), Some(idx)) = (end.prev, end.last_overflow) {
                 prev.next.store(0, Ordering::Relaxed);
@@ -812,7 +1051,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     /// Linear hashing: split one bucket whenever the average load passes the target. Each split
     /// moves one chain (a bounded step), so no operation ever rehashes the whole table.
     fn grow(&self, w: &mut Writer) {
-        let n = self.shape.0.load(Ordering::Relaxed);
+        let n = self.buckets_now();
         if (w.len as u64) <= n * TARGET_LOAD || !self.buckets.reserve(n as usize + 1) {
             return;
         }
@@ -832,7 +1071,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
                 if handle == 0 {
                     break;
                 }
-                let tag = bucket.tags[i].load(Ordering::Relaxed);
+                let tag = bucket.tag(i);
                 let vaddr = VirtAddr(self.slot(handle - 1).words[0].load(Ordering::Relaxed));
                 let h = self.hasher.hash(self.page_size.vpn(vaddr).0);
                 if h & low != 0 {
@@ -881,7 +1120,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
                 .unwrap_or_else(|| unreachable!("spare"));
             self.free_overflow(w, idx, b);
         }
-        self.shape.0.store(n + 1, Ordering::Release);
+        self.shape.0.store(Shape::of(n + 1).0, Ordering::Release);
         write_end(dst);
         write_end(src);
     }
@@ -900,8 +1139,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
             let chunk = chunks.next().unwrap_or(&[]);
             for i in 0..BUCKET_SLOTS {
                 let (tag, handle) = chunk.get(i).copied().unwrap_or((0, 0));
-                bucket.tags[i].store(tag, Ordering::Relaxed);
-                bucket.handles[i].store(handle, Ordering::Relaxed);
+                bucket.set_entry(i, tag, handle);
             }
             if chunks.peek().is_none() {
                 bucket.next.store(0, Ordering::Relaxed);
@@ -934,8 +1172,8 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     pub fn for_each(&self, lock: WalkLock, mut f: impl FnMut(&mut Page)) -> usize {
         match lock {
             WalkLock::Map => {
-                let _w = self.writer.lock();
-                let n = self.shape.0.load(Ordering::Relaxed);
+                let _w = self.writer.0.lock();
+                let n = self.buckets_now();
                 (0..n as usize)
                     .map(|b| self.visit_chain_locked(b, &mut f))
                     .sum()
@@ -944,8 +1182,8 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
                 let groups = self.walk_groups();
                 let mut visited = 0;
                 for g in 0..groups {
-                    let _w = self.writer.lock();
-                    let n = self.shape.0.load(Ordering::Relaxed) as usize;
+                    let _w = self.writer.0.lock();
+                    let n = self.buckets_now() as usize;
                     visited += (g..n)
                         .step_by(groups)
                         .map(|b| self.visit_chain_locked(b, &mut f))
@@ -974,7 +1212,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     /// two at or below the bucket count when the walk starts. Splits only move entries within a
     /// group, so a mapping cannot slip from an unvisited group into a visited one.
     fn walk_groups(&self) -> usize {
-        let n = self.shape.0.load(Ordering::Acquire);
+        let n = Shape(self.shape.0.load(Ordering::Acquire)).n();
         1usize << (63 - n.leading_zeros())
     }
 
@@ -1007,7 +1245,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         'retry: loop {
             out.clear();
             seqs.clear();
-            let n = self.shape.0.load(Ordering::Acquire) as usize;
+            let n = Shape(self.shape.0.load(Ordering::Acquire)).n() as usize;
             for b in (g..n).step_by(groups) {
                 let Some(head) = self.buckets.get(b) else {
                     continue 'retry;
@@ -1022,7 +1260,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
             }
             // A bucket added to this group since we read the shape means an entry may have moved
             // out of a bucket we read after the move (see `read`).
-            if in_group(self.shape.0.load(Ordering::Relaxed) as usize) != in_group(n) {
+            if in_group(self.buckets_now() as usize) != in_group(n) {
                 continue 'retry;
             }
             fence(Ordering::Acquire);
@@ -1074,6 +1312,62 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
 mod tests {
     use super::*;
 
+    /// The four-lanes-at-a-time tag comparison finds exactly the entries whose tag is equal, with
+    /// no false match from a borrow between lanes (tags differing only in the top bit, in one bit,
+    /// empty lanes next to matching ones).
+    #[test]
+    fn bucket_matches_exactly_the_entries_with_the_tag() {
+        let b = Bucket::default();
+        let tags = [
+            0x8000, 0xffff, 0x8001, 0x0000, 0xc000, 0x8000, 0x7fff, 0x0001, 0x4000, 0x8002,
+        ];
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..20_000 {
+            x = x.rotate_left(17).wrapping_mul(0xff51_afd7_ed55_8ccd) ^ 0x1234_5678;
+            let entries: [u16; BUCKET_SLOTS] =
+                core::array::from_fn(|i| tags[((x >> (4 * i)) % tags.len() as u64) as usize]);
+            for (i, t) in entries.iter().enumerate() {
+                b.set_entry(i, *t, u32::from(*t != 0));
+            }
+            for probe in tags {
+                let mut found = 0u32;
+                let mut m = b.matches(probe);
+                while m != 0 {
+                    found |= 1 << entry_of(m.trailing_zeros());
+                    m &= m - 1;
+                }
+                // The portable comparison, whichever one this target uses.
+                let mut portable = 0u32;
+                let mut m = b.matches_swar(probe);
+                while m != 0 {
+                    portable |= 1 << entry_of_swar(m.trailing_zeros());
+                    m &= m - 1;
+                }
+                assert_eq!(portable, found);
+                let want = (0..BUCKET_SLOTS)
+                    .filter(|i| entries[*i] == probe)
+                    .fold(0u32, |acc, i| acc | 1 << i);
+                assert_eq!(found, want, "{entries:x?} probed with {probe:x}");
+                assert!((0..BUCKET_SLOTS).all(|i| b.tag(i) == entries[i]));
+            }
+        }
+    }
+
+    /// The one-copy read of a slot returns exactly the words the portable word-by-word read does,
+    /// for every word position and bit (the stress test checks it against concurrent writers).
+    #[test]
+    fn slot_copy_reads_every_word_in_place() {
+        let slots: alloc::vec::Vec<Slot> = (0..64).map(|_| Slot::default()).collect();
+        for (k, slot) in slots.iter().enumerate() {
+            let w: Words = core::array::from_fn(|i| {
+                (0x0123_4567_89ab_cdef_u64 ^ (k as u64) << 3).rotate_left(8 * i as u32 + k as u32)
+            });
+            slot.store(&w);
+            assert_eq!(slot.load(), w);
+            assert_eq!(slot.load_words(), w);
+        }
+    }
+
     /// A slot's generation only ever grows: once it reaches the last 15-bit value, removing the
     /// mapping retires the slot instead of freeing it, so the generation never wraps round to one a
     /// stale handle may still carry.
@@ -1107,6 +1401,25 @@ mod tests {
         let other = t.set_page(Page::new(VirtAddr(0x8000))).expect("insert");
         assert_ne!(other.slot, first.slot);
         assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn shape_words_name_the_same_buckets_as_the_count() {
+        for n in (1..5000u64).chain([1 << 20, (1 << 20) + 12_345, (1 << 31) - 1, 1 << 31]) {
+            let s = Shape::of(n);
+            assert_eq!(s.n(), n);
+            for h in [
+                0u64,
+                1,
+                0x35,
+                0xdead_beef_1234_5678,
+                u64::MAX,
+                n,
+                n.wrapping_mul(7919),
+            ] {
+                assert_eq!(s.bucket(h), bucket_index(h, n), "n {n} h {h:x}");
+            }
+        }
     }
 
     #[test]

@@ -3,8 +3,9 @@
 #![cfg(not(loom))]
 
 use pagesnap_pagetable::{
-    BlockingLock, DiskPage, Epoch, Fibonacci, Fmix64, Page, PageFlags, PageSize, PageTable,
-    PhysAddr, PrototypeModulo, SpinLock, VirtAddr, VpnHasher, WalkLock, PAGE_DESCRIPTOR_BYTES,
+    BlockingLock, DiskPage, Epoch, Fibonacci, Fmix64, FoldMul, Page, PageFlags, PageSize,
+    PageTable, PhysAddr, PrototypeModulo, SpinLock, VirtAddr, VpnHasher, WalkLock,
+    PAGE_DESCRIPTOR_BYTES,
 };
 use proptest::prelude::*;
 use std::collections::BTreeMap;
@@ -304,6 +305,7 @@ conformance! {
     fmix64_spin: Fmix64, SpinLock, prototype = false;
     fmix64_blocking: Fmix64, BlockingLock, prototype = false;
     fibonacci_spin: Fibonacci, SpinLock, prototype = false;
+    foldmul_spin: FoldMul, SpinLock, prototype = false;
     prototype_hash_spin: PrototypeModulo, SpinLock, prototype = true;
 }
 

@@ -168,6 +168,38 @@ fn lock_free_walk_sees_a_page_exactly_once_while_it_moves() {
     });
 }
 
+/// The segment directories (one level, replaced by a copy twice as large when full) grow under a
+/// reader: under loom a directory starts with one entry and a segment holds two slots or two
+/// buckets, so the second and third insertions add a slot segment and a bucket segment and replace
+/// both directories while the reader looks pages up through them.
+#[test]
+fn reader_finds_pages_while_the_directories_grow() {
+    loom::model(|| {
+        let t = table::<Fmix64>();
+        t.set_page(stamped(0x4000, 4)).expect("insert");
+        let w = {
+            let t = t.clone();
+            thread::spawn(move || {
+                t.set_page(stamped(0x2000, 2)).expect("insert");
+                t.set_page(stamped(0x3000, 3)).expect("insert");
+            })
+        };
+        assert_eq!(t.get_page(VirtAddr(0x4000)), Some(stamped(0x4000, 4)));
+        if let Some(p) = t.get_page(VirtAddr(0x3000)) {
+            assert_eq!(p, stamped(0x3000, 3));
+        }
+        w.join().expect("writer");
+        let s = t.stats();
+        assert!(
+            s.slot_capacity >= 4 && s.buckets == 3,
+            "the model must grow: {s:?}"
+        );
+        for (a, v) in [(0x4000, 4), (0x2000, 2), (0x3000, 3)] {
+            assert_eq!(t.get_page(VirtAddr(a)), Some(stamped(a, v)));
+        }
+    });
+}
+
 /// The long model (minutes): walk groups of more than one bucket while a chain splits.
 #[test]
 fn lock_free_walk_sees_every_page_exactly_once_across_a_split() {
