@@ -107,20 +107,22 @@ impl Bucket {
     /// instruction; elsewhere (and under loom) four at a time in a 64-bit word.
     #[inline]
     fn matches(&self, tag: u16) -> u64 {
-        #[cfg(all(target_arch = "x86_64", not(loom)))]
+        #[cfg(all(target_arch = "x86_64", target_feature = "sse2", not(loom)))]
         {
-            // SAFETY: `matches_sse2` only needs SSE2, which every x86-64 processor has (it is in
-            // the x86_64 targets' baseline); it has no other precondition.
+            // SAFETY: `matches_sse2` only needs SSE2, and this is compiled only where SSE2 is
+            // enabled for the target (`target_feature = "sse2"`: the hosted x86_64 targets; a
+            // kernel target without SSE, such as x86_64-unknown-none, takes the portable path);
+            // it has no other precondition.
             unsafe { self.matches_sse2(tag) }
         }
-        #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2", not(loom))))]
         {
             self.matches_swar(tag)
         }
     }
 
     /// SSE2: entry `i` is bit `2i + 1` of the result.
-    #[cfg(all(target_arch = "x86_64", not(loom)))]
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2", not(loom)))]
     #[inline]
     #[target_feature(enable = "sse2")]
     fn matches_sse2(&self, tag: u16) -> u64 {
@@ -144,7 +146,7 @@ impl Bucket {
     /// Four lanes a word at a time, merged: word `k`'s lane `l` (entry `4k + l`) is bit
     /// `16l + 15 - (TAG_WORDS - 1 - k)` of the result.
     #[inline]
-    #[cfg_attr(all(target_arch = "x86_64", not(loom)), allow(dead_code))]
+    #[cfg_attr(all(target_arch = "x86_64", target_feature = "sse2", not(loom)), allow(dead_code))]
     fn matches_swar(&self, tag: u16) -> u64 {
         let pattern = u64::from(tag) * LANES_LOW;
         let mut m = 0;
@@ -161,11 +163,11 @@ impl Bucket {
 /// The entry a bit of [`Bucket::matches`] stands for.
 #[inline]
 fn entry_of(bit: u32) -> usize {
-    #[cfg(all(target_arch = "x86_64", not(loom)))]
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2", not(loom)))]
     {
         bit as usize >> 1
     }
-    #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2", not(loom))))]
     {
         entry_of_swar(bit)
     }
@@ -173,7 +175,7 @@ fn entry_of(bit: u32) -> usize {
 
 /// The entry a bit of [`Bucket::matches_swar`] stands for.
 #[inline]
-#[cfg_attr(all(target_arch = "x86_64", not(loom)), allow(dead_code))]
+#[cfg_attr(all(target_arch = "x86_64", target_feature = "sse2", not(loom)), allow(dead_code))]
 fn entry_of_swar(bit: u32) -> usize {
     let (lane, word) = (bit as usize >> 4, (bit as usize & 15) + TAG_WORDS - 16);
     4 * word + lane
@@ -196,11 +198,11 @@ impl Slot {
     /// it with its bucket's sequence counter.
     #[inline]
     fn load(&self) -> Words {
-        #[cfg(all(target_arch = "x86_64", not(loom), not(miri)))]
+        #[cfg(all(target_arch = "x86_64", target_feature = "sse2", not(loom), not(miri)))]
         {
             self.load_x86_64()
         }
-        #[cfg(not(all(target_arch = "x86_64", not(loom), not(miri))))]
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2", not(loom), not(miri))))]
         {
             self.load_words()
         }
@@ -208,7 +210,7 @@ impl Slot {
 
     /// The portable copy: eight relaxed word loads.
     #[inline]
-    #[cfg_attr(all(target_arch = "x86_64", not(loom), not(miri)), allow(dead_code))]
+    #[cfg_attr(all(target_arch = "x86_64", target_feature = "sse2", not(loom), not(miri)), allow(dead_code))]
     fn load_words(&self) -> Words {
         let mut w = [0u64; 8];
         for (dst, src) in w.iter_mut().zip(self.words.iter()) {
@@ -218,10 +220,12 @@ impl Slot {
     }
 
     /// The descriptor as one copy: four 16-byte loads of the (64-byte aligned) slot and four
-    /// stores, instead of eight word loads held in registers. What each load reads is what a pair
-    /// of relaxed 8-byte atomic loads would read (x86-64 never splits an aligned 8-byte access),
-    /// which is all the seqlock needs: a copy that overlapped a write window is discarded.
-    #[cfg(all(target_arch = "x86_64", not(loom), not(miri)))]
+    /// stores, instead of eight word loads held in registers. What each aligned 16-byte load reads
+    /// is at least what a pair of relaxed 8-byte atomic loads would read: Intel and AMD document
+    /// aligned 16-byte SSE loads as atomic on processors with AVX, and on older ones each aligned
+    /// 8-byte part is read in one access in practice. The seqlock needs no more: a copy that
+    /// overlapped a write window is discarded. Only where SSE2 is enabled for the target.
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2", not(loom), not(miri)))]
     #[inline]
     fn load_x86_64(&self) -> Words {
         use core::arch::x86_64::__m128i;
