@@ -274,7 +274,9 @@ impl TrackedImage {
                 // changes out of it; ext4 commits them with a later journal transaction), so
                 // after a machine crash the image can hold writes made after that snapshot
                 // while its identity still matches it.
-                let latest = snaps.last();
+                // The image's own newest snapshot (its name is its canonical path).
+                let latest = crate::names::latest_of(&snaps, &canonical)
+                    .and_then(|id| snaps.iter().find(|s| s.id == id));
                 if may_resume
                     && latest.is_some_and(|s| may_skip(s.origin.as_deref(), &now, trusted))
                 {
@@ -600,7 +602,9 @@ impl TrackedImage {
             }
         }
         let parent = if full.is_some() {
-            store.latest()?
+            // The newest snapshot of this image's name (its canonical path), as for
+            // `snapshot_image`.
+            crate::names::latest_of(&snaps, &self.canonical)
         } else {
             base
         };

@@ -1,0 +1,159 @@
+//! Image names: which image a snapshot is of.
+//!
+//! A store holds snapshots of many images. Each snapshot belongs to an image *name*; the parent of
+//! a new snapshot is the newest snapshot of the same name (so alternating images costs only what
+//! changed in each), while dedup stays store-wide.
+//!
+//! The name travels in the snapshot's origin ([`pagesnap_store::SnapshotMeta::origin`]), the
+//! free-form string in which the writer describes where the content came from, as a first line
+//! `name <NAME>`; an image file's identity (`image v1 …`) follows on the next line. A snapshot
+//! whose origin has no such line — every snapshot written before names, and a default-named
+//! snapshot of an image file, whose origin stays exactly as before — is named by its origin:
+//! the canonical path of an `image v1` identity, else [`DEFAULT_NAME`]. So the snapshots an older
+//! pagesnap took of `/vm/a.img` carry on as the name `/vm/a.img`, which is the name a new
+//! `pagesnap snapshot /vm/a.img` gives by default: their history continues. No format change: an
+//! older binary lists, restores, verifies and deletes these snapshots as before (it only does not
+//! know the names, so it diffs against the store's newest snapshot and does not skip an unchanged
+//! image whose origin carries a name line).
+
+use crate::image::{ImageError, Origin};
+use pagesnap_store::{SnapshotId, SnapshotInfo};
+use std::path::Path;
+
+/// The name of snapshots whose origin says nothing of their image (a block device snapshotted
+/// before names, a path too long to record, a snapshot of the engine's address space).
+pub const DEFAULT_NAME: &str = "default";
+/// The longest image name, in bytes.
+pub const MAX_NAME: usize = 512;
+
+const NAME_LINE: &str = "name ";
+
+/// Whether `name` may name an image: 1 to [`MAX_NAME`] bytes, no control characters (the name is
+/// one line of the origin), not all digits (an argument of digits is a snapshot id).
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("an image name cannot be empty".into());
+    }
+    if name.len() > MAX_NAME {
+        return Err(format!(
+            "the image name '{}…' is {} bytes long; at most {MAX_NAME} are allowed",
+            name.chars().take(40).collect::<String>(),
+            name.len()
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(format!(
+            "the image name {name:?} holds a control character (a newline?); use printable characters"
+        ));
+    }
+    if name.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "the image name '{name}' is all digits, which reads as a snapshot id; choose another"
+        ));
+    }
+    Ok(())
+}
+
+/// The image identity part of an origin (after its name line, if any).
+pub(crate) fn identity(origin: &str) -> &str {
+    match origin.strip_prefix(NAME_LINE) {
+        Some(rest) => rest.split_once('\n').map_or("", |(_, id)| id),
+        None => origin,
+    }
+}
+
+/// The origin a snapshot named `name` records, given its image identity (if any): the identity
+/// alone when it names the image by that very name (its canonical path), else a name line first.
+pub(crate) fn origin_with_name(name: &str, identity: Option<String>) -> String {
+    match identity {
+        Some(id) if Origin::parse(&id).is_some_and(|o| o.path == name) => id,
+        Some(id) => format!("{NAME_LINE}{name}\n{id}"),
+        None => format!("{NAME_LINE}{name}"),
+    }
+}
+
+/// The image name of a snapshot with this origin (see the module documentation).
+pub fn name_of_origin(origin: Option<&str>) -> String {
+    let Some(o) = origin else {
+        return DEFAULT_NAME.to_string();
+    };
+    if let Some(rest) = o.strip_prefix(NAME_LINE) {
+        let name = rest.split_once('\n').map_or(rest, |(n, _)| n);
+        if check_name(name).is_ok() {
+            return name.to_string();
+        }
+    }
+    Origin::parse(o).map_or_else(|| DEFAULT_NAME.to_string(), |id| id.path)
+}
+
+/// The image name of a snapshot.
+pub fn name_of(info: &SnapshotInfo) -> String {
+    name_of_origin(info.origin.as_deref())
+}
+
+/// The newest snapshot of `name` among `snaps` (the store's list, in id order).
+pub fn latest_of(snaps: &[SnapshotInfo], name: &str) -> Option<SnapshotId> {
+    snaps.iter().rev().find(|s| name_of(s) == name).map(|s| s.id)
+}
+
+/// The default name of the image at `path`: its canonical path; for a block device, its stable
+/// name under `/dev/disk/by-id` when it has one (the first in byte order), else its canonical path.
+pub fn default_name(path: &Path) -> Result<String, ImageError> {
+    use std::os::unix::fs::FileTypeExt;
+    let canonical = std::fs::canonicalize(path).map_err(crate::image::io_err(path, "resolve image path"))?;
+    let is_block = std::fs::metadata(&canonical)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false);
+    if is_block {
+        if let Ok(dir) = std::fs::read_dir("/dev/disk/by-id") {
+            let mut links: Vec<_> = dir
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| std::fs::canonicalize(p).is_ok_and(|c| c == canonical))
+                .filter_map(|p| p.to_str().map(str::to_string))
+                .collect();
+            links.sort();
+            if let Some(first) = links.into_iter().next() {
+                return Ok(first);
+            }
+        }
+    }
+    let name = canonical
+        .to_str()
+        .ok_or_else(|| ImageError::BadName(format!("the image path {} is not UTF-8, so it cannot name the image; give --name NAME", canonical.display())))?
+        .to_string();
+    check_name(&name).map_err(|e| ImageError::BadName(format!("{e}; give --name NAME")))?;
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V1: &str = "image v1 dev=1 ino=2 size=3 mtime=4s.5ns ctime=6s.7ns settled=1 path=/vm/a b.img";
+
+    #[test]
+    fn names_come_from_the_name_line_or_the_identity() {
+        assert_eq!(name_of_origin(None), DEFAULT_NAME);
+        assert_eq!(name_of_origin(Some("something else")), DEFAULT_NAME);
+        assert_eq!(name_of_origin(Some(V1)), "/vm/a b.img");
+        let named = origin_with_name("web", Some(V1.to_string()));
+        assert_eq!(named, format!("name web\n{V1}"));
+        assert_eq!(name_of_origin(Some(&named)), "web");
+        assert_eq!(identity(&named), V1);
+        // The default name (the canonical path) leaves the origin as it was before names.
+        assert_eq!(origin_with_name("/vm/a b.img", Some(V1.to_string())), V1);
+        assert_eq!(name_of_origin(Some("name disk-1")), "disk-1");
+        assert_eq!(identity("name disk-1"), "");
+        assert!(Origin::parse(&named).is_some());
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        assert!(check_name("").is_err());
+        assert!(check_name("12").is_err());
+        assert!(check_name("a\nb").is_err());
+        assert!(check_name(&"x".repeat(MAX_NAME + 1)).is_err());
+        assert!(check_name("vm-1:disk").is_ok());
+    }
+}
