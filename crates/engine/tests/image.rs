@@ -26,7 +26,7 @@ fn image(pages: usize, seed: u8) -> Vec<u8> {
 
 /// The image unchanged since the last snapshot is read anyway: the tests below change it during
 /// the read.
-const REREAD: SnapshotOptions = SnapshotOptions { reread: true };
+const REREAD: SnapshotOptions = SnapshotOptions { reread: true, name: None };
 
 #[test]
 fn an_image_that_changes_while_it_is_read_is_refused_and_nothing_is_committed() {
@@ -433,7 +433,7 @@ fn reread_reads_an_unchanged_image_and_a_replacement_file_is_read() {
     std::fs::write(&path, &data).expect("write");
     let mut store = Store::init(dir.path().join("store"), StoreOptions::default()).expect("store");
     snapshot_image(&mut store, &path, None, &|_| {}).expect("first");
-    let reread = SnapshotOptions { reread: true };
+    let reread = SnapshotOptions { reread: true, name: None };
     let forced = snapshot_image_with(&mut store, &path, None, &|_| {}, reread).expect("reread");
     assert_eq!(
         (forced.pages_read, forced.pages_changed, forced.unchanged),
