@@ -52,7 +52,9 @@ pub enum Command {
         name: Option<String>,
     },
     /// List the snapshots, with the image name each belongs to.
-    #[command(after_help = "Example:\n  pagesnap --store /backup/vm list --json\n  pagesnap --store /backup/vm list --name web")]
+    #[command(
+        after_help = "Example:\n  pagesnap --store /backup/vm list --json\n  pagesnap --store /backup/vm list --name web"
+    )]
     List {
         /// Only the snapshots of this image name.
         #[arg(long)]

@@ -693,6 +693,11 @@ fn forget(ctx: &Ctx, name: Option<&str>, policy: Policy, how: ForgetHow) -> Resu
     if policy.is_empty() {
         bail!("no retention policy given: forget would remove every snapshot; give at least one of --keep-last, --keep-hourly, --keep-daily, --keep-weekly, --keep-monthly, --keep-yearly (N > 0) or --keep-within (a non-zero duration); `pagesnap delete` removes snapshots by id");
     }
+    if let Some(n) = name {
+        // Checked by a reader first: a writer's open already writes (a superblock hint), and
+        // a refused command changes nothing.
+        known_name(&ctx.open(Mode::Read)?.snapshots()?, n)?;
+    }
     let mut store = ctx.open(if how.dry_run { Mode::Read } else { Mode::Write })?;
     let snaps = store.snapshots()?;
     if let Some(n) = name {
@@ -739,7 +744,11 @@ fn forget(ctx: &Ctx, name: Option<&str>, policy: Policy, how: ForgetHow) -> Resu
                     d.id.0,
                     utc(d.time_unix_ms),
                     label.as_deref().unwrap_or("-"),
-                    if d.keep() { reasons.join(", ") } else { "no rule keeps it".into() }
+                    if d.keep() {
+                        reasons.join(", ")
+                    } else {
+                        "no rule keeps it".into()
+                    }
                 );
             }
         }
@@ -767,7 +776,11 @@ fn forget(ctx: &Ctx, name: Option<&str>, policy: Policy, how: ForgetHow) -> Resu
         );
     } else {
         let ids: Vec<String> = removed.iter().map(u64::to_string).collect();
-        let verb = if how.dry_run { "would remove" } else { "removed" };
+        let verb = if how.dry_run {
+            "would remove"
+        } else {
+            "removed"
+        };
         if ids.is_empty() {
             println!("nothing to remove");
         } else {

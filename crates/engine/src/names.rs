@@ -93,14 +93,19 @@ pub fn name_of(info: &SnapshotInfo) -> String {
 
 /// The newest snapshot of `name` among `snaps` (the store's list, in id order).
 pub fn latest_of(snaps: &[SnapshotInfo], name: &str) -> Option<SnapshotId> {
-    snaps.iter().rev().find(|s| name_of(s) == name).map(|s| s.id)
+    snaps
+        .iter()
+        .rev()
+        .find(|s| name_of(s) == name)
+        .map(|s| s.id)
 }
 
 /// The default name of the image at `path`: its canonical path; for a block device, its stable
 /// name under `/dev/disk/by-id` when it has one (the first in byte order), else its canonical path.
 pub fn default_name(path: &Path) -> Result<String, ImageError> {
     use std::os::unix::fs::FileTypeExt;
-    let canonical = std::fs::canonicalize(path).map_err(crate::image::io_err(path, "resolve image path"))?;
+    let canonical =
+        std::fs::canonicalize(path).map_err(crate::image::io_err(path, "resolve image path"))?;
     let is_block = std::fs::metadata(&canonical)
         .map(|m| m.file_type().is_block_device())
         .unwrap_or(false);
@@ -120,7 +125,12 @@ pub fn default_name(path: &Path) -> Result<String, ImageError> {
     }
     let name = canonical
         .to_str()
-        .ok_or_else(|| ImageError::BadName(format!("the image path {} is not UTF-8, so it cannot name the image; give --name NAME", canonical.display())))?
+        .ok_or_else(|| {
+            ImageError::BadName(format!(
+                "the image path {} is not UTF-8, so it cannot name the image; give --name NAME",
+                canonical.display()
+            ))
+        })?
         .to_string();
     check_name(&name).map_err(|e| ImageError::BadName(format!("{e}; give --name NAME")))?;
     Ok(name)
@@ -130,7 +140,8 @@ pub fn default_name(path: &Path) -> Result<String, ImageError> {
 mod tests {
     use super::*;
 
-    const V1: &str = "image v1 dev=1 ino=2 size=3 mtime=4s.5ns ctime=6s.7ns settled=1 path=/vm/a b.img";
+    const V1: &str =
+        "image v1 dev=1 ino=2 size=3 mtime=4s.5ns ctime=6s.7ns settled=1 path=/vm/a b.img";
 
     #[test]
     fn names_come_from_the_name_line_or_the_identity() {

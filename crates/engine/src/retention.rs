@@ -336,7 +336,10 @@ mod tests {
             months: 1,
             ..Within::default()
         };
-        assert_eq!(minus(at(2015, 3, 31, 10, 0), w), i128::from(at(2015, 3, 3, 10, 0)));
+        assert_eq!(
+            minus(at(2015, 3, 31, 10, 0), w),
+            i128::from(at(2015, 3, 3, 10, 0))
+        );
         let w = Within::parse("1y5m7d2h").expect("valid");
         assert_eq!(
             minus(at(2016, 8, 18, 12, 0), w),
@@ -358,8 +361,14 @@ mod tests {
         assert_eq!(Within::parse("2h3d").map(|w| (w.days, w.hours)), Ok((3, 2)));
         for bad in ["", "5", "d", "1w", "1d1d", "-1d", "1.5d", "99999999999d"] {
             let e = Within::parse(bad).expect_err(bad);
-            assert!(e.contains(&format!("'{bad}'")) && e.contains("1y5m7d2h"), "{e}");
+            assert!(
+                e.contains(&format!("'{bad}'")) && e.contains("1y5m7d2h"),
+                "{e}"
+            );
         }
-        assert_eq!(Within::parse("1y5m7d2h").map(|w| w.to_string()), Ok("1y5m7d2h".into()));
+        assert_eq!(
+            Within::parse("1y5m7d2h").map(|w| w.to_string()),
+            Ok("1y5m7d2h".into())
+        );
     }
 }

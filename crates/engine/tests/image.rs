@@ -26,7 +26,10 @@ fn image(pages: usize, seed: u8) -> Vec<u8> {
 
 /// The image unchanged since the last snapshot is read anyway: the tests below change it during
 /// the read.
-const REREAD: SnapshotOptions = SnapshotOptions { reread: true, name: None };
+const REREAD: SnapshotOptions = SnapshotOptions {
+    reread: true,
+    name: None,
+};
 
 #[test]
 fn an_image_that_changes_while_it_is_read_is_refused_and_nothing_is_committed() {
@@ -433,7 +436,10 @@ fn reread_reads_an_unchanged_image_and_a_replacement_file_is_read() {
     std::fs::write(&path, &data).expect("write");
     let mut store = Store::init(dir.path().join("store"), StoreOptions::default()).expect("store");
     snapshot_image(&mut store, &path, None, &|_| {}).expect("first");
-    let reread = SnapshotOptions { reread: true, name: None };
+    let reread = SnapshotOptions {
+        reread: true,
+        name: None,
+    };
     let forced = snapshot_image_with(&mut store, &path, None, &|_| {}, reread).expect("reread");
     assert_eq!(
         (forced.pages_read, forced.pages_changed, forced.unchanged),
@@ -633,14 +639,28 @@ fn two_images_alternated_in_one_store_cost_only_what_changed_in_each() {
         name: Some(n.to_string()),
     };
     let b1 = snapshot_image_with(&mut store, &b, None, &|_| {}, named("vm-b")).expect("b1");
-    assert_eq!(b1.pages_changed, 1536, "b's first snapshot is against nothing of its name");
+    assert_eq!(
+        b1.pages_changed, 1536,
+        "b's first snapshot is against nothing of its name"
+    );
     let a2 = snapshot_image(&mut store, &a, None, &|_| {}).expect("a2");
     let b2 = snapshot_image_with(&mut store, &b, None, &|_| {}, named("vm-b")).expect("b2");
     let size = 2048 * 4096;
     for (s, what) in [(&a2, "a2"), (&b2, "b2")] {
-        assert_eq!((s.pages_changed, s.pages_written, s.data_bytes), (0, 0, 0), "{what}");
-        assert!(s.meta_bytes * 100 < size, "{what}: {} bytes of metadata", s.meta_bytes);
-        assert!(s.unchanged && s.pages_read == 0, "{what}: skipped, nothing read");
+        assert_eq!(
+            (s.pages_changed, s.pages_written, s.data_bytes),
+            (0, 0, 0),
+            "{what}"
+        );
+        assert!(
+            s.meta_bytes * 100 < size,
+            "{what}: {} bytes of metadata",
+            s.meta_bytes
+        );
+        assert!(
+            s.unchanged && s.pages_read == 0,
+            "{what}: skipped, nothing read"
+        );
     }
     // Read anyway (no skip): still nothing changed against the same name's parent.
     let reread = SnapshotOptions {
@@ -648,7 +668,10 @@ fn two_images_alternated_in_one_store_cost_only_what_changed_in_each() {
         name: Some("vm-b".into()),
     };
     let b3 = snapshot_image_with(&mut store, &b, None, &|_| {}, reread).expect("b3");
-    assert_eq!((b3.pages_read, b3.pages_changed, b3.pages_written), (2048, 0, 0));
+    assert_eq!(
+        (b3.pages_read, b3.pages_changed, b3.pages_written),
+        (2048, 0, 0)
+    );
     let snaps = store.snapshots().expect("list");
     let info = |id| snaps.iter().find(|s| s.id == id).expect("listed");
     let canonical = std::fs::canonicalize(&a).expect("canonical");
@@ -656,7 +679,11 @@ fn two_images_alternated_in_one_store_cost_only_what_changed_in_each() {
     assert_eq!(info(a2.id).parent, Some(a1.id));
     assert_eq!(info(b2.id).parent, Some(b1.id));
     assert_eq!(info(b3.id).parent, Some(b2.id));
-    assert_eq!(name_of(info(a1.id)), a_name, "default name: the canonical path");
+    assert_eq!(
+        name_of(info(a1.id)),
+        a_name,
+        "default name: the canonical path"
+    );
     assert_eq!(name_of(info(b1.id)), "vm-b");
     assert_eq!(latest_of(&snaps, a_name), Some(a2.id));
     assert_eq!(latest_of(&snaps, "vm-b"), Some(b3.id));
@@ -665,15 +692,25 @@ fn two_images_alternated_in_one_store_cost_only_what_changed_in_each() {
     std::fs::copy(&a, &c).expect("clone");
     let c1 = snapshot_image(&mut store, &c, None, &|_| {}).expect("c1");
     assert_eq!((c1.pages_changed, c1.pages_written), (1536, 0));
-    assert_eq!(info(a1.id).origin, store.snapshot(a2.id).expect("a2").origin);
+    assert_eq!(
+        info(a1.id).origin,
+        store.snapshot(a2.id).expect("a2").origin
+    );
     for (id, img) in [(a2.id, &a), (b3.id, &b), (c1.id, &c)] {
         let out = dir.path().join("out.img");
         restore_image(&store, id, &out, &|_| {}).expect("restore");
-        assert!(same_bytes(img, &out), "snapshot {id} restores byte-identical");
+        assert!(
+            same_bytes(img, &out),
+            "snapshot {id} restores byte-identical"
+        );
     }
     assert!(matches!(
         snapshot_image_with(&mut store, &a, None, &|_| {}, named("123")),
         Err(ImageError::BadName(_))
     ));
-    assert_eq!(store.snapshots().expect("list").len(), 6, "the bad name committed nothing");
+    assert_eq!(
+        store.snapshots().expect("list").len(),
+        6,
+        "the bad name committed nothing"
+    );
 }

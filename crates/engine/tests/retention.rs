@@ -13,7 +13,8 @@ fn days(y: i64, m: i64, d: i64) -> u64 {
     let era = y.div_euclid(400);
     let yoe = y - era * 400;
     let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
-    u64::try_from(era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468).expect("after 1970")
+    u64::try_from(era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468)
+        .expect("after 1970")
 }
 
 fn at(y: i64, m: i64, d: i64, h: u64) -> u64 {
@@ -68,14 +69,40 @@ fn the_documented_rules_table() {
         ("yearly 1", p(|p| p.yearly = 1), vec![8]),
         ("hourly 3", p(|p| p.hourly = 3), vec![6, 7, 8]),
         // Rules combine with "or": each keeps what it keeps on its own.
-        ("last 1 + daily 3", p(|p| { p.last = 1; p.daily = 3 }), vec![6, 7, 8]),
-        ("last 2 + weekly 3", p(|p| { p.last = 2; p.weekly = 3 }), vec![6, 7, 8]),
+        (
+            "last 1 + daily 3",
+            p(|p| {
+                p.last = 1;
+                p.daily = 3
+            }),
+            vec![6, 7, 8],
+        ),
+        (
+            "last 2 + weekly 3",
+            p(|p| {
+                p.last = 2;
+                p.weekly = 3
+            }),
+            vec![6, 7, 8],
+        ),
         // "--keep-within duration keep all snapshots having a timestamp within the specified
         // duration of the latest snapshot": 13 days before 01-18 09:00 is 01-05 09:00, which is
         // not strictly newer.
-        ("within 13d", p(|p| p.within = Within::parse("13d").ok()), vec![8]),
-        ("within 13d1h", p(|p| p.within = Within::parse("13d1h").ok()), vec![7, 8]),
-        ("within 1m", p(|p| p.within = Within::parse("1m").ok()), vec![1, 2, 3, 4, 5, 6, 7, 8]),
+        (
+            "within 13d",
+            p(|p| p.within = Within::parse("13d").ok()),
+            vec![8],
+        ),
+        (
+            "within 13d1h",
+            p(|p| p.within = Within::parse("13d1h").ok()),
+            vec![7, 8],
+        ),
+        (
+            "within 1m",
+            p(|p| p.within = Within::parse("1m").ok()),
+            vec![1, 2, 3, 4, 5, 6, 7, 8],
+        ),
     ];
     for (what, policy, want) in table {
         assert_eq!(kept(&policy, &times), want, "{what}");
@@ -99,7 +126,10 @@ fn reasons_name_every_rule_that_keeps() {
     // Newest first.
     assert_eq!(d.iter().map(|d| d.id.0).collect::<Vec<_>>(), vec![3, 2, 1]);
     assert_eq!(d[0].reasons, vec![Reason::Last, Reason::Daily]);
-    assert!(d[1].reasons.is_empty(), "same day as 3, and last 1 is used up");
+    assert!(
+        d[1].reasons.is_empty(),
+        "same day as 3, and last 1 is used up"
+    );
     assert_eq!(d[2].reasons, vec![Reason::Daily]);
 }
 
@@ -133,15 +163,13 @@ fn a_hundred_years_of_daily_snapshots() {
     assert_eq!(count(Reason::Weekly), 5);
     assert_eq!(count(Reason::Monthly), 12);
     assert_eq!(count(Reason::Yearly), 75);
-    let only = |r: Reason| {
-        decisions
-            .iter()
-            .filter(|d| d.reasons == vec![r])
-            .count()
-    };
+    let only = |r: Reason| decisions.iter().filter(|d| d.reasons == vec![r]).count();
     // "then 4 last-day-of-the-weeks": every kept weekly is a Sunday.
     assert_eq!(only(Reason::Weekly), 4);
-    for d in decisions.iter().filter(|d| d.reasons.contains(&Reason::Weekly)) {
+    for d in decisions
+        .iter()
+        .filter(|d| d.reasons.contains(&Reason::Weekly))
+    {
         assert_eq!((d.time_unix_ms / DAY + 3) % 7, 6, "a Sunday");
     }
     // "11 last-day-of-the-months": the 5 weeklies (May 12 – June 9) hold no kept month end.
