@@ -36,8 +36,8 @@
 //!   (the process was killed, or the machine went down), an image changed since — means the next
 //!   snapshot reads the whole image once, and [`Tracking::full_read`] says why. A snapshot
 //!   therefore never misses a write.
-//! - Unless the end was unclean (or the state is damaged or unreadable), if the store's newest
-//!   snapshot is of this very image as it is now (its recorded identity matches, by the rule of
+//! - Unless the end was unclean (or the state is damaged or unreadable), if the newest snapshot
+//!   of the image's name (its canonical path, see [`crate::names`]) is of this very image as it is now (its recorded identity matches, by the rule of
 //!   the unchanged-image skip in [`crate::image`]), tracking starts from it with nothing
 //!   tracked. After an unclean end the identity proves nothing: a client's FLUSH (`fdatasync`)
 //!   makes the written data durable but not necessarily the timestamps (XFS leaves
