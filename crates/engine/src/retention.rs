@@ -193,7 +193,7 @@ impl Decision {
 /// newest first (by time, then id). An empty policy keeps everything (callers refuse it first).
 pub fn apply(policy: &Policy, snapshots: &[(SnapshotId, u64)]) -> Vec<Decision> {
     let mut list: Vec<(SnapshotId, u64)> = snapshots.to_vec();
-    list.sort_by(|a, b| (b.1, b.0).cmp(&(a.1, a.0)));
+    list.sort_by_key(|s| std::cmp::Reverse((s.1, s.0)));
     if policy.is_empty() {
         return list
             .into_iter()
