@@ -15,9 +15,15 @@
 //!   (years and months subtracted on the calendar, as Go's `AddDate` does: March 31 minus one
 //!   month is March 3 in a non-leap year, then days, then hours).
 //!
+//! - as restic 0.17+ does, a rule (`last` or a period rule) that still has counts left when it
+//!   reaches the oldest snapshot keeps that one too, even when the rule already kept a newer
+//!   snapshot of its period: the history kept is then as long as it can be. Its reason is then
+//!   `oldest <rule>` (restic's `oldest daily snapshot`), or the rule's own name when the oldest
+//!   snapshot is the newest of its period anyway.
+//!
 //! A snapshot is kept if any rule keeps it, and its reasons list every rule that did. Not
-//! implemented: restic's `unlimited` counts, `--keep-tag`, the `--keep-within-daily`-style rules,
-//! and restic 0.17's keeping of the oldest snapshot when a rule has fewer periods than asked.
+//! implemented: restic's `unlimited` counts, `--keep-tag` and the `--keep-within-daily`-style
+//! rules.
 
 use pagesnap_store::SnapshotId;
 use std::fmt;
@@ -155,6 +161,9 @@ pub enum Reason {
     Yearly,
     /// Within the span of the newest snapshot.
     Within(Within),
+    /// The group's oldest snapshot, kept by a rule with counts left that had already kept a newer
+    /// snapshot of the same period (restic 0.17+).
+    Oldest(&'static Reason),
 }
 
 impl fmt::Display for Reason {
@@ -167,6 +176,7 @@ impl fmt::Display for Reason {
             Reason::Monthly => write!(f, "monthly"),
             Reason::Yearly => write!(f, "yearly"),
             Reason::Within(w) => write!(f, "within {w}"),
+            Reason::Oldest(r) => write!(f, "oldest {r}"),
         }
     }
 }
@@ -219,6 +229,7 @@ pub fn apply(policy: &Policy, snapshots: &[(SnapshotId, u64)]) -> Vec<Decision> 
         (policy.yearly, None, |t, _| civil(t).0, Reason::Yearly),
     ];
     let mut out = Vec::with_capacity(list.len());
+    let oldest = list.len().saturating_sub(1);
     for (nr, (id, t)) in list.into_iter().enumerate() {
         let mut reasons = Vec::new();
         if let Some((w, b)) = bound {
@@ -235,6 +246,10 @@ pub fn apply(policy: &Policy, snapshots: &[(SnapshotId, u64)]) -> Vec<Decision> 
                 *last = Some(period);
                 *left -= 1;
                 reasons.push(*reason);
+            } else if nr == oldest {
+                // restic 0.17+: a rule with counts left keeps the oldest snapshot too.
+                *left -= 1;
+                reasons.push(Reason::Oldest(oldest_of(*reason)));
             }
         }
         out.push(Decision {
@@ -244,6 +259,18 @@ pub fn apply(policy: &Policy, snapshots: &[(SnapshotId, u64)]) -> Vec<Decision> 
         });
     }
     out
+}
+
+/// `reason` as a `'static` reference, for [`Reason::Oldest`] (only the counted rules reach it).
+fn oldest_of(reason: Reason) -> &'static Reason {
+    match reason {
+        Reason::Hourly => &Reason::Hourly,
+        Reason::Daily => &Reason::Daily,
+        Reason::Weekly => &Reason::Weekly,
+        Reason::Monthly => &Reason::Monthly,
+        Reason::Yearly => &Reason::Yearly,
+        _ => &Reason::Last,
+    }
 }
 
 const DAY_MS: i128 = 86_400_000;

@@ -65,7 +65,8 @@ fn the_documented_rules_table() {
         // ISO weeks: 01-01..03 are 2015-W53, 01-05 is 2016-W01, 01-18 2016-W03.
         ("weekly 2", p(|p| p.weekly = 2), vec![7, 8]),
         ("weekly 3", p(|p| p.weekly = 3), vec![6, 7, 8]),
-        ("monthly 5", p(|p| p.monthly = 5), vec![8]),
+        // restic 0.17+: a rule with counts left also keeps the oldest snapshot.
+        ("monthly 5", p(|p| p.monthly = 5), vec![1, 8]),
         ("yearly 1", p(|p| p.yearly = 1), vec![8]),
         ("hourly 3", p(|p| p.hourly = 3), vec![6, 7, 8]),
         // Rules combine with "or": each keeps what it keeps on its own.
@@ -208,4 +209,43 @@ fn an_empty_policy_is_empty() {
         ..Policy::default()
     }
     .is_empty());
+}
+
+/// restic 0.17+: a period rule with counts left after the scan keeps the group's oldest snapshot
+/// too, as `oldest daily`.
+#[test]
+fn a_rule_with_counts_left_keeps_the_oldest_snapshot_too() {
+    let times = [
+        at(2024, 3, 1, 8),
+        at(2024, 3, 1, 20),
+        at(2024, 3, 2, 8),
+        at(2024, 3, 2, 20),
+        at(2024, 3, 3, 8),
+        at(2024, 3, 3, 20),
+    ];
+    let daily = Policy {
+        daily: 7,
+        ..Policy::default()
+    };
+    assert_eq!(kept(&daily, &times), vec![1, 2, 4, 6]);
+    let list: Vec<_> = times
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (SnapshotId(i as u64 + 1), *t))
+        .collect();
+    let d = apply(&daily, &list);
+    assert_eq!(d[5].id, SnapshotId(1));
+    assert_eq!(d[5].reasons, vec![Reason::Oldest(&Reason::Daily)]);
+    assert_eq!(d[5].reasons[0].to_string(), "oldest daily");
+    // A rule whose counts ran out keeps no extra snapshot.
+    let two = Policy {
+        daily: 3,
+        ..Policy::default()
+    };
+    assert_eq!(kept(&two, &times), vec![2, 4, 6]);
+    // The oldest snapshot alone in its period is kept as the rule's own.
+    // (ids renumbered from 1: the old 2, 4 and 6 are 1, 3 and 5)
+    assert_eq!(kept(&daily, &times[1..]), vec![1, 3, 5]);
+    let d = apply(&daily, &list[1..]);
+    assert_eq!(d[4].reasons, vec![Reason::Daily]);
 }
