@@ -35,7 +35,7 @@ pub enum Command {
     Snapshot {
         /// The raw image (a regular file) or a block device.
         image: PathBuf,
-        /// A label to find the snapshot by.
+        /// A label to find the snapshot by (no ':', not `latest`: see NAME:LABEL).
         #[arg(long)]
         label: Option<String>,
         /// Print one JSON object.

@@ -187,9 +187,12 @@ fn init(ctx: &Ctx) -> Result<i32> {
 }
 
 /// A snapshot named by `ID`, `LABEL` (the newest snapshot with that label), `NAME:latest` (the
-/// newest snapshot of an image name) or `NAME:LABEL` (the newest of that name with that label),
-/// tried in that order; a name may itself hold colons (the split is at a colon whose left side is
-/// a known name, the rightmost first).
+/// newest snapshot of an image name) or `NAME:LABEL` (the newest of that name with that label).
+/// A name may itself hold colons: every split at a colon whose left side is a known name is tried,
+/// the longest name first, and the first that resolves is taken. New labels hold no `:` and are
+/// never `latest` ([`names::check_label`]), so `NAME:X` and a label cannot meet; when a label
+/// written before that rule equals the whole argument, or two splits resolve, and they are
+/// different snapshots, the argument is refused as ambiguous, naming each (give the id).
 pub(crate) fn resolve(store: &Store, arg: &str) -> Result<SnapshotId> {
     let snaps = store.snapshots()?;
     if let Ok(id) = arg.parse::<u64>() {
@@ -197,24 +200,57 @@ pub(crate) fn resolve(store: &Store, arg: &str) -> Result<SnapshotId> {
             return Ok(SnapshotId(id));
         }
     }
+    // (snapshot, how the argument reaches it)
+    let mut found: Vec<(SnapshotId, String)> = Vec::new();
     if let Some(s) = snaps.iter().rev().find(|s| s.label.as_deref() == Some(arg)) {
-        return Ok(s.id);
+        found.push((
+            s.id,
+            format!("the label '{arg}' of image name '{}'", name_of(s)),
+        ));
     }
+    let mut missing = None;
     for (at, _) in arg.rmatch_indices(':') {
         let (name, what) = (&arg[..at], &arg[at + 1..]);
         if !snaps.iter().any(|s| name_of(s) == name) {
             continue;
         }
-        let found = snaps
+        let hit = snaps
             .iter()
             .rev()
             .filter(|s| name_of(s) == name)
             .find(|s| what == "latest" || s.label.as_deref() == Some(what));
-        return found.map(|s| s.id).ok_or_else(|| {
-            anyhow!("unknown snapshot '{arg}': no snapshot of image name '{name}' has the label '{what}'; `pagesnap list --name '{name}'` shows them")
-        });
+        match hit {
+            Some(s) if !found.iter().any(|(id, _)| *id == s.id) => {
+                let how = if what == "latest" {
+                    format!("the newest of image name '{name}'")
+                } else {
+                    format!("image name '{name}' with the label '{what}'")
+                };
+                found.push((s.id, how));
+            }
+            Some(_) => {}
+            None => {
+                missing.get_or_insert((name, what));
+            }
+        }
     }
-    bail!("unknown snapshot '{arg}': no snapshot has that id or label, and it is not NAME:latest or NAME:LABEL of a known image name; `pagesnap list` shows them")
+    match found.as_slice() {
+        [(id, _)] => Ok(*id),
+        [] => match missing {
+            Some((name, what)) => bail!("unknown snapshot '{arg}': no snapshot of image name '{name}' has the label '{what}'; `pagesnap list --name '{name}'` shows them"),
+            None => bail!("unknown snapshot '{arg}': no snapshot has that id or label, and it is not NAME:latest or NAME:LABEL of a known image name; `pagesnap list` shows them"),
+        },
+        many => {
+            let each: Vec<String> = many
+                .iter()
+                .map(|(id, how)| format!("snapshot {} ({how})", id.0))
+                .collect();
+            bail!(
+                "ambiguous snapshot '{arg}': it names {}; give the snapshot's id instead",
+                each.join(" and ")
+            )
+        }
+    }
 }
 
 /// Refuses an image name no snapshot has, listing some that exist.
@@ -252,6 +288,9 @@ fn snapshot(
     use std::os::unix::fs::FileTypeExt;
     if let Some(n) = &name {
         names::check_name(n).map_err(|e| anyhow!("{e}"))?;
+    }
+    if let Some(l) = &label {
+        names::check_label(l).map_err(|e| anyhow!("{e}"))?;
     }
     let m =
         std::fs::metadata(image).with_context(|| format!("reading image {}", image.display()))?;

@@ -1369,3 +1369,99 @@ fn stores_written_before_names_have_one_implicit_name() {
         );
     }
 }
+
+/// A snapshot written with `label` under image name `name` through the engine, as a pagesnap from
+/// before labels were checked could (labels holding ':').
+fn legacy_labelled(env: &Env, image: &Path, name: &str, label: &str) -> u64 {
+    let (mut store, _) = pagesnap_store::Store::open(env.store(), pagesnap_store::Mode::Write)
+        .expect("open the store");
+    let options = pagesnap_engine::image::SnapshotOptions {
+        name: Some(name.into()),
+        ..Default::default()
+    };
+    pagesnap_engine::image::snapshot_image_with(
+        &mut store,
+        image,
+        Some(label.into()),
+        &|_| {},
+        options,
+    )
+    .expect("snapshot")
+    .id
+    .0
+}
+
+/// A label holding ':' could shadow `NAME:latest` of another image: new ones (and `latest`) are
+/// refused, and one written before is refused as ambiguous where it meets a `NAME:` form.
+#[test]
+fn a_label_cannot_shadow_name_latest() {
+    let env = Env::new();
+    let (a, b, out) = (env.path("a.img"), env.path("b.img"), env.path("out.img"));
+    env.ok(&["init"]);
+    std::fs::write(&a, vec![0xaa; 8192]).expect("write");
+    std::fs::write(&b, vec![0xbb; 8192]).expect("write");
+    env.ok(&["snapshot", s(&a), "--name", "prod"]);
+    let before = dir_contents(&env.store());
+    env.fails(
+        &[
+            "snapshot",
+            s(&b),
+            "--name",
+            "test",
+            "--label",
+            "prod:latest",
+        ],
+        2,
+        "holds ':'",
+    );
+    env.fails(
+        &["snapshot", s(&b), "--name", "test", "--label", "latest"],
+        2,
+        "'latest' is reserved",
+    );
+    assert!(dir_contents(&env.store()) == before, "nothing written");
+    env.ok(&["restore", "prod:latest", s(&out), "--force"]);
+    assert_eq!(std::fs::read(&out).expect("read"), vec![0xaa; 8192]);
+    // A label from before the rule: the argument is ambiguous, and says how to pick.
+    let legacy = legacy_labelled(&env, &b, "test", "prod:latest");
+    assert_eq!(legacy, 2);
+    let err = env.fails(
+        &["restore", "prod:latest", s(&out), "--force"],
+        2,
+        "ambiguous snapshot 'prod:latest'",
+    );
+    assert!(
+        err.contains("snapshot 1") && err.contains("snapshot 2") && err.contains("id"),
+        "{err}"
+    );
+    env.ok(&["restore", "2", s(&out), "--force"]);
+    assert_eq!(std::fs::read(&out).expect("read"), vec![0xbb; 8192]);
+}
+
+/// With names `a` and `a:b`, `a:b:x` is name `a` with label `b:x` when `a:b` has no label `x`;
+/// when both resolve to different snapshots the argument is ambiguous.
+#[test]
+fn every_name_label_split_is_tried() {
+    let env = Env::new();
+    let (a, b, out) = (env.path("a.img"), env.path("b.img"), env.path("out.img"));
+    env.ok(&["init"]);
+    std::fs::write(&a, vec![0xaa; 8192]).expect("write");
+    std::fs::write(&b, vec![0xbb; 8192]).expect("write");
+    assert_eq!(legacy_labelled(&env, &a, "a", "b:x"), 1);
+    env.ok(&["snapshot", s(&b), "--name", "a:b"]);
+    env.ok(&["restore", "a:b:x", s(&out), "--force"]);
+    assert_eq!(std::fs::read(&out).expect("read"), vec![0xaa; 8192]);
+    env.ok(&["restore", "a:b:latest", s(&out), "--force"]);
+    assert_eq!(std::fs::read(&out).expect("read"), vec![0xbb; 8192]);
+    env.ok(&["snapshot", s(&b), "--name", "a:b", "--label", "x"]);
+    env.fails(
+        &["restore", "a:b:x", s(&out), "--force"],
+        2,
+        "ambiguous snapshot 'a:b:x'",
+    );
+    env.fails(
+        &["restore", "a:b:y", s(&out), "--force"],
+        2,
+        "no snapshot of image name 'a:b' has the label 'y'",
+    );
+}

@@ -54,6 +54,24 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether a new snapshot may take `label`: no `:` (an argument `NAME:X` is a name and a label, so
+/// a label holding `:` could shadow another image's snapshot) and not `latest` (`NAME:latest` is
+/// the newest snapshot of a name, so a label `latest` could never be reached as `NAME:LABEL`).
+/// Labels written before this rule still resolve (see the CLI's snapshot arguments).
+pub fn check_label(label: &str) -> Result<(), String> {
+    if label.contains(':') {
+        return Err(format!(
+            "the label '{label}' holds ':', which separates an image name from a label in NAME:LABEL; use another character (e.g. '-')"
+        ));
+    }
+    if label == "latest" {
+        return Err(
+            "the label 'latest' is reserved (NAME:latest is the newest snapshot of a name); choose another".into(),
+        );
+    }
+    Ok(())
+}
+
 /// The image identity part of an origin (after its name line, if any).
 pub(crate) fn identity(origin: &str) -> &str {
     match origin.strip_prefix(NAME_LINE) {
