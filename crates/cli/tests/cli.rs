@@ -1465,3 +1465,26 @@ fn every_name_label_split_is_tried() {
         "no snapshot of image name 'a:b' has the label 'y'",
     );
 }
+
+/// An image whose canonical path is no valid name (a control character) is still snapshotted
+/// without --name, under `path-<hash>`, and its next snapshot continues from it.
+#[test]
+fn a_path_that_is_no_valid_name_still_snapshots() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    let img = env.path("a\tb.img");
+    std::fs::write(&img, image(8, 1)).expect("write");
+    let first = env.snapshot(&img);
+    let second = env.snapshot(&img);
+    let list = env.list();
+    let name = list[0]["name"].as_str().expect("name").to_string();
+    assert!(name.starts_with("path-") && name.len() == 21, "{list}");
+    assert_eq!(list[1]["name"].as_str(), Some(name.as_str()));
+    assert_eq!(list[1]["parent"].as_u64(), Some(first), "{list}");
+    assert_eq!(second, 2);
+    env.ok(&[
+        "restore",
+        &format!("{name}:latest"),
+        s(&env.path("out.img")),
+    ]);
+}

@@ -9,7 +9,9 @@
 //! `name <NAME>`; an image file's identity (`image v1 …`) follows on the next line. A snapshot
 //! whose origin has no such line — every snapshot written before names, and a default-named
 //! snapshot of an image file, whose origin stays exactly as before — is named by its origin:
-//! the canonical path of an `image v1` identity, else [`DEFAULT_NAME`]. So the snapshots an older
+//! the canonical path of an `image v1` identity (through [`implicit_name`]: a path that is no valid
+//! name — over [`MAX_NAME`] bytes, or with a control character — names `path-<16 hex digits of its
+//! BLAKE3 hash>`, as `snapshot` and `serve` name such an image by default), else [`DEFAULT_NAME`]. So the snapshots an older
 //! pagesnap took of `/vm/a.img` carry on as the name `/vm/a.img`, which is the name a new
 //! `pagesnap snapshot /vm/a.img` gives by default: their history continues. No format change: an
 //! older binary lists, restores, verifies and deletes these snapshots as before (it only does not
@@ -21,7 +23,8 @@ use pagesnap_store::{SnapshotId, SnapshotInfo};
 use std::path::Path;
 
 /// The name of snapshots whose origin says nothing of their image (a block device snapshotted
-/// before names, a path too long to record, a snapshot of the engine's address space).
+/// before names, a path too long to record before names, a snapshot of the engine's address
+/// space).
 pub const DEFAULT_NAME: &str = "default";
 /// The longest image name, in bytes.
 pub const MAX_NAME: usize = 512;
@@ -101,7 +104,21 @@ pub fn name_of_origin(origin: Option<&str>) -> String {
             return name.to_string();
         }
     }
-    Origin::parse(o).map_or_else(|| DEFAULT_NAME.to_string(), |id| id.path)
+    Origin::parse(o).map_or_else(
+        || DEFAULT_NAME.to_string(),
+        |id| implicit_name(id.path.as_bytes()),
+    )
+}
+
+/// The implicit name of an image at this canonical path: the path itself when it is a valid name
+/// ([`check_name`]), else `path-` and the first 16 hex digits of the BLAKE3 hash of the path's
+/// bytes (a path over [`MAX_NAME`] bytes, one with a control character, or one that is not
+/// UTF-8), so every image has a valid default name and snapshots without `--name` always work.
+pub fn implicit_name(path: &[u8]) -> String {
+    match std::str::from_utf8(path) {
+        Ok(p) if check_name(p).is_ok() => p.to_string(),
+        _ => format!("path-{}", &blake3::hash(path).to_hex()[..16]),
+    }
 }
 
 /// The image name of a snapshot.
@@ -119,7 +136,8 @@ pub fn latest_of(snaps: &[SnapshotInfo], name: &str) -> Option<SnapshotId> {
 }
 
 /// The default name of the image at `path`: its canonical path; for a block device, its stable
-/// name under `/dev/disk/by-id` when it has one (the first in byte order), else its canonical path.
+/// name under `/dev/disk/by-id` when it has one (the first in byte order), else its canonical path
+/// — each through [`implicit_name`], so a path that is no valid name gives `path-<hash>`.
 pub fn default_name(path: &Path) -> Result<String, ImageError> {
     use std::os::unix::fs::FileTypeExt;
     let canonical =
@@ -137,21 +155,12 @@ pub fn default_name(path: &Path) -> Result<String, ImageError> {
                 .collect();
             links.sort();
             if let Some(first) = links.into_iter().next() {
-                return Ok(first);
+                return Ok(implicit_name(first.as_bytes()));
             }
         }
     }
-    let name = canonical
-        .to_str()
-        .ok_or_else(|| {
-            ImageError::BadName(format!(
-                "the image path {} is not UTF-8, so it cannot name the image; give --name NAME",
-                canonical.display()
-            ))
-        })?
-        .to_string();
-    check_name(&name).map_err(|e| ImageError::BadName(format!("{e}; give --name NAME")))?;
-    Ok(name)
+    use std::os::unix::ffi::OsStrExt;
+    Ok(implicit_name(canonical.as_os_str().as_bytes()))
 }
 
 #[cfg(test)]
@@ -184,5 +193,23 @@ mod tests {
         assert!(check_name("a\nb").is_err());
         assert!(check_name(&"x".repeat(MAX_NAME + 1)).is_err());
         assert!(check_name("vm-1:disk").is_ok());
+    }
+
+    #[test]
+    fn an_invalid_path_gets_a_valid_implicit_name() {
+        let long = format!("/{}", "d/".repeat(300));
+        let newline = "/vm/a\nb.img";
+        for path in [long.as_str(), newline] {
+            let id = V1.replace("/vm/a b.img", path);
+            let name = name_of_origin(Some(&id));
+            assert!(check_name(&name).is_ok(), "{name:?}");
+            assert_eq!(name, implicit_name(path.as_bytes()));
+            assert!(name.starts_with("path-") && name.len() == 21, "{name}");
+            // The origin a default-named snapshot records names it the same.
+            let origin = origin_with_name(&name, Some(id));
+            assert_eq!(name_of_origin(Some(&origin)), name);
+        }
+        assert_eq!(implicit_name(b"/vm/a.img"), "/vm/a.img");
+        assert!(implicit_name(b"/vm/\xff.img").starts_with("path-"));
     }
 }

@@ -714,3 +714,48 @@ fn two_images_alternated_in_one_store_cost_only_what_changed_in_each() {
         "the bad name committed nothing"
     );
 }
+
+/// A canonical path over 512 bytes, or with a control character, is no valid image name: a
+/// snapshot without a name takes `path-<hash>` instead of failing, and a tracked image (`serve`)
+/// names its snapshots the same, so each continues the other's history.
+#[test]
+fn a_path_that_is_no_valid_name_gets_a_derived_default_name() {
+    use pagesnap_engine::names::{check_name, default_name, implicit_name, name_of};
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut store = Store::init(dir.path().join("store"), StoreOptions::default()).expect("store");
+    let mut deep = dir.path().to_path_buf();
+    for _ in 0..3 {
+        deep.push("d".repeat(200));
+    }
+    std::fs::create_dir_all(&deep).expect("mkdir");
+    let long = deep.join("disk.img");
+    let odd = dir.path().join("a\nb.img");
+    for (n, path) in [&long, &odd].into_iter().enumerate() {
+        std::fs::write(path, image(8, n as u8)).expect("write");
+        let name = default_name(path).expect("a default name");
+        assert!(check_name(&name).is_ok(), "{name:?}");
+        let canonical = std::fs::canonicalize(path).expect("canonical");
+        assert_eq!(
+            name,
+            implicit_name(canonical.as_os_str().as_encoded_bytes())
+        );
+        assert!(name.starts_with("path-"), "{name}");
+        let first = snapshot_image(&mut store, path, None, &|_| {}).expect("snapshot");
+        let info = |store: &Store, id| store.snapshot(id).expect("info");
+        assert_eq!(name_of(&info(&store, first.id)), name);
+        let tracked = pagesnap_engine::tracked::TrackedImage::open(
+            path,
+            &dir.path().join(format!("state-{n}")),
+            &store,
+        )
+        .expect("track");
+        let second = tracked
+            .snapshot(&mut store, None, true, &|_| {})
+            .expect("tracked snapshot");
+        drop(tracked);
+        assert_eq!(name_of(&info(&store, second.snapshot.id)), name);
+        assert_eq!(info(&store, second.snapshot.id).parent, Some(first.id));
+        let third = snapshot_image(&mut store, path, None, &|_| {}).expect("snapshot");
+        assert_eq!(info(&store, third.id).parent, Some(second.snapshot.id));
+    }
+}
