@@ -28,14 +28,14 @@ pub enum Command {
     /// Create an empty store.
     #[command(after_help = "Example:\n  pagesnap --store /backup/vm init")]
     Init,
-    /// Snapshot a raw disk image: only pages changed since the store's last snapshot are written.
+    /// Snapshot a raw disk image: only pages changed since the last snapshot of its name are written.
     #[command(
         after_help = "Example:\n  pagesnap --store /backup/vm snapshot disk.img --label before-upgrade\n  pagesnap --store /backup/vm snapshot /dev/vg0/vm-snap\n\nWhile `pagesnap serve` serves the image with this store, the snapshot is taken by the server: only the pages written since the last one are read.\n\nAn image file unchanged since the store's last snapshot of it (same inode, size, mtime and ctime to the nanosecond, same path) is not read: the new snapshot has the last one's pages. A block device is read whole every time; quiesce it first (unmount, or fsfreeze).\n\nThe last line of output is the new snapshot's id."
     )]
     Snapshot {
         /// The raw image (a regular file) or a block device.
         image: PathBuf,
-        /// A label to find the snapshot by.
+        /// A label to find the snapshot by (no ':', not `latest`: see NAME:LABEL).
         #[arg(long)]
         label: Option<String>,
         /// Print one JSON object.
@@ -45,11 +45,61 @@ pub enum Command {
         /// times).
         #[arg(long)]
         reread: bool,
+        /// The image's name in the store (default: its canonical path; for a block device its
+        /// /dev/disk/by-id name if it has one). The new snapshot is diffed against the newest
+        /// snapshot of this name.
+        #[arg(long)]
+        name: Option<String>,
     },
-    /// List the snapshots.
-    #[command(after_help = "Example:\n  pagesnap --store /backup/vm list --json")]
+    /// List the snapshots, with the image name each belongs to.
+    #[command(
+        after_help = "Example:\n  pagesnap --store /backup/vm list --json\n  pagesnap --store /backup/vm list --name web"
+    )]
     List {
+        /// Only the snapshots of this image name.
+        #[arg(long)]
+        name: Option<String>,
         /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove snapshots by a retention policy (restic's semantics), per image name.
+    #[command(
+        after_help = "Examples:\n  pagesnap --store /backup/vm forget --keep-daily 7 --keep-weekly 4 --dry-run\n  pagesnap --store /backup/vm forget --name web --keep-last 3 --keep-within 1m --prune\n\nEach image name's snapshots are judged on their own, newest first, by their creation time in UTC. A snapshot is kept if any rule keeps it: --keep-last N the N newest; --keep-hourly/daily/weekly/monthly/yearly N the newest snapshot of each of the N newest hours/days/ISO weeks/months/years that have snapshots (as restic 0.17+ does, a rule with counts left after the oldest snapshot keeps that one too, reason 'oldest daily' etc.); --keep-within DURATION (e.g. 1y5m7d2h) every snapshot newer than the newest one's time minus DURATION. The rest are deleted in one commit; --prune then reclaims their space (gc). A policy that keeps nothing is refused."
+    )]
+    Forget {
+        /// Only the snapshots of this image name (default: every name, each on its own).
+        #[arg(long)]
+        name: Option<String>,
+        /// Keep the N newest snapshots.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_last: u32,
+        /// Keep the newest snapshot of each of the N newest hours that have snapshots.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_hourly: u32,
+        /// … of the N newest days.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_daily: u32,
+        /// … of the N newest ISO weeks.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_weekly: u32,
+        /// … of the N newest months.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_monthly: u32,
+        /// … of the N newest years.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_yearly: u32,
+        /// Keep every snapshot newer than the newest one's time minus DURATION (years, months,
+        /// days, hours: 1y5m7d2h, 30d, 12h).
+        #[arg(long, value_name = "DURATION", value_parser = crate::commands::parse_within)]
+        keep_within: Option<pagesnap_engine::retention::Within>,
+        /// Print what would be kept and removed, and why; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Reclaim the removed snapshots' space (gc) afterwards.
+        #[arg(long, conflicts_with = "dry_run")]
+        prune: bool,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -58,7 +108,7 @@ pub enum Command {
         after_help = "Example:\n  pagesnap --store /backup/vm restore 3 disk-as-of-3.img\n  pagesnap --store /backup/vm restore nightly disk.img --force"
     )]
     Restore {
-        /// Snapshot id, or label (the newest snapshot with it).
+        /// Snapshot: ID, LABEL (the newest with it), NAME:latest or NAME:LABEL.
         snapshot: String,
         /// Where to write the image (a symbolic link's target is written, the link kept).
         output: PathBuf,
@@ -70,9 +120,9 @@ pub enum Command {
     /// The byte ranges that differ between two snapshots.
     #[command(after_help = "Example:\n  pagesnap --store /backup/vm diff 1 2")]
     Diff {
-        /// First snapshot (id or label).
+        /// First snapshot (ID, LABEL, NAME:latest or NAME:LABEL).
         a: String,
-        /// Second snapshot (id or label).
+        /// Second snapshot (the same forms; may be of another image name).
         b: String,
         /// Print JSON.
         #[arg(long)]
@@ -83,7 +133,7 @@ pub enum Command {
         after_help = "Example:\n  pagesnap --store /backup/vm verify\n  pagesnap --store /backup/vm verify 3 nightly"
     )]
     Verify {
-        /// Snapshots to check (all when none).
+        /// Snapshots to check (ID, LABEL, NAME:latest or NAME:LABEL; all when none).
         snapshots: Vec<String>,
     },
     /// Delete snapshots (their space is reclaimed by gc).
@@ -91,7 +141,7 @@ pub enum Command {
         after_help = "Example:\n  pagesnap --store /backup/vm delete 1 2 && pagesnap --store /backup/vm gc"
     )]
     Delete {
-        /// Snapshots to delete (ids or labels).
+        /// Snapshots to delete (ID, LABEL, NAME:latest or NAME:LABEL).
         #[arg(required = true)]
         snapshots: Vec<String>,
     },
@@ -102,7 +152,7 @@ pub enum Command {
     /// crash-safely (everything is copied, then committed by one superblock write).
     #[command(after_help = "Example:\n  pagesnap --store /backup/vm upgrade")]
     Upgrade,
-    /// Store totals: snapshots, logical and stored bytes, dedup ratio.
+    /// Store totals (snapshots, logical and stored bytes, dedup ratio) and each image name's.
     #[command(after_help = "Example:\n  pagesnap --store /backup/vm info --json")]
     Info {
         /// Print JSON.
@@ -118,8 +168,9 @@ pub enum Command {
         /// The raw image to serve read-write (a regular file).
         #[arg(required_unless_present = "snapshot")]
         image: Option<PathBuf>,
-        /// Serve this stored snapshot (id or label) read-only instead of an image.
-        #[arg(long, value_name = "ID|LABEL", conflicts_with_all = ["image", "snapshot_every"])]
+        /// Serve this stored snapshot (ID, LABEL, NAME:latest or NAME:LABEL) read-only instead
+        /// of an image.
+        #[arg(long, value_name = "SNAPSHOT", conflicts_with_all = ["image", "snapshot_every"])]
         snapshot: Option<String>,
         /// Listen on a Unix socket at PATH.
         #[arg(long, value_name = "PATH", conflicts_with = "listen")]

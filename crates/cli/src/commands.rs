@@ -5,6 +5,8 @@ use crate::output;
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pagesnap_engine::image::{restore_image, snapshot_image, snapshot_image_with, SnapshotOptions};
+use pagesnap_engine::names::{self, name_of};
+use pagesnap_engine::retention::{self, Policy, Within};
 use pagesnap_store::{Mode, SnapshotId, SnapshotInfo, Store, StoreOptions, Vpn};
 use serde_json::json;
 use std::io::IsTerminal;
@@ -105,8 +107,39 @@ pub fn run(cli: Cli) -> Result<i32> {
             label,
             json,
             reread,
-        } => snapshot(&ctx, &image, label, json, reread),
-        Command::List { json } => list(&ctx, json),
+            name,
+        } => snapshot(&ctx, &image, label, json, reread, name),
+        Command::List { name, json } => list(&ctx, name.as_deref(), json),
+        Command::Forget {
+            name,
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            keep_within,
+            dry_run,
+            prune,
+            json,
+        } => forget(
+            &ctx,
+            name.as_deref(),
+            Policy {
+                last: keep_last,
+                hourly: keep_hourly,
+                daily: keep_daily,
+                weekly: keep_weekly,
+                monthly: keep_monthly,
+                yearly: keep_yearly,
+                within: keep_within,
+            },
+            ForgetHow {
+                dry_run,
+                prune,
+                json,
+            },
+        ),
         Command::Restore {
             snapshot,
             output,
@@ -153,20 +186,95 @@ fn init(ctx: &Ctx) -> Result<i32> {
     Ok(OK)
 }
 
-/// A snapshot named by id or label (the newest snapshot with that label).
-pub(crate) fn resolve(store: &Store, name: &str) -> Result<SnapshotId> {
+/// A snapshot named by `ID`, `LABEL` (the newest snapshot with that label), `NAME:latest` (the
+/// newest snapshot of an image name) or `NAME:LABEL` (the newest of that name with that label).
+/// A name may itself hold colons: every split at a colon whose left side is a known name is tried,
+/// the longest name first, and the first that resolves is taken. New labels hold no `:` and are
+/// never `latest` ([`names::check_label`]), so `NAME:X` and a label cannot meet; when a label
+/// written before that rule equals the whole argument, or two splits resolve, and they are
+/// different snapshots, the argument is refused as ambiguous, naming each (give the id).
+pub(crate) fn resolve(store: &Store, arg: &str) -> Result<SnapshotId> {
     let snaps = store.snapshots()?;
-    if let Ok(id) = name.parse::<u64>() {
+    if let Ok(id) = arg.parse::<u64>() {
         if snaps.iter().any(|s| s.id.0 == id) {
             return Ok(SnapshotId(id));
         }
     }
-    snaps
-        .iter()
-        .rev()
-        .find(|s| s.label.as_deref() == Some(name))
-        .map(|s| s.id)
-        .ok_or_else(|| anyhow!("unknown snapshot '{name}': no snapshot has that id or label; `pagesnap list` shows them"))
+    // (snapshot, how the argument reaches it)
+    let mut found: Vec<(SnapshotId, String)> = Vec::new();
+    if let Some(s) = snaps.iter().rev().find(|s| s.label.as_deref() == Some(arg)) {
+        found.push((
+            s.id,
+            format!("the label '{arg}' of image name '{}'", name_of(s)),
+        ));
+    }
+    let mut missing = None;
+    for (at, _) in arg.rmatch_indices(':') {
+        let (name, what) = (&arg[..at], &arg[at + 1..]);
+        if !snaps.iter().any(|s| name_of(s) == name) {
+            continue;
+        }
+        let hit = snaps
+            .iter()
+            .rev()
+            .filter(|s| name_of(s) == name)
+            .find(|s| what == "latest" || s.label.as_deref() == Some(what));
+        match hit {
+            Some(s) if !found.iter().any(|(id, _)| *id == s.id) => {
+                let how = if what == "latest" {
+                    format!("the newest of image name '{name}'")
+                } else {
+                    format!("image name '{name}' with the label '{what}'")
+                };
+                found.push((s.id, how));
+            }
+            Some(_) => {}
+            None => {
+                missing.get_or_insert((name, what));
+            }
+        }
+    }
+    match found.as_slice() {
+        [(id, _)] => Ok(*id),
+        [] => match missing {
+            Some((name, what)) => bail!("unknown snapshot '{arg}': no snapshot of image name '{name}' has the label '{what}'; `pagesnap list --name '{name}'` shows them"),
+            None => bail!("unknown snapshot '{arg}': no snapshot has that id or label, and it is not NAME:latest or NAME:LABEL of a known image name; `pagesnap list` shows them"),
+        },
+        many => {
+            let each: Vec<String> = many
+                .iter()
+                .map(|(id, how)| format!("snapshot {} ({how})", id.0))
+                .collect();
+            bail!(
+                "ambiguous snapshot '{arg}': it names {}; give the snapshot's id instead",
+                each.join(" and ")
+            )
+        }
+    }
+}
+
+/// Refuses an image name no snapshot has, listing some that exist.
+fn known_name(snaps: &[SnapshotInfo], name: &str) -> Result<()> {
+    let mut all: Vec<String> = snaps.iter().map(name_of).collect();
+    all.sort();
+    all.dedup();
+    if all.iter().any(|n| n == name) {
+        return Ok(());
+    }
+    let some: Vec<String> = all.iter().take(5).map(|n| format!("'{n}'")).collect();
+    let more = if all.len() > 5 { ", …" } else { "" };
+    if all.is_empty() {
+        bail!("unknown image name '{name}': the store has no snapshots");
+    }
+    bail!(
+        "unknown image name '{name}': no snapshot has it (the store has {}{more}); `pagesnap list` shows each snapshot's name",
+        some.join(", ")
+    )
+}
+
+/// `--keep-within`'s parser.
+pub(crate) fn parse_within(text: &str) -> std::result::Result<Within, String> {
+    Within::parse(text)
 }
 
 fn snapshot(
@@ -175,8 +283,15 @@ fn snapshot(
     label: Option<String>,
     as_json: bool,
     reread: bool,
+    name: Option<String>,
 ) -> Result<i32> {
     use std::os::unix::fs::FileTypeExt;
+    if let Some(n) = &name {
+        names::check_name(n).map_err(|e| anyhow!("{e}"))?;
+    }
+    if let Some(l) = &label {
+        names::check_label(l).map_err(|e| anyhow!("{e}"))?;
+    }
     let m =
         std::fs::metadata(image).with_context(|| format!("reading image {}", image.display()))?;
     // A block device's length is where its end is; `stat` says 0.
@@ -188,10 +303,26 @@ fn snapshot(
     } else {
         m.len()
     };
-    // A server of this image with this store takes the snapshot itself (tracked pages only).
-    if let Some(report) =
+    // A server of this image with this store takes the snapshot itself (tracked pages only),
+    // under the image's default name.
+    let default_named = match &name {
+        None => true,
+        Some(n) => names::default_name(image).is_ok_and(|d| d == *n),
+    };
+    let served = if default_named {
         crate::serve::snapshot_via_server(ctx.dir()?, image, label.as_deref(), reread)?
-    {
+    } else {
+        if crate::serve::served(ctx.dir()?, image)
+            .is_ok_and(|p| std::os::unix::net::UnixStream::connect(&p.control).is_ok())
+        {
+            bail!(
+                "{} is served by a running `pagesnap serve`, whose snapshots take the image's default name; omit --name, or stop the server",
+                image.display()
+            );
+        }
+        None
+    };
+    if let Some(report) = served {
         if as_json {
             println!("{report}");
         } else {
@@ -240,7 +371,7 @@ fn snapshot(
         image,
         label,
         &|done| bar.set_position(done),
-        SnapshotOptions { reread },
+        SnapshotOptions { reread, name },
     )
     .with_context(|| format!("snapshotting {}", image.display()))?;
     bar.finish_and_clear();
@@ -270,7 +401,7 @@ fn snapshot(
             HumanBytes(report.meta_bytes),
             report.seconds,
             if report.unchanged {
-                " (unchanged since the last snapshot: same inode, size and times; not read)"
+                " (unchanged since the last snapshot of its name: same inode, size and times; not read)"
             } else {
                 ""
             }
@@ -301,27 +432,32 @@ fn utc(ms: u64) -> String {
     )
 }
 
-fn list(ctx: &Ctx, as_json: bool) -> Result<i32> {
+fn list(ctx: &Ctx, name: Option<&str>, as_json: bool) -> Result<i32> {
     let store = ctx.open(Mode::Read)?;
-    let snaps = store.snapshots()?;
+    let mut snaps = store.snapshots()?;
+    if let Some(n) = name {
+        known_name(&snaps, n)?;
+        snaps.retain(|s| name_of(s) == n);
+    }
     if as_json {
         let rows: Vec<_> = snaps.iter().map(snapshot_json).collect();
         println!("{}", serde_json::Value::Array(rows));
         return Ok(OK);
     }
     println!(
-        "{:>4}  {:<20}  {:<19}  {:>10}  {:>9}  {:>10}",
+        "{:>4}  {:<20}  {:<19}  {:>10}  {:>9}  {:>10}  NAME",
         "ID", "LABEL", "TIME (UTC)", "IMAGE", "CHANGED", "ADDED"
     );
     for s in &snaps {
         println!(
-            "{:>4}  {:<20}  {:<19}  {:>10}  {:>9}  {:>10}",
+            "{:>4}  {:<20}  {:<19}  {:>10}  {:>9}  {:>10}  {}",
             s.id.0,
             s.label.as_deref().unwrap_or("-"),
             utc(s.time_unix_ms),
             HumanBytes(s.logical_size).to_string(),
             s.pages_changed,
-            HumanBytes(s.data_bytes + s.meta_bytes).to_string()
+            HumanBytes(s.data_bytes + s.meta_bytes).to_string(),
+            name_of(s)
         );
     }
     Ok(OK)
@@ -330,6 +466,7 @@ fn list(ctx: &Ctx, as_json: bool) -> Result<i32> {
 fn snapshot_json(s: &SnapshotInfo) -> serde_json::Value {
     json!({
         "id": s.id.0,
+        "name": name_of(s),
         "label": s.label,
         "time_unix_ms": s.time_unix_ms,
         "time": utc(s.time_unix_ms),
@@ -538,6 +675,13 @@ fn info(ctx: &Ctx, as_json: bool) -> Result<i32> {
                 "dedup_ratio": ratio,
                 "page_size": store.page_size(),
                 "format_version": store.format_version(),
+                "names": per_name(&snaps).iter().map(|(n, count, logical, added, latest)| json!({
+                    "name": n,
+                    "snapshots": count,
+                    "logical_bytes": logical,
+                    "bytes_added": added,
+                    "latest": latest,
+                })).collect::<Vec<_>>(),
             })
         );
     } else {
@@ -551,6 +695,148 @@ fn info(ctx: &Ctx, as_json: bool) -> Result<i32> {
         );
         println!("dedup ratio  {ratio:.2}x");
         println!("format       {}", store.format_version());
+        for (n, count, logical, added, latest) in per_name(&snaps) {
+            println!(
+                "name         {n}: {count} snapshot(s), {} logical, {} added, latest {latest}",
+                HumanBytes(logical),
+                HumanBytes(added)
+            );
+        }
+    }
+    Ok(OK)
+}
+
+/// Per image name, in name order: (name, snapshots, logical bytes, bytes added, newest id).
+fn per_name(snaps: &[SnapshotInfo]) -> Vec<(String, usize, u64, u64, u64)> {
+    let mut by: std::collections::BTreeMap<String, (usize, u64, u64, u64)> = Default::default();
+    for s in snaps {
+        let e = by.entry(name_of(s)).or_default();
+        e.0 += 1;
+        e.1 += s.logical_size;
+        e.2 += s.data_bytes + s.meta_bytes;
+        e.3 = e.3.max(s.id.0);
+    }
+    by.into_iter()
+        .map(|(n, (c, l, a, id))| (n, c, l, a, id))
+        .collect()
+}
+
+/// How `forget` reports and acts.
+struct ForgetHow {
+    dry_run: bool,
+    prune: bool,
+    json: bool,
+}
+
+fn forget(ctx: &Ctx, name: Option<&str>, policy: Policy, how: ForgetHow) -> Result<i32> {
+    if policy.is_empty() {
+        bail!("no retention policy given: forget would remove every snapshot; give at least one of --keep-last, --keep-hourly, --keep-daily, --keep-weekly, --keep-monthly, --keep-yearly (N > 0) or --keep-within (a non-zero duration); `pagesnap delete` removes snapshots by id");
+    }
+    if let Some(n) = name {
+        // Checked by a reader first: a writer's open already writes (a superblock hint), and
+        // a refused command changes nothing.
+        known_name(&ctx.open(Mode::Read)?.snapshots()?, n)?;
+    }
+    let mut store = ctx.open(if how.dry_run { Mode::Read } else { Mode::Write })?;
+    let snaps = store.snapshots()?;
+    if let Some(n) = name {
+        known_name(&snaps, n)?;
+    }
+    let mut groups: std::collections::BTreeMap<String, Vec<&SnapshotInfo>> = Default::default();
+    for s in &snaps {
+        let n = name_of(s);
+        if name.is_none_or(|want| want == n) {
+            groups.entry(n).or_default().push(s);
+        }
+    }
+    let mut remove: Vec<SnapshotId> = Vec::new();
+    let mut rows = Vec::new();
+    for (n, group) in &groups {
+        let times: Vec<(SnapshotId, u64)> = group.iter().map(|s| (s.id, s.time_unix_ms)).collect();
+        let decisions = retention::apply(&policy, &times);
+        if !how.json {
+            println!("image name {n}:");
+        }
+        for d in &decisions {
+            let label = group
+                .iter()
+                .find(|s| s.id == d.id)
+                .and_then(|s| s.label.clone());
+            let reasons: Vec<String> = d.reasons.iter().map(ToString::to_string).collect();
+            if !d.keep() {
+                remove.push(d.id);
+            }
+            if how.json {
+                rows.push(json!({
+                    "id": d.id.0,
+                    "name": n,
+                    "label": label,
+                    "time": utc(d.time_unix_ms),
+                    "time_unix_ms": d.time_unix_ms,
+                    "keep": d.keep(),
+                    "reasons": reasons,
+                }));
+            } else {
+                println!(
+                    "  {:<6} {:>4}  {}  {:<20}  {}",
+                    if d.keep() { "keep" } else { "remove" },
+                    d.id.0,
+                    utc(d.time_unix_ms),
+                    label.as_deref().unwrap_or("-"),
+                    if d.keep() {
+                        reasons.join(", ")
+                    } else {
+                        "no rule keeps it".into()
+                    }
+                );
+            }
+        }
+    }
+    remove.sort();
+    let mut gc_report = None;
+    if !how.dry_run {
+        if !remove.is_empty() {
+            store.delete(&remove)?;
+        }
+        if how.prune {
+            gc_report = Some(store.gc()?);
+        }
+    }
+    let removed: Vec<u64> = remove.iter().map(|i| i.0).collect();
+    if how.json {
+        println!(
+            "{}",
+            json!({
+                "dry_run": how.dry_run,
+                "snapshots": rows,
+                "removed": removed,
+                "freed_bytes": gc_report.map(|g| g.bytes_freed),
+            })
+        );
+    } else {
+        let ids: Vec<String> = removed.iter().map(u64::to_string).collect();
+        let verb = if how.dry_run {
+            "would remove"
+        } else {
+            "removed"
+        };
+        if ids.is_empty() {
+            println!("nothing to remove");
+        } else {
+            println!("{verb} {} snapshot(s): {}", ids.len(), ids.join(", "));
+        }
+        match gc_report {
+            Some(g) => println!(
+                "freed {} ({} -> {})",
+                HumanBytes(g.bytes_freed),
+                HumanBytes(g.bytes_before),
+                HumanBytes(g.bytes_after)
+            ),
+            None if !how.dry_run && !ids.is_empty() => {
+                println!("run `pagesnap gc` (or forget --prune) to reclaim their space")
+            }
+            None => {}
+        }
     }
     Ok(OK)
 }

@@ -397,6 +397,9 @@ fn answer(req: &Value, snapper: &Snapper) -> Value {
         "snapshot" => {
             let label = req.get("label").and_then(Value::as_str).map(str::to_string);
             let reread = req.get("reread").and_then(Value::as_bool).unwrap_or(false);
+            if let Some(Err(e)) = label.as_deref().map(pagesnap_engine::names::check_label) {
+                return json!({"ok": false, "error": e});
+            }
             match snapper.take(label, reread) {
                 Ok(s) => json!({"ok": true, "report": report_json(&s)}),
                 Err(e) => json!({"ok": false, "error": format!("{e:#}")}),

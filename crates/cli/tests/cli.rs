@@ -1043,7 +1043,15 @@ fn a_block_device_snapshots_whole_and_restores_identical() {
         (Some(pages), Some(0))
     );
     assert_eq!(again["unchanged"], false);
-    assert_eq!(env.list()[1]["origin"], serde_json::Value::Null);
+    // No identity recorded for a device, only its name (here its canonical path: no
+    // /dev/disk/by-id link resolves to this node).
+    let canonical = std::fs::canonicalize(&node).expect("canonical");
+    assert_eq!(
+        env.list()[1]["origin"],
+        format!("name {}", canonical.display())
+    );
+    assert_eq!(env.list()[1]["name"], s(&canonical));
+    assert_eq!(env.list()[1]["parent"], 1, "the same name's newest");
     // A write through the device, which leaves the node's times alone: seen.
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -1106,4 +1114,377 @@ fn upgrade_converts_an_older_store_and_every_snapshot_restores_the_same() {
         assert!(&std::fs::read(&out).expect("read") == want, "snapshot {id}");
     }
     assert!(env.ok(&["upgrade"]).contains("nothing to do"));
+}
+
+/// Every file of a directory and its bytes (to show a command changed nothing).
+fn dir_contents(p: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<_> = std::fs::read_dir(p)
+        .expect("dir")
+        .map(|e| e.expect("entry"))
+        .filter(|e| e.file_name() != "lock")
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).expect("read"),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// Two images in one store, by name: per-name parents, `NAME:latest` / `NAME:LABEL` arguments,
+/// `forget` per name with `--prune`, and every kept snapshot restoring byte-identical after it.
+#[test]
+fn two_images_by_name_forget_prune_and_every_kept_snapshot_restores() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    let (a, b) = (env.path("a.img"), env.path("b.img"));
+    // (id, name, image bytes as snapshotted)
+    let mut taken: Vec<(u64, &str, Vec<u8>)> = Vec::new();
+    for round in 0..4u64 {
+        for (img, name, seed) in [(&a, "vm-a", 10), (&b, "vm-b", 20)] {
+            let mut data = image(256, seed);
+            // A change per round: one page of its own.
+            data[(round as usize + 1) * 4096] ^= 0xff;
+            std::fs::write(img, &data).expect("write");
+            let label = format!("r{round}");
+            let out = env.ok(&["snapshot", s(img), "--name", name, "--label", &label]);
+            let id: u64 = out.lines().last().and_then(|l| l.parse().ok()).expect("id");
+            taken.push((id, name, data));
+        }
+    }
+    let list = env.list();
+    let rows = list.as_array().expect("array");
+    assert_eq!(rows.len(), 8);
+    for row in rows {
+        let id = row["id"].as_u64().expect("id");
+        let name = row["name"].as_str().expect("name");
+        let expect = taken.iter().find(|t| t.0 == id).expect("taken").1;
+        assert_eq!(name, expect);
+        // The parent is the previous snapshot of the same name (two ids back), not the store's
+        // newest, so each commit changed exactly its one page (and the page it put back).
+        if id > 2 {
+            assert_eq!(row["parent"].as_u64(), Some(id - 2), "{row}");
+            assert_eq!(row["pages_changed"].as_u64(), Some(2), "{row}");
+        }
+    }
+    let names_only: serde_json::Value =
+        serde_json::from_str(&env.ok(&["list", "--name", "vm-b", "--json"])).expect("json");
+    assert_eq!(names_only.as_array().map(Vec::len), Some(4));
+    // Arguments by name: NAME:latest, NAME:LABEL; diff across names.
+    let restored = |arg: &str| {
+        let out = env.path("out.img");
+        env.ok(&["restore", arg, s(&out), "--force"]);
+        std::fs::read(&out).expect("read")
+    };
+    assert!(restored("vm-a:latest") == taken[6].2);
+    assert!(restored("vm-b:r1") == taken[3].2);
+    assert!(
+        restored("r1") == taken[3].2,
+        "a bare label: the newest with it"
+    );
+    let d: serde_json::Value =
+        serde_json::from_str(&env.ok(&["diff", "vm-a:r0", "vm-b:r0", "--json"])).expect("json");
+    assert_eq!((d["a"].as_u64(), d["b"].as_u64()), (Some(1), Some(2)));
+    env.fails(
+        &["restore", "vm-a:r9", s(&env.path("x.img"))],
+        2,
+        "no snapshot of image name 'vm-a' has the label 'r9'",
+    );
+    // Dry run: what would go and why, nothing changed.
+    let before = dir_contents(&env.store());
+    let plan: serde_json::Value =
+        serde_json::from_str(&env.ok(&["forget", "--keep-last", "2", "--dry-run", "--json"]))
+            .expect("json");
+    assert_eq!(plan["removed"], serde_json::json!([1, 2, 3, 4]));
+    let kept: Vec<_> = plan["snapshots"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| r["keep"] == true)
+        .map(|r| (r["id"].as_u64().expect("id"), r["reasons"].clone()))
+        .collect();
+    assert_eq!(kept.len(), 4);
+    assert!(kept
+        .iter()
+        .all(|(_, why)| why == &serde_json::json!(["last"])));
+    assert!(
+        dir_contents(&env.store()) == before,
+        "a dry run changes nothing"
+    );
+    let human = env.ok(&["forget", "--keep-last", "2", "--dry-run"]);
+    assert!(
+        human.contains("image name vm-a:") && human.contains("no rule keeps it"),
+        "{human}"
+    );
+    // Only one name.
+    let out = env.ok(&["forget", "--name", "vm-b", "--keep-last", "1", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["removed"], serde_json::json!([2, 4, 6]));
+    // Then every name, pruned.
+    let out = env.ok(&[
+        "forget",
+        "--keep-last",
+        "2",
+        "--keep-within",
+        "0d1h",
+        "--prune",
+    ]);
+    assert!(out.contains("freed"), "{out}");
+    let left: Vec<u64> = env
+        .list()
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|r| r["id"].as_u64().expect("id"))
+        .collect();
+    // keep-within 1h of each name's newest keeps all of vm-a (taken within seconds).
+    assert_eq!(left, vec![1, 3, 5, 7, 8]);
+    let info: serde_json::Value = serde_json::from_str(&env.ok(&["info", "--json"])).expect("json");
+    assert_eq!(info["reclaimable_bytes"], 0, "pruned");
+    assert!(env.ok(&["verify"]).contains("clean"));
+    for id in left {
+        let want = &taken.iter().find(|t| t.0 == id).expect("taken").2;
+        assert!(
+            &restored(&id.to_string()) == want,
+            "snapshot {id} after forget --prune"
+        );
+    }
+    let names: Vec<_> = info["names"]
+        .as_array()
+        .expect("names")
+        .iter()
+        .map(|n| (n["name"].clone(), n["snapshots"].clone()))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            (serde_json::json!("vm-a"), serde_json::json!(4)),
+            (serde_json::json!("vm-b"), serde_json::json!(1))
+        ]
+    );
+}
+
+/// An unknown name, an empty policy, a bad duration or name: one clear line, exit 2, the store
+/// untouched.
+#[test]
+fn bad_names_and_policies_change_nothing() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    let img = env.path("a.img");
+    std::fs::write(&img, image(64, 3)).expect("write");
+    env.ok(&["snapshot", s(&img), "--name", "web"]);
+    env.ok(&["snapshot", s(&img), "--name", "web"]);
+    let before = dir_contents(&env.store());
+    env.fails(
+        &["forget", "--name", "nope", "--keep-last", "1"],
+        2,
+        "unknown image name 'nope'",
+    );
+    env.fails(&["list", "--name", "nope"], 2, "the store has 'web'");
+    env.fails(&["forget"], 2, "no retention policy given");
+    env.fails(
+        &["forget", "--name", "web", "--keep-daily", "0"],
+        2,
+        "would remove every snapshot",
+    );
+    env.fails(
+        &["forget", "--keep-within", "0d"],
+        2,
+        "no retention policy given",
+    );
+    // Refused by the argument parser (clap's usage hint follows its one-line error).
+    for (args, words) in [
+        (&["forget", "--keep-within", "3w"][..], "bad duration '3w'"),
+        (&["forget", "--keep-last", "many"][..], "--keep-last"),
+    ] {
+        let (code, _, err) = env.run(args);
+        assert_eq!(code, 2, "{args:?}");
+        assert!(err.contains(words), "{err}");
+    }
+    env.fails(&["snapshot", s(&img), "--name", "42"], 2, "all digits");
+    env.fails(
+        &["snapshot", s(&img), "--name", "a\nb"],
+        2,
+        "control character",
+    );
+    env.fails(
+        &["restore", "nope:latest", s(&env.path("o.img"))],
+        2,
+        "unknown snapshot 'nope:latest'",
+    );
+    assert!(dir_contents(&env.store()) == before, "nothing changed");
+    assert_eq!(env.list().as_array().map(Vec::len), Some(2));
+}
+
+/// Stores written before names (the golden fixtures, formats 1–3) list every snapshot under the
+/// one implicit name, and still verify, restore (also as `default:latest`) and take a policy.
+#[test]
+fn stores_written_before_names_have_one_implicit_name() {
+    for fixture in ["store-v1", "store-v2", "store-v3"] {
+        let env = Env::new();
+        let from = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures")
+            .join(fixture);
+        std::fs::create_dir_all(env.store()).expect("mkdir");
+        for e in std::fs::read_dir(&from).expect("fixture") {
+            let e = e.expect("entry");
+            std::fs::copy(e.path(), env.store().join(e.file_name())).expect("copy");
+        }
+        let rows = env.list();
+        let rows = rows.as_array().expect("array");
+        assert!(!rows.is_empty(), "{fixture}");
+        assert!(
+            rows.iter().all(|r| r["name"] == "default"),
+            "{fixture}: {rows:?}"
+        );
+        assert!(env.ok(&["verify"]).contains("clean"), "{fixture}");
+        let newest = rows
+            .iter()
+            .filter_map(|r| r["id"].as_u64())
+            .max()
+            .expect("id");
+        let (x, y) = (env.path("x.img"), env.path("y.img"));
+        env.ok(&["restore", &newest.to_string(), s(&x)]);
+        env.ok(&["restore", "default:latest", s(&y)]);
+        assert!(
+            std::fs::read(&x).expect("x") == std::fs::read(&y).expect("y"),
+            "{fixture}"
+        );
+        let plan: serde_json::Value = serde_json::from_str(&env.ok(&[
+            "forget",
+            "--name",
+            "default",
+            "--keep-last",
+            "1",
+            "--dry-run",
+            "--json",
+        ]))
+        .expect("json");
+        assert_eq!(
+            plan["removed"].as_array().map(Vec::len),
+            Some(rows.len() - 1),
+            "{fixture}"
+        );
+    }
+}
+
+/// A snapshot written with `label` under image name `name` through the engine, as a pagesnap from
+/// before labels were checked could (labels holding ':').
+fn legacy_labelled(env: &Env, image: &Path, name: &str, label: &str) -> u64 {
+    let (mut store, _) = pagesnap_store::Store::open(env.store(), pagesnap_store::Mode::Write)
+        .expect("open the store");
+    let options = pagesnap_engine::image::SnapshotOptions {
+        name: Some(name.into()),
+        ..Default::default()
+    };
+    pagesnap_engine::image::snapshot_image_with(
+        &mut store,
+        image,
+        Some(label.into()),
+        &|_| {},
+        options,
+    )
+    .expect("snapshot")
+    .id
+    .0
+}
+
+/// A label holding ':' could shadow `NAME:latest` of another image: new ones (and `latest`) are
+/// refused, and one written before is refused as ambiguous where it meets a `NAME:` form.
+#[test]
+fn a_label_cannot_shadow_name_latest() {
+    let env = Env::new();
+    let (a, b, out) = (env.path("a.img"), env.path("b.img"), env.path("out.img"));
+    env.ok(&["init"]);
+    std::fs::write(&a, vec![0xaa; 8192]).expect("write");
+    std::fs::write(&b, vec![0xbb; 8192]).expect("write");
+    env.ok(&["snapshot", s(&a), "--name", "prod"]);
+    let before = dir_contents(&env.store());
+    env.fails(
+        &[
+            "snapshot",
+            s(&b),
+            "--name",
+            "test",
+            "--label",
+            "prod:latest",
+        ],
+        2,
+        "holds ':'",
+    );
+    env.fails(
+        &["snapshot", s(&b), "--name", "test", "--label", "latest"],
+        2,
+        "'latest' is reserved",
+    );
+    assert!(dir_contents(&env.store()) == before, "nothing written");
+    env.ok(&["restore", "prod:latest", s(&out), "--force"]);
+    assert_eq!(std::fs::read(&out).expect("read"), vec![0xaa; 8192]);
+    // A label from before the rule: the argument is ambiguous, and says how to pick.
+    let legacy = legacy_labelled(&env, &b, "test", "prod:latest");
+    assert_eq!(legacy, 2);
+    let err = env.fails(
+        &["restore", "prod:latest", s(&out), "--force"],
+        2,
+        "ambiguous snapshot 'prod:latest'",
+    );
+    assert!(
+        err.contains("snapshot 1") && err.contains("snapshot 2") && err.contains("id"),
+        "{err}"
+    );
+    env.ok(&["restore", "2", s(&out), "--force"]);
+    assert_eq!(std::fs::read(&out).expect("read"), vec![0xbb; 8192]);
+}
+
+/// With names `a` and `a:b`, `a:b:x` is name `a` with label `b:x` when `a:b` has no label `x`;
+/// when both resolve to different snapshots the argument is ambiguous.
+#[test]
+fn every_name_label_split_is_tried() {
+    let env = Env::new();
+    let (a, b, out) = (env.path("a.img"), env.path("b.img"), env.path("out.img"));
+    env.ok(&["init"]);
+    std::fs::write(&a, vec![0xaa; 8192]).expect("write");
+    std::fs::write(&b, vec![0xbb; 8192]).expect("write");
+    assert_eq!(legacy_labelled(&env, &a, "a", "b:x"), 1);
+    env.ok(&["snapshot", s(&b), "--name", "a:b"]);
+    env.ok(&["restore", "a:b:x", s(&out), "--force"]);
+    assert_eq!(std::fs::read(&out).expect("read"), vec![0xaa; 8192]);
+    env.ok(&["restore", "a:b:latest", s(&out), "--force"]);
+    assert_eq!(std::fs::read(&out).expect("read"), vec![0xbb; 8192]);
+    env.ok(&["snapshot", s(&b), "--name", "a:b", "--label", "x"]);
+    env.fails(
+        &["restore", "a:b:x", s(&out), "--force"],
+        2,
+        "ambiguous snapshot 'a:b:x'",
+    );
+    env.fails(
+        &["restore", "a:b:y", s(&out), "--force"],
+        2,
+        "no snapshot of image name 'a:b' has the label 'y'",
+    );
+}
+
+/// An image whose canonical path is no valid name (a control character) is still snapshotted
+/// without --name, under `path-<hash>`, and its next snapshot continues from it.
+#[test]
+fn a_path_that_is_no_valid_name_still_snapshots() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    let img = env.path("a\tb.img");
+    std::fs::write(&img, image(8, 1)).expect("write");
+    let first = env.snapshot(&img);
+    let second = env.snapshot(&img);
+    let list = env.list();
+    let name = list[0]["name"].as_str().expect("name").to_string();
+    assert!(name.starts_with("path-") && name.len() == 21, "{list}");
+    assert_eq!(list[1]["name"].as_str(), Some(name.as_str()));
+    assert_eq!(list[1]["parent"].as_u64(), Some(first), "{list}");
+    assert_eq!(second, 2);
+    env.ok(&[
+        "restore",
+        &format!("{name}:latest"),
+        s(&env.path("out.img")),
+    ]);
 }

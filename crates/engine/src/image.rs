@@ -148,6 +148,10 @@ pub enum ImageError {
     /// Another process holds the image's lock (another `pagesnap serve` of it).
     #[error("{} is locked by another process (another `pagesnap serve` of it?); stop that one first", .0.display())]
     Busy(PathBuf),
+    /// An image name that cannot be used (see [`crate::names::check_name`]): what is wrong and
+    /// what to do.
+    #[error("{0}")]
+    BadName(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -185,10 +189,13 @@ pub struct ImageSnapshot {
 }
 
 /// How to take an image snapshot.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SnapshotOptions {
     /// Read the image even when its identity says it is unchanged since the parent snapshot.
     pub reread: bool,
+    /// The image's name (see [`crate::names`]); `None`: [`crate::names::default_name`] of the
+    /// path. The parent is the newest snapshot of this name.
+    pub name: Option<String>,
 }
 
 /// What must not change while an image is read: its identity, size and times (`fstat` of the open
@@ -372,7 +379,7 @@ impl Origin {
 
     /// `None` for anything else: another version, another writer's origin, a cut-off string.
     pub(crate) fn parse(text: &str) -> Option<Origin> {
-        let rest = text.strip_prefix(ORIGIN_V1)?;
+        let rest = crate::names::identity(text).strip_prefix(ORIGIN_V1)?;
         let (fields, path) = rest.split_once(" path=")?;
         let mut it = fields.split(' ');
         let mut field = |name: &str| it.next()?.strip_prefix(name)?.strip_prefix('=');
@@ -619,8 +626,17 @@ fn snapshot_with(
     let (file, before) = (&opened.file, opened.stamp);
     let size = before.size;
     let ps = u64::from(store.page_size());
-    let parent = store.latest()?;
+    let name = match options.name {
+        Some(n) => {
+            crate::names::check_name(&n).map_err(ImageError::BadName)?;
+            n
+        }
+        None => crate::names::default_name(path)?,
+    };
     let snaps = store.snapshots()?;
+    // The newest snapshot of the same image name: dedup is store-wide, but the diff (and the
+    // unchanged-image skip) is against this image's own history.
+    let parent = crate::names::latest_of(&snaps, &name);
     let epoch = snaps
         .iter()
         .map(|s| s.epoch)
@@ -669,7 +685,12 @@ fn snapshot_with(
             label,
             logical_size: size,
             time_unix_ms: None,
-            origin: origin.as_ref().map(Origin::render),
+            origin: Some(crate::names::origin_with_name(
+                &name,
+                origin.as_ref().map(Origin::render),
+            ))
+            .filter(|o| o.len() <= MAX_LABEL)
+            .or_else(|| Some(crate::names::origin_with_name(&name, None))),
         };
         let report = store.commit(meta)?;
         Ok(ImageSnapshot {

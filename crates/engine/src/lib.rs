@@ -50,6 +50,8 @@
 //! ```
 
 pub mod image;
+pub mod names;
+pub mod retention;
 pub mod tracked;
 
 use rayon::prelude::*;

@@ -36,8 +36,8 @@
 //!   (the process was killed, or the machine went down), an image changed since — means the next
 //!   snapshot reads the whole image once, and [`Tracking::full_read`] says why. A snapshot
 //!   therefore never misses a write.
-//! - Unless the end was unclean (or the state is damaged or unreadable), if the store's newest
-//!   snapshot is of this very image as it is now (its recorded identity matches, by the rule of
+//! - Unless the end was unclean (or the state is damaged or unreadable), if the newest snapshot
+//!   of the image's name (its canonical path, see [`crate::names`]) is of this very image as it is now (its recorded identity matches, by the rule of
 //!   the unchanged-image skip in [`crate::image`]), tracking starts from it with nothing
 //!   tracked. After an unclean end the identity proves nothing: a client's FLUSH (`fdatasync`)
 //!   makes the written data durable but not necessarily the timestamps (XFS leaves
@@ -74,6 +74,8 @@ pub struct TrackedImage {
     path: PathBuf,
     /// The canonical path, as recorded in snapshot origins and the state file.
     canonical: String,
+    /// The image's default name ([`crate::names::default_name`]), which its snapshots take.
+    name: String,
     file: File,
     size: u64,
     ps: u64,
@@ -186,6 +188,7 @@ impl TrackedImage {
             .map_err(io_err(path, "resolve image path"))?
             .to_string_lossy()
             .into_owned();
+        let name = crate::names::default_name(path)?;
         let size = file.metadata().map_err(io_err(path, "stat image"))?.len();
         let ps = u64::from(store.page_size());
         let pages = size.div_ceil(ps);
@@ -274,7 +277,9 @@ impl TrackedImage {
                 // changes out of it; ext4 commits them with a later journal transaction), so
                 // after a machine crash the image can hold writes made after that snapshot
                 // while its identity still matches it.
-                let latest = snaps.last();
+                // The image's own newest snapshot (of its default name).
+                let latest = crate::names::latest_of(&snaps, &name)
+                    .and_then(|id| snaps.iter().find(|s| s.id == id));
                 if may_resume
                     && latest.is_some_and(|s| may_skip(s.origin.as_deref(), &now, trusted))
                 {
@@ -287,6 +292,7 @@ impl TrackedImage {
         Ok(TrackedImage {
             path: path.to_path_buf(),
             canonical,
+            name,
             file,
             size,
             ps,
@@ -600,7 +606,8 @@ impl TrackedImage {
             }
         }
         let parent = if full.is_some() {
-            store.latest()?
+            // The newest snapshot of this image's default name, as for `snapshot_image`.
+            crate::names::latest_of(&snaps, &self.name)
         } else {
             base
         };
@@ -622,12 +629,18 @@ impl TrackedImage {
                     path: self.canonical.clone(),
                 }
                 .render();
+                // As `snapshot_image` records a default-named snapshot: the identity alone when
+                // the name is the canonical path, else a name line first; the name alone when
+                // that is too long to keep.
+                let origin = Some(crate::names::origin_with_name(&self.name, Some(origin)))
+                    .filter(|o| o.len() <= MAX_LABEL)
+                    .or_else(|| Some(crate::names::origin_with_name(&self.name, None)));
                 let meta = SnapshotMeta {
                     epoch,
                     label,
                     logical_size: self.size,
                     time_unix_ms: None,
-                    origin: (origin.len() <= MAX_LABEL).then_some(origin),
+                    origin,
                 };
                 let report = store.commit(meta)?;
                 Ok(ImageSnapshot {

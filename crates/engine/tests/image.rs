@@ -26,7 +26,10 @@ fn image(pages: usize, seed: u8) -> Vec<u8> {
 
 /// The image unchanged since the last snapshot is read anyway: the tests below change it during
 /// the read.
-const REREAD: SnapshotOptions = SnapshotOptions { reread: true };
+const REREAD: SnapshotOptions = SnapshotOptions {
+    reread: true,
+    name: None,
+};
 
 #[test]
 fn an_image_that_changes_while_it_is_read_is_refused_and_nothing_is_committed() {
@@ -433,7 +436,10 @@ fn reread_reads_an_unchanged_image_and_a_replacement_file_is_read() {
     std::fs::write(&path, &data).expect("write");
     let mut store = Store::init(dir.path().join("store"), StoreOptions::default()).expect("store");
     snapshot_image(&mut store, &path, None, &|_| {}).expect("first");
-    let reread = SnapshotOptions { reread: true };
+    let reread = SnapshotOptions {
+        reread: true,
+        name: None,
+    };
     let forced = snapshot_image_with(&mut store, &path, None, &|_| {}, reread).expect("reread");
     assert_eq!(
         (forced.pages_read, forced.pages_changed, forced.unchanged),
@@ -613,5 +619,143 @@ fn a_store_through_a_shared_map_on_tmpfs_is_not_skipped() {
     match tempfile::tempdir_in("/dev/shm") {
         Ok(dir) => a_store_through_a_shared_map(dir.path()),
         Err(e) => println!("skipped: no /dev/shm here ({e})"),
+    }
+}
+
+/// Two images alternated in one store: each snapshot's parent is the newest snapshot of its own
+/// name, so an unchanged image writes no page, a sliver of metadata, and (skipped) reads nothing;
+/// dedup is store-wide (a clone of A shares A's pages).
+#[test]
+fn two_images_alternated_in_one_store_cost_only_what_changed_in_each() {
+    use pagesnap_engine::names::{latest_of, name_of};
+    let dir = tempfile::tempdir().expect("tmp");
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    std::fs::write(&a, image(2048, 1)).expect("write a");
+    std::fs::write(&b, image(2048, 2)).expect("write b");
+    let mut store = Store::init(dir.path().join("store"), StoreOptions::default()).expect("store");
+    let a1 = snapshot_image(&mut store, &a, None, &|_| {}).expect("a1");
+    let named = |n: &str| SnapshotOptions {
+        reread: false,
+        name: Some(n.to_string()),
+    };
+    let b1 = snapshot_image_with(&mut store, &b, None, &|_| {}, named("vm-b")).expect("b1");
+    assert_eq!(
+        b1.pages_changed, 1536,
+        "b's first snapshot is against nothing of its name"
+    );
+    let a2 = snapshot_image(&mut store, &a, None, &|_| {}).expect("a2");
+    let b2 = snapshot_image_with(&mut store, &b, None, &|_| {}, named("vm-b")).expect("b2");
+    let size = 2048 * 4096;
+    for (s, what) in [(&a2, "a2"), (&b2, "b2")] {
+        assert_eq!(
+            (s.pages_changed, s.pages_written, s.data_bytes),
+            (0, 0, 0),
+            "{what}"
+        );
+        assert!(
+            s.meta_bytes * 100 < size,
+            "{what}: {} bytes of metadata",
+            s.meta_bytes
+        );
+        assert!(
+            s.unchanged && s.pages_read == 0,
+            "{what}: skipped, nothing read"
+        );
+    }
+    // Read anyway (no skip): still nothing changed against the same name's parent.
+    let reread = SnapshotOptions {
+        reread: true,
+        name: Some("vm-b".into()),
+    };
+    let b3 = snapshot_image_with(&mut store, &b, None, &|_| {}, reread).expect("b3");
+    assert_eq!(
+        (b3.pages_read, b3.pages_changed, b3.pages_written),
+        (2048, 0, 0)
+    );
+    let snaps = store.snapshots().expect("list");
+    let info = |id| snaps.iter().find(|s| s.id == id).expect("listed");
+    let canonical = std::fs::canonicalize(&a).expect("canonical");
+    let a_name = canonical.to_str().expect("utf-8");
+    assert_eq!(info(a2.id).parent, Some(a1.id));
+    assert_eq!(info(b2.id).parent, Some(b1.id));
+    assert_eq!(info(b3.id).parent, Some(b2.id));
+    assert_eq!(
+        name_of(info(a1.id)),
+        a_name,
+        "default name: the canonical path"
+    );
+    assert_eq!(name_of(info(b1.id)), "vm-b");
+    assert_eq!(latest_of(&snaps, a_name), Some(a2.id));
+    assert_eq!(latest_of(&snaps, "vm-b"), Some(b3.id));
+    // A clone of A under a third name: a new history, but no page written (store-wide dedup).
+    let c = dir.path().join("c.img");
+    std::fs::copy(&a, &c).expect("clone");
+    let c1 = snapshot_image(&mut store, &c, None, &|_| {}).expect("c1");
+    assert_eq!((c1.pages_changed, c1.pages_written), (1536, 0));
+    assert_eq!(
+        info(a1.id).origin,
+        store.snapshot(a2.id).expect("a2").origin
+    );
+    for (id, img) in [(a2.id, &a), (b3.id, &b), (c1.id, &c)] {
+        let out = dir.path().join("out.img");
+        restore_image(&store, id, &out, &|_| {}).expect("restore");
+        assert!(
+            same_bytes(img, &out),
+            "snapshot {id} restores byte-identical"
+        );
+    }
+    assert!(matches!(
+        snapshot_image_with(&mut store, &a, None, &|_| {}, named("123")),
+        Err(ImageError::BadName(_))
+    ));
+    assert_eq!(
+        store.snapshots().expect("list").len(),
+        6,
+        "the bad name committed nothing"
+    );
+}
+
+/// A canonical path over 512 bytes, or with a control character, is no valid image name: a
+/// snapshot without a name takes `path-<hash>` instead of failing, and a tracked image (`serve`)
+/// names its snapshots the same, so each continues the other's history.
+#[test]
+fn a_path_that_is_no_valid_name_gets_a_derived_default_name() {
+    use pagesnap_engine::names::{check_name, default_name, implicit_name, name_of};
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut store = Store::init(dir.path().join("store"), StoreOptions::default()).expect("store");
+    let mut deep = dir.path().to_path_buf();
+    for _ in 0..3 {
+        deep.push("d".repeat(200));
+    }
+    std::fs::create_dir_all(&deep).expect("mkdir");
+    let long = deep.join("disk.img");
+    let odd = dir.path().join("a\nb.img");
+    for (n, path) in [&long, &odd].into_iter().enumerate() {
+        std::fs::write(path, image(8, n as u8)).expect("write");
+        let name = default_name(path).expect("a default name");
+        assert!(check_name(&name).is_ok(), "{name:?}");
+        let canonical = std::fs::canonicalize(path).expect("canonical");
+        assert_eq!(
+            name,
+            implicit_name(canonical.as_os_str().as_encoded_bytes())
+        );
+        assert!(name.starts_with("path-"), "{name}");
+        let first = snapshot_image(&mut store, path, None, &|_| {}).expect("snapshot");
+        let info = |store: &Store, id| store.snapshot(id).expect("info");
+        assert_eq!(name_of(&info(&store, first.id)), name);
+        let tracked = pagesnap_engine::tracked::TrackedImage::open(
+            path,
+            &dir.path().join(format!("state-{n}")),
+            &store,
+        )
+        .expect("track");
+        let second = tracked
+            .snapshot(&mut store, None, true, &|_| {})
+            .expect("tracked snapshot");
+        drop(tracked);
+        assert_eq!(name_of(&info(&store, second.snapshot.id)), name);
+        assert_eq!(info(&store, second.snapshot.id).parent, Some(first.id));
+        let third = snapshot_image(&mut store, path, None, &|_| {}).expect("snapshot");
+        assert_eq!(info(&store, third.id).parent, Some(second.snapshot.id));
     }
 }

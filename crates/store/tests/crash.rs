@@ -1,6 +1,6 @@
 //! Crash and I/O-error injection at every storage operation.
 //!
-//! A workload (snapshots of random pages, deletes, gc) runs on [`FaultyStorage`]. For every
+//! A workload (snapshots of random pages, deletes of one or two ids per commit as `forget` does, gc) runs on [`FaultyStorage`]. For every
 //! operation index it is run again with a crash planned there; the directory is then rebuilt as a
 //! crash would leave it — each unsynced write landing whole, torn, garbled or not at all, chosen by
 //! a seed — and reopened. Every snapshot whose commit returned `Ok` (and was not deleted) must read
@@ -161,11 +161,19 @@ fn run(io: &Arc<FaultyStorage>, steps: &[Step], errors: &mut Vec<String>) -> Mod
                 if ids.is_empty() {
                     continue;
                 }
-                let id = ids[n % ids.len()];
-                model.deleting = vec![id];
-                match store.delete(&[SnapshotId(id)]) {
+                // One id, or two in one commit as `pagesnap forget` deletes what its policy
+                // removes.
+                let mut doomed = vec![ids[n % ids.len()]];
+                if n % 2 == 1 && ids.len() > 1 {
+                    doomed.push(ids[(n + 1) % ids.len()]);
+                }
+                model.deleting = doomed.clone();
+                let doomed_ids: Vec<SnapshotId> = doomed.iter().map(|i| SnapshotId(*i)).collect();
+                match store.delete(&doomed_ids) {
                     Ok(()) => {
-                        model.snapshots.remove(&id);
+                        for id in &doomed {
+                            model.snapshots.remove(id);
+                        }
                         model.deleting.clear();
                     }
                     Err(e) if !io.has_crashed() => {
@@ -201,6 +209,14 @@ fn check_recovered(io: FaultyStorage, model: &Model) -> Result<(), String> {
         .into_iter()
         .map(|i| i.0)
         .collect();
+    // A delete of several ids (as `forget` does) is one commit: all of them are gone, or none.
+    let gone = model.deleting.iter().filter(|d| !ids.contains(d)).count();
+    if gone != 0 && gone != model.deleting.len() {
+        return Err(format!(
+            "a delete of {:?} was half applied: {gone} gone",
+            model.deleting
+        ));
+    }
     for (id, want) in &model.snapshots {
         if !ids.contains(id) {
             if model.deleting.contains(id) {
