@@ -146,7 +146,10 @@ impl Bucket {
     /// Four lanes a word at a time, merged: word `k`'s lane `l` (entry `4k + l`) is bit
     /// `16l + 15 - (TAG_WORDS - 1 - k)` of the result.
     #[inline]
-    #[cfg_attr(all(target_arch = "x86_64", target_feature = "sse2", not(loom)), allow(dead_code))]
+    #[cfg_attr(
+        all(target_arch = "x86_64", target_feature = "sse2", not(loom)),
+        allow(dead_code)
+    )]
     fn matches_swar(&self, tag: u16) -> u64 {
         let pattern = u64::from(tag) * LANES_LOW;
         let mut m = 0;
@@ -175,7 +178,10 @@ fn entry_of(bit: u32) -> usize {
 
 /// The entry a bit of [`Bucket::matches_swar`] stands for.
 #[inline]
-#[cfg_attr(all(target_arch = "x86_64", target_feature = "sse2", not(loom)), allow(dead_code))]
+#[cfg_attr(
+    all(target_arch = "x86_64", target_feature = "sse2", not(loom)),
+    allow(dead_code)
+)]
 fn entry_of_swar(bit: u32) -> usize {
     let (lane, word) = (bit as usize >> 4, (bit as usize & 15) + TAG_WORDS - 16);
     4 * word + lane
@@ -210,7 +216,10 @@ impl Slot {
 
     /// The portable copy: eight relaxed word loads.
     #[inline]
-    #[cfg_attr(all(target_arch = "x86_64", target_feature = "sse2", not(loom), not(miri)), allow(dead_code))]
+    #[cfg_attr(
+        all(target_arch = "x86_64", target_feature = "sse2", not(loom), not(miri)),
+        allow(dead_code)
+    )]
     fn load_words(&self) -> Words {
         let mut w = [0u64; 8];
         for (dst, src) in w.iter_mut().zip(self.words.iter()) {
