@@ -286,8 +286,9 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-/// (year, month, day, hour) in UTC of a time in ms since the Unix epoch.
-fn civil(ms: u64) -> (i64, i64, i64, i64) {
+/// (year, month, day, hour) in UTC of a time in ms since the Unix epoch (proleptic Gregorian);
+/// also what the CLI prints snapshot times with.
+pub fn civil(ms: u64) -> (i64, i64, i64, i64) {
     let days = (ms / 86_400_000) as i64;
     let hour = (ms % 86_400_000 / 3_600_000) as i64;
     let z = days + 719_468;
