@@ -259,6 +259,7 @@ fn engine_first(dir: &Path, pool: &mut Pool, pages: u64) -> anyhow::Result<(Dura
     Ok((t.elapsed(), report.meta_bytes))
 }
 
+#[derive(Default)]
 struct FullRow {
     pages: u64,
     raw: Vec<Duration>,
@@ -287,14 +288,7 @@ fn full_snapshots(
 ) -> anyhow::Result<(FullRow, Option<Kept>)> {
     let mut row = FullRow {
         pages,
-        raw: Vec::new(),
-        raw_direct: Vec::new(),
-        store: Vec::new(),
-        store_puts: Vec::new(),
-        engine: Vec::new(),
-        store_meta: 0,
-        engine_meta: 0,
-        notes: Vec::new(),
+        ..FullRow::default()
     };
     let mut kept = None;
     for round in 0..rounds {
@@ -492,14 +486,7 @@ pub(crate) fn write_path(opts: &Opts) -> anyhow::Result<()> {
         if free < bytes + bytes / 2 + (1 << 30) {
             let mut row = FullRow {
                 pages: PAGES_FULL,
-                raw: Vec::new(),
-                raw_direct: Vec::new(),
-                store: Vec::new(),
-                store_puts: Vec::new(),
-                engine: Vec::new(),
-                store_meta: 0,
-                engine_meta: 0,
-                notes: Vec::new(),
+                ..FullRow::default()
             };
             row.notes.push(format!(
                 "4 GiB skipped: {:.1} GiB free under `{}`, {:.1} GiB needed",

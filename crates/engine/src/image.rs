@@ -613,6 +613,16 @@ pub fn snapshot_image_with(
     snapshot_with(store, path, label, progress, Holes::Seek, options)
 }
 
+/// The epoch a new snapshot of `snaps`' store seals: one past the newest.
+pub(crate) fn next_epoch(snaps: &[pagesnap_store::SnapshotInfo]) -> Epoch {
+    snaps
+        .iter()
+        .map(|s| s.epoch)
+        .max()
+        .unwrap_or(Epoch(0))
+        .next()
+}
+
 fn snapshot_with(
     store: &mut Store,
     path: &Path,
@@ -637,12 +647,7 @@ fn snapshot_with(
     // The newest snapshot of the same image name: dedup is store-wide, but the diff (and the
     // unchanged-image skip) is against this image's own history.
     let parent = crate::names::latest_of(&snaps, &name);
-    let epoch = snaps
-        .iter()
-        .map(|s| s.epoch)
-        .max()
-        .unwrap_or(Epoch(0))
-        .next();
+    let epoch = next_epoch(&snaps);
     let parent_origin = parent
         .and_then(|p| snaps.iter().find(|s| s.id == p))
         .and_then(|s| s.origin.as_deref());
@@ -840,14 +845,20 @@ const BUFFERS: usize = 6;
 /// pages at once on each (`pagehash`).
 pub(crate) fn hash_pages(buf: &[u8], pages: u64, ps: u64) -> Vec<Option<[u8; 32]>> {
     let all: Vec<&[u8]> = buf[..(pages * ps) as usize].chunks(ps as usize).collect();
-    let data: Vec<&[u8]> = all.iter().copied().filter(|p| !is_zero(p)).collect();
+    let zero: Vec<bool> = all.iter().map(|p| is_zero(p)).collect();
+    let data: Vec<&[u8]> = all
+        .iter()
+        .zip(&zero)
+        .filter(|(_, z)| !**z)
+        .map(|(p, _)| *p)
+        .collect();
     let mut hashes = vec![[0u8; 32]; data.len()];
     data.par_chunks(HASH_GROUP)
         .zip(hashes.par_chunks_mut(HASH_GROUP))
         .for_each(|(pages, out)| pagehash::hash_pages(pages, out));
     let mut next = hashes.into_iter();
-    all.iter()
-        .map(|p| if is_zero(p) { None } else { next.next() })
+    zero.iter()
+        .map(|z| if *z { None } else { next.next() })
         .collect()
 }
 

@@ -52,7 +52,7 @@ use crate::image::{
     hash_pages, io_err, may_skip, seek, trusted_fs, Batch, Extents, Holes, ImageError,
     ImageSnapshot, Origin, Run, Stamp, BATCH_PAGES, SETTLE, SETTLE_LIMIT,
 };
-use pagesnap_store::{Epoch, SnapshotId, SnapshotMeta, Store, MAX_LABEL};
+use pagesnap_store::{SnapshotId, SnapshotMeta, Store, MAX_LABEL};
 use parking_lot::{Mutex, RwLock};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -611,12 +611,7 @@ impl TrackedImage {
         } else {
             base
         };
-        let epoch = snaps
-            .iter()
-            .map(|s| s.epoch)
-            .max()
-            .unwrap_or(Epoch(0))
-            .next();
+        let epoch = crate::image::next_epoch(&snaps);
         let spill = spill_file(&self.state_path)?;
         let frozen = self.freeze(full.is_some(), spill)?;
         after_freeze();
