@@ -43,6 +43,7 @@ fn opts() -> StoreOptions {
         segment_bytes: 16 << 10,
         preallocate: 4 << 10,
         max_pending_changes: 6,
+        ..StoreOptions::default()
     }
 }
 

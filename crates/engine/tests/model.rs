@@ -19,6 +19,7 @@ fn opts() -> StoreOptions {
         preallocate: 8 << 10,
         // Tiny, so snapshots also go through intermediate index roots.
         max_pending_changes: 7,
+        ..StoreOptions::default()
     }
 }
 

@@ -105,6 +105,9 @@ pub enum StoreError {
     /// `put`, `remove` or `commit` without `begin`, or `begin` twice.
     #[error("{0}")]
     Usage(&'static str),
+    /// The compressor could not be started or stopped working (nothing was committed).
+    #[error("compression: {0}")]
+    Compression(String),
     /// A superblock write failed and could not be undone.
     #[error("{}: a commit failed half-way and could not be undone, so which state is on disk is unknown; close and reopen the store (it recovers to the last durable commit)", .path.display())]
     InDoubt {

@@ -3,9 +3,12 @@
 //! interpret anything, and never allocate by a length they have not bounded.
 
 /// The format version this code creates (and the newest it reads). Versions 1 and 2 (a
-/// copy-on-write trie index, a superblock write per commit) still open, read and take commits in
-/// their own format; `Store::upgrade` converts them.
-pub const FORMAT_VERSION: u32 = 3;
+/// copy-on-write trie index, a superblock write per commit) and 3 (the commit log without
+/// compression) still open, read and take commits in their own format; `Store::upgrade`
+/// converts them.
+pub const FORMAT_VERSION: u32 = 4;
+/// The first format with compressed page frames and a compression setting in the superblock.
+pub(crate) const FRAME_FORMAT: u32 = 4;
 /// The last format with a trie index (versions 1 and 2 are written as 2).
 pub(crate) const TRIE_FORMAT: u32 = 2;
 pub(crate) const SUPERBLOCK_FILE: &str = "superblock";
@@ -48,6 +51,9 @@ pub(crate) enum Kind {
     Chunk = 6,
     /// Format 3: pages back to back (an extent); index entries point at the bytes inside.
     Pages = 7,
+    /// Format 4: up to 16 pages compressed together (a frame); index entries name the frame
+    /// and the page's slot in it.
+    Frame = 8,
 }
 
 impl Kind {
@@ -59,6 +65,7 @@ impl Kind {
             Kind::Commit => "commit record",
             Kind::Chunk => "page map chunk",
             Kind::Pages => "page extent",
+            Kind::Frame => "page frame",
         }
     }
 }
@@ -83,7 +90,14 @@ pub struct Location {
     pub offset: u64,
     /// Record length in bytes.
     pub len: u32,
+    /// 0: the bytes at `offset` (a record, or a page inside an extent). `k > 0`: page `k - 1`
+    /// of the page frame record at `offset` (format 4). On disk it is the top 16 bits of the
+    /// offset (offsets stay below 2^48).
+    pub slot: u16,
 }
+
+/// Offsets on disk keep their top 16 bits for [`Location::slot`].
+pub(crate) const OFFSET_BITS: u32 = 48;
 
 /// A content hash and where the record with that content lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -127,7 +141,9 @@ impl Enc {
     pub(crate) fn loc(&mut self, l: &Location) {
         self.u32(l.segment);
         self.u32(l.len);
-        self.u64(l.offset);
+        // Offsets are bounded by the segment size (checked at open), far below 2^48.
+        debug_assert!(l.offset >> OFFSET_BITS == 0);
+        self.u64(l.offset | (u64::from(l.slot) << OFFSET_BITS));
     }
     pub(crate) fn reference(&mut self, r: &Ref) {
         self.bytes(&r.hash);
@@ -196,8 +212,9 @@ impl<'a> Dec<'a> {
         let offset = self.u64()?;
         Ok(Location {
             segment,
-            offset,
+            offset: offset & ((1 << OFFSET_BITS) - 1),
             len,
+            slot: u16::try_from(offset >> OFFSET_BITS).unwrap_or(u16::MAX),
         })
     }
     pub(crate) fn reference(&mut self) -> Result<Ref, Short> {
@@ -330,8 +347,10 @@ pub(crate) struct Superblock {
     pub(crate) segments: Vec<u32>,
     /// The size at which the writer moves to a new segment (0: not recorded, a version 1 store).
     pub(crate) segment_bytes: u64,
-    /// The format version the slot was read in (encoding always writes [`FORMAT_VERSION`]).
+    /// The format version the slot was read in (and is written in: 1 becomes 2).
     pub(crate) version: u32,
+    /// The compression new pages get (format 4; `None` before).
+    pub(crate) compression: crate::codec::Compression,
 }
 
 impl Superblock {
@@ -373,11 +392,10 @@ impl Superblock {
         let mut e = Enc::default();
         e.bytes(&SB_MAGIC);
         // A trie store stays in its format (1 becomes 2); `Store::upgrade` converts it.
-        e.u32(if self.version >= 3 {
-            FORMAT_VERSION
-        } else {
-            TRIE_FORMAT
-        });
+        // Written as a clamp, not as `if v >= 3 { v.min(FORMAT_VERSION) } else { TRIE_FORMAT }`:
+        // rustc 1.95.0 with optimisations folds that into `v.min(FORMAT_VERSION)`, so a version 1
+        // slot came out as version 1 in a version 2 layout (`dbg`-free unit test below).
+        e.u32(self.version.clamp(TRIE_FORMAT, FORMAT_VERSION));
         e.u32(self.page_size);
         e.u64(self.generation);
         e.u64(self.next_snapshot);
@@ -387,6 +405,9 @@ impl Superblock {
         e.u64(self.active_len);
         e.u64(self.segment_bytes);
         e.root(&self.catalog_copy);
+        if self.version >= FRAME_FORMAT {
+            e.bytes(&self.compression.to_bytes());
+        }
         // The writer refuses a commit with more runs than fit (`TooManySegments`) before it
         // encodes; truncating here would be a bug, so it is checked in debug builds.
         let runs = segment_runs(&self.segments);
@@ -434,6 +455,7 @@ impl Superblock {
         let active_len = d.u64().map_err(m)?;
         let mut segment_bytes = 0;
         let mut catalog_copy = None;
+        let mut compression = crate::codec::Compression::None;
         let mut segments = Vec::new();
         if version == 1 {
             let n = d.u32().map_err(m)? as usize;
@@ -448,6 +470,12 @@ impl Superblock {
             let present = d.u8().map_err(m)?;
             let p = d.node_ptr().map_err(m)?;
             catalog_copy = (present == 1).then_some(p);
+            if version >= FRAME_FORMAT {
+                let mut b = [0u8; 4];
+                b.copy_from_slice(d.take(4).map_err(m)?);
+                compression =
+                    crate::codec::Compression::from_bytes(b).ok_or(SlotError::Malformed)?;
+            }
             let n = d.u32().map_err(m)? as usize;
             if n > MAX_SEGMENT_RUNS || n * 8 > d.remaining() {
                 return Err(SlotError::Malformed);
@@ -481,6 +509,7 @@ impl Superblock {
             segments,
             segment_bytes,
             version,
+            compression,
         })
     }
 }
@@ -539,6 +568,7 @@ mod tests {
                     segment: 1,
                     offset: 64,
                     len: 200,
+                    slot: 0,
                 },
                 merkle: [3; 32],
             }),
@@ -549,6 +579,7 @@ mod tests {
             segments: vec![1, 2, 5, 6, 7],
             segment_bytes: 1 << 20,
             version: FORMAT_VERSION,
+            compression: crate::codec::Compression::Lz4,
         };
         let bytes = sb.encode();
         assert_eq!(bytes.len(), SLOT_SIZE);
@@ -558,10 +589,27 @@ mod tests {
         assert_eq!(Superblock::decode(&bad), Err(SlotError::Checksum));
         assert_eq!(Superblock::decode(&[0; SLOT_SIZE]), Err(SlotError::Empty));
         let mut newer = bytes.clone();
-        newer[8..12].copy_from_slice(&4u32.to_le_bytes());
+        newer[8..12].copy_from_slice(&5u32.to_le_bytes());
         let crc = crc32fast::hash(&newer[..SLOT_SIZE - 4]);
         newer[SLOT_SIZE - 4..].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(Superblock::decode(&newer), Err(SlotError::Newer(4)));
+        assert_eq!(Superblock::decode(&newer), Err(SlotError::Newer(5)));
+        // Each version is written as the format it stays in (1 becomes 2), and reads back.
+        for (version, written) in [(1, 2), (2, 2), (3, 3), (4, 4)] {
+            let v = Superblock {
+                version: std::hint::black_box(version),
+                compression: if version >= FRAME_FORMAT {
+                    sb.compression
+                } else {
+                    crate::codec::Compression::None
+                },
+                ..sb.clone()
+            };
+            let bytes = v.encode();
+            assert_eq!(bytes[8..12], u32::to_le_bytes(written), "version {version}");
+            let back = Superblock::decode(&bytes).expect("decodes");
+            assert_eq!(back.version, written);
+            assert!(back.same_state(&v), "version {version}");
+        }
     }
 
     fn with_crc(mut slot: Vec<u8>) -> Vec<u8> {
@@ -590,6 +638,7 @@ mod tests {
             segments: (1..=100_000).collect(),
             segment_bytes: 256 << 20,
             version: FORMAT_VERSION,
+            compression: crate::codec::Compression::Lz4,
         };
         assert_eq!(Superblock::decode(&sb.encode()), Ok(sb));
         // A run longer than any store may hold, or overlapping runs, is refused without a large

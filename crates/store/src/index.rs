@@ -252,6 +252,7 @@ mod tests {
                 segment: 1,
                 offset: 64 + u64::from(n) * 4096,
                 len: 4096,
+                slot: 0,
             },
         }
     }
@@ -265,6 +266,7 @@ mod tests {
                     segment: 2,
                     offset: 64,
                     len: 200,
+                    slot: 0,
                 },
                 hash: [9; 32],
             }),

@@ -45,6 +45,7 @@
 //! ```
 
 mod catalog;
+mod codec;
 mod error;
 pub mod fault;
 mod format;
@@ -55,6 +56,7 @@ mod storage;
 mod store;
 mod trie;
 
+pub use codec::{Codec, Compression, DEFAULT_ZSTD_LEVEL, ZSTD_LEVELS};
 pub use error::StoreError;
 
 /// The decoders, exposed for fuzzing (`fuzz/`) and the arbitrary-bytes smoke tests. Each takes
@@ -200,6 +202,9 @@ pub struct StoreOptions {
     /// Pending page changes held in memory before they are applied to an intermediate index root
     /// (bounds a snapshot's memory; superseded intermediate nodes are reclaimed by gc).
     pub max_pending_changes: usize,
+    /// The compression of new pages (format 4), recorded in the store when it is created;
+    /// [`Store::set_compression`] changes it later.
+    pub compression: Compression,
 }
 
 impl Default for StoreOptions {
@@ -209,6 +214,7 @@ impl Default for StoreOptions {
             segment_bytes: 256 << 20,
             preallocate: 8 << 20,
             max_pending_changes: 1 << 18,
+            compression: Compression::Auto,
         }
     }
 }

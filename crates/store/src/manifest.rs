@@ -31,6 +31,7 @@ impl RootRecord {
                 segment: self.segment,
                 offset: self.offset,
                 len: self.len,
+                slot: 0,
             },
             merkle: self.merkle,
         }
@@ -154,6 +155,7 @@ impl RecordRef {
             segment: self.segment,
             offset: self.offset,
             len: self.len,
+            slot: 0,
         }
     }
     pub(crate) fn chunk(&self) -> crate::index::ChunkRef {

@@ -505,6 +505,7 @@ impl NodeIo for MemNodes {
                 segment: 0,
                 offset: self.nodes.len() as u64 - 1,
                 len: 0,
+                slot: 0,
             },
             merkle: node.merkle(),
         })
@@ -525,6 +526,7 @@ mod tests {
                 segment: 1,
                 offset: v,
                 len: 8,
+                slot: 0,
             },
         }
     }
@@ -601,6 +603,7 @@ mod tests {
                             segment: 2,
                             offset: 64,
                             len: 100,
+                            slot: 0,
                         },
                         merkle: [1; 32],
                     }),

@@ -1,9 +1,11 @@
-//! The golden stores in `fixtures/store-v1`, `-v2` and `-v3`, written by format versions 1, 2 and
-//! 3 from the same history. Checks: this build reads all back exactly, writes exactly the version
-//! 3 bytes for the same history (and the version 2 bytes when asked for a format 2 store; a change
-//! of format must bump `FORMAT_VERSION` and add a new fixture, keeping the old ones readable),
-//! keeps a version 1 store in the trie format as it writes (1 becomes 2), and upgrades versions 1
-//! and 2 to 3.
+//! The golden stores in `fixtures/store-v1` to `-v4`, written by format versions 1 to 4 from the
+//! same history (version 4 with its default compression: zstd frames). Checks: this build reads
+//! all back exactly, writes exactly the version 4 bytes for the same history (and the version 2
+//! and 3 bytes when asked for a store of those formats; a change of format must bump
+//! `FORMAT_VERSION` and add a new fixture, keeping the old ones readable), keeps a version 1 store
+//! in the trie format as it writes (1 becomes 2), keeps a version 3 store in format 3, and
+//! upgrades versions 1, 2 and 3 to 4. (The version 4 bytes also depend on libzstd's output for
+//! the same input and level, which the pinned `zstd` crate fixes.)
 //!
 //! Regenerate the newest (only with a deliberate format change):
 //! `PAGESNAP_BLESS=1 cargo test -p pagesnap-store --test golden`.
@@ -70,6 +72,9 @@ fn write(dir: &Path, version: u32) {
     let mut store = if version == 2 {
         Store::init_format2_with(std::sync::Arc::new(FsStorage::new(dir, true)), opts())
             .expect("init format 2")
+    } else if version == 3 {
+        Store::init_format3_with(std::sync::Arc::new(FsStorage::new(dir, true)), opts())
+            .expect("init format 3")
     } else {
         Store::init(dir, opts()).expect("init")
     };
@@ -128,7 +133,7 @@ fn bless() {
 #[test]
 fn the_golden_stores_read_back_exactly() {
     bless();
-    for version in [1, 2, 3] {
+    for version in [1, 2, 3, 4] {
         // Open a copy: opening must not need to write, but a copy keeps the fixture pristine.
         let tmp = copy_of(version);
         check_history(tmp.path(), Mode::Read);
@@ -206,7 +211,7 @@ fn check_history(dir: &Path, mode: Mode) {
 #[test]
 fn this_build_writes_the_golden_bytes() {
     bless();
-    for version in [2, FORMAT_VERSION] {
+    for version in [2, 3, FORMAT_VERSION] {
         let tmp = tempfile::tempdir().expect("tmp");
         write(tmp.path(), version);
         let (ours, golden) = (files(tmp.path()), files(&fixture(version)));
@@ -221,7 +226,7 @@ fn this_build_writes_the_golden_bytes() {
 }
 
 #[test]
-fn trie_stores_upgrade_to_format_3_and_read_back_exactly() {
+fn trie_stores_upgrade_to_the_newest_format_and_read_back_exactly() {
     for version in [1, 2] {
         let tmp = copy_of(version);
         {
@@ -232,7 +237,7 @@ fn trie_stores_upgrade_to_format_3_and_read_back_exactly() {
                 "three snapshots converted"
             );
             assert_eq!(store.upgrade().expect("again"), 0, "nothing left to do");
-            // It takes snapshots in format 3 at once.
+            // It takes snapshots in the newest format at once.
             store.begin(Some(SnapshotId(4))).expect("begin");
             store.put(Vpn(2), &page(200)).expect("put");
             let id = store.commit(SnapshotMeta::default()).expect("commit").id;
@@ -241,7 +246,7 @@ fn trie_stores_upgrade_to_format_3_and_read_back_exactly() {
             store.gc().expect("gc");
         }
         let sb = std::fs::read(tmp.path().join("superblock")).expect("superblock");
-        assert_eq!(&sb[8..12], &3u32.to_le_bytes(), "format 3 now");
+        assert_eq!(&sb[8..12], &FORMAT_VERSION.to_le_bytes(), "the newest format now");
         assert!(
             !files(tmp.path()).iter().any(|(n, _)| n.starts_with("seg-")
                 && files(&fixture(version)).iter().any(|(g, _)| g == n)),
@@ -250,4 +255,63 @@ fn trie_stores_upgrade_to_format_3_and_read_back_exactly() {
         check_history(tmp.path(), Mode::Read);
         check_history(tmp.path(), Mode::Write);
     }
+}
+
+#[test]
+fn a_format_3_store_stays_format_3_until_upgraded_then_compresses_when_asked() {
+    let tmp = copy_of(3);
+    {
+        let (mut store, _) = Store::open(tmp.path(), Mode::Write).expect("open as writer");
+        assert_eq!(store.format_version(), 3);
+        assert_eq!(store.compression(), pagesnap_store::Compression::None);
+        // Compression needs the new format: refused, nothing changed.
+        let e = store
+            .set_compression(pagesnap_store::Compression::Auto)
+            .expect_err("format 3 has no compression");
+        assert!(e.to_string().contains("pagesnap upgrade"), "{e}");
+        store.begin(Some(SnapshotId(4))).expect("begin");
+        store.put(Vpn(2), &page(200)).expect("put");
+        let id = store.commit(SnapshotMeta::default()).expect("commit").id;
+        assert_eq!(store.read_page(id, Vpn(2)).expect("read"), Some(page(200)));
+        store.delete(&[id]).expect("delete");
+        store.gc().expect("gc");
+    }
+    let sb = std::fs::read(tmp.path().join("superblock")).expect("superblock");
+    assert_eq!(&sb[8..12], &3u32.to_le_bytes(), "still format 3");
+    check_history(tmp.path(), Mode::Read);
+    {
+        let (mut store, _) = Store::open(tmp.path(), Mode::Write).expect("open as writer");
+        assert_eq!(store.upgrade().expect("upgrade"), 3, "three snapshots");
+        assert_eq!(store.upgrade().expect("again"), 0, "nothing left to do");
+        assert_eq!(store.format_version(), FORMAT_VERSION);
+        assert_eq!(store.compression(), pagesnap_store::Compression::None);
+        store
+            .set_compression(pagesnap_store::Compression::Zstd { level: 3 })
+            .expect("compression on");
+        store.begin(Some(SnapshotId(4))).expect("begin");
+        for v in 100..140 {
+            store.put(Vpn(v), &page(300 + v)).expect("put");
+        }
+        let report = store.commit(SnapshotMeta::default()).expect("commit");
+        assert!(
+            report.data_bytes < 40 * 512 / 2,
+            "compressed: {} bytes for 40 pages",
+            report.data_bytes
+        );
+        for v in 100..140 {
+            assert_eq!(
+                store.read_page(report.id, Vpn(v)).expect("read"),
+                Some(page(300 + v))
+            );
+        }
+    }
+    let (store, _) = Store::open(tmp.path(), Mode::Read).expect("reopen");
+    assert_eq!(
+        store.compression(),
+        pagesnap_store::Compression::Zstd { level: 3 },
+        "the setting is durable"
+    );
+    assert!(store.verify(&[]).expect("verify").is_clean());
+    drop(store);
+    check_history(tmp.path(), Mode::Read);
 }

@@ -290,7 +290,12 @@ fn init_racing_another_init_removes_nothing() {
 #[test]
 fn failed_segment_reads_are_errors_naming_file_and_offset() {
     let dir = tempfile::tempdir().expect("tmp");
-    let mut store = Store::init(dir.path(), opts()).expect("init");
+    // Plain pages, so page 9 lies past the cut below (a compressed frame holds all ten).
+    let plain = StoreOptions {
+        compression: pagesnap_store::Compression::None,
+        ..opts()
+    };
+    let mut store = Store::init(dir.path(), plain).expect("init");
     store.begin(None).expect("begin");
     for v in 0..10u64 {
         store.put(Vpn(v), &page(v)).expect("put");
@@ -375,6 +380,8 @@ fn more_than_900_segments_and_the_segment_size_is_kept() {
         page_size: 512,
         segment_bytes: 1024,
         preallocate: 1024,
+        // Plain pages: one or two a segment.
+        compression: pagesnap_store::Compression::None,
         ..StoreOptions::default()
     };
     let mut store = Store::init_with(io.clone(), tiny).expect("init");

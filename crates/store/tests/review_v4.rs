@@ -7,9 +7,12 @@ use std::sync::Arc;
 mod common;
 use common::{opts, page};
 
+/// Plain pages: the tests flip bits in one page and read its neighbours (a compressed frame
+/// would share the damage among its pages; `tests/corruption.rs` covers frames).
 fn big_segments() -> StoreOptions {
     StoreOptions {
         segment_bytes: 1 << 20,
+        compression: pagesnap_store::Compression::None,
         ..opts()
     }
 }

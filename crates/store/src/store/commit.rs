@@ -255,6 +255,8 @@ impl Store {
     pub(super) fn rollback(&mut self) {
         let sb = self.sb.clone();
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        // The next commit writes where the dropped one did.
+        self.forget_frames();
         if let Some(w) = self.writer.as_mut() {
             // Format 3's dedup map learned the dropped commit's pages as they were appended.
             w.log.dedup = None;
@@ -282,6 +284,7 @@ impl Store {
             w.touched.clear();
             w.buf.restart(w.off);
             w.log.extent = None;
+            w.frames.reset();
             w.log.range_crc = crc32fast::Hasher::new();
         }
     }
@@ -715,6 +718,7 @@ pub(super) fn append(
         segment: w.seg,
         offset: w.off,
         len: u32::try_from(len).unwrap_or(u32::MAX),
+        slot: 0,
     };
     w.off += len;
     w.touched.insert(w.seg);

@@ -367,6 +367,7 @@ mod log_space {
                                 segment: id,
                                 offset: at,
                                 len: u32::try_from(len).unwrap_or(u32::MAX),
+                                slot: 0,
                             };
                             out.entry(e).or_default().push(p);
                         }
@@ -406,6 +407,17 @@ mod log_space {
             }
             pages.sort_unstable();
             pages.dedup();
+            // A frame counts its share of its bytes: the fraction of its pages a map names (gc
+            // rewrites those, compressed again, and drops the rest).
+            let mut frames: BTreeMap<Location, u64> = BTreeMap::new();
+            for p in pages.iter().filter(|p| p.slot > 0) {
+                *frames.entry(Location { slot: 0, ..*p }).or_default() += 1;
+            }
+            pages.retain(|p| p.slot == 0);
+            for (f, named) in frames {
+                let total = self.frame_pages(f).unwrap_or(named).max(named);
+                live.insert(f, u64::from(f.len) * named / total);
+            }
             let (extents, alone) = self.extents_of(&pages)?;
             // An extent counts its header and the pages something names (gc copies those).
             let page = u64::from(self.sb.page_size);
@@ -442,12 +454,26 @@ mod log_space {
                         Some(l) => *l,
                         None => {
                             let bytes = read(self, r)?;
-                            let l = self.append_page(&bytes)?;
+                            let l = if self.compressing() {
+                                self.frame_page(&bytes, r.hash)?
+                            } else {
+                                self.append_page(&bytes)?
+                            };
                             moved.insert(r.loc, l);
                             l
                         }
                     };
                     map.insert(*k, Ref { hash: r.hash, loc });
+                }
+                // Every page in its place before the map is written (frames compressed on
+                // every core meanwhile).
+                self.drain_frames()?;
+                {
+                    let w = self.log_writer()?;
+                    Store::resolve_refs(w, map.values_mut())?;
+                    for l in moved.values_mut() {
+                        *l = w.frames.resolve(*l)?;
+                    }
                 }
                 // A delta against the snapshot before (in id order), or a base (the writer's
                 // rule): only pages a retained map names are copied.
@@ -537,6 +563,11 @@ mod log_space {
             let old_segments = self.sb.segments.clone();
             let io = self.io.clone();
             let opts = self.opts;
+            let version = if self.sb.version < 3 {
+                crate::format::FORMAT_VERSION
+            } else {
+                self.sb.version
+            };
             let started = {
                 let w = self.log_writer()?;
                 w.log = LogWriter {
@@ -544,7 +575,7 @@ mod log_space {
                     ..LogWriter::default()
                 };
                 // New records go to fresh segments only.
-                super::new_segment(&*io, &opts, w, 3)
+                super::new_segment(&*io, &opts, w, version)
             };
             if let Err(e) = started {
                 self.abandon_rewrite();
@@ -561,7 +592,10 @@ mod log_space {
             let mut sb = self.sb.clone();
             set_link(&mut sb, Some(link));
             sb.dedup = None;
-            sb.version = 3;
+            // gc keeps the store's format; an upgrade writes the newest.
+            if sb.version < 3 {
+                sb.version = crate::format::FORMAT_VERSION;
+            }
             if let Some(w) = self.writer.as_mut() {
                 w.segments.retain(|s| !old_segments.contains(s));
                 w.dir_dirty = true;
@@ -579,7 +613,9 @@ mod log_space {
             self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
             if let Some(w) = self.writer.as_mut() {
                 w.log = LogWriter::default();
+                w.frames.reset();
             }
+            self.forget_frames();
             let keep_old = self.writer.as_ref().is_some_and(|w| w.degraded);
             if !keep_old {
                 for id in &old_segments {
@@ -657,7 +693,7 @@ mod log_space {
         /// converted (0: the store is format 3 already).
         pub fn upgrade(&mut self) -> Result<usize, StoreError> {
             if self.is_log() {
-                return Ok(0);
+                return self.upgrade_log();
             }
             self.settle()?;
             self.idle_writer("a snapshot is being written; commit or abort it before upgrading")?;

@@ -343,6 +343,7 @@ pub(crate) fn scan_log(io: &dyn Storage, sb: &mut Superblock) -> Result<Scanned,
                     segment: sb.active_segment,
                     offset: at(a_at),
                     len: l32,
+                    slot: 0,
                 },
                 rec_hash,
             ),
@@ -351,6 +352,7 @@ pub(crate) fn scan_log(io: &dyn Storage, sb: &mut Superblock) -> Result<Scanned,
                     segment: sb.active_segment,
                     offset: at(a_at + len),
                     len: l32,
+                    slot: 0,
                 },
                 rec_hash,
             ),
@@ -623,6 +625,9 @@ impl Store {
 
     /// A page's bytes from a format 3 extent, checked against its blake3.
     pub(super) fn read_page_bytes(&self, r: &Ref) -> Result<Vec<u8>, StoreError> {
+        if r.loc.slot > 0 {
+            return self.read_framed_page(r);
+        }
         let io = &*self.io;
         let name = seg_name(r.loc.segment);
         if r.loc.len != self.sb.page_size {
@@ -841,7 +846,11 @@ impl Store {
         let r = match reuse {
             Some(r) => r,
             None => {
-                let loc = self.append_page(data)?;
+                let loc = if self.compressing() {
+                    self.frame_page(data, hash)?
+                } else {
+                    self.append_page(data)?
+                };
                 let w = self.log_writer()?;
                 if let Some(d) = w.log.dedup.as_mut() {
                     // Replaces a damaged copy's entry, if there was one.
@@ -866,7 +875,7 @@ impl Store {
 
     /// Room for `len` bytes in the active segment: a new segment (and a hint naming it) if the
     /// active one is full, the file grown if it is too short.
-    fn reserve3(&mut self, len: u64) -> Result<(), StoreError> {
+    pub(super) fn reserve3(&mut self, len: u64) -> Result<(), StoreError> {
         self.reserve3_in(len, true)
     }
 
@@ -893,13 +902,14 @@ impl Store {
         }
         if roll {
             self.seal_extent()?;
+            let version = self.sb.version;
             let w = self.log_writer()?;
             super::commit::flush_buffer(&*io, w)?;
             let name = seg_name(w.seg);
             io.set_len(&name, w.off)
                 .map_err(io_err(&*io, &name, "trim segment"))?;
             w.touched.insert(w.seg);
-            new_segment(&*io, &opts, w, 3)?;
+            new_segment(&*io, &opts, w, version)?;
             if !w.log.bulk {
                 // The scan after a crash must know the new segment: a hint names it (the
                 // committed state is unchanged; the bytes of this commit so far are synced by it).
@@ -951,6 +961,7 @@ impl Store {
             segment: w.seg,
             offset: w.off,
             len: u32::try_from(rec.len()).unwrap_or(u32::MAX),
+            slot: 0,
         };
         w.log.range_crc.update(&rec);
         w.buf.extend_from_slice(&rec);
@@ -1014,6 +1025,7 @@ impl Store {
             segment: w.seg,
             offset: w.off + (w.buf.len() - at) as u64,
             len: u32::try_from(page).unwrap_or(u32::MAX),
+            slot: 0,
         };
         w.buf.extend_from_slice(data);
         w.log.extent = Some((at, n + 1));
@@ -1195,6 +1207,9 @@ impl Store {
         let result = self.commit3_inner(meta);
         match result {
             Ok((report, map)) => {
+                if let Some(w) = self.writer.as_mut() {
+                    w.frames.reset();
+                }
                 // Only now, with the commit durable: the cache learns its map.
                 self.maps
                     .lock()
@@ -1216,11 +1231,14 @@ impl Store {
         meta: SnapshotMeta,
     ) -> Result<(CommitReport, Arc<PageMap>), StoreError> {
         let page_size = self.sb.page_size;
-        let pending = self
-            .log_writer()?
+        // Every page of the commit in its place: frames in flight appended, placeholders resolved.
+        self.drain_frames()?;
+        let w = self.log_writer()?;
+        let mut pending = w
             .pending
             .take()
             .ok_or(StoreError::Usage("commit without begin"))?;
+        Store::resolve_refs(w, pending.changes.values_mut().flatten())?;
         let parent_m = match pending.parent {
             Some(p) => Some(self.manifest3(p)?.clone()),
             None => None,

@@ -15,6 +15,7 @@
 
 mod buffer;
 mod commit;
+mod frames;
 mod gc;
 mod log;
 mod open;
@@ -87,6 +88,8 @@ struct Writer {
     buf: buffer::LogBuffer,
     /// Format 3: the commit log's writer state.
     log: log::LogWriter,
+    /// Format 4: new pages being compressed in frames.
+    frames: frames::Framer,
     /// Last, so dropped last: the buffer's writes still in flight finish (its writer thread is
     /// joined) before another writer may take the store.
     _lock: Box<dyn LockGuard>,
@@ -106,6 +109,8 @@ pub struct Store {
     catalog: log::Catalog,
     /// Format 3: page maps recently used.
     maps: Mutex<log::MapCache>,
+    /// Format 4: frames recently decompressed.
+    frame_cache: Mutex<frames::FrameCache>,
 }
 
 impl Drop for Store {
@@ -399,6 +404,7 @@ impl Writer {
                 shared.clone(),
             ),
             log: log::LogWriter::default(),
+            frames: frames::Framer::default(),
         })
     }
 }
@@ -439,6 +445,7 @@ mod tests {
                 segment: wio.w.seg,
                 offset: wio.w.off,
                 len: 0,
+                slot: 0,
             },
             merkle,
         };

@@ -108,6 +108,13 @@ impl Store {
         Self::init_version(io, opts, crate::format::TRIE_FORMAT)
     }
 
+    /// Creates a format 3 store (the commit log without compression), for tests of the
+    /// compatibility path.
+    #[doc(hidden)]
+    pub fn init_format3_with(io: SharedStorage, opts: StoreOptions) -> Result<Store, StoreError> {
+        Self::init_version(io, opts, 3)
+    }
+
     fn init_version(
         io: SharedStorage,
         opts: StoreOptions,
@@ -173,6 +180,11 @@ impl Store {
             segments: vec![1],
             segment_bytes: opts.segment_bytes,
             version,
+            compression: if version >= crate::format::FRAME_FORMAT {
+                opts.compression
+            } else {
+                crate::Compression::None
+            },
         };
         io.create(SUPERBLOCK_FILE)
             .map_err(io_err(&*io, SUPERBLOCK_FILE, "create superblock"))?;
@@ -198,6 +210,7 @@ impl Store {
             writer: Some(writer),
             catalog: Default::default(),
             maps: Default::default(),
+            frame_cache: Default::default(),
         })
     }
 
@@ -447,6 +460,7 @@ impl Store {
             writer,
             catalog,
             maps: Default::default(),
+            frame_cache: Default::default(),
         };
         if store.is_log() && store.writer.is_some() {
             report.repaired_records = store.repair_commit_copies()?;

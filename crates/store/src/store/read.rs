@@ -7,7 +7,7 @@ use crate::error::StoreError;
 use crate::format::{seg_name, Kind, Location, NodePtr, Ref};
 
 /// The most bytes [`Store::read_refs_into`] reads with one `pread`.
-const RUN_BYTES: u64 = 8 << 20;
+pub(super) const RUN_BYTES: u64 = 8 << 20;
 use crate::manifest::Manifest;
 use crate::trie::{self, NodeIo};
 use crate::{SnapshotId, SnapshotInfo};
@@ -238,10 +238,9 @@ impl Store {
             }
             return Ok(());
         }
-        if let Some(r) = refs
-            .iter()
-            .find(|r| r.loc.len != self.sb.page_size || u64::from(r.loc.len) > RUN_BYTES)
-        {
+        if let Some(r) = refs.iter().find(|r| {
+            r.loc.slot == 0 && (r.loc.len != self.sb.page_size || u64::from(r.loc.len) > RUN_BYTES)
+        }) {
             return Err(super::corrupt(
                 &*self.io,
                 &seg_name(r.loc.segment),
@@ -255,10 +254,15 @@ impl Store {
         }
         let mut i = 0;
         while i < refs.len() {
+            if refs[i].loc.slot > 0 {
+                i = self.read_framed_run(refs, i, out)?;
+                continue;
+            }
             // The run starting at i: each next page right after the one before, same segment.
             let mut j = i + 1;
             let mut bytes = u64::from(refs[i].loc.len);
             while j < refs.len()
+                && refs[j].loc.slot == 0
                 && refs[j].loc.segment == refs[i].loc.segment
                 && refs[j].loc.offset == refs[j - 1].loc.offset + u64::from(refs[j - 1].loc.len)
                 && bytes + u64::from(refs[j].loc.len) <= RUN_BYTES
@@ -272,6 +276,7 @@ impl Store {
                     segment: refs[i].loc.segment,
                     offset: refs[i].loc.offset,
                     len: u32::try_from(bytes).unwrap_or(u32::MAX),
+                    slot: 0,
                 },
             };
             let start = out.len();
