@@ -7,7 +7,7 @@ use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pagesnap_engine::image::{restore_image, snapshot_image, snapshot_image_with, SnapshotOptions};
 use pagesnap_engine::names::{self, name_of};
 use pagesnap_engine::retention::{self, Policy, Within};
-use pagesnap_store::{Mode, SnapshotId, SnapshotInfo, Store, StoreOptions, Vpn};
+use pagesnap_store::{Compression, Mode, SnapshotId, SnapshotInfo, Store, StoreOptions, Vpn};
 use serde_json::json;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -101,7 +101,8 @@ pub fn run(cli: Cli) -> Result<i32> {
         quiet: cli.quiet,
     };
     match cli.command {
-        Command::Init => init(&ctx),
+        Command::Init { compression } => init(&ctx, compression),
+        Command::Compression { setting } => compression(&ctx, setting),
         Command::Snapshot {
             image,
             label,
@@ -178,11 +179,51 @@ pub fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-fn init(ctx: &Ctx) -> Result<i32> {
+fn init(ctx: &Ctx, compression: Compression) -> Result<i32> {
     let dir = ctx.dir()?;
-    Store::init(dir, StoreOptions::default())
-        .with_context(|| format!("creating store {}", dir.display()))?;
-    println!("created an empty store in {}", dir.display());
+    Store::init(
+        dir,
+        StoreOptions {
+            compression,
+            ..StoreOptions::default()
+        },
+    )
+    .with_context(|| format!("creating store {}", dir.display()))?;
+    println!(
+        "created an empty store in {} (compression {})",
+        dir.display(),
+        describe(compression)
+    );
+    Ok(OK)
+}
+
+/// A compression setting as a user reads it (`auto` says what it means today).
+fn describe(c: Compression) -> String {
+    match c {
+        Compression::Auto => {
+            let (_, level) = c.resolve();
+            format!("auto: zstd level {level}")
+        }
+        c => c.to_string(),
+    }
+}
+
+fn compression(ctx: &Ctx, setting: Option<Compression>) -> Result<i32> {
+    let Some(c) = setting else {
+        let store = ctx.open(Mode::Read)?;
+        println!("{}", describe(store.compression()));
+        return Ok(OK);
+    };
+    let mut store = ctx.open(Mode::Write)?;
+    let old = store.compression();
+    store
+        .set_compression(c)
+        .with_context(|| format!("setting the compression of {}", store.location().display()))?;
+    println!(
+        "compression of new pages: {} (was {}); pages already stored keep theirs",
+        describe(c),
+        describe(old)
+    );
     Ok(OK)
 }
 
@@ -434,18 +475,23 @@ fn list(ctx: &Ctx, name: Option<&str>, as_json: bool) -> Result<i32> {
         println!("{}", serde_json::Value::Array(rows));
         return Ok(OK);
     }
+    // IMAGE: the image's size; STORED: its non-zero pages; NEW: pages no earlier snapshot had
+    // (uncompressed); ADDED: what the snapshot added to the store (compressed, with its index).
     println!(
-        "{:>4}  {:<20}  {:<19}  {:>10}  {:>9}  {:>10}  NAME",
-        "ID", "LABEL", "TIME (UTC)", "IMAGE", "CHANGED", "ADDED"
+        "{:>4}  {:<20}  {:<19}  {:>10}  {:>10}  {:>9}  {:>10}  {:>10}  NAME",
+        "ID", "LABEL", "TIME (UTC)", "IMAGE", "STORED", "CHANGED", "NEW", "ADDED"
     );
     for s in &snaps {
+        let ps = u64::from(s.page_size);
         println!(
-            "{:>4}  {:<20}  {:<19}  {:>10}  {:>9}  {:>10}  {}",
+            "{:>4}  {:<20}  {:<19}  {:>10}  {:>10}  {:>9}  {:>10}  {:>10}  {}",
             s.id.0,
             s.label.as_deref().unwrap_or("-"),
             utc(s.time_unix_ms),
             HumanBytes(s.logical_size).to_string(),
+            HumanBytes(s.page_count * ps).to_string(),
             s.pages_changed,
+            HumanBytes(s.pages_written * ps).to_string(),
             HumanBytes(s.data_bytes + s.meta_bytes).to_string(),
             name_of(s)
         );
@@ -465,6 +511,9 @@ fn snapshot_json(s: &SnapshotInfo) -> serde_json::Value {
         "pages_stored": s.page_count,
         "pages_changed": s.pages_changed,
         "pages_written": s.pages_written,
+        "stored_bytes": s.page_count * u64::from(s.page_size),
+        "new_bytes": s.pages_written * u64::from(s.page_size),
+        "compressed_bytes": s.data_bytes,
         "bytes_added": s.data_bytes + s.meta_bytes,
         "merkle_root": s.merkle_root.iter().map(|b| format!("{b:02x}")).collect::<String>(),
         "parent": s.parent.map(|p| p.0),
@@ -653,18 +702,29 @@ fn info(ctx: &Ctx, as_json: bool) -> Result<i32> {
     } else {
         logical as f64 / space.record_bytes as f64
     };
+    // Distinct stored pages, uncompressed, and the bytes they take on disk.
+    let stored = space.pages * u64::from(store.page_size());
+    let compression_ratio = if space.page_bytes == 0 {
+        0.0
+    } else {
+        stored as f64 / space.page_bytes as f64
+    };
     if as_json {
         println!(
             "{}",
             json!({
                 "snapshots": snaps.len(),
                 "logical_bytes": logical,
-                "stored_bytes": space.record_bytes,
+                "stored_bytes": stored,
+                "compressed_bytes": space.page_bytes,
+                "compression_ratio": compression_ratio,
+                "store_bytes": space.record_bytes,
                 "live_bytes": space.live_bytes,
                 "reclaimable_bytes": space.leaked_bytes,
                 "dedup_ratio": ratio,
                 "page_size": store.page_size(),
                 "format_version": store.format_version(),
+                "compression": store.compression().to_string(),
                 "names": per_name(&snaps).iter().map(|(n, count, logical, added, latest)| json!({
                     "name": n,
                     "snapshots": count,
@@ -677,14 +737,23 @@ fn info(ctx: &Ctx, as_json: bool) -> Result<i32> {
     } else {
         println!("store        {}", store.location().display());
         println!("snapshots    {}", snaps.len());
-        println!("logical      {}", HumanBytes(logical));
+        println!("logical      {} (the images' sizes)", HumanBytes(logical));
         println!(
-            "stored       {} ({} reclaimable by gc)",
+            "stored       {} (distinct non-zero pages, uncompressed)",
+            HumanBytes(stored)
+        );
+        println!(
+            "compressed   {} ({compression_ratio:.2}x)",
+            HumanBytes(space.page_bytes)
+        );
+        println!(
+            "on disk      {} with the index ({} reclaimable by gc)",
             HumanBytes(space.record_bytes),
             HumanBytes(space.leaked_bytes)
         );
-        println!("dedup ratio  {ratio:.2}x");
+        println!("dedup ratio  {ratio:.2}x (logical / on disk)");
         println!("format       {}", store.format_version());
+        println!("compression  {}", describe(store.compression()));
         for (n, count, logical, added, latest) in per_name(&snaps) {
             println!(
                 "name         {n}: {count} snapshot(s), {} logical, {} added, latest {latest}",

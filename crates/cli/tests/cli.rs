@@ -1102,11 +1102,11 @@ fn upgrade_converts_an_older_store_and_every_snapshot_restores_the_same() {
     assert_eq!(info["format_version"], 2);
     let out = env.ok(&["upgrade"]);
     assert!(
-        out.contains("from format 2 to format 3") && out.contains("3 snapshot(s)"),
+        out.contains("from format 2 to format 4") && out.contains("3 snapshot(s)"),
         "{out}"
     );
     let info: serde_json::Value = serde_json::from_str(&env.ok(&["info", "--json"])).expect("json");
-    assert_eq!(info["format_version"], 3);
+    assert_eq!(info["format_version"], 4);
     assert!(env.ok(&["verify"]).contains("clean"));
     for (id, want) in ["1", "3", "4"].iter().zip(&before) {
         let out = env.path(&format!("after-{id}.img"));
@@ -1487,4 +1487,132 @@ fn a_path_that_is_no_valid_name_still_snapshots() {
         &format!("{name}:latest"),
         s(&env.path("out.img")),
     ]);
+}
+
+/// Text-like pages (zstd and lz4 shrink them), a third of them zero.
+fn text_image(pages: usize, seed: u64) -> Vec<u8> {
+    let words = [
+        "page ",
+        "snapshot ",
+        "store ",
+        "frame ",
+        "zstd ",
+        "restore ",
+        "kernel ",
+        "the ",
+    ];
+    let mut data = vec![0u8; pages * 4096];
+    let mut x = seed | 1;
+    for p in (0..pages).filter(|p| p % 3 != 0) {
+        let mut at = p * 4096;
+        while at < (p + 1) * 4096 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let w = words[(x % words.len() as u64) as usize].as_bytes();
+            let n = w.len().min((p + 1) * 4096 - at);
+            data[at..at + n].copy_from_slice(&w[..n]);
+            at += n;
+        }
+    }
+    data
+}
+
+#[test]
+fn compression_is_chosen_at_init_changed_later_and_every_snapshot_restores_exactly() {
+    let env = Env::new();
+    // Bad settings are refused before anything is created.
+    for (bad, words) in [
+        ("gzip", "auto, none, lz4, zstd"),
+        ("zstd:42", "LEVEL -7..=19"),
+    ] {
+        let (code, _, err) = env.run(&["init", "--compression", bad]);
+        assert!(code == 2 && err.contains(words), "{bad}: {code} {err}");
+    }
+    assert!(!env.store().join("superblock").exists());
+    let out = env.ok(&["init", "--compression", "lz4"]);
+    assert!(out.contains("compression lz4"), "{out}");
+    assert_eq!(env.ok(&["compression"]).trim(), "lz4");
+    let img = env.path("disk.img");
+    let v1 = text_image(600, 1);
+    std::fs::write(&img, &v1).expect("write");
+    let first = env.snapshot(&img);
+    let info: serde_json::Value = serde_json::from_str(&env.ok(&["info", "--json"])).expect("json");
+    assert_eq!(info["compression"], "lz4");
+    assert_eq!(info["stored_bytes"], 400 * 4096, "distinct non-zero pages");
+    let compressed = info["compressed_bytes"].as_u64().expect("compressed");
+    assert!(
+        compressed * 2 < 400 * 4096,
+        "lz4 halves text pages at least: {compressed}"
+    );
+    // Changed for new pages only; a bad setting changes nothing.
+    let (code, _, err) = env.run(&["compression", "zstd:99"]);
+    assert!(code == 2 && err.contains("LEVEL"), "{code} {err}");
+    assert_eq!(env.ok(&["compression"]).trim(), "lz4");
+    env.ok(&["compression", "zstd:3"]);
+    assert_eq!(env.ok(&["compression"]).trim(), "zstd:3");
+    let mut v2 = v1.clone();
+    v2[..200 * 4096].copy_from_slice(&text_image(200, 7)[..]);
+    std::fs::write(&img, &v2).expect("write");
+    let second = env.snapshot(&img);
+    env.ok(&["compression", "none"]);
+    let mut v3 = v2.clone();
+    v3[300 * 4096..301 * 4096].fill(0xa5);
+    std::fs::write(&img, &v3).expect("write");
+    let third = env.snapshot(&img);
+    let list = env.list();
+    let rows = list.as_array().expect("array");
+    assert_eq!(rows.len(), 3);
+    for r in rows {
+        for k in [
+            "stored_bytes",
+            "new_bytes",
+            "compressed_bytes",
+            "bytes_added",
+        ] {
+            assert!(r[k].is_u64(), "{k} in {r}");
+        }
+    }
+    // The third snapshot's one new page is stored plain (compression none): as large as it is.
+    assert_eq!(rows[2]["new_bytes"], 4096);
+    assert_eq!(rows[2]["compressed_bytes"], 4096);
+    let table = env.ok(&["list"]);
+    assert!(table.contains("STORED") && table.contains("NEW") && table.contains("ADDED"));
+    assert!(env.ok(&["verify"]).contains("clean"));
+    for (id, want) in [(first, &v1), (second, &v2), (third, &v3)] {
+        let out = env.path(&format!("r{id}.img"));
+        env.ok(&["restore", &id.to_string(), s(&out)]);
+        assert!(std::fs::read(&out).expect("read") == *want, "snapshot {id}");
+    }
+    // gc after deleting the first rewrites what lives on in its frames; all still restores.
+    env.ok(&["delete", &first.to_string()]);
+    env.ok(&["gc"]);
+    let info: serde_json::Value = serde_json::from_str(&env.ok(&["info", "--json"])).expect("json");
+    assert_eq!(info["reclaimable_bytes"], 0);
+    for (id, want) in [(second, &v2), (third, &v3)] {
+        let out = env.path(&format!("g{id}.img"));
+        env.ok(&["restore", &id.to_string(), s(&out)]);
+        assert!(
+            std::fs::read(&out).expect("read") == *want,
+            "snapshot {id} after gc"
+        );
+    }
+}
+
+#[test]
+fn a_format_3_store_needs_upgrade_before_compression() {
+    let env = Env::new();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/store-v3");
+    std::fs::create_dir_all(env.store()).expect("mkdir");
+    for e in std::fs::read_dir(&fixture).expect("fixture") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), env.store().join(e.file_name())).expect("copy");
+    }
+    assert_eq!(env.ok(&["compression"]).trim(), "none");
+    env.fails(&["compression", "auto"], 2, "pagesnap upgrade");
+    let out = env.ok(&["upgrade"]);
+    assert!(out.contains("from format 3 to format 4"), "{out}");
+    env.ok(&["compression", "auto"]);
+    assert!(env.ok(&["compression"]).contains("zstd level 1"));
+    assert!(env.ok(&["verify"]).contains("clean"));
 }

@@ -235,13 +235,13 @@ impl Decompressor {
     ) -> Result<(), String> {
         let n = match codec {
             Codec::None => return Err("not a compressed frame".into()),
-            Codec::Lz4 => lz4_flex::block::decompress_into(input, out)
-                .map_err(|e| format!("lz4: {e}"))?,
+            Codec::Lz4 => {
+                lz4_flex::block::decompress_into(input, out).map_err(|e| format!("lz4: {e}"))?
+            }
             Codec::Zstd => {
                 if self.zstd.is_none() {
-                    self.zstd = Some(
-                        zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?,
-                    );
+                    self.zstd =
+                        Some(zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?);
                 }
                 let Some(z) = self.zstd.as_mut() else {
                     return Err("zstd: no decompressor".into());
@@ -266,7 +266,9 @@ mod tests {
     use proptest::prelude::*;
 
     fn text(n: usize) -> Vec<u8> {
-        (0..n).map(|i| b"pagesnap frame "[i % 15] ^ (i / 4096) as u8).collect()
+        (0..n)
+            .map(|i| b"pagesnap frame "[i % 15] ^ (i / 4096) as u8)
+            .collect()
     }
 
     #[test]

@@ -368,6 +368,11 @@ pub struct SpaceReport {
     pub live_bytes: u64,
     /// The rest.
     pub leaked_bytes: u64,
+    /// Distinct stored pages the retained snapshots name (format 3 and later; 0 before).
+    pub pages: u64,
+    /// The record bytes holding them (their share of each frame or extent): `pages` times the
+    /// page size over this is the compression ratio.
+    pub page_bytes: u64,
 }
 
 /// The result of [`Store::gc`].

@@ -246,7 +246,11 @@ fn trie_stores_upgrade_to_the_newest_format_and_read_back_exactly() {
             store.gc().expect("gc");
         }
         let sb = std::fs::read(tmp.path().join("superblock")).expect("superblock");
-        assert_eq!(&sb[8..12], &FORMAT_VERSION.to_le_bytes(), "the newest format now");
+        assert_eq!(
+            &sb[8..12],
+            &FORMAT_VERSION.to_le_bytes(),
+            "the newest format now"
+        );
         assert!(
             !files(tmp.path()).iter().any(|(n, _)| n.starts_with("seg-")
                 && files(&fixture(version)).iter().any(|(g, _)| g == n)),

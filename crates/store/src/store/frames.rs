@@ -344,7 +344,8 @@ impl Store {
             }
             Some(packed) => {
                 let codec = self.sb.compression.resolve().0;
-                let loc = self.append_frame_record(codec, hashes.len(), done.plain.len(), packed)?;
+                let loc =
+                    self.append_frame_record(codec, hashes.len(), done.plain.len(), packed)?;
                 for k in 0..hashes.len() {
                     slots.push(Location {
                         slot: u16::try_from(k + 1).unwrap_or(u16::MAX),
@@ -382,7 +383,11 @@ impl Store {
         head[..4].copy_from_slice(&REC_MAGIC);
         head[4] = Kind::Frame as u8;
         head[5] = codec as u8;
-        head[8..12].copy_from_slice(&u32::try_from(packed.len()).unwrap_or(u32::MAX).to_le_bytes());
+        head[8..12].copy_from_slice(
+            &u32::try_from(packed.len())
+                .unwrap_or(u32::MAX)
+                .to_le_bytes(),
+        );
         head[12..16].copy_from_slice(&u32::try_from(plain).unwrap_or(u32::MAX).to_le_bytes());
         head[16..24].copy_from_slice(&(pages as u64).to_le_bytes());
         w.buf.extend_from_slice(&head);
@@ -628,7 +633,9 @@ impl Store {
                 let rec = bytes
                     .get(from..from + f.len as usize)
                     .ok_or(StoreError::Usage("frame outside the span read"))?;
-                let plain = self.decode_frame_at(f, rec).inspect_err(|_| out.truncate(start))?;
+                let plain = self
+                    .decode_frame_at(f, rec)
+                    .inspect_err(|_| out.truncate(start))?;
                 current = Some((f, plain));
             }
             let Some((_, plain)) = current.as_ref() else {
@@ -679,7 +686,10 @@ impl Store {
         let mut key = [0u8; 8];
         key.copy_from_slice(&head[16..24]);
         let n = u64::from_le_bytes(key);
-        if head[..4] != REC_MAGIC || head[4] != Kind::Frame as u8 || n == 0 || n > FRAME_PAGES as u64
+        if head[..4] != REC_MAGIC
+            || head[4] != Kind::Frame as u8
+            || n == 0
+            || n > FRAME_PAGES as u64
         {
             return Err(super::corrupt(
                 &*self.io,

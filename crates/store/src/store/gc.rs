@@ -60,7 +60,12 @@ impl Store {
     /// Record bytes in the store's segments, how many of them a retained snapshot (or the store's
     /// own indexes) uses, and the rest: leaked space that [`Store::gc`] reclaims.
     pub fn check(&self) -> Result<SpaceReport, StoreError> {
-        let live: u64 = self.live_records()?.values().sum();
+        let (live, pages, page_bytes) = if self.is_log() {
+            let (live, pages, page_bytes) = self.live_records3_counted()?;
+            (live.values().sum(), pages, page_bytes)
+        } else {
+            (self.live_records()?.values().sum(), 0, 0)
+        };
         let mut file_bytes = 0;
         for id in &self.sb.segments {
             let len = if *id == self.sb.active_segment {
@@ -77,6 +82,8 @@ impl Store {
             record_bytes: file_bytes,
             live_bytes: live,
             leaked_bytes: file_bytes.saturating_sub(live),
+            pages,
+            page_bytes,
         })
     }
 
@@ -384,7 +391,17 @@ mod log_space {
         pub(in crate::store) fn live_records3(
             &self,
         ) -> Result<BTreeMap<Location, u64>, StoreError> {
+            self.live_records3_counted().map(|(live, _, _)| live)
+        }
+
+        /// [`Store::live_records3`], with the distinct pages named and the bytes of their share
+        /// of the records holding them.
+        #[allow(clippy::type_complexity)]
+        pub(in crate::store) fn live_records3_counted(
+            &self,
+        ) -> Result<(BTreeMap<Location, u64>, u64, u64), StoreError> {
             let mut live = BTreeMap::new();
+            let mut page_bytes = 0u64;
             for l in self.commit_chain()? {
                 for r in [l.a, l.b] {
                     live.insert(r.loc(), u64::from(r.len));
@@ -407,6 +424,7 @@ mod log_space {
             }
             pages.sort_unstable();
             pages.dedup();
+            let distinct = pages.len() as u64;
             // A frame counts its share of its bytes: the fraction of its pages a map names (gc
             // rewrites those, compressed again, and drops the rest).
             let mut frames: BTreeMap<Location, u64> = BTreeMap::new();
@@ -416,7 +434,9 @@ mod log_space {
             pages.retain(|p| p.slot == 0);
             for (f, named) in frames {
                 let total = self.frame_pages(f).unwrap_or(named).max(named);
-                live.insert(f, u64::from(f.len) * named / total);
+                let share = u64::from(f.len) * named / total;
+                page_bytes += share;
+                live.insert(f, share);
             }
             let (extents, alone) = self.extents_of(&pages)?;
             // An extent counts its header and the pages something names (gc copies those).
@@ -425,12 +445,14 @@ mod log_space {
                 let total = (u64::from(e.len).saturating_sub(64)) / page;
                 let dead = total.saturating_sub(in_it.len() as u64);
                 live.insert(*e, u64::from(e.len) - dead * page);
+                page_bytes += u64::from(e.len) - dead * page;
             }
             // A page outside any extent found (a damaged header before it): counted alone.
             for p in alone {
                 live.insert(p, u64::from(p.len));
+                page_bytes += u64::from(p.len);
             }
-            Ok(live)
+            Ok((live, distinct, page_bytes))
         }
 
         /// Copies what the maps (ascending by snapshot) name into the active (new) segments:

@@ -318,7 +318,10 @@ impl Store {
         let mut frames: std::collections::BTreeMap<Location, Vec<Location>> =
             std::collections::BTreeMap::new();
         for l in pages.keys().filter(|l| l.slot > 0) {
-            frames.entry(Location { slot: 0, ..*l }).or_default().push(*l);
+            frames
+                .entry(Location { slot: 0, ..*l })
+                .or_default()
+                .push(*l);
         }
         for (frame, in_it) in &frames {
             let plain = self
