@@ -1,4 +1,5 @@
-//! Every on-disk decoder on arbitrary bytes: records, index nodes, superblock slots, manifests.
+//! Every on-disk decoder on arbitrary bytes: records, index nodes, superblock slots, manifests,
+//! page frames (decoded and decompressed).
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
@@ -8,4 +9,5 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let _ = pagesnap_store::fuzzing::decode_manifest(data);
     let _ = pagesnap_store::fuzzing::decode_chunk(data);
     let _ = pagesnap_store::fuzzing::decode_commit(data);
+    let _ = pagesnap_store::fuzzing::decode_frame(data);
 });

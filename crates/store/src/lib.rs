@@ -78,6 +78,11 @@ pub mod fuzzing {
         .into_iter()
         .any(|k| decode_record(bytes, k).is_ok())
     }
+    /// Decodes a format 4 page frame record (512-byte pages) and decompresses it; true if both
+    /// succeed.
+    pub fn decode_frame(bytes: &[u8]) -> bool {
+        crate::store::fuzz_frame(bytes)
+    }
     /// Decodes a format 3 page-map chunk payload.
     pub fn decode_chunk(bytes: &[u8]) -> bool {
         crate::index::Chunk::decode(bytes).is_ok()

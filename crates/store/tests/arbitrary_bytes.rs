@@ -15,6 +15,7 @@ proptest! {
         fuzzing::decode_manifest(&bytes);
         fuzzing::decode_chunk(&bytes);
         fuzzing::decode_commit(&bytes);
+        fuzzing::decode_frame(&bytes);
     }
 
     #[test]

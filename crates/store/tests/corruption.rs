@@ -171,6 +171,8 @@ fn every_flip_in_committed_bytes_is_detected_and_never_returned_as_data() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1500);
     let (mut checked, mut failed, mut redundant_trials) = (0u64, Vec::new(), 0u64);
+    // Trials that flip bits inside a compressed page frame (record kind 8).
+    let mut frame_trials = 0u64;
     for t in 0..trials {
         let (io, model) = build(t / 50);
         let (live, catalog) = {
@@ -211,6 +213,13 @@ fn every_flip_in_committed_bytes_is_detected_and_never_returned_as_data() {
             continue;
         }
         checked += 1;
+        frame_trials += u64::from(live.keys().any(|l| {
+            format!("seg-{:08}.pss", l.segment) == file
+                && (l.offset..l.offset + u64::from(l.len) - 1).contains(&offset)
+                && io
+                    .contents(&file)
+                    .is_some_and(|c| c.get(l.offset as usize + 4) == Some(&8))
+        }));
         let mode = if r.next_u64().is_multiple_of(2) {
             Mode::Read
         } else {
@@ -235,8 +244,12 @@ fn every_flip_in_committed_bytes_is_detected_and_never_returned_as_data() {
     }
     println!(
         "{checked} corruptions checked ({redundant_trials} in the superblock or a catalog copy, \
-         which must hide nothing), {} failed",
+         which must hide nothing; {frame_trials} in a compressed page frame), {} failed",
         failed.len()
+    );
+    assert!(
+        trials < 1500 || frame_trials >= checked / 10,
+        "compressed frames are part of the campaign: {frame_trials} of {checked}"
     );
     assert!(checked > trials / 2);
     assert!(

@@ -35,6 +35,13 @@ use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+/// [`crate::fuzzing::decode_frame`].
+pub(crate) fn fuzz_frame(bytes: &[u8]) -> bool {
+    frames::decode_frame(bytes, 512)
+        .and_then(|f| frames::frame_plain(&f))
+        .is_ok()
+}
+
 /// The Merkle root of an empty snapshot.
 pub const EMPTY_ROOT: [u8; 32] = [0; 32];
 /// Node cache bound (entries); cleared when exceeded.
