@@ -4,8 +4,10 @@
 //! a two-slot superblock. Built for the engine (dirty pages of a persistent address space) and the
 //! CLI (pages of raw disk images).
 //!
-//! - **Pages** (format 3): back to back in checksummed extents; an index entry points at the
-//!   page's bytes and holds its blake3, checked on every read. All-zero pages are never stored;
+//! - **Pages** (format 4): compressed in checksummed frames of up to 16 pages (zstd or lz4, on
+//!   every core while the writer goes on; [`Compression`]), or back to back in extents when
+//!   compression is off or does not pay; an index entry names the page's place and holds the
+//!   blake3 of its plain bytes, checked on every read. All-zero pages are never stored;
 //!   identical contents are stored once across all snapshots (dedup by blake3).
 //! - **Page maps O(changed)**: a snapshot's index is a chain of sorted chunks — a base and the
 //!   deltas of each commit since ([`docs/format.md`](../../docs/format.md)); a commit that
