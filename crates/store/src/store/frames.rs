@@ -466,7 +466,7 @@ pub(crate) fn frame_plain(f: &FrameRecord<'_>) -> Result<Vec<u8>, String> {
 #[derive(Debug, Default)]
 pub(crate) struct FrameCache(Vec<(Location, Arc<Vec<u8>>)>);
 
-const FRAME_CACHE: usize = 8;
+const FRAME_CACHE: usize = 16;
 
 impl Store {
     /// The plain pages of the frame record at `frame` (its slot ignored), checked: the record's
@@ -474,21 +474,35 @@ impl Store {
     /// (each against its blake3).
     pub(super) fn read_frame(&self, frame: Location) -> Result<Arc<Vec<u8>>, StoreError> {
         let frame = Location { slot: 0, ..frame };
-        {
-            let cache = self.frame_cache.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((_, p)) = cache.0.iter().find(|(l, _)| *l == frame) {
-                return Ok(p.clone());
-            }
+        if let Some(p) = self.cached_frame(frame) {
+            return Ok(p);
         }
         let bytes = self.read_frame_bytes(frame)?;
-        let plain = self.decode_frame_at(frame, &bytes)?;
-        let plain = Arc::new(plain);
+        let plain = Arc::new(self.decode_frame_at(frame, &bytes)?);
+        self.cache_frame(frame, plain.clone());
+        Ok(plain)
+    }
+
+    /// A decompressed frame from the cache.
+    fn cached_frame(&self, frame: Location) -> Option<Arc<Vec<u8>>> {
+        let cache = self.frame_cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .0
+            .iter()
+            .find(|(l, _)| *l == frame)
+            .map(|(_, p)| p.clone())
+    }
+
+    /// Keeps a decompressed frame (the oldest one goes when the cache is full).
+    fn cache_frame(&self, frame: Location, plain: Arc<Vec<u8>>) {
         let mut cache = self.frame_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.0.iter().any(|(l, _)| *l == frame) {
+            return;
+        }
         if cache.0.len() >= FRAME_CACHE {
             cache.0.remove(0);
         }
-        cache.0.push((frame, plain.clone()));
-        Ok(plain)
+        cache.0.push((frame, plain));
     }
 
     /// The raw bytes of the frame record at `frame`.
@@ -625,17 +639,31 @@ impl Store {
         )?;
         let page = self.sb.page_size as usize;
         let start = out.len();
-        let mut current: Option<(Location, Vec<u8>)> = None;
+        // The first and last frames of a run are often also read by the run before or after it
+        // (restore reads runs of consecutive pages on every core): those go through the cache.
+        let mut current: Option<(Location, Arc<Vec<u8>>)> = None;
         for r in &refs[i..j] {
             let f = frame_of(r);
             if current.as_ref().is_none_or(|(l, _)| *l != f) {
-                let from = (f.offset - first.offset) as usize;
-                let rec = bytes
-                    .get(from..from + f.len as usize)
-                    .ok_or(StoreError::Usage("frame outside the span read"))?;
-                let plain = self
-                    .decode_frame_at(f, rec)
-                    .inspect_err(|_| out.truncate(start))?;
+                let edge = f == first || f == last;
+                let cached = if edge { self.cached_frame(f) } else { None };
+                let plain = match cached {
+                    Some(p) => p,
+                    None => {
+                        let from = (f.offset - first.offset) as usize;
+                        let rec = bytes
+                            .get(from..from + f.len as usize)
+                            .ok_or(StoreError::Usage("frame outside the span read"))?;
+                        let plain = Arc::new(
+                            self.decode_frame_at(f, rec)
+                                .inspect_err(|_| out.truncate(start))?,
+                        );
+                        if edge {
+                            self.cache_frame(f, plain.clone());
+                        }
+                        plain
+                    }
+                };
                 current = Some((f, plain));
             }
             let Some((_, plain)) = current.as_ref() else {
