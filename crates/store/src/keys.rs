@@ -1059,9 +1059,17 @@ impl KeyFile {
             .map_err(io_err(io, KEYS_FILE, "sync key file"))?;
         self.contents = next;
         self.copy = first;
+        let whole = 2 * COPY_SIZE as u64;
         let second = io
             .write(KEYS_FILE, ((1 - first) * COPY_SIZE) as u64, &bytes)
-            .and_then(|()| io.sync(KEYS_FILE));
+            .and_then(|()| io.sync(KEYS_FILE))
+            // Bytes past the two copies (a file grown by damage) are dropped.
+            .and_then(|()| match io.len(KEYS_FILE)? {
+                len if len == whole => Ok(()),
+                _ => io
+                    .set_len(KEYS_FILE, whole)
+                    .and_then(|()| io.sync(KEYS_FILE)),
+            });
         self.note = match second {
             Ok(()) => {
                 self.copy = 0;
