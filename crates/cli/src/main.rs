@@ -11,6 +11,7 @@
 mod cli;
 mod commands;
 mod output;
+mod password;
 mod serve;
 
 use clap::Parser;

@@ -125,6 +125,92 @@ pub enum StoreError {
         /// Segments in use.
         count: usize,
     },
+    /// No key slot opens with the password given.
+    #[error("wrong password: no key slot of {} opens with it (nothing was changed)", .path.display())]
+    WrongPassword {
+        /// The key file.
+        path: PathBuf,
+    },
+    /// No password was given, and there is no terminal to ask on.
+    #[error("no {} given: set {} or {} (or use {}), or run on a terminal to be asked", .role.what(), .role.env(), .role.file_env(), .role.file_flag())]
+    NoPassword {
+        /// Which password.
+        role: crate::keys::PasswordRole,
+    },
+    /// A password file could not be read, or holds no password.
+    #[error("{what} file {}: {source}", .path.display())]
+    PasswordFile {
+        /// The file.
+        path: PathBuf,
+        /// "password" or "new password".
+        what: &'static str,
+        /// What went wrong.
+        #[source]
+        source: io::Error,
+    },
+    /// The store has no key file.
+    #[error("{} has no key file: the store is not encrypted", .path.display())]
+    NotEncrypted {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// Creating a key file where there is one.
+    #[error("{} already has a key file (the store is encrypted); add a password with `pagesnap key add`", .path.display())]
+    KeysExist {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// The key file is of a newer format.
+    #[error("{} was written by key file format {found}, newer than this pagesnap reads ({supported}); upgrade pagesnap", .path.display())]
+    KeyFileVersion {
+        /// The key file.
+        path: PathBuf,
+        /// The format found.
+        found: u32,
+        /// The newest format this build reads.
+        supported: u32,
+    },
+    /// Removing the only key slot.
+    #[error("{}: slot {slot} is the last key slot, and without one the store cannot be opened; add another password first", .path.display())]
+    LastKeySlot {
+        /// The key file.
+        path: PathBuf,
+        /// The slot.
+        slot: u32,
+    },
+    /// No such key slot.
+    #[error("{}: no key slot {slot}; `pagesnap key list` shows the slots", .path.display())]
+    UnknownKeySlot {
+        /// The key file.
+        path: PathBuf,
+        /// The slot asked for.
+        slot: u32,
+    },
+    /// Every key slot is in use.
+    #[error("{}: all {max} key slots are in use; remove one first", .path.display())]
+    KeySlotsFull {
+        /// The key file.
+        path: PathBuf,
+        /// How many a key file holds.
+        max: usize,
+    },
+    /// A master key that is not the key file's.
+    #[error("{}: the master key given (id {found}) is not this store's (id {expected})", .path.display())]
+    KeyMismatch {
+        /// The key file.
+        path: PathBuf,
+        /// The given key's id.
+        found: String,
+        /// The key file's key id.
+        expected: String,
+    },
+    /// A password, label or Argon2id parameter that cannot be used (the message never holds a
+    /// secret).
+    #[error("{0}")]
+    InvalidKeyInput(String),
+    /// The operating system's random generator failed.
+    #[error("no random bytes from the operating system: {0}")]
+    Random(String),
 }
 
 impl StoreError {

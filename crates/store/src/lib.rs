@@ -52,6 +52,7 @@ mod error;
 pub mod fault;
 mod format;
 mod index;
+pub mod keys;
 mod manifest;
 pub mod pagehash;
 mod storage;
