@@ -5,9 +5,12 @@
 //! `cargo run --release -p pagesnap-bench -- --full` (adds 8 Mi mappings and 1 Mi-page snapshots).
 //! `--svg PATH` names the chart (default `docs/bench-lookup.svg`). `--section NAME` runs one section:
 //! `pagetable`, `epochtree`, `snapshots`, `checkpoint` (continuous checkpointing, issue 13; see
-//! `checkpoint.rs`) or `write-path` (the format 3 store's write path against the raw disk, and
-//! metadata per data; see `write_path.rs`). `--profile-write raw|store|engine [ROUNDS]` runs one
-//! path of `write-path` alone, for `perf record`.
+//! `checkpoint.rs`), `write-path` (the store's uncompressed write path against the raw disk, and
+//! metadata per data; see `write_path.rs`), and, only by name, `pagetable-targets` (issue 18) and
+//! `compression` (issue 16: the default compression against none on random and compressible
+//! pages, write and restore, wall and CPU time; `--rounds N`; see `compression.rs`).
+//! `--profile-write raw|store|engine [ROUNDS]` runs one path of `write-path` alone, for
+//! `perf record`.
 
 use pagesnap_bench::{
     keys, live_bytes, page, pagesnap, Brown, Counting, Dash, Flat, Map, Papaya, Pattern, Radix4,
@@ -25,6 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 mod checkpoint;
+mod compression;
 mod write_path;
 
 #[global_allocator]
@@ -94,10 +98,13 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .position(|a| a == "--section")
         .and_then(|i| args.get(i + 1).cloned());
-    // `pagetable-targets` is a short check of issue 18's targets: only when asked for by name.
+    // `pagetable-targets` is a short check of issue 18's targets and `compression` one of issue
+    // 16's (minutes, and 3 GiB of disk): only when asked for by name.
     let run = |name: &str| {
         only.as_deref()
-            .map_or(name != "pagetable-targets", |o| o == name)
+            .map_or(name != "pagetable-targets" && name != "compression", |o| {
+                o == name
+            })
     };
     if run("pagetable") {
         let chart = page_table(&opts);
@@ -117,6 +124,9 @@ fn main() -> anyhow::Result<()> {
     }
     if run("write-path") {
         write_path::write_path(&opts)?;
+    }
+    if run("compression") {
+        compression::compression(&args, opts.full)?;
     }
     println!(
         "\nChart: `{}`. Total time {:.0} s.",

@@ -1,6 +1,8 @@
-//! Section `write-path`: the format 3 store's write path against the disk's raw limit, and its
-//! metadata volume per byte of data, measured in one run on a real directory (`$TMPDIR`, else
-//! `/tmp`).
+//! Section `write-path`: the store's write path against the disk's raw limit, and its metadata
+//! volume per byte of data, measured in one run on a real directory (`$TMPDIR`, else `/tmp`).
+//! Every store here is created with `Compression::None` (format 4's default, `Auto`, compresses;
+//! the figures are issue 13's uncompressed write path, against a raw write of the same random
+//! bytes; section `compression` measures the default against `None`).
 //!
 //! 1. Full snapshot: 65,536 pages (256 MiB; with `--full` also 1 Mi pages, 4 GiB, if the disk has
 //!    room) of distinct incompressible content, through the store (`begin`, `put` each page,
@@ -22,13 +24,13 @@ use anyhow::Context;
 use pagesnap_bench::Rng;
 use pagesnap_engine::Space;
 use pagesnap_pagetable::{VirtAddr, Vpn};
-use pagesnap_store::{CommitReport, SnapshotId, SnapshotMeta, Store, StoreOptions};
+use pagesnap_store::{CommitReport, Compression, SnapshotId, SnapshotMeta, Store, StoreOptions};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-const PAGE: usize = 4096;
+pub(crate) const PAGE: usize = 4096;
 /// 256 MiB of 4 KiB pages.
 const PAGES: u64 = 1 << 16;
 /// 4 GiB of 4 KiB pages (`--full`).
@@ -37,7 +39,7 @@ const PAGES_FULL: u64 = 1 << 20;
 const POOL_PAGES: u64 = 1 << 14;
 /// Pages per raw pwrite (1 MiB).
 const RUN: u64 = 256;
-const BASE: u64 = 0x6000_0000_0000;
+pub(crate) const BASE: u64 = 0x6000_0000_0000;
 /// Bytes of one page-map entry (page number 8, blake3 32, location 16), per `docs/format.md`.
 const ENTRY: u64 = 56;
 /// Bytes of a chunk payload before its entries.
@@ -54,14 +56,14 @@ fn chunk_bytes(entries: u64) -> u64 {
 }
 
 /// 64 MiB of random bytes; [`Pool::page`] and [`Pool::run`] hand out stamped pages of it.
-struct Pool {
+pub(crate) struct Pool {
     /// Block-aligned, so that its runs can be written with `O_DIRECT`.
     bytes: rkyv::util::AlignedVec<4096>,
     stamp: u64,
 }
 
 impl Pool {
-    fn new(r: &mut Rng) -> Pool {
+    pub(crate) fn new(r: &mut Rng) -> Pool {
         let mut bytes = rkyv::util::AlignedVec::<4096>::with_capacity((POOL_PAGES as usize) * PAGE);
         bytes.resize((POOL_PAGES as usize) * PAGE, 0);
         for c in bytes.chunks_exact_mut(8) {
@@ -71,7 +73,7 @@ impl Pool {
     }
 
     /// The next page: a pool page with a stamp no other page got in its first 8 bytes.
-    fn page(&mut self) -> &[u8] {
+    pub(crate) fn page(&mut self) -> &[u8] {
         let at = (self.stamp % POOL_PAGES) as usize * PAGE;
         let p = &mut self.bytes[at..at + PAGE];
         p[..8].copy_from_slice(&self.stamp.to_le_bytes());
@@ -92,16 +94,16 @@ impl Pool {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
 /// MB/s (10^6 bytes per second).
-fn mbps(bytes: u64, d: Duration) -> f64 {
+pub(crate) fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e6
 }
 
-fn median(v: &[Duration]) -> Duration {
+pub(crate) fn median(v: &[Duration]) -> Duration {
     let mut s = v.to_vec();
     s.sort();
     s.get(s.len() / 2).copied().unwrap_or_default()
@@ -115,12 +117,12 @@ fn yes(met: bool) -> &'static str {
     }
 }
 
-fn mib(b: u64) -> f64 {
+pub(crate) fn mib(b: u64) -> f64 {
     b as f64 / (1u64 << 20) as f64
 }
 
 /// Bytes available to an unprivileged user on the file system holding `dir`.
-fn free_bytes(dir: &Path) -> anyhow::Result<u64> {
+pub(crate) fn free_bytes(dir: &Path) -> anyhow::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .with_context(|| format!("{}: path holds a NUL byte", dir.display()))?;
@@ -151,7 +153,7 @@ fn mem_available() -> Option<u64> {
 /// The store directory's segment files: (sum of lengths, sum of allocated bytes). Segments are
 /// sized ahead in 8 MiB steps (sparse), so the lengths move in steps; the allocated bytes follow
 /// what was written.
-fn segment_bytes(dir: &Path) -> anyhow::Result<(u64, u64)> {
+pub(crate) fn segment_bytes(dir: &Path) -> anyhow::Result<(u64, u64)> {
     let mut len = 0;
     let mut alloc = 0;
     for e in std::fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))? {
@@ -170,7 +172,7 @@ fn segment_bytes(dir: &Path) -> anyhow::Result<(u64, u64)> {
 /// Flushes every dirty page of the system (`sync(2)`) and lets the disk drain for a moment, so a
 /// timed write does not pay for the writeback of what the previous one left behind (a removed
 /// file, an untimed setup).
-fn settle() {
+pub(crate) fn settle() {
     // SAFETY: `sync` takes no arguments and has no preconditions.
     unsafe { libc::sync() };
     std::thread::sleep(Duration::from_millis(200));
@@ -220,6 +222,17 @@ fn timed_writes(f: File, path: &Path, pool: &mut Pool, pages: u64) -> anyhow::Re
     Ok(d)
 }
 
+/// The options of every store this section creates: the defaults but for compression, which is
+/// off. The section measures the uncompressed write path of issue 13 against a raw write of the
+/// same random bytes; since format 4 the default (`Auto`) would try zstd on every frame of them
+/// first (and keep it plain). Section `compression` measures what that costs.
+fn options() -> StoreOptions {
+    StoreOptions {
+        compression: Compression::None,
+        ..StoreOptions::default()
+    }
+}
+
 /// The store's first snapshot of `pages` pages, timed from `begin` to `commit` returning; also
 /// the time of `begin` and the puts alone.
 fn store_first(
@@ -227,8 +240,8 @@ fn store_first(
     pool: &mut Pool,
     pages: u64,
 ) -> anyhow::Result<(Duration, Duration, CommitReport, Store)> {
-    let mut store = Store::init(dir, StoreOptions::default())
-        .with_context(|| format!("init store in {}", dir.display()))?;
+    let mut store =
+        Store::init(dir, options()).with_context(|| format!("init store in {}", dir.display()))?;
     settle();
     let t = Instant::now();
     store.begin(None).context("begin")?;
@@ -242,8 +255,8 @@ fn store_first(
 
 /// The engine: map `pages` pages, write each (untimed), then time `snapshot()`.
 fn engine_first(dir: &Path, pool: &mut Pool, pages: u64) -> anyhow::Result<(Duration, u64)> {
-    let store = Store::init(dir, StoreOptions::default())
-        .with_context(|| format!("init store in {}", dir.display()))?;
+    let store =
+        Store::init(dir, options()).with_context(|| format!("init store in {}", dir.display()))?;
     let space = Space::create(store).context("create space")?;
     space
         .map(VirtAddr(BASE), pages * PAGE as u64)
@@ -454,7 +467,7 @@ pub(crate) fn profile(which: &str, rounds: usize) -> anyhow::Result<()> {
 pub(crate) fn write_path(opts: &Opts) -> anyhow::Result<()> {
     let section = Instant::now();
     let tmp = PathBuf::from(std::env::var_os("TMPDIR").unwrap_or_else(|| "/tmp".into()));
-    println!("## Write path (format 3 store)\n");
+    println!("## Write path (store created with `Compression::None`)\n");
     let free = free_bytes(&tmp)?;
     // The dirty levels write about 3.5 GiB; the first-snapshot rounds 256 MiB at a time.
     let need = 5u64 << 30;
@@ -469,7 +482,7 @@ pub(crate) fn write_path(opts: &Opts) -> anyhow::Result<()> {
     }
     let rounds = 5;
     println!(
-        "Directory under `{}` ({:.0} GiB free). 4 KiB pages of distinct random content (a 64 MiB pool generated before any timer, an 8-byte stamp per page), default `StoreOptions`. Raw limit: the same bytes in 1 MiB pwrites to a fresh file of the same directory, then `fdatasync`. Before each timed write, `sync(2)` and 200 ms, so none pays for another's writeback. {rounds} rounds, raw / store / engine interleaved; medians. MB = 10^6 bytes.\n",
+        "Directory under `{}` ({:.0} GiB free). 4 KiB pages of distinct random content (a 64 MiB pool generated before any timer, an 8-byte stamp per page), default `StoreOptions` but `compression: Compression::None` (the uncompressed write path, against a raw write of the same bytes; the default `Auto` is measured against it by `--section compression`). Raw limit: the same bytes in 1 MiB pwrites to a fresh file of the same directory, then `fdatasync`. Before each timed write, `sync(2)` and 200 ms, so none pays for another's writeback. {rounds} rounds, raw / store / engine interleaved; medians. MB = 10^6 bytes.\n",
         tmp.display(),
         free as f64 / (1u64 << 30) as f64
     );
