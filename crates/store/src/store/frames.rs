@@ -17,9 +17,9 @@ use super::{Store, Writer};
 use crate::codec::{Codec, Compressor, FRAME_PAGES};
 use crate::error::StoreError;
 use crate::format::{record_len, Kind, Location, Ref, REC_HEADER, REC_MAGIC};
+use crossbeam_channel::{Receiver, Sender};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 /// The segment id of a placeholder: a page in a frame not yet appended.
@@ -43,9 +43,8 @@ struct Done {
 struct Pool {
     codec: Codec,
     level: i32,
-    jobs: Option<SyncSender<Job>>,
-    /// Behind a mutex only so the store stays `Sync` (the writer alone receives).
-    done: Mutex<Receiver<Done>>,
+    jobs: Option<Sender<Job>>,
+    done: Receiver<Done>,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -54,12 +53,11 @@ impl Pool {
         // One compressor first, so a bad level is an error here and not in a thread.
         Compressor::new(codec, level).map_err(StoreError::Compression)?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let (jobs, rx) = mpsc::sync_channel::<Job>(2 * threads);
-        let rx = Arc::new(Mutex::new(rx));
-        let (tx, done) = mpsc::channel();
+        let (jobs, rx) = crossbeam_channel::bounded::<Job>(2 * threads);
+        let (tx, done) = crossbeam_channel::unbounded();
         let mut workers = Vec::with_capacity(threads);
         for i in 0..threads {
-            let rx = Arc::clone(&rx);
+            let rx = rx.clone();
             let tx = tx.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("pagesnap-compress-{i}"))
@@ -69,11 +67,7 @@ impl Pool {
                     };
                     let mut out = Vec::new();
                     loop {
-                        let job = {
-                            let guard = rx.lock().unwrap_or_else(|e| e.into_inner());
-                            guard.recv()
-                        };
-                        let Ok(job) = job else { return };
+                        let Ok(job) = rx.recv() else { return };
                         // A panic in a codec stores the frame plain (its bytes are intact).
                         let packed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                             c.compress(&job.plain, &mut out)
@@ -105,7 +99,7 @@ impl Pool {
             codec,
             level,
             jobs: Some(jobs),
-            done: Mutex::new(done),
+            done,
             workers,
         })
     }
@@ -270,9 +264,8 @@ impl Store {
             let Some(pool) = f.pool.as_ref() else {
                 return Ok(());
             };
-            let done = pool.done.lock().unwrap_or_else(|e| e.into_inner());
             let got = if wait && !f.in_flight.is_empty() {
-                match done.recv() {
+                match pool.done.recv() {
                     Ok(d) => Some(d),
                     Err(_) => {
                         return Err(StoreError::Compression(
@@ -281,9 +274,8 @@ impl Store {
                     }
                 }
             } else {
-                done.try_recv().ok()
+                pool.done.try_recv().ok()
             };
-            drop(done);
             let Some(done) = got else { break };
             if done.gen == f.gen && f.in_flight.contains_key(&done.seq) {
                 f.ready.insert(done.seq, done);
