@@ -14,6 +14,14 @@ use std::str::FromStr;
 
 /// Pages per frame at most.
 pub(crate) const FRAME_PAGES: usize = 16;
+/// Plain bytes per frame at most: large pages get fewer per frame (a 1 MiB page is a frame of
+/// its own), so a frame's buffers, the frames in flight and the frame cache stay bounded.
+pub(crate) const FRAME_BYTES: usize = 256 << 10;
+
+/// Pages per frame at `page_size`: 16 up to 16 KiB pages, then fewer, at least 1.
+pub(crate) fn frame_pages(page_size: u32) -> usize {
+    (FRAME_BYTES / (page_size as usize).max(1)).clamp(1, FRAME_PAGES)
+}
 
 /// The codec byte of a record (byte 5 of its header; 0 in formats 1-3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -14,7 +14,7 @@
 //! and a placeholder that does not resolve is an error, not a wrong location.
 
 use super::{Store, Writer};
-use crate::codec::{Codec, Compressor, FRAME_PAGES};
+use crate::codec::{frame_pages, Codec, Compressor};
 use crate::error::StoreError;
 use crate::format::{record_len, Kind, Location, Ref, REC_HEADER, REC_MAGIC};
 use crossbeam_channel::{Receiver, Sender};
@@ -167,14 +167,20 @@ impl Framer {
             .get(&loc.offset)
             .and_then(|slots| slots.get(usize::from(loc.slot).wrapping_sub(1)))
             .copied()
-            .ok_or(StoreError::Usage(
-                "a page in a frame that was never written (a bug: please report it)",
-            ))
+            .ok_or_else(|| {
+                StoreError::Compression(format!(
+                    "internal error: page {} of frame {} was never written; the snapshot was \
+                     not committed (abort and retry; please report this)",
+                    loc.slot, loc.offset
+                ))
+            })
     }
 }
 
 /// Frames in flight at most, per compression thread.
 const IN_FLIGHT_PER_THREAD: usize = 4;
+/// ... and plain bytes in flight at most (large pages).
+const IN_FLIGHT_BYTES: usize = 32 << 20;
 
 impl Store {
     /// Whether new pages of this store are compressed.
@@ -199,11 +205,22 @@ impl Store {
         {
             // Only between frames: a pool is replaced once nothing is in flight in it.
             if !f.idle() {
-                return Err(StoreError::Usage("compression changed inside a commit"));
+                return Err(StoreError::Usage(
+                    "the compression changed while a snapshot was being written; abort it and \
+                     begin again",
+                ));
             }
             f.pool = None;
             f.pool = Some(Pool::new(codec, level)?);
         }
+        let per_frame = frame_pages(page);
+        // A full frame left by a send that failed (a full disk): sent first, so a frame never
+        // holds more than `per_frame` pages. If it still cannot go, this page is not taken.
+        if f.open_hashes.len() >= per_frame {
+            self.send_frame()?;
+        }
+        let w = self.log_writer()?;
+        let f = &mut w.frames;
         let loc = Location {
             segment: PENDING_SEGMENT,
             offset: f.next_seq,
@@ -212,7 +229,7 @@ impl Store {
         };
         f.open.extend_from_slice(data);
         f.open_hashes.push(hash);
-        if f.open_hashes.len() >= FRAME_PAGES {
+        if f.open_hashes.len() >= per_frame {
             self.send_frame()?;
         }
         self.pump(false)?;
@@ -227,7 +244,10 @@ impl Store {
             if f.open_hashes.is_empty() {
                 return Ok(());
             }
-            f.pool.as_ref().map_or(1, |p| p.workers.len()) * IN_FLIGHT_PER_THREAD
+            let frame_bytes = f.open.len().max(1);
+            (f.pool.as_ref().map_or(1, |p| p.workers.len()) * IN_FLIGHT_PER_THREAD)
+                .min(IN_FLIGHT_BYTES / frame_bytes)
+                .max(2)
         };
         while self.log_writer()?.frames.in_flight.len() >= cap {
             self.pump(true)?;
@@ -249,9 +269,7 @@ impl Store {
             .map(|j| j.send(job));
         match sent {
             Some(Ok(())) => Ok(()),
-            _ => Err(StoreError::Compression(
-                "the compression threads stopped".into(),
-            )),
+            _ => Err(threads_gone()),
         }
     }
 
@@ -264,14 +282,13 @@ impl Store {
             let Some(pool) = f.pool.as_ref() else {
                 return Ok(());
             };
-            let got = if wait && !f.in_flight.is_empty() {
+            // Waiting only makes sense while a frame is still being compressed: frames whose
+            // append failed (a full disk) are back in `ready`, and no thread will send them.
+            let compressing = f.in_flight.keys().any(|k| !f.ready.contains_key(k));
+            let got = if wait && compressing {
                 match pool.done.recv() {
                     Ok(d) => Some(d),
-                    Err(_) => {
-                        return Err(StoreError::Compression(
-                            "the compression threads stopped".into(),
-                        ))
-                    }
+                    Err(_) => return Err(threads_gone()),
                 }
             } else {
                 pool.done.try_recv().ok()
@@ -430,7 +447,7 @@ pub(crate) fn decode_frame(bytes: &[u8], page_size: u32) -> Result<FrameRecord<'
     plain.copy_from_slice(&bytes[12..16]);
     let plain_len = u32::from_le_bytes(plain) as usize;
     let pages = usize::try_from(rec.key).unwrap_or(usize::MAX);
-    if pages == 0 || pages > FRAME_PAGES || plain_len != pages * page_size as usize {
+    if pages == 0 || pages > frame_pages(page_size) || plain_len != pages * page_size as usize {
         return Err(format!(
             "a frame of {pages} pages claims {plain_len} plain bytes"
         ));
@@ -459,6 +476,8 @@ pub(crate) fn frame_plain(f: &FrameRecord<'_>) -> Result<Vec<u8>, String> {
 pub(crate) struct FrameCache(Vec<(Location, Arc<Vec<u8>>)>);
 
 const FRAME_CACHE: usize = 16;
+/// ... and plain bytes at most.
+const FRAME_CACHE_BYTES: usize = 4 << 20;
 
 impl Store {
     /// The plain pages of the frame record at `frame` (its slot ignored), checked: the record's
@@ -491,7 +510,8 @@ impl Store {
         if cache.0.iter().any(|(l, _)| *l == frame) {
             return;
         }
-        if cache.0.len() >= FRAME_CACHE {
+        let limit = (FRAME_CACHE_BYTES / plain.len().max(1)).clamp(1, FRAME_CACHE);
+        while cache.0.len() >= limit {
             cache.0.remove(0);
         }
         cache.0.push((frame, plain));
@@ -501,7 +521,8 @@ impl Store {
     pub(super) fn read_frame_bytes(&self, frame: Location) -> Result<Vec<u8>, StoreError> {
         let io = &*self.io;
         let name = crate::format::seg_name(frame.segment);
-        let max = crate::format::record_len(FRAME_PAGES * self.sb.page_size as usize);
+        let max =
+            crate::format::record_len(frame_pages(self.sb.page_size) * self.sb.page_size as usize);
         if self.segments().binary_search(&frame.segment).is_err()
             || frame.offset < crate::format::SEG_HEADER
             || frame.len as usize > max
@@ -587,7 +608,9 @@ impl Store {
     ) -> Result<usize, StoreError> {
         let frame_of = |r: &Ref| Location { slot: 0, ..r.loc };
         let first = frame_of(&refs[i]);
-        let max = crate::format::record_len(FRAME_PAGES * self.sb.page_size as usize) as u64;
+        let max =
+            crate::format::record_len(frame_pages(self.sb.page_size) * self.sb.page_size as usize)
+                as u64;
         if let Some(r) = refs[i..]
             .iter()
             .take_while(|r| r.loc.slot > 0)
@@ -709,7 +732,7 @@ impl Store {
         if head[..4] != REC_MAGIC
             || head[4] != Kind::Frame as u8
             || n == 0
-            || n > FRAME_PAGES as u64
+            || n > frame_pages(self.sb.page_size) as u64
         {
             return Err(super::corrupt(
                 &*self.io,
@@ -768,4 +791,13 @@ impl Store {
         })?;
         Ok(self.catalog.manifests.len())
     }
+}
+
+/// The error when the compression threads are gone (a thread could not be started, or died).
+fn threads_gone() -> StoreError {
+    StoreError::Compression(
+        "the compression threads stopped; the snapshot was not committed (abort and retry, or \
+         set the compression to none)"
+            .into(),
+    )
 }

@@ -466,6 +466,8 @@ mod log_space {
             read: &ReadPage,
         ) -> Result<(Vec<ManifestV3>, Link), StoreError> {
             let mut moved: HashMap<Location, Location> = HashMap::new();
+            // Pages copied for the map at hand (their new places may be placeholders).
+            let mut framed: Vec<Location> = Vec::new();
             let mut out = Vec::new();
             let mut prev_map: Option<(PageMap, ManifestV3)> = None;
             for (mut m, old_map) in snapshots {
@@ -482,6 +484,7 @@ mod log_space {
                                 self.append_page(&bytes)?
                             };
                             moved.insert(r.loc, l);
+                            framed.push(r.loc);
                             l
                         }
                     };
@@ -493,8 +496,10 @@ mod log_space {
                 {
                     let w = self.log_writer()?;
                     Store::resolve_refs(w, map.values_mut())?;
-                    for l in moved.values_mut() {
-                        *l = w.frames.resolve(*l)?;
+                    for old in framed.drain(..) {
+                        if let Some(l) = moved.get_mut(&old) {
+                            *l = w.frames.resolve(*l)?;
+                        }
                     }
                 }
                 // A delta against the snapshot before (in id order), or a base (the writer's

@@ -847,7 +847,10 @@ impl Store {
             Some(r) => r,
             None => {
                 let loc = if self.compressing() {
-                    self.frame_page(data, hash)?
+                    let loc = self.frame_page(data, hash)?;
+                    // The frame may be appended already (by the pump inside `frame_page`): then
+                    // the dedup map must learn its real place, not the placeholder.
+                    self.log_writer()?.frames.resolve(loc).unwrap_or(loc)
                 } else {
                     self.append_page(data)?
                 };
