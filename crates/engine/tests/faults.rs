@@ -16,6 +16,9 @@ fn opts() -> StoreOptions {
         page_size: PS as u32,
         segment_bytes: 16 << 10,
         preallocate: 4 << 10,
+        // Plain pages: the tests damage one page and read its neighbour (pages compressed in
+        // one frame share damage; the store's corruption campaign covers frames).
+        compression: pagesnap_store::Compression::None,
         ..StoreOptions::default()
     }
 }

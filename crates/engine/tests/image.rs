@@ -77,7 +77,12 @@ fn an_incremental_image_snapshot_writes_only_changed_pages() {
     std::fs::write(&path, &data).expect("write");
     let second = snapshot_image(&mut store, &path, None, &|_| {}).expect("second");
     assert_eq!((second.pages_changed, second.pages_written), (3, 3));
-    assert_eq!(second.data_bytes, 3 * 4096, "three pages");
+    // Three pages, compressed together (the default): no more than their plain bytes.
+    assert!(
+        second.data_bytes > 0 && second.data_bytes <= 3 * 4096,
+        "three pages: {}",
+        second.data_bytes
+    );
     let out = dir.path().join("out.img");
     restore_image(&store, second.id, &out, &|_| {}).expect("restore");
     assert!(std::fs::read(&out).expect("read") == data);

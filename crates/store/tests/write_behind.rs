@@ -264,18 +264,24 @@ fn a_commit_after_a_reported_write_behind_error_is_not_acknowledged_with_a_hole(
         Ordering::SeqCst,
     );
     let mut errors = 0;
+    let mut put = 0;
     for v in 0..2000u64 {
-        // The caller retries a put that failed (e.g. after freeing space).
+        // The caller retries a put that failed (e.g. after freeing space). With compression a
+        // retried put may fail again (the frame whose append met the sticky error is retried
+        // with it): the caller then stops and commits.
         if store.put(Vpn(v), &page(1, v)).is_err() {
             errors += 1;
-            store.put(Vpn(v), &page(1, v)).expect("retry");
+            if store.put(Vpn(v), &page(1, v)).is_err() {
+                break;
+            }
         }
+        put = v + 1;
     }
     assert!(errors > 0, "the injected failure was not reported by a put");
     match store.commit(SnapshotMeta::default()) {
         Err(_) => {} // fine: the lost bytes are refused
         Ok(c) => {
-            for v in 0..2000u64 {
+            for v in 0..put {
                 let got = store.read_page(c.id, Vpn(v));
                 assert!(
                     matches!(&got, Ok(Some(p)) if *p == page(1, v)),
