@@ -629,8 +629,52 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     // Readers
 
     /// Lock-free: the slot and words of the entry `key` in the chain for hash `h`.
+    ///
+    /// The common case inline: the first tag match in the primary bucket is the mapping, or no
+    /// tag matches and the bucket has no overflow chain (a miss). Everything else — a bucket mid
+    /// write, a stale shape, an overflow chain, a tag match that is another page, a failed
+    /// validation — starts over in [`read_slow`](Self::read_slow), out of line, so the hot path
+    /// keeps no loop and no value live across a call. Both paths follow the same seqlock protocol.
     #[inline]
-    fn read(&self, h: u64, key: impl Key) -> Option<(u32, Words)> {
+    fn read<K: Key>(&self, h: u64, key: K) -> Option<(u32, Words)> {
+        let shape = self.shape.0.load(Ordering::Acquire);
+        if let Some(head) = self.buckets.get(Shape(shape).bucket(h)) {
+            let s1 = head.seq.load(Ordering::Acquire);
+            // As in `read_slow`: an odd counter is a write in progress, a moved shape a split.
+            if s1 & 1 == 0 && self.shape.0.load(Ordering::Relaxed) == shape {
+                let m = head.matches(key.tag());
+                if m != 0 {
+                    // `entry_of` is below BUCKET_SLOTS (a power of two); the mask spares a bounds
+                    // check.
+                    let i = entry_of(m.trailing_zeros()) & (BUCKET_SLOTS - 1);
+                    let handle = head.handles[i].load(Ordering::Relaxed);
+                    if key.handle_may_match(handle) {
+                        if let Some(slot) = self.slots.get(handle.wrapping_sub(1) as usize) {
+                            let w = slot.load();
+                            if key.words_match(&w) {
+                                fence(Ordering::Acquire);
+                                if head.seq.load(Ordering::Relaxed) == s1 {
+                                    return Some((handle - 1, w));
+                                }
+                            }
+                        }
+                    }
+                } else if head.next.load(Ordering::Relaxed) == 0 {
+                    // No entry of the chain has this tag, and there is no more chain.
+                    fence(Ordering::Acquire);
+                    if head.seq.load(Ordering::Relaxed) == s1 {
+                        return None;
+                    }
+                }
+            }
+        }
+        self.read_slow(h, key)
+    }
+
+    /// [`read`](Self::read)'s general case: the whole chain, retried until a validated copy.
+    #[cold]
+    #[inline(never)]
+    fn read_slow<K: Key>(&self, h: u64, key: K) -> Option<(u32, Words)> {
         loop {
             let shape = self.shape.0.load(Ordering::Acquire);
             let Some(head) = self.buckets.get(Shape(shape).bucket(h)) else {
