@@ -16,7 +16,7 @@
 //! window of the chain's counter.
 
 use crate::addr::{PageSize, VirtAddr};
-use crate::hash::{Fmix64, VpnHasher};
+use crate::hash::{DefaultHash, VpnHasher};
 use crate::lock::{DefaultLock, WriterMutex};
 use crate::page::{is_live, meta_of, Page, PageHandle, Words, GEN_MASK, LIVE_BIT, META_SHIFT};
 use crate::segvec::SegVec;
@@ -382,7 +382,7 @@ impl TableStats {
 /// [`crate::lock`]). Readers ([`get_page`](Self::get_page), [`handle`](Self::handle),
 /// [`get_by_handle`](Self::get_by_handle), [`for_each`](Self::for_each) with [`WalkLock::None`])
 /// never wait for each other or take the writer lock.
-pub struct PageTable<H: VpnHasher = Fmix64, L: lock_api::RawMutex = DefaultLock> {
+pub struct PageTable<H: VpnHasher = DefaultHash, L: lock_api::RawMutex = DefaultLock> {
     /// Linear-hashing shape: the number of primary buckets (only grows), as a [`Shape`] word.
     shape: CachePadded<AtomicU64>,
     /// Mirrors of writer state that readers may look at.
