@@ -101,14 +101,18 @@ impl<T: Default, const SEG_SHIFT: u32> SegVec<T, SEG_SHIFT> {
         // contract), so the directory this Acquire load returns — that one or a later one,
         // published with Release in `grow_dir` after its entries were copied — has more than `k`
         // entries and entry `k` set; directories are freed only in `drop`, which has `&mut self`.
-        let entry = unsafe { &*dir.add(k) };
+        let entry = unsafe { &*dir.wrapping_add(k) };
         let seg = entry.load(Ordering::Relaxed);
         // SAFETY: a set directory entry is a segment from `Box::into_raw` of a non-empty slice,
         // never null. Telling the compiler spares the caller a null test of the result.
         unsafe { core::hint::assert_unchecked(!seg.is_null()) };
-        // SAFETY: `seg` is the first of `SEG` elements initialised in `reserve` before the segment
-        // was published (see above), freed only in `drop`; the offset is below `SEG`.
-        unsafe { &*seg.add(i & (Self::SEG - 1)) }
+        // SAFETY: `seg` is the first of `SEG` elements of one allocation (`reserve`), and the
+        // offset is below `SEG`: the result stays inside it (and, `seg` being non-null, is
+        // non-null, which the compiler now knows too).
+        let element = unsafe { seg.add(i & (Self::SEG - 1)) };
+        // SAFETY: the elements were initialised in `reserve` before the segment was published (see
+        // above), and are freed only in `drop`.
+        unsafe { &*element }
     }
 
     /// Allocates segments until `len` elements fit. Callers serialise calls (the table's writer
