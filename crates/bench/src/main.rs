@@ -21,7 +21,7 @@ use pagesnap_pagetable::{
 };
 use pagesnap_store::{Store, StoreOptions};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 mod checkpoint;
@@ -588,6 +588,8 @@ fn patterns_and_writers(ops: usize) {
 /// single-threaded hashbrown, `N` rounds (default 3) in one run. On a shared machine the load can
 /// change within seconds, so each round interleaves short runs (8 × 250,000 operations of each
 /// measurement, in turn) and compares totals: a burst of load hits both sides of a ratio.
+/// `--cpu-time` rates every run by its threads' CPU time (see [`rate`]); `--chain` makes the hit
+/// runs dependent lookups (latency instead of throughput).
 fn page_table_targets(args: &[String]) {
     let rounds: usize = args
         .iter()
@@ -645,7 +647,20 @@ fn page_table_targets(args: &[String]) {
     println!("| round | hashbrown hit, 1 thr | pagesnap hit, 1 thr | 2 thr | miss | reads alone | reads under a writer | hit 1 thr / hashbrown (>= 0.7) | hit 2 thr / hashbrown (>= 1.2) | miss / hit (>= 1) | under writer / alone (>= 0.8) |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     // Each run starts where the last one of its kind stopped, so turns do not repeat keys.
+    // `--chain`: each lookup's key depends on the last one's result (always the same key as
+    // without it), so lookups run one after the other: the latency of one lookup, not throughput.
+    let chain = args.iter().any(|a| a == "--chain");
     let hit = |m: &dyn MapDyn, threads: usize, turn: usize| {
+        if chain {
+            let last = [AtomicU64::new(0), AtomicU64::new(0)];
+            return rate(threads, ops, |t, i| {
+                // Results are physical addresses below 2^63: the added term is always 0.
+                let i = turn * ops + i + (last[t].load(Ordering::Relaxed) >> 63) as usize;
+                let r = m.get_key(&present, order[(i * 2 + t) % n] as usize);
+                last[t].store(r, Ordering::Relaxed);
+                r
+            });
+        }
         rate(threads, ops, |t, i| {
             let i = turn * ops + i;
             m.get_key(&present, order[(i * 2 + t) % n] as usize)
