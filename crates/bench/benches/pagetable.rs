@@ -3,11 +3,11 @@
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use pagesnap_bench::{keys, page, pagesnap, Map, Pattern};
-use pagesnap_pagetable::{Fmix64, SpinLock};
+use pagesnap_pagetable::{DefaultHash, SpinLock};
 
 fn get_hits(c: &mut Criterion) {
     let (present, _) = keys(1 << 16, Pattern::Sparse, 1);
-    let table = pagesnap::<Fmix64, SpinLock>(&present);
+    let table = pagesnap::<DefaultHash, SpinLock>(&present);
     let brown: hashbrown::HashMap<u64, _> = present
         .iter()
         .enumerate()

@@ -19,12 +19,12 @@ use pagesnap_bench::{
 use pagesnap_engine::Space;
 use pagesnap_epochtree::{scan, EpochTree};
 use pagesnap_pagetable::{
-    BlockingLock, Epoch, Fibonacci, Fmix64, FoldMul, PageTable, PrototypeModulo, SpinLock,
-    VirtAddr, Vpn,
+    BlockingLock, DefaultHash, Epoch, Fibonacci, Fmix64, FoldMul, PageTable, PrototypeModulo,
+    SpinLock, VirtAddr, Vpn,
 };
 use pagesnap_store::{Store, StoreOptions};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 mod checkpoint;
@@ -70,7 +70,8 @@ fn main() -> anyhow::Result<()> {
             ))),
             "pagesnap-fibonacci" => Box::new(Keyed(pagesnap::<Fibonacci, SpinLock>(&present))),
             "pagesnap-foldmul" => Box::new(Keyed(pagesnap::<FoldMul, SpinLock>(&present))),
-            _ => Box::new(Keyed(pagesnap::<Fmix64, SpinLock>(&present))),
+            "pagesnap-fmix64" => Box::new(Keyed(pagesnap::<Fmix64, SpinLock>(&present))),
+            _ => Box::new(Keyed(pagesnap::<DefaultHash, SpinLock>(&present))),
         };
         let sum: u64 = order.iter().map(|i| m.get_key(&present, *i)).sum();
         println!("{which}: {lookups} lookups, checksum {sum}");
@@ -110,6 +111,7 @@ fn main() -> anyhow::Result<()> {
         let chart = page_table(&opts);
         draw(&opts.svg, &chart)?;
     }
+    CPU_TIME.store(args.iter().any(|a| a == "--cpu-time"), Ordering::Relaxed);
     if run("pagetable-targets") {
         page_table_targets(&args);
     }
@@ -139,21 +141,51 @@ fn main() -> anyhow::Result<()> {
 // ------------------------------------------------------------------------------------------------
 // Page table
 
+/// Whether [`rate`] counts each thread's CPU time instead of the wall-clock time (`--cpu-time`).
+static CPU_TIME: AtomicBool = AtomicBool::new(false);
+
+/// The CPU time this thread has run, in seconds.
+fn thread_cpu_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID needs nothing else.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
 /// Runs `op(thread, i)` `per_thread` times on each of `threads` threads; million ops per second.
+/// With `--cpu-time`, the sum of each thread's operations per second of its own CPU time: on a
+/// machine shared with other jobs, the time slices other processes take drop out (their cache and
+/// memory traffic does not), so both sides of a ratio lose less to preemption noise.
 fn rate(threads: usize, per_thread: usize, op: impl Fn(usize, usize) -> u64 + Sync) -> f64 {
+    let cpu = CPU_TIME.load(Ordering::Relaxed);
     let start = Instant::now();
+    let per_cpu = std::sync::Mutex::new(0.0f64);
     std::thread::scope(|s| {
         for t in 0..threads {
             let op = &op;
+            let per_cpu = &per_cpu;
             s.spawn(move || {
+                let c0 = if cpu { thread_cpu_secs() } else { 0.0 };
                 let mut acc = 0u64;
                 for i in 0..per_thread {
                     acc = acc.wrapping_add(op(t, i));
                 }
                 black_box(acc);
+                if cpu {
+                    let secs = thread_cpu_secs() - c0;
+                    *per_cpu.lock().unwrap_or_else(|e| e.into_inner()) +=
+                        per_thread as f64 / secs / 1e6;
+                }
             });
         }
     });
+    if cpu {
+        return per_cpu.into_inner().unwrap_or_else(|e| e.into_inner());
+    }
     (threads * per_thread) as f64 / start.elapsed().as_secs_f64() / 1e6
 }
 
@@ -566,6 +598,8 @@ fn patterns_and_writers(ops: usize) {
 /// single-threaded hashbrown, `N` rounds (default 3) in one run. On a shared machine the load can
 /// change within seconds, so each round interleaves short runs (8 × 250,000 operations of each
 /// measurement, in turn) and compares totals: a burst of load hits both sides of a ratio.
+/// `--cpu-time` rates every run by its threads' CPU time (see [`rate`]); `--chain` makes the hit
+/// runs dependent lookups (latency instead of throughput).
 fn page_table_targets(args: &[String]) {
     let rounds: usize = args
         .iter()
@@ -588,16 +622,17 @@ fn page_table_targets(args: &[String]) {
     for i in (1..order.len()).rev() {
         order.swap(i, (r.next_u64() % (i as u64 + 1)) as usize);
     }
-    // `--hash fibonacci|foldmul` measures another hash (the default table's is fmix64).
+    // `--hash fibonacci|foldmul|fmix64` measures another hash (the default table's is foldmul).
     let hash = args
         .iter()
         .position(|a| a == "--hash")
         .and_then(|i| args.get(i + 1))
-        .map_or("fmix64", String::as_str);
+        .map_or("default", String::as_str);
     let (table, bytes) = match hash {
         "fibonacci" => build(|| pagesnap::<Fibonacci, pagesnap_pagetable::DefaultLock>(&present)),
         "foldmul" => build(|| pagesnap::<FoldMul, pagesnap_pagetable::DefaultLock>(&present)),
-        _ => build(|| pagesnap::<Fmix64, pagesnap_pagetable::DefaultLock>(&present)),
+        "fmix64" => build(|| pagesnap::<Fmix64, pagesnap_pagetable::DefaultLock>(&present)),
+        _ => build(|| pagesnap::<DefaultHash, pagesnap_pagetable::DefaultLock>(&present)),
     };
     let (brown, _) = build(|| {
         Brown(
@@ -608,7 +643,12 @@ fn page_table_targets(args: &[String]) {
                 .collect(),
         )
     });
-    println!("## Page-table targets (issue 18): {n} sparse mappings, default table ({hash}, default lock)\n");
+    let hash = if hash == "default" {
+        "default: foldmul"
+    } else {
+        hash
+    };
+    println!("## Page-table targets (issue 18): {n} sparse mappings, default table ({hash} hash, default lock)\n");
     println!(
         "Memory: {:.1} bytes/mapping ({:.2}x the 64-byte descriptor; target <= 1.3x).\n",
         bytes as f64 / n as f64,
@@ -617,7 +657,20 @@ fn page_table_targets(args: &[String]) {
     println!("| round | hashbrown hit, 1 thr | pagesnap hit, 1 thr | 2 thr | miss | reads alone | reads under a writer | hit 1 thr / hashbrown (>= 0.7) | hit 2 thr / hashbrown (>= 1.2) | miss / hit (>= 1) | under writer / alone (>= 0.8) |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     // Each run starts where the last one of its kind stopped, so turns do not repeat keys.
+    // `--chain`: each lookup's key depends on the last one's result (always the same key as
+    // without it), so lookups run one after the other: the latency of one lookup, not throughput.
+    let chain = args.iter().any(|a| a == "--chain");
     let hit = |m: &dyn MapDyn, threads: usize, turn: usize| {
+        if chain {
+            let last = [AtomicU64::new(0), AtomicU64::new(0)];
+            return rate(threads, ops, |t, i| {
+                // Results are physical addresses below 2^63: the added term is always 0.
+                let i = turn * ops + i + (last[t].load(Ordering::Relaxed) >> 63) as usize;
+                let r = m.get_key(&present, order[(i * 2 + t) % n] as usize);
+                last[t].store(r, Ordering::Relaxed);
+                r
+            });
+        }
         rate(threads, ops, |t, i| {
             let i = turn * ops + i;
             m.get_key(&present, order[(i * 2 + t) % n] as usize)

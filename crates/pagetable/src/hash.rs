@@ -10,7 +10,12 @@ pub trait VpnHasher: Default + Send + Sync + 'static {
     fn hash(&self, vpn: u64) -> u64;
 }
 
-/// MurmurHash3's 64-bit finaliser: full avalanche in two multiplies. The default.
+/// The hash a [`crate::PageTable`] uses unless told otherwise: [`FoldMul`]. Its one widening
+/// multiply is 7 instructions fewer than [`Fmix64`] on every lookup (issue 18), and it mixes every
+/// input bit into both the bucket bits and the tag.
+pub type DefaultHash = FoldMul;
+
+/// MurmurHash3's 64-bit finaliser: full avalanche in two multiplies (the default before issue 18).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Fmix64;
 

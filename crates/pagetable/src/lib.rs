@@ -50,7 +50,7 @@ mod sync;
 mod table;
 
 pub use addr::{DiskPage, Epoch, PageSize, PhysAddr, VirtAddr, Vpn};
-pub use hash::{Fibonacci, Fmix64, FoldMul, PrototypeModulo, VpnHasher};
+pub use hash::{DefaultHash, Fibonacci, Fmix64, FoldMul, PrototypeModulo, VpnHasher};
 #[cfg(feature = "std")]
 pub use lock::BlockingLock;
 pub use lock::{DefaultLock, SpinLock, WriterLock};

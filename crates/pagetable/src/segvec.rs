@@ -70,21 +70,49 @@ impl<T: Default, const SEG_SHIFT: u32> SegVec<T, SEG_SHIFT> {
     /// The element at `i`, or `None` if its segment does not exist (yet). Lock-free.
     #[inline]
     pub(crate) fn get(&self, i: usize) -> Option<&T> {
-        let k = i >> SEG_SHIFT;
         // Segments first: every directory published from now on has entry `k` set (a directory
         // loaded before this could be one too small for `k`).
-        if k >= self.segments.load(Ordering::Acquire) {
+        if i >> SEG_SHIFT >= self.segments.load(Ordering::Acquire) {
             return None;
         }
+        // SAFETY: the segment count that admits `i` was just acquired.
+        Some(unsafe { self.get_published(i) })
+    }
+
+    /// The element at `i`, without checking that it exists. Lock-free.
+    ///
+    /// # Safety
+    /// `i` is below a capacity that happens-before this call: this thread loaded (`Acquire`) a
+    /// segment count above `i >> SEG_SHIFT`, or acquired a `Release` store made after
+    /// [`reserve`](Self::reserve) covered `i` (the page table's shape word names only buckets
+    /// reserved before it was stored).
+    #[inline]
+    pub(crate) unsafe fn get_published(&self, i: usize) -> &T {
+        let k = i >> SEG_SHIFT;
+        // Under loom, check the caller's claim: a count stored before what the caller acquired is
+        // what any later load sees at least (coherence).
+        #[cfg(loom)]
+        assert!(
+            k < self.segments.load(Ordering::Relaxed),
+            "segment {k} read before it was published"
+        );
         let dir = self.dir.load(Ordering::Acquire);
-        // SAFETY: `segments > k` was acquired above, so the directory this Acquire load returns
-        // (published with Release in `grow_dir` after its entries were copied) has more than `k`
+        // SAFETY: segment `k` was published before something this thread acquired (the caller's
+        // contract), so the directory this Acquire load returns — that one or a later one,
+        // published with Release in `grow_dir` after its entries were copied — has more than `k`
         // entries and entry `k` set; directories are freed only in `drop`, which has `&mut self`.
         let entry = unsafe { &*dir.wrapping_add(k) };
         let seg = entry.load(Ordering::Relaxed);
-        // SAFETY: `seg` is the first of `SEG` elements initialised in `reserve` before `segments`
-        // passed `k` (Release; acquired above), freed only in `drop`; the offset is below `SEG`.
-        Some(unsafe { &*seg.wrapping_add(i & (Self::SEG - 1)) })
+        // SAFETY: a set directory entry is a segment from `Box::into_raw` of a non-empty slice,
+        // never null. Telling the compiler spares the caller a null test of the result.
+        unsafe { core::hint::assert_unchecked(!seg.is_null()) };
+        // SAFETY: `seg` is the first of `SEG` elements of one allocation (`reserve`), and the
+        // offset is below `SEG`: the result stays inside it (and, `seg` being non-null, is
+        // non-null, which the compiler now knows too).
+        let element = unsafe { seg.add(i & (Self::SEG - 1)) };
+        // SAFETY: the elements were initialised in `reserve` before the segment was published (see
+        // above), and are freed only in `drop`.
+        unsafe { &*element }
     }
 
     /// Allocates segments until `len` elements fit. Callers serialise calls (the table's writer

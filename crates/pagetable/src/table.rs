@@ -16,7 +16,7 @@
 //! window of the chain's counter.
 
 use crate::addr::{PageSize, VirtAddr};
-use crate::hash::{Fmix64, VpnHasher};
+use crate::hash::{DefaultHash, VpnHasher};
 use crate::lock::{DefaultLock, WriterMutex};
 use crate::page::{is_live, meta_of, Page, PageHandle, Words, GEN_MASK, LIVE_BIT, META_SHIFT};
 use crate::segvec::SegVec;
@@ -62,13 +62,14 @@ const LANES_TOP: u64 = 0x8000_8000_8000_8000;
 #[repr(C, align(64))]
 #[derive(Default)]
 struct Bucket {
+    /// Entry `i`'s tag is bits `16 * (i % 4)..` of word `i / 4`: the top 15 bits of the hash with
+    /// [`TAG_USED`] set, or 0 for an empty entry. Compared all at once (`matches`). First in the
+    /// bucket, so the 16 bytes are aligned for one SSE load.
+    tags: [AtomicU64; TAG_WORDS],
     seq: AtomicU32,
     /// 1 + index of the next overflow bucket; 0 ends the chain. Free overflow buckets are chained
     /// through it too.
     next: AtomicU32,
-    /// Entry `i`'s tag is bits `16 * (i % 4)..` of word `i / 4`: the top 15 bits of the hash with
-    /// [`TAG_USED`] set, or 0 for an empty entry. Compared four at a time (`matches`).
-    tags: [AtomicU64; TAG_WORDS],
     /// 1 + slot index; 0 is an empty entry (and ends the chain's packed entries).
     handles: [AtomicU32; BUCKET_SLOTS],
 }
@@ -101,42 +102,59 @@ impl Bucket {
         self.handles[i].store(handle, Ordering::Relaxed);
     }
 
-    /// The entries of this bucket whose tag is `tag`, as a mask [`entry_of`] turns back into
-    /// entries, computed without a branch: lookups take no branch on where in the bucket a match
-    /// is, so the branch predictor has nothing to miss. x86-64 compares all eight tags in one SSE2
-    /// instruction; elsewhere (and under loom) four at a time in a 64-bit word.
+    /// The entries of this bucket whose tag is `h`'s ([`tag_of`]), as a mask [`entry_of`] turns
+    /// back into entries, computed without a branch: lookups take no branch on where in the bucket
+    /// a match is, so the branch predictor has nothing to miss. x86-64 compares all eight tags in
+    /// one SSE2 instruction; elsewhere (and under loom) four at a time in a 64-bit word.
     #[inline]
-    fn matches(&self, tag: u16) -> u64 {
-        #[cfg(all(target_arch = "x86_64", target_feature = "sse2", not(loom)))]
+    fn matches(&self, h: u64) -> u64 {
+        #[cfg(all(target_arch = "x86_64", target_feature = "sse2", not(loom), not(miri)))]
         {
             // SAFETY: `matches_sse2` only needs SSE2, and this is compiled only where SSE2 is
             // enabled for the target (`target_feature = "sse2"`: the hosted x86_64 targets; a
             // kernel target without SSE, such as x86_64-unknown-none, takes the portable path);
             // it has no other precondition.
-            unsafe { self.matches_sse2(tag) }
+            unsafe { self.matches_sse2(h) }
         }
-        #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2", not(loom))))]
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2", not(loom), not(miri))))]
         {
-            self.matches_swar(tag)
+            self.matches_swar(h)
         }
     }
 
-    /// SSE2: entry `i` is bit `2i + 1` of the result.
-    #[cfg(all(target_arch = "x86_64", target_feature = "sse2", not(loom)))]
+    /// SSE2: entry `i` is bit `2i + 1` of the result. The tags are one 16-byte load (as the slot
+    /// copy: see [`Slot::load_x86_64`]), the pattern the top 16 bits of `h` spread to every lane.
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2", not(loom), not(miri)))]
     #[inline]
     #[target_feature(enable = "sse2")]
-    fn matches_sse2(&self, tag: u16) -> u64 {
+    fn matches_sse2(&self, h: u64) -> u64 {
         use core::arch::x86_64::{
-            _mm_cmpeq_epi16, _mm_movemask_epi8, _mm_set1_epi16, _mm_set_epi64x,
+            __m128i, _mm_cmpeq_epi16, _mm_cvtsi64_si128, _mm_movemask_epi8, _mm_or_si128,
+            _mm_set1_epi16, _mm_shuffle_epi32, _mm_shufflelo_epi16,
         };
-        const _: () = assert!(TAG_WORDS == 2);
-        #[allow(clippy::cast_possible_wrap)] // bit patterns, not numbers
-        let tags = _mm_set_epi64x(
-            self.tags[1].load(Ordering::Relaxed) as i64,
-            self.tags[0].load(Ordering::Relaxed) as i64,
+        const _: () = assert!(TAG_WORDS == 2 && core::mem::offset_of!(Bucket, tags) == 0);
+        let tags: __m128i;
+        // SAFETY: `src` is this bucket's 16 bytes of tags, aligned to 64 (they open the bucket).
+        // The asm only loads them into the xmm register it declares as output; it touches no
+        // other memory, no stack and no flags. As in `Slot::load_x86_64`, each aligned 8-byte half
+        // of the load is read in one access, i.e. what a relaxed `AtomicU64` load returns, and a
+        // reader validates everything it read against the bucket's sequence counter.
+        unsafe {
+            core::arch::asm!(
+                "movdqa {t}, xmmword ptr [{src}]",
+                src = in(reg) self.tags.as_ptr(),
+                t = out(xmm_reg) tags,
+                options(nostack, preserves_flags, readonly),
+            );
+        }
+        // Lane 3 (the top 16 bits) to lanes 0-3, then to all eight, and the used bit set: the
+        // tag of `tag_of`.
+        #[allow(clippy::cast_possible_wrap)] // bit patterns
+        let pattern = _mm_or_si128(
+            _mm_shuffle_epi32::<0>(_mm_shufflelo_epi16::<0xff>(_mm_cvtsi64_si128(h as i64))),
+            _mm_set1_epi16(TAG_USED as i16),
         );
-        #[allow(clippy::cast_possible_wrap)]
-        let equal = _mm_cmpeq_epi16(tags, _mm_set1_epi16(tag as i16));
+        let equal = _mm_cmpeq_epi16(tags, pattern);
         // Two mask bits per 16-bit lane; keep the upper one.
         #[allow(clippy::cast_sign_loss)] // a 16-bit mask
         let m = (_mm_movemask_epi8(equal) as u32 & 0xaaaa) as u64;
@@ -147,11 +165,11 @@ impl Bucket {
     /// `16l + 15 - (TAG_WORDS - 1 - k)` of the result.
     #[inline]
     #[cfg_attr(
-        all(target_arch = "x86_64", target_feature = "sse2", not(loom)),
+        all(target_arch = "x86_64", target_feature = "sse2", not(loom), not(miri)),
         allow(dead_code)
     )]
-    fn matches_swar(&self, tag: u16) -> u64 {
-        let pattern = u64::from(tag) * LANES_LOW;
+    fn matches_swar(&self, h: u64) -> u64 {
+        let pattern = u64::from(tag_of(h)) * LANES_LOW;
         let mut m = 0;
         for (k, word) in self.tags.iter().enumerate() {
             let x = word.load(Ordering::Relaxed) ^ pattern;
@@ -163,14 +181,23 @@ impl Bucket {
     }
 }
 
+/// The tag entries of a hash's mapping carry: its top 16 bits, the top one replaced by
+/// [`TAG_USED`].
+#[inline]
+fn tag_of(h: u64) -> u16 {
+    #[allow(clippy::cast_possible_truncation)] // the top 16 bits
+    let t = (h >> 48) as u16;
+    t | TAG_USED
+}
+
 /// The entry a bit of [`Bucket::matches`] stands for.
 #[inline]
 fn entry_of(bit: u32) -> usize {
-    #[cfg(all(target_arch = "x86_64", target_feature = "sse2", not(loom)))]
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2", not(loom), not(miri)))]
     {
         bit as usize >> 1
     }
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2", not(loom))))]
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2", not(loom), not(miri))))]
     {
         entry_of_swar(bit)
     }
@@ -355,7 +382,7 @@ impl TableStats {
 /// [`crate::lock`]). Readers ([`get_page`](Self::get_page), [`handle`](Self::handle),
 /// [`get_by_handle`](Self::get_by_handle), [`for_each`](Self::for_each) with [`WalkLock::None`])
 /// never wait for each other or take the writer lock.
-pub struct PageTable<H: VpnHasher = Fmix64, L: lock_api::RawMutex = DefaultLock> {
+pub struct PageTable<H: VpnHasher = DefaultHash, L: lock_api::RawMutex = DefaultLock> {
     /// Linear-hashing shape: the number of primary buckets (only grows), as a [`Shape`] word.
     shape: CachePadded<AtomicU64>,
     /// Mirrors of writer state that readers may look at.
@@ -457,8 +484,6 @@ fn write_end(b: &Bucket) {
 /// Which entry a reader or writer is looking for. A trait rather than an enum so that each
 /// lookup is compiled for its own kind of key, with nothing to pack or match at run time.
 trait Key: Copy {
-    /// The tag the entry carries.
-    fn tag(&self) -> u16;
     /// Whether an entry whose tag matched may be this key.
     fn handle_may_match(&self, handle: u32) -> bool;
     /// Whether a slot's words are this key's live mapping.
@@ -469,15 +494,9 @@ trait Key: Copy {
 #[derive(Clone, Copy)]
 struct AddrKey {
     vaddr: u64,
-    tag: u16,
 }
 
 impl Key for AddrKey {
-    #[inline]
-    fn tag(&self) -> u16 {
-        self.tag
-    }
-
     #[inline]
     fn handle_may_match(&self, _: u32) -> bool {
         true
@@ -485,25 +504,22 @@ impl Key for AddrKey {
 
     #[inline]
     fn words_match(&self, w: &Words) -> bool {
-        w[0] == self.vaddr && is_live(w)
+        // No test of the live bit: in any state between two write windows, every entry of a chain
+        // names a live slot (a remove clears the entry and the live bit in the same window), and
+        // readers return only what validated against such a state.
+        w[0] == self.vaddr
     }
 }
 
-/// A handle: this slot, this address (and its tag), this generation.
+/// A handle: this slot, this address, this generation.
 #[derive(Clone, Copy)]
 struct HandleKey {
     vaddr: u64,
-    tag: u16,
     slot: u32,
     gen: u16,
 }
 
 impl Key for HandleKey {
-    #[inline]
-    fn tag(&self) -> u16 {
-        self.tag
-    }
-
     #[inline]
     fn handle_may_match(&self, handle: u32) -> bool {
         handle == self.slot + 1
@@ -611,13 +627,11 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     }
 
     #[inline]
-    fn hash_key(&self, vaddr: VirtAddr) -> (u64, u64, u16) {
-        let vaddr = self.page_size.align_down(vaddr);
-        let h = self.hasher.hash(self.page_size.vpn(vaddr).0);
-        // The top 15 bits of the hash, marked used; the low bits pick the bucket.
-        #[allow(clippy::cast_possible_truncation)]
-        let tag = (h >> 48) as u16 | TAG_USED;
-        (vaddr.0, h, tag)
+    fn hash_key(&self, vaddr: VirtAddr) -> (u64, u64) {
+        let vpn = self.page_size.vpn(vaddr);
+        let vaddr = self.page_size.addr(vpn);
+        // The low bits of the hash pick the bucket, the top ones are the tag (`tag_of`).
+        (vaddr.0, self.hasher.hash(vpn.0))
     }
 
     #[inline]
@@ -629,15 +643,94 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     // Readers
 
     /// Lock-free: the slot and words of the entry `key` in the chain for hash `h`.
+    ///
+    /// The common case inline: the first tag match in the primary bucket is the mapping, or no
+    /// tag matches and the bucket has no overflow chain (a miss). Everything else goes out of line
+    /// to [`read_slow`](Self::read_slow), so the hot path keeps no loop and no value live across a
+    /// call: a bucket mid-write or a stale shape, a copy that fails validation (both retried after
+    /// a `spin_wait`, as `read_slow` retries), and a validated read the primary bucket did not
+    /// settle (an overflow chain, a tag match that is another page; see
+    /// [`read_unsettled`](Self::read_unsettled)). Both paths follow the same seqlock protocol.
     #[inline]
-    fn read(&self, h: u64, key: impl Key) -> Option<(u32, Words)> {
+    fn read<K: Key>(&self, h: u64, key: K) -> Option<(u32, Words)> {
+        match self.try_read(h, key) {
+            Ok(found) => found,
+            Err((head, s1)) => self.read_unsettled(h, key, head, s1),
+        }
+    }
+
+    /// [`read`](Self::read)'s inline part: the answer, or the bucket and counter value to go on
+    /// from out of line.
+    #[inline]
+    #[allow(clippy::type_complexity)]
+    fn try_read<K: Key>(&self, h: u64, key: K) -> Result<Option<(u32, Words)>, (&Bucket, u32)> {
+        let shape = self.shape.0.load(Ordering::Acquire);
+        // SAFETY: the shape was acquired, and it names only buckets reserved before it was stored
+        // (`with_config`, `grow`).
+        let head = unsafe { self.buckets.get_published(Shape(shape).bucket(h)) };
+        let s1 = head.seq.load(Ordering::Acquire);
+        // As in `read_slow`: an odd counter is a write in progress, a moved shape a split.
+        if s1 & 1 != 0 || self.shape.0.load(Ordering::Relaxed) != shape {
+            return Err((head, s1));
+        }
+        let m = head.matches(h);
+        if m != 0 {
+            // `entry_of` is below BUCKET_SLOTS (a power of two); the mask spares a bounds check.
+            let i = entry_of(m.trailing_zeros()) & (BUCKET_SLOTS - 1);
+            let handle = head.handles[i].load(Ordering::Relaxed);
+            if key.handle_may_match(handle) {
+                if let Some(slot) = self.slots.get(handle.wrapping_sub(1) as usize) {
+                    let w = slot.load();
+                    if key.words_match(&w) {
+                        fence(Ordering::Acquire);
+                        if head.seq.load(Ordering::Relaxed) == s1 {
+                            return Ok(Some((handle - 1, w)));
+                        }
+                    }
+                }
+            }
+        } else if head.next.load(Ordering::Relaxed) == 0 {
+            // No entry of the chain has this tag, and there is no more chain.
+            fence(Ordering::Acquire);
+            if head.seq.load(Ordering::Relaxed) == s1 {
+                return Ok(None);
+            }
+        }
+        Err((head, s1))
+    }
+
+    /// [`read`](Self::read) read `head` from counter value `s1` on and did not find the answer
+    /// there (one function for every case, so the hot path has one call to make). Validates
+    /// first: if what it read was a state between write windows, the chain (or another match)
+    /// holds the answer and [`read_slow`](Self::read_slow) reads on at once; otherwise — a write
+    /// in progress, a counter that moved — this is a retry like any other, after a `spin_wait`.
+    /// (Validating a second time is harmless: a counter that moved never comes back. A shape that
+    /// moved under an unchanged counter is retried at once, as `read_slow` does.) So no path
+    /// copies a slot again before the copy it took was validated or given up, as in `read_slow`.
+    #[cold]
+    #[inline(never)]
+    fn read_unsettled<K: Key>(
+        &self,
+        h: u64,
+        key: K,
+        head: &Bucket,
+        s1: u32,
+    ) -> Option<(u32, Words)> {
+        fence(Ordering::Acquire);
+        if s1 & 1 != 0 || head.seq.load(Ordering::Relaxed) != s1 {
+            spin_wait();
+        }
+        self.read_slow(h, key)
+    }
+
+    /// [`read`](Self::read)'s general case: the whole chain, retried until a validated copy.
+    #[cold]
+    #[inline(never)]
+    fn read_slow<K: Key>(&self, h: u64, key: K) -> Option<(u32, Words)> {
         loop {
             let shape = self.shape.0.load(Ordering::Acquire);
-            let Some(head) = self.buckets.get(Shape(shape).bucket(h)) else {
-                // Unreachable: buckets are allocated before the shape naming them is published.
-                spin_wait();
-                continue;
-            };
+            // SAFETY: as in `read`: the acquired shape names only reserved buckets.
+            let head = unsafe { self.buckets.get_published(Shape(shape).bucket(h)) };
             let s1 = head.seq.load(Ordering::Acquire);
             if s1 & 1 != 0 {
                 spin_wait();
@@ -648,7 +741,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
             if self.shape.0.load(Ordering::Relaxed) != shape {
                 continue;
             }
-            let found = self.scan(head, key);
+            let found = self.scan(head, h, key);
             fence(Ordering::Acquire);
             if head.seq.load(Ordering::Relaxed) == s1 {
                 return found;
@@ -659,13 +752,12 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
 
     /// Racy scan of a chain; only meaningful if the head's sequence did not move meanwhile.
     #[inline]
-    fn scan(&self, head: &Bucket, key: impl Key) -> Option<(u32, Words)> {
+    fn scan(&self, head: &Bucket, h: u64, key: impl Key) -> Option<(u32, Words)> {
         let limit = self.overflow_high.load(Ordering::Relaxed);
         let mut bucket = head;
         let mut hops = 0u32;
-        let tag = key.tag();
         loop {
-            let mut m = bucket.matches(tag);
+            let mut m = bucket.matches(h);
             while m != 0 {
                 // `entry_of` is below BUCKET_SLOTS (a power of two); the mask spares a bounds check.
                 let i = entry_of(m.trailing_zeros()) & (BUCKET_SLOTS - 1);
@@ -694,33 +786,39 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     /// not mapped. Never blocks and never takes the writer lock.
     #[inline]
     pub fn get_page(&self, vaddr: VirtAddr) -> Option<Page> {
-        let (vaddr, h, tag) = self.hash_key(vaddr);
-        self.read(h, AddrKey { vaddr, tag })
+        let (vaddr, h) = self.hash_key(vaddr);
+        let key = AddrKey { vaddr };
+        // `try_read` and the out-of-line rest apart (not `read`): so the compiler keeps the inline
+        // answer in registers rather than merging it with the rest's in memory.
+        match self.try_read(h, key) {
+            Ok(found) => found.map(|(_, w)| Page::from_words(&w)),
+            Err((head, s1)) => self.get_page_unsettled(h, key, head, s1),
+        }
+    }
+
+    /// [`get_page`](Self::get_page)'s out-of-line rest.
+    #[cold]
+    #[inline(never)]
+    fn get_page_unsettled(&self, h: u64, key: AddrKey, head: &Bucket, s1: u32) -> Option<Page> {
+        self.read_unsettled(h, key, head, s1)
             .map(|(_, w)| Page::from_words(&w))
     }
 
     /// The stable handle of the mapping of the page containing `vaddr`.
     pub fn handle(&self, vaddr: VirtAddr) -> Option<PageHandle> {
-        let (aligned, h, tag) = self.hash_key(vaddr);
-        self.read(
-            h,
-            AddrKey {
-                vaddr: aligned,
-                tag,
-            },
-        )
-        .map(|(slot, w)| self.handle_of(slot, &w))
+        let (aligned, h) = self.hash_key(vaddr);
+        self.read(h, AddrKey { vaddr: aligned })
+            .map(|(slot, w)| self.handle_of(slot, &w))
     }
 
     /// A copy of the descriptor `handle` names, or `None` if that mapping no longer exists (even
     /// if the same address was mapped again since).
     pub fn get_by_handle(&self, handle: PageHandle) -> Option<Page> {
-        let (vaddr, h, tag) = self.hash_key(self.page_size.addr(handle.vpn));
+        let (vaddr, h) = self.hash_key(self.page_size.addr(handle.vpn));
         self.read(
             h,
             HandleKey {
                 vaddr,
-                tag,
                 slot: handle.slot,
                 gen: handle.gen,
             },
@@ -763,7 +861,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         self.overflow.get(idx as usize).map(|b| (idx, b))
     }
 
-    fn find<'a>(&'a self, head: &'a Bucket, key: impl Key) -> Option<Found<'a>> {
+    fn find<'a>(&'a self, head: &'a Bucket, h: u64, key: impl Key) -> Option<Found<'a>> {
         let mut bucket = head;
         loop {
             for entry in 0..BUCKET_SLOTS {
@@ -771,7 +869,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
                 if handle == 0 {
                     return None;
                 }
-                if bucket.tag(entry) == key.tag()
+                if bucket.tag(entry) == tag_of(h)
                     && key.handle_may_match(handle)
                     && key.words_match(&self.slot(handle - 1).load())
                 {
@@ -912,14 +1010,14 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     /// descriptor of an existing one, which keeps its handle. `page.vaddr` is rounded down to its
     /// page. Waits for the writer lock (and so for a [`WalkLock::Map`] walk).
     pub fn set_page(&self, page: Page) -> Result<PageHandle, PageTableError> {
-        let (vaddr, h, tag) = self.hash_key(page.vaddr);
+        let (vaddr, h) = self.hash_key(page.vaddr);
         let page = Page {
             vaddr: VirtAddr(vaddr),
             ..page
         };
         let mut w = self.writer.0.lock();
         let head = self.head(h);
-        if let Some(found) = self.find(head, AddrKey { vaddr, tag }) {
+        if let Some(found) = self.find(head, h, AddrKey { vaddr }) {
             let slot = self.slot(found.slot);
             let meta = meta_of(&slot.load());
             write_begin(head);
@@ -959,7 +1057,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         let words = page.to_words(meta);
         write_begin(head);
         slot.store(&words);
-        self.append(&mut w, &end, tag, slot_idx + 1, spare);
+        self.append(&mut w, &end, tag_of(h), slot_idx + 1, spare);
         write_end(head);
         w.len += 1;
         self.len.0.store(w.len, Ordering::Relaxed);
@@ -971,8 +1069,8 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     /// one atomic read-modify-write. `None` if the page is not mapped. The key (`vaddr`) cannot be
     /// changed by `f`.
     pub fn update<R>(&self, vaddr: VirtAddr, f: impl FnOnce(&mut Page) -> R) -> Option<R> {
-        let (vaddr, h, tag) = self.hash_key(vaddr);
-        self.update_key(h, AddrKey { vaddr, tag }, f)
+        let (vaddr, h) = self.hash_key(vaddr);
+        self.update_key(h, AddrKey { vaddr }, f)
     }
 
     /// [`update`](Self::update) through a handle: `None` if its mapping no longer exists.
@@ -981,12 +1079,11 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
         handle: PageHandle,
         f: impl FnOnce(&mut Page) -> R,
     ) -> Option<R> {
-        let (vaddr, h, tag) = self.hash_key(self.page_size.addr(handle.vpn));
+        let (vaddr, h) = self.hash_key(self.page_size.addr(handle.vpn));
         self.update_key(
             h,
             HandleKey {
                 vaddr,
-                tag,
                 slot: handle.slot,
                 gen: handle.gen,
             },
@@ -997,7 +1094,7 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
     fn update_key<R>(&self, h: u64, key: impl Key, f: impl FnOnce(&mut Page) -> R) -> Option<R> {
         let _w = self.writer.0.lock();
         let head = self.head(h);
-        let found = self.find(head, key)?;
+        let found = self.find(head, h, key)?;
         Some(self.modify(head, self.slot(found.slot), f))
     }
 
@@ -1018,10 +1115,10 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
 
     /// Removes the mapping of the page containing `vaddr` and returns its last descriptor.
     pub fn remove(&self, vaddr: VirtAddr) -> Option<Page> {
-        let (vaddr, h, tag) = self.hash_key(vaddr);
+        let (vaddr, h) = self.hash_key(vaddr);
         let mut w = self.writer.0.lock();
         let head = self.head(h);
-        let found = self.find(head, AddrKey { vaddr, tag })?;
+        let found = self.find(head, h, AddrKey { vaddr })?;
         let end = self.chain_end(head);
         let slot = self.slot(found.slot);
         let words = slot.load();
@@ -1344,21 +1441,26 @@ mod tests {
             }
             for probe in tags {
                 let mut found = 0u32;
-                let mut m = b.matches(probe);
+                // The tag is the top 16 bits of the hash; the rest must not matter.
+                let h = u64::from(probe) << 48 | (x & 0xffff_ffff_ffff);
+                let mut m = b.matches(h);
                 while m != 0 {
                     found |= 1 << entry_of(m.trailing_zeros());
                     m &= m - 1;
                 }
                 // The portable comparison, whichever one this target uses.
                 let mut portable = 0u32;
-                let mut m = b.matches_swar(probe);
+                let mut m = b.matches_swar(h);
                 while m != 0 {
                     portable |= 1 << entry_of_swar(m.trailing_zeros());
                     m &= m - 1;
                 }
                 assert_eq!(portable, found);
+                // The hash's top bit does not matter either: the tag is always marked used, so an
+                // empty entry (tag 0) never matches.
+                assert_eq!(tag_of(h), probe | TAG_USED);
                 let want = (0..BUCKET_SLOTS)
-                    .filter(|i| entries[*i] == probe)
+                    .filter(|i| entries[*i] == probe | TAG_USED)
                     .fold(0u32, |acc, i| acc | 1 << i);
                 assert_eq!(found, want, "{entries:x?} probed with {probe:x}");
                 assert!((0..BUCKET_SLOTS).all(|i| b.tag(i) == entries[i]));

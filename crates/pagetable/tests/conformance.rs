@@ -306,6 +306,7 @@ conformance! {
     fmix64_blocking: Fmix64, BlockingLock, prototype = false;
     fibonacci_spin: Fibonacci, SpinLock, prototype = false;
     foldmul_spin: FoldMul, SpinLock, prototype = false;
+    foldmul_blocking: FoldMul, BlockingLock, prototype = false;
     prototype_hash_spin: PrototypeModulo, SpinLock, prototype = true;
 }
 

@@ -5,7 +5,7 @@
 #![cfg(not(loom))]
 
 use pagesnap_pagetable::{
-    BlockingLock, Fmix64, Page, PageTable, SpinLock, VirtAddr, VpnHasher, WalkLock,
+    BlockingLock, Fmix64, FoldMul, Page, PageTable, SpinLock, VirtAddr, VpnHasher, WalkLock,
 };
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
@@ -119,7 +119,7 @@ fn readers_and_other_tables_are_fine_inside_a_locked_walk() {
 #[test]
 fn default_table_uses_the_blocking_lock_in_std_builds() {
     let t = PageTable::new();
-    let blocking: &PageTable<Fmix64, BlockingLock> = &t;
+    let blocking: &PageTable<FoldMul, BlockingLock> = &t;
     assert!(blocking.is_empty());
     assert_eq!(
         std::any::type_name::<pagesnap_pagetable::DefaultLock>(),

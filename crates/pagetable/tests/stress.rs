@@ -4,8 +4,8 @@
 #![cfg(not(loom))]
 
 use pagesnap_pagetable::{
-    BlockingLock, DefaultLock, DiskPage, Epoch, Fmix64, Page, PageFlags, PageSize, PageTable,
-    PhysAddr, PrototypeModulo, SpinLock, VirtAddr, VpnHasher, WalkLock,
+    BlockingLock, DefaultHash, DefaultLock, DiskPage, Epoch, Fmix64, Page, PageFlags, PageSize,
+    PageTable, PhysAddr, PrototypeModulo, SpinLock, VirtAddr, VpnHasher, WalkLock,
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -119,8 +119,8 @@ fn stress<H: VpnHasher, L: lock_api::RawMutex + Send + Sync + 'static>(keys: u64
 
 #[test]
 fn stress_default_table() {
-    // The default lock: `BlockingLock` in this (std) build.
-    stress::<Fmix64, DefaultLock>(2048, 200_000);
+    // The default hash, and the default lock: `BlockingLock` in this (std) build.
+    stress::<DefaultHash, DefaultLock>(2048, 200_000);
 }
 
 #[test]
