@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 mod checkpoint;
+mod encryption;
 mod write_path;
 
 #[global_allocator]
@@ -117,6 +118,9 @@ fn main() -> anyhow::Result<()> {
     }
     if run("write-path") {
         write_path::write_path(&opts)?;
+    }
+    if run("encryption") {
+        encryption::encryption()?;
     }
     println!(
         "\nChart: `{}`. Total time {:.0} s.",
