@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 mod checkpoint;
 mod compression;
+mod encryption;
 mod write_path;
 
 #[global_allocator]
@@ -129,6 +130,9 @@ fn main() -> anyhow::Result<()> {
     }
     if run("compression") {
         compression::compression(&args, opts.full)?;
+    }
+    if run("encryption") {
+        encryption::encryption()?;
     }
     println!(
         "\nChart: `{}`. Total time {:.0} s.",

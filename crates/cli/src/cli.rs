@@ -20,6 +20,10 @@ pub struct Cli {
     /// No progress bars.
     #[arg(long, short = 'q', global = true)]
     pub quiet: bool,
+    /// An encrypted store's password, from this file (else PAGESNAP_PASSWORD_FILE, else
+    /// PAGESNAP_PASSWORD, else a prompt on a terminal).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -34,7 +38,27 @@ pub enum Command {
         /// Compression of new pages: auto, zstd, zstd:LEVEL, lz4 or none.
         #[arg(long, default_value = "auto", value_parser = parse_compression)]
         compression: Compression,
+        /// Encrypt the store (XChaCha20-Poly1305; the key wrapped by the password with
+        /// Argon2id tuned to ~0.5 s here). The password: --new-password-file,
+        /// PAGESNAP_NEW_PASSWORD_FILE, PAGESNAP_NEW_PASSWORD, or a prompt (twice).
+        #[arg(long)]
+        encrypt: bool,
+        /// The new store's password, from this file (with --encrypt).
+        #[arg(long, value_name = "FILE", requires = "encrypt")]
+        new_password_file: Option<PathBuf>,
     },
+    /// The passwords (key slots) of an encrypted store.
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  pagesnap --store /backup/vm key list
+  PAGESNAP_NEW_PASSWORD_FILE=~/second pagesnap --store /backup/vm key add --label laptop
+  pagesnap --store /backup/vm key remove 2
+  pagesnap --store /backup/vm key passwd
+
+Every command needs one current password (--password-file, PAGESNAP_PASSWORD_FILE, PAGESNAP_PASSWORD, or a prompt); add and passwd a new one (--new-password-file, PAGESNAP_NEW_PASSWORD_FILE, PAGESNAP_NEW_PASSWORD, or a prompt, twice). A slot cannot remove itself: remove it with another password."
+    )]
+    Key(KeyCommand),
     /// Show the store's compression, or set it for pages written from now on.
     #[command(
         after_help = "Example:\n  pagesnap --store /backup/vm compression\n  pagesnap --store /backup/vm compression lz4\n\nA store written by pagesnap before format 4 has no compression: run `pagesnap upgrade` first."
@@ -213,6 +237,37 @@ pub enum Command {
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
+    },
+}
+
+/// `pagesnap key …`.
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// List the key slots (id, label, when added, Argon2id parameters; nothing secret).
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a password (a new key slot).
+    Add {
+        /// A label for the slot (default: user@host).
+        #[arg(long)]
+        label: Option<String>,
+        /// The new password, from this file.
+        #[arg(long, value_name = "FILE")]
+        new_password_file: Option<PathBuf>,
+    },
+    /// Remove a key slot (not the one whose password is given).
+    Remove {
+        /// The slot's id (`pagesnap key list`).
+        id: u32,
+    },
+    /// Change the password given to a new one (its slot replaced; other slots unchanged).
+    Passwd {
+        /// The new password, from this file.
+        #[arg(long, value_name = "FILE")]
+        new_password_file: Option<PathBuf>,
     },
 }
 

@@ -7,6 +7,7 @@ use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pagesnap_engine::image::{restore_image, snapshot_image, snapshot_image_with, SnapshotOptions};
 use pagesnap_engine::names::{self, name_of};
 use pagesnap_engine::retention::{self, Policy, Within};
+use pagesnap_store::keys::{Password, PasswordRole};
 use pagesnap_store::{Compression, Mode, SnapshotId, SnapshotInfo, Store, StoreOptions, Vpn};
 use serde_json::json;
 use std::io::IsTerminal;
@@ -20,6 +21,9 @@ pub const DAMAGED: i32 = 1;
 pub(crate) struct Ctx {
     store: Option<PathBuf>,
     quiet: bool,
+    password_file: Option<PathBuf>,
+    /// The password once asked (one prompt per command, however many opens).
+    password: std::cell::OnceCell<Password>,
 }
 
 impl Ctx {
@@ -29,10 +33,29 @@ impl Ctx {
             .ok_or_else(|| anyhow!("no store given: pass --store DIR or set PAGESNAP_STORE"))
     }
 
+    /// The password of the store, if it is encrypted (asked once).
+    pub(crate) fn password_for(&self, dir: &Path) -> Result<Option<Password>> {
+        match Store::encryption_of(dir) {
+            Ok(Some(_)) => {}
+            // Not encrypted, or not a store: open says which.
+            _ => return Ok(None),
+        }
+        if self.password.get().is_none() {
+            let p = crate::password::password(PasswordRole::Current, self.password_file.as_deref())
+                .with_context(|| format!("{} is encrypted", dir.display()))?;
+            let _ = self.password.set(p);
+        }
+        Ok(self
+            .password
+            .get()
+            .map(|p| Password::new(p.as_bytes().to_vec())))
+    }
+
     pub(crate) fn open(&self, mode: Mode) -> Result<Store> {
         let dir = self.dir()?;
-        let (store, report) =
-            Store::open(dir, mode).with_context(|| format!("opening store {}", dir.display()))?;
+        let password = self.password_for(dir)?;
+        let (store, report) = Store::open_encrypted(dir, mode, password.as_ref())
+            .with_context(|| format!("opening store {}", dir.display()))?;
         if report.damaged_slot {
             if let Some(note) = &report.superblock_note {
                 eprintln!("pagesnap: warning: {note}");
@@ -99,9 +122,16 @@ pub fn run(cli: Cli) -> Result<i32> {
     let ctx = Ctx {
         store: cli.store,
         quiet: cli.quiet,
+        password_file: cli.password_file,
+        password: std::cell::OnceCell::new(),
     };
     match cli.command {
-        Command::Init { compression } => init(&ctx, compression),
+        Command::Init {
+            compression,
+            encrypt,
+            new_password_file,
+        } => init(&ctx, compression, encrypt, new_password_file.as_deref()),
+        Command::Key(k) => crate::keycmd::key(&ctx, k),
         Command::Compression { setting } => compression(&ctx, setting),
         Command::Snapshot {
             image,
@@ -179,16 +209,31 @@ pub fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-fn init(ctx: &Ctx, compression: Compression) -> Result<i32> {
+fn init(
+    ctx: &Ctx,
+    compression: Compression,
+    encrypt: bool,
+    new_file: Option<&Path>,
+) -> Result<i32> {
     let dir = ctx.dir()?;
-    Store::init(
-        dir,
-        StoreOptions {
-            compression,
-            ..StoreOptions::default()
-        },
-    )
-    .with_context(|| format!("creating store {}", dir.display()))?;
+    let opts = StoreOptions {
+        compression,
+        ..StoreOptions::default()
+    };
+    if encrypt {
+        let password = crate::password::password(PasswordRole::New, new_file)?;
+        let kdf = crate::keycmd::kdf()?;
+        Store::init_encrypted(dir, opts, &password, kdf, &crate::keycmd::default_label())
+            .with_context(|| format!("creating store {}", dir.display()))?;
+        println!(
+            "created an empty encrypted store in {} (compression {}; key slot 1, {kdf}): \
+             keep the password — without it nothing in the store can be read",
+            dir.display(),
+            describe(compression)
+        );
+        return Ok(OK);
+    }
+    Store::init(dir, opts).with_context(|| format!("creating store {}", dir.display()))?;
     println!(
         "created an empty store in {} (compression {})",
         dir.display(),
@@ -453,7 +498,7 @@ fn snapshot(
 }
 
 /// `YYYY-MM-DD HH:MM:SS` UTC of a Unix time in milliseconds (proleptic Gregorian).
-fn utc(ms: u64) -> String {
+pub(crate) fn utc(ms: u64) -> String {
     let (y, m, d, h) = pagesnap_engine::retention::civil(ms);
     let secs = ms / 1000 % 3600;
     format!(
@@ -934,6 +979,8 @@ fn demo(quiet: bool) -> Result<i32> {
     let ctx = Ctx {
         store: Some(store_dir.clone()),
         quiet,
+        password_file: None,
+        password: std::cell::OnceCell::new(),
     };
     println!("pagesnap demo in {}", dir.display());
     println!(

@@ -10,6 +10,7 @@
 
 mod cli;
 mod commands;
+mod keycmd;
 mod output;
 mod password;
 mod serve;

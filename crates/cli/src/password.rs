@@ -2,9 +2,8 @@
 //! option, the `…_FILE` variable, the variable itself (`pagesnap_store::keys::password_from`),
 //! else a prompt when standard input is a terminal, else [`StoreError::NoPassword`] (exit 2).
 //!
-//! Not wired into any command yet: `init --encrypt` and `key add|list|remove|passwd` will call
-//! [`password`] once the store seals its records.
-#![allow(dead_code)]
+//! Every command on an encrypted store asks for the current password through [`password`];
+//! `init --encrypt`, `key add` and `key passwd` for a new one.
 
 use pagesnap_store::keys::{self, Password, PasswordRole};
 use pagesnap_store::StoreError;

@@ -158,6 +158,7 @@ fn serve_image(ctx: &Ctx, image: &Path, signals: Signals, args: &ServeArgs) -> R
     let _ = io::stdout().flush();
     let snapper = Arc::new(Snapper {
         tracked: tracked.clone(),
+        password: ctx.password_for(&dir)?,
         dir: dir.clone(),
         one: Mutex::new(()),
     });
@@ -278,6 +279,8 @@ impl Drop for ControlSocket {
 /// they wait for each other instead of colliding on the store's writer lock.
 struct Snapper {
     tracked: Arc<TrackedImage>,
+    /// An encrypted store's password (asked once, when the server starts).
+    password: Option<pagesnap_store::keys::Password>,
     dir: PathBuf,
     one: Mutex<()>,
 }
@@ -286,7 +289,7 @@ impl Snapper {
     /// A snapshot of the served image: the store is opened as the writer for just this snapshot.
     fn take(&self, label: Option<String>, reread: bool) -> Result<TrackedSnapshot> {
         let _one = self.one.lock().unwrap_or_else(PoisonError::into_inner);
-        let (mut store, _) = Store::open(&self.dir, Mode::Write)
+        let (mut store, _) = Store::open_encrypted(&self.dir, Mode::Write, self.password.as_ref())
             .with_context(|| format!("opening store {} for the snapshot", self.dir.display()))?;
         self.tracked
             .snapshot(&mut store, label, reread, &|_| {})

@@ -749,6 +749,7 @@ fn read_image(
     // each on every core, and this thread stores them (the store's writer thread writes them
     // out). No stage waits for another while a buffer is free, so reading, hashing, storing and
     // the device all overlap.
+    let ids = run.store.page_ids();
     std::thread::scope(|s| -> Result<(u64, u64), ImageError> {
         let (to_reader, jobs) = std::sync::mpsc::sync_channel::<(Batch, Vec<u8>)>(BUFFERS);
         let (to_hasher, reads) =
@@ -766,7 +767,7 @@ fn read_image(
         s.spawn(move || {
             for read in reads {
                 let hashed = read.map(|(b, buf)| {
-                    let hashes = hash_pages(&buf, b.pages, ps);
+                    let hashes = hash_pages(&buf, b.pages, ps, &ids);
                     (b, buf, hashes)
                 });
                 if to_main.send(hashed).is_err() {
@@ -843,7 +844,15 @@ const BUFFERS: usize = 6;
 
 /// The blake3 of each non-zero page of the first `pages` pages of `buf`, on every core, many
 /// pages at once on each (`pagehash`).
-pub(crate) fn hash_pages(buf: &[u8], pages: u64, ps: u64) -> Vec<Option<[u8; 32]>> {
+///
+/// The ids are the store's ([`Store::page_ids`]: keyed blake3 in an encrypted store), so that
+/// they compare with the parent's.
+pub(crate) fn hash_pages(
+    buf: &[u8],
+    pages: u64,
+    ps: u64,
+    ids: &pagehash::PageIds,
+) -> Vec<Option<[u8; 32]>> {
     let all: Vec<&[u8]> = buf[..(pages * ps) as usize].chunks(ps as usize).collect();
     let zero: Vec<bool> = all.iter().map(|p| is_zero(p)).collect();
     let data: Vec<&[u8]> = all
@@ -855,7 +864,7 @@ pub(crate) fn hash_pages(buf: &[u8], pages: u64, ps: u64) -> Vec<Option<[u8; 32]
     let mut hashes = vec![[0u8; 32]; data.len()];
     data.par_chunks(HASH_GROUP)
         .zip(hashes.par_chunks_mut(HASH_GROUP))
-        .for_each(|(pages, out)| pagehash::hash_pages(pages, out));
+        .for_each(|(pages, out)| ids.hash_pages(pages, out));
     let mut next = hashes.into_iter();
     zero.iter()
         .map(|z| if *z { None } else { next.next() })

@@ -177,15 +177,15 @@ type Hashes = Vec<Option<[u8; 32]>>;
 /// Hashes states: a small batch on the calling thread (a snapshot of a few thousand pages then
 /// keeps to one core and leaves the other to the mutators: ~1 ms per 1,000 pages), a large one
 /// on every core.
-fn hash_states(states: &States) -> Hashes {
+fn hash_states(states: &States, ids: &pagehash::PageIds) -> Hashes {
     let data: Vec<&[u8]> = states.iter().filter_map(|(_, s)| s.as_deref()).collect();
     let mut hashes = vec![[0u8; 32]; data.len()];
     if states.len() < PARALLEL_HASH_MIN {
-        pagehash::hash_pages(&data, &mut hashes);
+        ids.hash_pages(&data, &mut hashes);
     } else {
         data.par_chunks(HASH_GROUP)
             .zip(hashes.par_chunks_mut(HASH_GROUP))
-            .for_each(|(pages, out)| pagehash::hash_pages(pages, out));
+            .for_each(|(pages, out)| ids.hash_pages(pages, out));
     }
     let mut next = hashes.into_iter();
     states
@@ -816,6 +816,7 @@ impl Inner {
                 .store(true, std::sync::atomic::Ordering::Release);
             job.preserved.lock().clear();
         }
+        let ids = self.store.lock().page_ids();
         let result = (|| -> Result<_, StoreError> {
             // In batches: take the states at the pause, hash them on every core, then store.
             let mut taken = taken.into_iter();
@@ -840,7 +841,7 @@ impl Inner {
                                 })
                                 .collect(),
                         };
-                        let hashes = hash_states(&states);
+                        let hashes = hash_states(&states, &ids);
                         (states, hashes, cow)
                     },
                     || match ready.take() {

@@ -726,6 +726,7 @@ impl TrackedImage {
         let mut done = 0u64;
         let mut window: Vec<Range<u64>> = Vec::new();
         let mut in_window = 0u64;
+        let ids = run.store.page_ids();
         let mut runs = frozen.pages.runs().into_iter();
         let mut carry: Option<Range<u64>> = None;
         loop {
@@ -745,7 +746,7 @@ impl TrackedImage {
                 break;
             }
             let (batch, holes) = self.capture(&window, &mut buf)?;
-            let hashes = hash_pages(&buf, batch.pages, ps);
+            let hashes = hash_pages(&buf, batch.pages, ps, &ids);
             run.put_batch(&batch, &buf, &hashes)?;
             for h in holes {
                 run.hole(h)?;

@@ -208,6 +208,18 @@ pub enum StoreError {
     /// secret).
     #[error("{0}")]
     InvalidKeyInput(String),
+    /// The store is encrypted and no password was given.
+    #[error("{} is encrypted: give its password (PAGESNAP_PASSWORD, PAGESNAP_PASSWORD_FILE or --password-file), or run on a terminal to be asked", .path.display())]
+    Encrypted {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// The store is encrypted and its key file is missing.
+    #[error("{} is encrypted, but its key file `keys` is missing: nothing can be read without it; restore it from a copy of the store (the store is never treated as unencrypted)", .path.display())]
+    KeyFileMissing {
+        /// The directory.
+        path: PathBuf,
+    },
     /// The operating system's random generator failed.
     #[error("no random bytes from the operating system: {0}")]
     Random(String),

@@ -351,6 +351,9 @@ pub(crate) struct Superblock {
     pub(crate) version: u32,
     /// The compression new pages get (format 4; `None` before).
     pub(crate) compression: crate::codec::Compression,
+    /// Format 4: the store is encrypted (scheme 1, XChaCha20-Poly1305 and keyed blake3) with
+    /// the master key of this id; `None`: not encrypted.
+    pub(crate) encryption: Option<crate::keys::KeyId>,
 }
 
 impl Superblock {
@@ -407,6 +410,13 @@ impl Superblock {
         e.root(&self.catalog_copy);
         if self.version >= FRAME_FORMAT {
             e.bytes(&self.compression.to_bytes());
+            match &self.encryption {
+                Some(id) => {
+                    e.bytes(&[crate::store::SCHEME_XCHACHA_BLAKE3, 0, 0, 0]);
+                    e.bytes(&id.0);
+                }
+                None => e.bytes(&[0; 20]),
+            }
         }
         // The writer refuses a commit with more runs than fit (`TooManySegments`) before it
         // encodes; truncating here would be a bug, so it is checked in debug builds.
@@ -456,6 +466,7 @@ impl Superblock {
         let mut segment_bytes = 0;
         let mut catalog_copy = None;
         let mut compression = crate::codec::Compression::None;
+        let mut encryption = None;
         let mut segments = Vec::new();
         if version == 1 {
             let n = d.u32().map_err(m)? as usize;
@@ -475,6 +486,14 @@ impl Superblock {
                 b.copy_from_slice(d.take(4).map_err(m)?);
                 compression =
                     crate::codec::Compression::from_bytes(b).ok_or(SlotError::Malformed)?;
+                let head = d.take(4).map_err(m)?;
+                let mut id = [0u8; 16];
+                id.copy_from_slice(d.take(16).map_err(m)?);
+                encryption = match head {
+                    [0, 0, 0, 0] if id == [0; 16] => None,
+                    [crate::store::SCHEME_XCHACHA_BLAKE3, 0, 0, 0] => Some(crate::keys::KeyId(id)),
+                    _ => return Err(SlotError::Malformed),
+                };
             }
             let n = d.u32().map_err(m)? as usize;
             if n > MAX_SEGMENT_RUNS || n * 8 > d.remaining() {
@@ -510,6 +529,7 @@ impl Superblock {
             segment_bytes,
             version,
             compression,
+            encryption,
         })
     }
 }
@@ -580,10 +600,16 @@ mod tests {
             segment_bytes: 1 << 20,
             version: FORMAT_VERSION,
             compression: crate::codec::Compression::Lz4,
+            encryption: None,
         };
         let bytes = sb.encode();
         assert_eq!(bytes.len(), SLOT_SIZE);
         assert_eq!(Superblock::decode(&bytes), Ok(sb.clone()));
+        let enc = Superblock {
+            encryption: Some(crate::keys::KeyId([0xab; 16])),
+            ..sb.clone()
+        };
+        assert_eq!(Superblock::decode(&enc.encode()), Ok(enc.clone()));
         let mut bad = bytes.clone();
         bad[100] ^= 1;
         assert_eq!(Superblock::decode(&bad), Err(SlotError::Checksum));
@@ -639,6 +665,7 @@ mod tests {
             segment_bytes: 256 << 20,
             version: FORMAT_VERSION,
             compression: crate::codec::Compression::Lz4,
+            encryption: None,
         };
         assert_eq!(Superblock::decode(&sb.encode()), Ok(sb));
         // A run longer than any store may hold, or overlapping runs, is refused without a large

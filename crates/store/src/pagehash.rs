@@ -23,6 +23,7 @@ const CHUNK_START: u8 = 1 << 0;
 const CHUNK_END: u8 = 1 << 1;
 const PARENT: u8 = 1 << 2;
 const ROOT: u8 = 1 << 3;
+const KEYED_HASH: u8 = 1 << 4;
 const IV: [u32; 8] = [
     0x6A09E667, 0xBB67AE85, 0x3C6EF372, 0xA54FF53A, 0x510E527F, 0x9B05688C, 0x1F83D9AB, 0x5BE0CD19,
 ];
@@ -35,7 +36,67 @@ const BATCH: usize = 64;
 /// otherwise: a caller's error). Pages of one length, a power of two of at least 1 KiB, go many
 /// at a time; others one by one.
 pub fn hash_pages(pages: &[&[u8]], out: &mut [[u8; 32]]) {
+    hash_pages_with(None, pages, out)
+}
+
+/// [`hash_pages`] in blake3's keyed mode: `blake3::keyed_hash(key, page)` of each page (the
+/// key's words replace the IV and every compression carries the `KEYED_HASH` flag).
+pub fn hash_pages_keyed(key: &[u8; 32], pages: &[&[u8]], out: &mut [[u8; 32]]) {
+    hash_pages_with(Some(key), pages, out)
+}
+
+/// The page ids of a store: plain blake3, or keyed blake3 in an encrypted store (the dedup key:
+/// an id then does not tell whether the store holds a page someone else knows). Cheap to clone
+/// and to send to hashing threads; `Debug` shows no key.
+#[derive(Clone, Default)]
+pub struct PageIds(Option<std::sync::Arc<crate::keys::DedupKey>>);
+
+impl std::fmt::Debug for PageIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "PageIds(keyed)"
+        } else {
+            "PageIds(blake3)"
+        })
+    }
+}
+
+impl PageIds {
+    pub(crate) fn keyed(key: std::sync::Arc<crate::keys::DedupKey>) -> PageIds {
+        PageIds(Some(key))
+    }
+
+    /// Whether ids are keyed (an encrypted store).
+    pub fn is_keyed(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// The id of one page.
+    pub fn id(&self, page: &[u8]) -> [u8; 32] {
+        match &self.0 {
+            Some(k) => k.id(page),
+            None => *blake3::hash(page).as_bytes(),
+        }
+    }
+
+    /// The ids of many pages at once ([`hash_pages`], keyed or not).
+    pub fn hash_pages(&self, pages: &[&[u8]], out: &mut [[u8; 32]]) {
+        hash_pages_with(self.0.as_ref().map(|k| k.key_bytes()), pages, out)
+    }
+}
+
+fn hash_pages_with(key: Option<&[u8; 32]>, pages: &[&[u8]], out: &mut [[u8; 32]]) {
     assert_eq!(pages.len(), out.len(), "one hash per page");
+    let (words, keyed) = match key {
+        Some(k) => {
+            let mut w = [0u32; 8];
+            for (i, c) in k.chunks_exact(4).enumerate() {
+                w[i] = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+            (w, KEYED_HASH)
+        }
+        None => (IV, 0),
+    };
     let len = pages.first().map_or(0, |p| p.len());
     let chunks = len / CHUNK;
     let batched = len.is_multiple_of(CHUNK)
@@ -43,7 +104,10 @@ pub fn hash_pages(pages: &[&[u8]], out: &mut [[u8; 32]]) {
         && pages.iter().all(|p| p.len() == len);
     if !batched {
         for (p, o) in pages.iter().zip(out.iter_mut()) {
-            *o = *blake3::hash(p).as_bytes();
+            *o = match key {
+                Some(k) => *blake3::keyed_hash(k, p).as_bytes(),
+                None => *blake3::hash(p).as_bytes(),
+            };
         }
         return;
     }
@@ -64,10 +128,10 @@ pub fn hash_pages(pages: &[&[u8]], out: &mut [[u8; 32]]) {
             let roots = &mut cvs[..n * OUT];
             platform.hash_many(
                 &inputs,
-                &IV,
+                &words,
                 0,
                 IncrementCounter::No,
-                0,
+                keyed,
                 CHUNK_START,
                 CHUNK_END | ROOT,
                 roots,
@@ -88,10 +152,10 @@ pub fn hash_pages(pages: &[&[u8]], out: &mut [[u8; 32]]) {
             );
             platform.hash_many(
                 &inputs,
-                &IV,
+                &words,
                 j as u64,
                 IncrementCounter::No,
-                0,
+                keyed,
                 CHUNK_START,
                 CHUNK_END,
                 &mut lane_out,
@@ -109,9 +173,9 @@ pub fn hash_pages(pages: &[&[u8]], out: &mut [[u8; 32]]) {
                 .chunks_exact(64)
                 .filter_map(|b| <&[u8; 64]>::try_from(b).ok())
                 .collect();
-            let flags = if half == 1 { PARENT | ROOT } else { PARENT };
+            let flags = keyed | if half == 1 { PARENT | ROOT } else { PARENT };
             let dst = &mut next[..n * half * OUT];
-            platform.hash_many(&blocks, &IV, 0, IncrementCounter::No, flags, 0, 0, dst);
+            platform.hash_many(&blocks, &words, 0, IncrementCounter::No, flags, 0, 0, dst);
             drop(blocks);
             cvs[..n * half * OUT].copy_from_slice(dst);
             width = half;
@@ -154,6 +218,15 @@ mod tests {
                 hash_pages(&refs, &mut out);
                 for (p, h) in ps.iter().zip(&out) {
                     assert_eq!(h, blake3::hash(p).as_bytes(), "len {len} n {n}");
+                }
+                let key = [len as u8 ^ 0x5a; 32];
+                hash_pages_keyed(&key, &refs, &mut out);
+                for (p, h) in ps.iter().zip(&out) {
+                    assert_eq!(
+                        h,
+                        blake3::keyed_hash(&key, p).as_bytes(),
+                        "keyed len {len} n {n}"
+                    );
                 }
             }
         }

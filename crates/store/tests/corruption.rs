@@ -10,6 +10,43 @@ use pagesnap_store::{Epoch, Mode, SnapshotId, SnapshotMeta, Storage, Store, Stor
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+thread_local! {
+    /// This test thread's campaign runs on an encrypted store (each test has its own thread).
+    static ENCRYPTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn password() -> pagesnap_store::keys::Password {
+    pagesnap_store::keys::Password::from("campaign")
+}
+
+/// A new store on `io`: encrypted when this thread's campaign is.
+fn init_store(
+    io: Arc<FaultyStorage>,
+    opts: StoreOptions,
+) -> Result<Store, pagesnap_store::StoreError> {
+    if ENCRYPTED.with(|e| e.get()) {
+        Store::init_encrypted_with(
+            io,
+            opts,
+            &password(),
+            pagesnap_store::keys::KdfParams::FOR_TESTS,
+            "campaign",
+        )
+    } else {
+        Store::init_with(io, opts)
+    }
+}
+
+/// Opens the store on `io` (with its password when encrypted).
+fn open_store(
+    io: Arc<FaultyStorage>,
+    mode: Mode,
+    opts: StoreOptions,
+) -> Result<(Store, pagesnap_store::OpenReport), pagesnap_store::StoreError> {
+    let pw = ENCRYPTED.with(|e| e.get()).then(password);
+    Store::open_with_key(io, mode, opts, pw.as_ref())
+}
+
 const PS: usize = 512;
 
 fn opts() -> StoreOptions {
@@ -35,7 +72,7 @@ type Model = BTreeMap<SnapshotId, BTreeMap<u64, u64>>;
 /// seeds, so the older superblock state named segments that are gone).
 fn build(seed: u64) -> (Arc<FaultyStorage>, Model) {
     let io = Arc::new(FaultyStorage::new());
-    let mut store = Store::init_with(io.clone(), opts()).expect("init");
+    let mut store = init_store(io.clone(), opts()).expect("init");
     let mut r = SplitMix64(seed);
     let mut model = Model::new();
     let mut pages: BTreeMap<u64, u64> = BTreeMap::new();
@@ -86,7 +123,7 @@ fn check(
     in_superblock: bool,
 ) -> Result<(), String> {
     let files_before = io.list().map_err(|e| e.to_string())?;
-    let opened = Store::open_with(io.clone(), mode, opts());
+    let opened = open_store(io.clone(), mode, opts());
     let files_after = io.list().map_err(|e| e.to_string())?;
     if files_after != files_before {
         return Err(format!(
@@ -170,13 +207,30 @@ fn every_flip_in_committed_bytes_is_detected_and_never_returned_as_data() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1500);
+    campaign(trials, 1500);
+}
+
+/// The same campaign on an encrypted store (sealed frames, chunks and commit records; keyed
+/// page ids): a third of the trials.
+#[test]
+fn every_flip_in_an_encrypted_store_is_detected_and_never_returned_as_data() {
+    ENCRYPTED.with(|e| e.set(true));
+    let trials: u64 = std::env::var("PAGESNAP_CORRUPTIONS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(500, |t| t.div_ceil(3));
+    campaign(trials, 500);
+}
+
+/// `trials` corruptions; with at least `full` of them, a tenth must hit compressed frames.
+fn campaign(trials: u64, full: u64) {
     let (mut checked, mut failed, mut redundant_trials) = (0u64, Vec::new(), 0u64);
     // Trials that flip bits inside a compressed page frame (record kind 8).
     let mut frame_trials = 0u64;
     for t in 0..trials {
         let (io, model) = build(t / 50);
         let (live, catalog) = {
-            let (store, _) = Store::open_with(io.clone(), Mode::Read, opts()).expect("open");
+            let (store, _) = open_store(io.clone(), Mode::Read, opts()).expect("open");
             (
                 store.live_records().expect("live records"),
                 store.catalog_records().expect("catalog records"),
@@ -248,7 +302,7 @@ fn every_flip_in_committed_bytes_is_detected_and_never_returned_as_data() {
         failed.len()
     );
     assert!(
-        trials < 1500 || frame_trials >= checked / 10,
+        trials < full || frame_trials >= checked / 10,
         "compressed frames are part of the campaign: {frame_trials} of {checked}"
     );
     assert!(checked > trials / 2);

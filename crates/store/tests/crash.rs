@@ -12,6 +12,43 @@ use pagesnap_store::{Epoch, Mode, SnapshotId, SnapshotMeta, Store, StoreError, S
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+thread_local! {
+    /// This test thread's campaign runs on an encrypted store (each test has its own thread).
+    static ENCRYPTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn password() -> pagesnap_store::keys::Password {
+    pagesnap_store::keys::Password::from("campaign")
+}
+
+/// A new store on `io`: encrypted when this thread's campaign is.
+fn init_store(
+    io: Arc<FaultyStorage>,
+    opts: StoreOptions,
+) -> Result<Store, pagesnap_store::StoreError> {
+    if ENCRYPTED.with(|e| e.get()) {
+        Store::init_encrypted_with(
+            io,
+            opts,
+            &password(),
+            pagesnap_store::keys::KdfParams::FOR_TESTS,
+            "campaign",
+        )
+    } else {
+        Store::init_with(io, opts)
+    }
+}
+
+/// Opens the store on `io` (with its password when encrypted).
+fn open_store(
+    io: Arc<FaultyStorage>,
+    mode: Mode,
+    opts: StoreOptions,
+) -> Result<(Store, pagesnap_store::OpenReport), pagesnap_store::StoreError> {
+    let pw = ENCRYPTED.with(|e| e.get()).then(password);
+    Store::open_with_key(io, mode, opts, pw.as_ref())
+}
+
 const PAGE: usize = 512;
 
 fn opts() -> StoreOptions {
@@ -96,7 +133,7 @@ fn snapshot_contents(store: &Store, id: SnapshotId) -> Result<BTreeMap<u64, u64>
 /// errors that are not crashes are expected to fail one operation and leave the store usable.
 fn run(io: &Arc<FaultyStorage>, steps: &[Step], errors: &mut Vec<String>) -> Model {
     let mut model = Model::default();
-    let mut store = match Store::init_with(io.clone(), opts()) {
+    let mut store = match init_store(io.clone(), opts()) {
         Ok(s) => s,
         Err(e) => {
             if !io.has_crashed() {
@@ -199,7 +236,7 @@ fn run(io: &Arc<FaultyStorage>, steps: &[Step], errors: &mut Vec<String>) -> Mod
 /// Checks a recovered directory against what was acknowledged; returns a failure description.
 fn check_recovered(io: FaultyStorage, model: &Model) -> Result<(), String> {
     let io = Arc::new(io);
-    let (mut store, _) = match Store::open_with(io.clone(), Mode::Write, opts()) {
+    let (mut store, _) = match open_store(io.clone(), Mode::Write, opts()) {
         Ok(s) => s,
         Err(StoreError::NotAStore { .. }) if !model.init_ok => return Ok(()),
         Err(e) => return Err(format!("reopen failed: {e}")),
@@ -258,7 +295,7 @@ fn check_recovered(io: FaultyStorage, model: &Model) -> Result<(), String> {
     flipped
         .flip_bit("superblock", bit / 8, (bit % 8) as u8)
         .map_err(|e| e.to_string())?;
-    let (reader, _) = Store::open_with(flipped, Mode::Read, opts())
+    let (reader, _) = open_store(flipped, Mode::Read, opts())
         .map_err(|e| format!("open after recovery and a superblock flip: {e}"))?;
     if reader.snapshot_ids().map_err(|e| e.to_string())?
         != store.snapshot_ids().map_err(|e| e.to_string())?
@@ -344,6 +381,33 @@ fn a_committed_snapshot_survives_a_crash_at_every_operation() {
     assert!(checked >= 1000);
 }
 
+/// The same campaign on an encrypted store: every page sealed in a frame, chunks and commit
+/// records sealed, the key file created by init (a crash inside it leaves no store).
+#[test]
+fn an_encrypted_store_survives_a_crash_at_every_operation() {
+    ENCRYPTED.with(|e| e.set(true));
+    let workloads = std::env::var("PAGESNAP_CRASH_WORKLOADS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(8, |w| w.div_ceil(4));
+    let (checked, failures) = crash_campaign(workloads, 4);
+    println!(
+        "{checked} crash states of an encrypted store checked, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{}",
+        failures
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(checked >= 1000, "{checked} crash states");
+}
+
 #[test]
 fn enospc_and_eio_at_every_operation_fail_cleanly() {
     let mut checked = 0;
@@ -425,7 +489,7 @@ fn a_superblock_write_that_cannot_be_undone_stops_the_writer_until_reopen() {
     io.set_plan(FaultPlan::default());
     for fate in 0..16 {
         let (store, _) =
-            Store::open_with(Arc::new(io.crash_image(fate)), Mode::Write, opts()).expect("reopen");
+            open_store(Arc::new(io.crash_image(fate)), Mode::Write, opts()).expect("reopen");
         assert_eq!(
             store.read_page(first, Vpn(1)).expect("committed"),
             Some(page(1))
@@ -474,8 +538,8 @@ fn a_failed_commit_whose_hint_cannot_be_written_stops_the_writer_until_reopen() 
     drop(store);
     failing.store(false, Ordering::SeqCst);
     for fate in 0..16 {
-        let (store, _) = Store::open_with(Arc::new(inner.crash_image(fate)), Mode::Write, opts())
-            .expect("reopen");
+        let (store, _) =
+            open_store(Arc::new(inner.crash_image(fate)), Mode::Write, opts()).expect("reopen");
         assert_eq!(
             store.read_page(first, Vpn(1)).expect("committed"),
             Some(page(1))

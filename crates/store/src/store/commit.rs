@@ -137,12 +137,27 @@ impl Store {
         if is_zero(data) {
             return self.remove(vpn);
         }
-        self.put_hashed(vpn, data, *blake3::hash(data).as_bytes())
+        let id = self.page_id(data);
+        self.put_id(vpn, data, id)
     }
 
     /// [`Store::put`] for a caller that already computed the content's blake3 (and knows the page
     /// is not all zero). The hash is checked again on every read, so a wrong one is caught there.
+    ///
+    /// In an encrypted store a page's id is blake3 keyed with the store's dedup key
+    /// ([`Store::page_ids`]), never the plain blake3: the store computes it itself and `hash` is
+    /// not used (a caller's plain hash must not become an id).
     pub fn put_hashed(&mut self, vpn: Vpn, data: &[u8], hash: [u8; 32]) -> Result<(), StoreError> {
+        let id = if self.crypt.is_some() {
+            self.page_id(data)
+        } else {
+            hash
+        };
+        self.put_id(vpn, data, id)
+    }
+
+    /// [`Store::put_hashed`] with the page's id as this store computes it.
+    fn put_id(&mut self, vpn: Vpn, data: &[u8], hash: [u8; 32]) -> Result<(), StoreError> {
         if data.len() != self.sb.page_size as usize {
             return Err(StoreError::PageSize {
                 len: data.len(),

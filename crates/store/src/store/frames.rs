@@ -35,8 +35,10 @@ struct Done {
     gen: u64,
     seq: u64,
     plain: Vec<u8>,
-    /// The compressed frame, or `None`: store the pages plain.
+    /// The compressed frame, or `None`: store the pages plain. In an encrypted store, always
+    /// the sealed frame (`codec` says whether it is compressed inside).
     packed: Option<Vec<u8>>,
+    codec: Codec,
 }
 
 /// Compression threads: jobs in, finished frames out (in any order).
@@ -49,7 +51,11 @@ struct Pool {
 }
 
 impl Pool {
-    fn new(codec: Codec, level: i32) -> Result<Pool, StoreError> {
+    fn new(
+        codec: Codec,
+        level: i32,
+        crypt: Option<super::seal::Sealer>,
+    ) -> Result<Pool, StoreError> {
         // One compressor first, so a bad level is an error here and not in a thread.
         Compressor::new(codec, level).map_err(StoreError::Compression)?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -59,6 +65,7 @@ impl Pool {
         for i in 0..threads {
             let rx = rx.clone();
             let tx = tx.clone();
+            let crypt = crypt.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("pagesnap-compress-{i}"))
                 .spawn(move || {
@@ -74,11 +81,19 @@ impl Pool {
                         }))
                         .unwrap_or(false)
                         .then(|| out.clone());
+                        let used = if packed.is_some() { codec } else { Codec::None };
+                        // Encrypted: sealed here too, on every core (a failure leaves `None`,
+                        // which an encrypted store's writer refuses to store plain).
+                        let packed = match &crypt {
+                            Some(c) => super::seal::seal_frame(c, used, &job.plain, packed),
+                            None => packed,
+                        };
                         let done = Done {
                             gen: job.gen,
                             seq: job.seq,
                             plain: job.plain,
                             packed,
+                            codec: used,
                         };
                         if tx.send(done).is_err() {
                             return;
@@ -186,7 +201,7 @@ impl Store {
     /// Whether new pages of this store are compressed.
     pub(super) fn compressing(&self) -> bool {
         self.sb.version >= crate::format::FRAME_FORMAT
-            && self.sb.compression.resolve().0 != Codec::None
+            && (self.sb.compression.resolve().0 != Codec::None || self.crypt.is_some())
     }
 
     /// Adds a new page to the open frame; its placeholder location.
@@ -197,6 +212,7 @@ impl Store {
     ) -> Result<Location, StoreError> {
         let (codec, level) = self.sb.compression.resolve();
         let page = self.sb.page_size;
+        let sealer = self.sealer();
         let w = self.log_writer()?;
         let f = &mut w.frames;
         if f.pool
@@ -211,7 +227,7 @@ impl Store {
                 ));
             }
             f.pool = None;
-            f.pool = Some(Pool::new(codec, level)?);
+            f.pool = Some(Pool::new(codec, level, sealer)?);
         }
         let per_frame = frame_pages(page);
         // A full frame left by a send that failed (a full disk): sent first, so a frame never
@@ -352,7 +368,7 @@ impl Store {
                 }
             }
             Some(packed) => {
-                let codec = self.sb.compression.resolve().0;
+                let codec = done.codec;
                 let loc =
                     self.append_frame_record(codec, hashes.len(), done.plain.len(), packed)?;
                 for k in 0..hashes.len() {
@@ -386,12 +402,16 @@ impl Store {
         let total = record_len(packed.len());
         self.reserve3(total as u64)?;
         let io = self.io.clone();
+        let sealed = self.crypt.is_some();
         let w = self.log_writer()?;
         let at = w.buf.len();
         let mut head = [0u8; REC_HEADER];
         head[..4].copy_from_slice(&REC_MAGIC);
         head[4] = Kind::Frame as u8;
         head[5] = codec as u8;
+        if sealed {
+            head[6] = super::seal::SEALED;
+        }
         head[8..12].copy_from_slice(
             &u32::try_from(packed.len())
                 .unwrap_or(u32::MAX)
@@ -430,17 +450,21 @@ pub(crate) struct FrameRecord<'a> {
     pub(crate) codec: Codec,
     pub(crate) plain_len: usize,
     pub(crate) packed: &'a [u8],
+    /// Sealed (an encrypted store): `packed` is nonce, ciphertext and tag.
+    pub(crate) sealed: bool,
 }
 
 /// Checks and decodes a frame record from exactly the bytes its location names (crc32, kind,
 /// codec, and a page count and plain length that agree with each other and the page size).
 pub(crate) fn decode_frame(bytes: &[u8], page_size: u32) -> Result<FrameRecord<'_>, String> {
     let rec = crate::format::decode_record(bytes, Kind::Frame).map_err(|e| e.to_string())?;
+    // Stored plain inside a frame (codec 0) only when sealed.
+    let sealed = bytes[6] == super::seal::SEALED;
     let codec = match Codec::from_byte(bytes[5]) {
-        Some(c) if c != Codec::None => c,
+        Some(c) if c != Codec::None || sealed => c,
         _ => return Err(format!("unknown codec {}", bytes[5])),
     };
-    if bytes[6] != 0 || bytes[7] != 0 {
+    if (bytes[6] != 0 && !sealed) || bytes[7] != 0 {
         return Err("reserved header bytes are not zero".into());
     }
     let mut plain = [0u8; 4];
@@ -456,6 +480,7 @@ pub(crate) fn decode_frame(bytes: &[u8], page_size: u32) -> Result<FrameRecord<'
         codec,
         plain_len,
         packed: rec.payload,
+        sealed,
     })
 }
 
@@ -466,6 +491,9 @@ thread_local! {
 
 /// Decompresses a decoded frame into its plain pages.
 pub(crate) fn frame_plain(f: &FrameRecord<'_>) -> Result<Vec<u8>, String> {
+    if f.sealed {
+        return Err("a sealed frame (the store's key opens it)".into());
+    }
     let mut out = vec![0u8; f.plain_len];
     DECOMPRESSOR.with(|d| d.borrow_mut().decompress(f.codec, f.packed, &mut out))?;
     Ok(out)
@@ -521,8 +549,10 @@ impl Store {
     pub(super) fn read_frame_bytes(&self, frame: Location) -> Result<Vec<u8>, StoreError> {
         let io = &*self.io;
         let name = crate::format::seg_name(frame.segment);
-        let max =
-            crate::format::record_len(frame_pages(self.sb.page_size) * self.sb.page_size as usize);
+        let max = crate::format::record_len(
+            frame_pages(self.sb.page_size) * self.sb.page_size as usize
+                + super::seal::SEAL_OVERHEAD,
+        );
         if self.segments().binary_search(&frame.segment).is_err()
             || frame.offset < crate::format::SEG_HEADER
             || frame.len as usize > max
@@ -555,7 +585,12 @@ impl Store {
         let name = crate::format::seg_name(frame.segment);
         let f = decode_frame(bytes, self.sb.page_size)
             .map_err(|e| super::corrupt(&*self.io, &name, "page frame", frame.offset, e))?;
-        frame_plain(&f).map_err(|e| super::corrupt(&*self.io, &name, "page frame", frame.offset, e))
+        let plain = if f.sealed || self.crypt.is_some() {
+            super::seal::open_frame(self.crypt.as_deref(), bytes, &f)
+        } else {
+            frame_plain(&f)
+        };
+        plain.map_err(|e| super::corrupt(&*self.io, &name, "page frame", frame.offset, e))
     }
 
     /// A page's bytes from a frame (`r.loc.slot > 0`), checked against its blake3.
@@ -573,7 +608,7 @@ impl Store {
                 format!("no page {k} in the frame"),
             ));
         };
-        if blake3::hash(bytes).as_bytes() != &r.hash {
+        if self.page_id(bytes) != r.hash {
             return Err(super::corrupt(
                 &*self.io,
                 &name,
@@ -608,9 +643,10 @@ impl Store {
     ) -> Result<usize, StoreError> {
         let frame_of = |r: &Ref| Location { slot: 0, ..r.loc };
         let first = frame_of(&refs[i]);
-        let max =
-            crate::format::record_len(frame_pages(self.sb.page_size) * self.sb.page_size as usize)
-                as u64;
+        let max = crate::format::record_len(
+            frame_pages(self.sb.page_size) * self.sb.page_size as usize
+                + super::seal::SEAL_OVERHEAD,
+        ) as u64;
         if let Some(r) = refs[i..]
             .iter()
             .take_while(|r| r.loc.slot > 0)
@@ -701,7 +737,7 @@ impl Store {
         }
         let pages: Vec<&[u8]> = out[start..].chunks(page).collect();
         let mut hashes = vec![[0u8; 32]; pages.len()];
-        crate::pagehash::hash_pages(&pages, &mut hashes);
+        self.page_ids().hash_pages(&pages, &mut hashes);
         if let Some(r) = refs[i..j]
             .iter()
             .zip(&hashes)

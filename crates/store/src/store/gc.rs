@@ -263,7 +263,13 @@ mod log_space {
                 if out.len() > (1 << 24) {
                     break;
                 }
-                let rec = read_commit(&*self.io, self.segments(), &l, &mut ignore)?;
+                let rec = read_commit(
+                    &*self.io,
+                    self.segments(),
+                    &l,
+                    &mut ignore,
+                    self.crypt.as_deref(),
+                )?;
                 if rec.checkpoint.is_some() {
                     break;
                 }
@@ -567,7 +573,7 @@ mod log_space {
                 deleted: Vec::new(),
                 checkpoint: Some(out.clone()),
             };
-            let bytes = rec.to_bytes();
+            let bytes = self.seal_meta(Kind::Commit, rec.seq, rec.to_bytes())?;
             let hash = *blake3::hash(&bytes).as_bytes();
             let a = self.append3(Kind::Commit, rec.seq, &hash, &bytes)?;
             let b = self.append3_in(Kind::Commit, rec.seq, &hash, &bytes, false)?;

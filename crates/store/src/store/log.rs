@@ -141,25 +141,31 @@ pub(super) fn set_link(sb: &mut Superblock, link: Option<Link>) {
     });
 }
 
-/// Reads a record of `kind` at `loc` and checks its crc32 and the blake3 of its payload.
-fn read_checked(
+/// Reads a record of `kind` at `loc`, checks its crc32 and the blake3 of its payload (over the
+/// sealed bytes, in an encrypted store), and opens it: its plain payload.
+pub(super) fn read_checked(
     io: &dyn Storage,
     segments: &[u32],
     loc: &Location,
     hash: &[u8; 32],
     kind: Kind,
+    crypt: Option<&super::seal::Crypt>,
 ) -> Result<Vec<u8>, StoreError> {
-    let (_, _, payload) = super::read_record(io, segments, loc, kind)?;
-    if blake3::hash(&payload).as_bytes() != hash {
+    let name = seg_name(loc.segment);
+    let buf = super::read_raw_record(io, segments, loc, kind)?;
+    let rec = decode_record(&buf, kind)
+        .map_err(|e| corrupt(io, &name, kind.name(), loc.offset, e.to_string()))?;
+    if blake3::hash(rec.payload).as_bytes() != hash {
         return Err(corrupt(
             io,
-            &seg_name(loc.segment),
+            &name,
             kind.name(),
             loc.offset,
             "blake3 differs from the reference to it",
         ));
     }
-    Ok(payload)
+    super::seal::open_meta(crypt, &buf[..REC_HEADER], rec.payload)
+        .map_err(|e| corrupt(io, &name, kind.name(), loc.offset, e))
 }
 
 /// Reads a commit record through its link: copy a, or b past damage (noted in `damage`).
@@ -168,13 +174,15 @@ pub(super) fn read_commit(
     segments: &[u32],
     link: &Link,
     damage: &mut Vec<String>,
+    crypt: Option<&super::seal::Crypt>,
 ) -> Result<CommitRecord, StoreError> {
     let mut first = None;
     for r in [link.a, link.b] {
-        let got = read_checked(io, segments, &r.loc(), &r.hash, Kind::Commit).and_then(|p| {
-            CommitRecord::from_bytes(&p)
-                .map_err(|e| corrupt(io, &seg_name(r.segment), "commit record", r.offset, e))
-        });
+        let got =
+            read_checked(io, segments, &r.loc(), &r.hash, Kind::Commit, crypt).and_then(|p| {
+                CommitRecord::from_bytes(&p)
+                    .map_err(|e| corrupt(io, &seg_name(r.segment), "commit record", r.offset, e))
+            });
         match got {
             Ok(c) => {
                 if let Some(e) = first {
@@ -199,6 +207,7 @@ pub(crate) fn load_catalog(
     io: &dyn Storage,
     sb: &Superblock,
     damage: &mut Vec<String>,
+    crypt: Option<&super::seal::Crypt>,
 ) -> Result<Catalog, StoreError> {
     let mut cat = Catalog::default();
     let Some(head) = link_of(sb) else {
@@ -209,7 +218,7 @@ pub(crate) fn load_catalog(
     let mut first = true;
     let mut walked = 0u64;
     while let Some(l) = link {
-        let rec = read_commit(io, &sb.segments, &l, damage)?;
+        let rec = read_commit(io, &sb.segments, &l, damage, crypt)?;
         if first {
             cat.seq = rec.seq;
             first = false;
@@ -253,7 +262,11 @@ pub(crate) struct Scanned {
 }
 
 /// Finds the commits after the superblock's hint and moves `sb` (in memory) to the last one.
-pub(crate) fn scan_log(io: &dyn Storage, sb: &mut Superblock) -> Result<Scanned, StoreError> {
+pub(crate) fn scan_log(
+    io: &dyn Storage,
+    sb: &mut Superblock,
+    crypt: Option<&super::seal::Crypt>,
+) -> Result<Scanned, StoreError> {
     let mut out = Scanned::default();
     let name = seg_name(sb.active_segment);
     let file_len = io
@@ -287,7 +300,7 @@ pub(crate) fn scan_log(io: &dyn Storage, sb: &mut Superblock) -> Result<Scanned,
             i += 8;
             continue;
         };
-        let Some(rec) = commit_at(&buf, i, len) else {
+        let Some(rec) = commit_at(&buf, i, len, crypt) else {
             i += len;
             continue;
         };
@@ -427,15 +440,22 @@ fn whole_record_at(buf: &[u8], i: usize) -> Option<usize> {
 }
 
 /// The commit record in the whole record of `len` bytes at `i` of `buf`, checked.
-fn commit_at(buf: &[u8], i: usize, len: usize) -> Option<CommitRecord> {
-    if buf[i + 4] != Kind::Commit as u8 || payload_len(buf, i) > crate::catalog::MAX_COMMIT_RECORD {
+fn commit_at(
+    buf: &[u8],
+    i: usize,
+    len: usize,
+    crypt: Option<&super::seal::Crypt>,
+) -> Option<CommitRecord> {
+    let cap = crate::catalog::MAX_COMMIT_RECORD + super::seal::SEAL_OVERHEAD;
+    if buf[i + 4] != Kind::Commit as u8 || payload_len(buf, i) > cap {
         return None;
     }
     let rec = decode_record(&buf[i..i + len], Kind::Commit).ok()?;
     if *blake3::hash(rec.payload).as_bytes() != rec.hash {
         return None;
     }
-    CommitRecord::from_bytes(rec.payload).ok()
+    let plain = super::seal::open_meta(crypt, &buf[i..i + REC_HEADER], rec.payload).ok()?;
+    CommitRecord::from_bytes(&plain).ok()
 }
 
 /// How many bytes differ between two slices of one length.
@@ -516,7 +536,14 @@ impl Store {
 
     /// Reads and checks one chunk.
     pub(super) fn read_chunk(&self, r: &ChunkRef) -> Result<Chunk, StoreError> {
-        let payload = read_checked(&*self.io, self.segments(), &r.loc, &r.hash, Kind::Chunk)?;
+        let payload = read_checked(
+            &*self.io,
+            self.segments(),
+            &r.loc,
+            &r.hash,
+            Kind::Chunk,
+            self.crypt.as_deref(),
+        )?;
         Chunk::decode(&payload).map_err(|e| {
             corrupt(
                 &*self.io,
@@ -641,7 +668,7 @@ impl Store {
         }
         let mut buf = Vec::with_capacity(r.loc.len as usize);
         self.read_span_into(r, &mut buf)?;
-        if blake3::hash(&buf).as_bytes() != &r.hash {
+        if self.page_id(&buf) != r.hash {
             return Err(corrupt(
                 io,
                 &name,
@@ -956,7 +983,14 @@ impl Store {
         roll: bool,
     ) -> Result<Location, StoreError> {
         self.seal_extent()?;
-        let rec = encode_record(kind, key, hash, payload);
+        let mut rec = encode_record(kind, key, hash, payload);
+        if self.crypt.is_some() {
+            // Sealed by the caller (`seal_meta`): header byte 6 says so, under the crc32.
+            rec[6] = super::seal::SEALED;
+            let end = REC_HEADER + payload.len();
+            let crc = crc32fast::hash(&rec[..end]);
+            rec[end..end + REC_TRAILER].copy_from_slice(&crc.to_le_bytes());
+        }
         self.reserve3_in(rec.len() as u64, roll)?;
         let io = self.io.clone();
         let w = self.log_writer()?;
@@ -988,6 +1022,12 @@ impl Store {
 
     /// Appends one page to the open extent (opening one if needed); its place.
     pub(super) fn append_page(&mut self, data: &[u8]) -> Result<Location, StoreError> {
+        if self.crypt.is_some() {
+            // Every page of an encrypted store is in a sealed frame.
+            return Err(StoreError::Usage(
+                "a page in clear in an encrypted store (a bug: please report it)",
+            ));
+        }
         let page = data.len() as u64;
         let limit = self.extent_pages();
         let segment_bytes = self.opts.segment_bytes;
@@ -1088,7 +1128,7 @@ impl Store {
                 prev,
                 entries: part.to_vec(),
             };
-            let bytes = chunk.encode();
+            let bytes = self.seal_meta(Kind::Chunk, part.len() as u64, chunk.encode())?;
             let hash = *blake3::hash(&bytes).as_bytes();
             let loc = self.append3(Kind::Chunk, part.len() as u64, &hash, &bytes)?;
             prev = Some(ChunkRef { loc, hash });
@@ -1111,7 +1151,12 @@ impl Store {
         }
         // The record's length does not depend on the integers in it (rkyv lays them out fixed),
         // so it is known before they are filled in.
-        let len = record_len(rec.to_bytes().len()) as u64;
+        let sealing = if self.crypt.is_some() {
+            super::seal::SEAL_OVERHEAD
+        } else {
+            0
+        };
+        let len = record_len(rec.to_bytes().len() + sealing) as u64;
         // Both copies in one segment, back to back (a segment change here writes a hint, so
         // the generation and the crc are read after it).
         self.reserve3(2 * len)?;
@@ -1124,7 +1169,7 @@ impl Store {
             m.meta_bytes = meta;
             m.data_bytes = data;
         }
-        let bytes = rec.to_bytes();
+        let bytes = self.seal_meta(Kind::Commit, rec.seq, rec.to_bytes())?;
         let hash = *blake3::hash(&bytes).as_bytes();
         let a = self.append3_in(Kind::Commit, rec.seq, &hash, &bytes, false)?;
         let b = self.append3_in(Kind::Commit, rec.seq, &hash, &bytes, false)?;

@@ -20,7 +20,10 @@ mod gc;
 mod log;
 mod open;
 mod read;
+mod seal;
 mod verify;
+
+pub(crate) use seal::SCHEME_XCHACHA_BLAKE3;
 
 use self::commit::{append, WRITE_BUFFER};
 use crate::error::StoreError;
@@ -118,6 +121,12 @@ pub struct Store {
     maps: Mutex<log::MapCache>,
     /// Format 4: frames recently decompressed.
     frame_cache: Mutex<frames::FrameCache>,
+    /// An encrypted store's keys, unlocked at open (`None`: not encrypted).
+    crypt: Option<Arc<seal::Crypt>>,
+    /// An encrypted store: the master key and the slot that opened it (for key changes), and
+    /// what is wrong with the key file's other copy (for verify).
+    unlocked: Option<crate::keys::Unlocked>,
+    key_note: Option<String>,
 }
 
 impl Drop for Store {
@@ -191,6 +200,29 @@ fn read_record_kind(
     kind: Kind,
 ) -> Result<(u8, u64, [u8; 32], Vec<u8>), StoreError> {
     let name = seg_name(loc.segment);
+    let mut buf = read_raw_record(io, segments, loc, kind)?;
+    let rec = decode_record(&buf, kind)
+        .map_err(|e| corrupt(io, &name, kind.name(), loc.offset, e.to_string()))?;
+    let (found, key, hash, start, plen) = (
+        rec.kind,
+        rec.key,
+        rec.hash,
+        crate::format::REC_HEADER,
+        rec.payload.len(),
+    );
+    buf.truncate(start + plen);
+    buf.drain(..start);
+    Ok((found, key, hash, buf))
+}
+
+/// The bytes of the record at `loc`, read but not yet checked.
+fn read_raw_record(
+    io: &dyn Storage,
+    segments: &[u32],
+    loc: &Location,
+    kind: Kind,
+) -> Result<Vec<u8>, StoreError> {
+    let name = seg_name(loc.segment);
     if segments.binary_search(&loc.segment).is_err() {
         return Err(corrupt(
             io,
@@ -229,18 +261,7 @@ fn read_record_kind(
             }
         }
     })?;
-    let rec = decode_record(&buf, kind)
-        .map_err(|e| corrupt(io, &name, kind.name(), loc.offset, e.to_string()))?;
-    let (found, key, hash, start, plen) = (
-        rec.kind,
-        rec.key,
-        rec.hash,
-        crate::format::REC_HEADER,
-        rec.payload.len(),
-    );
-    buf.truncate(start + plen);
-    buf.drain(..start);
-    Ok((found, key, hash, buf))
+    Ok(buf)
 }
 
 /// Node access for readers.

@@ -8,6 +8,7 @@ use crate::format::{
     parse_seg_name, seg_name, segment_header, SlotError, Superblock, FORMAT_VERSION, LOCK_FILE,
     SEG_HEADER, SEG_MAGIC, SLOT_SIZE, SUPERBLOCK_FILE,
 };
+use crate::keys::{KdfParams, KeyFile, KeyId, Password};
 use crate::storage::{FsStorage, LockGuard, SharedStorage, Storage};
 use crate::{OpenReport, StoreOptions};
 use std::collections::{BTreeMap, HashMap};
@@ -72,8 +73,67 @@ impl Store {
         Self::init_with(Arc::new(FsStorage::new(dir, true)), opts)
     }
 
-    /// Opens the store in `dir` (std::fs backend).
+    /// Creates an encrypted store in `dir` (std::fs backend): a new random master key in a key
+    /// file (one slot under `password`, Argon2id with `kdf`), then the store, whose superblock
+    /// names the key's id. See `docs/security.md`.
+    pub fn init_encrypted(
+        dir: impl AsRef<Path>,
+        opts: StoreOptions,
+        password: &Password,
+        kdf: KdfParams,
+        label: &str,
+    ) -> Result<Store, StoreError> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.into(),
+            step: "create store directory",
+            source,
+        })?;
+        Self::init_encrypted_with(
+            Arc::new(FsStorage::new(dir, true)),
+            opts,
+            password,
+            kdf,
+            label,
+        )
+    }
+
+    /// [`Store::init_encrypted`] on `io`.
+    pub fn init_encrypted_with(
+        io: SharedStorage,
+        opts: StoreOptions,
+        password: &Password,
+        kdf: KdfParams,
+        label: &str,
+    ) -> Result<Store, StoreError> {
+        Self::init_version_keyed(io, opts, FORMAT_VERSION, Some((password, kdf, label)))
+    }
+
+    /// Whether the store in `dir` is encrypted (its key id), from its superblock; nothing
+    /// secret is needed.
+    pub fn encryption_of(dir: impl AsRef<Path>) -> Result<Option<KeyId>, StoreError> {
+        let dir = dir.as_ref();
+        if !dir.is_dir() {
+            return Err(StoreError::NotAStore { path: dir.into() });
+        }
+        Ok(Self::read_superblock(&FsStorage::new(dir, false))?
+            .sb
+            .encryption)
+    }
+
+    /// Opens the store in `dir` (std::fs backend). An encrypted store needs its password:
+    /// [`Store::open_encrypted`]; here it is [`StoreError::Encrypted`].
     pub fn open(dir: impl AsRef<Path>, mode: Mode) -> Result<(Store, OpenReport), StoreError> {
+        Self::open_encrypted(dir, mode, None)
+    }
+
+    /// Opens the store in `dir` (std::fs backend) with the password of an encrypted store
+    /// (reading or writing, either needs it; a store that is not encrypted ignores it).
+    pub fn open_encrypted(
+        dir: impl AsRef<Path>,
+        mode: Mode,
+        password: Option<&Password>,
+    ) -> Result<(Store, OpenReport), StoreError> {
         let dir = dir.as_ref();
         match std::fs::metadata(dir) {
             Ok(m) if m.is_dir() => {}
@@ -89,10 +149,11 @@ impl Store {
                 })
             }
         }
-        Self::open_with(
+        Self::open_with_key(
             Arc::new(FsStorage::new(dir, mode == Mode::Write)),
             mode,
             StoreOptions::default(),
+            password,
         )
     }
 
@@ -119,6 +180,15 @@ impl Store {
         io: SharedStorage,
         opts: StoreOptions,
         version: u32,
+    ) -> Result<Store, StoreError> {
+        Self::init_version_keyed(io, opts, version, None)
+    }
+
+    fn init_version_keyed(
+        io: SharedStorage,
+        opts: StoreOptions,
+        version: u32,
+        keyed: Option<(&Password, KdfParams, &str)>,
     ) -> Result<Store, StoreError> {
         if !opts.page_size.is_power_of_two() || !(512..=(16 << 20)).contains(&opts.page_size) {
             return Err(StoreError::Usage(
@@ -153,6 +223,14 @@ impl Store {
                 }
             }
         }
+        // A key file without a superblock: an encrypted init interrupted after creating it, or a
+        // store whose superblock is gone. Never removed nor reused silently: the key file is the
+        // one file whose loss loses everything.
+        if names.iter().any(|n| n == crate::keys::KEYS_FILE) {
+            return Err(StoreError::KeysExist {
+                path: io.location().into(),
+            });
+        }
         // Leftovers of an interrupted init (no superblock slot was ever written) are cleared.
         for n in names
             .iter()
@@ -161,6 +239,14 @@ impl Store {
             io.remove(n)
                 .map_err(io_err(&*io, n, "remove leftover file"))?;
         }
+        // The key file first (whole or not at all); the superblock that names it comes after.
+        let unlocked = match keyed {
+            Some((password, kdf, label)) => {
+                let (_, key) = KeyFile::create(io.clone(), password, kdf, label)?;
+                Some(crate::keys::Unlocked { key, slot: 1 })
+            }
+            None => None,
+        };
         let first = seg_name(1);
         io.create(&first)
             .map_err(io_err(&*io, &first, "create segment"))?;
@@ -185,6 +271,7 @@ impl Store {
             } else {
                 crate::Compression::None
             },
+            encryption: unlocked.as_ref().map(|u| u.key.id()),
         };
         io.create(SUPERBLOCK_FILE)
             .map_err(io_err(&*io, SUPERBLOCK_FILE, "create superblock"))?;
@@ -211,6 +298,11 @@ impl Store {
             catalog: Default::default(),
             maps: Default::default(),
             frame_cache: Default::default(),
+            crypt: unlocked
+                .as_ref()
+                .map(|u| Arc::new(super::seal::Crypt::new(&u.key))),
+            unlocked,
+            key_note: None,
         })
     }
 
@@ -324,12 +416,55 @@ impl Store {
         mode: Mode,
         opts: StoreOptions,
     ) -> Result<(Store, OpenReport), StoreError> {
+        Self::open_with_key(io, mode, opts, None)
+    }
+
+    /// [`Store::open_with`], with the password of an encrypted store: its key file is read
+    /// (refused if missing or of another master key) and unlocked before anything else is read
+    /// past the superblock or changed; a wrong password is [`StoreError::WrongPassword`] and no
+    /// password [`StoreError::Encrypted`], with nothing changed.
+    pub fn open_with_key(
+        io: SharedStorage,
+        mode: Mode,
+        opts: StoreOptions,
+        password: Option<&Password>,
+    ) -> Result<(Store, OpenReport), StoreError> {
         let lock = match mode {
             Mode::Read => None,
             Mode::Write => Some(Self::lock(&*io)?),
         };
         let read = Self::read_superblock(&*io)?;
         let mut sb = read.sb.clone();
+        let mut key_file = None;
+        let unlocked = match sb.encryption {
+            None => None,
+            Some(id) => {
+                let Some(password) = password else {
+                    return Err(StoreError::Encrypted {
+                        path: io.location().into(),
+                    });
+                };
+                let kf = match KeyFile::open(io.clone()) {
+                    Err(StoreError::NotEncrypted { path }) => {
+                        return Err(StoreError::KeyFileMissing { path })
+                    }
+                    r => r?,
+                };
+                if kf.key_id() != id {
+                    return Err(StoreError::KeyMismatch {
+                        path: io.location().join(crate::keys::KEYS_FILE),
+                        found: kf.key_id().to_string(),
+                        expected: id.to_string(),
+                    });
+                }
+                let u = kf.unlock(password)?;
+                key_file = Some(kf);
+                Some(u)
+            }
+        };
+        let crypt = unlocked
+            .as_ref()
+            .map(|u| Arc::new(super::seal::Crypt::new(&u.key)));
         let mut damaged_segments = Vec::new();
         for id in &sb.segments {
             let name = seg_name(*id);
@@ -360,7 +495,7 @@ impl Store {
         let mut log_damage = Vec::new();
         let mut discarded_tail = None;
         if sb.version >= 3 {
-            let scanned = super::log::scan_log(&*io, &mut sb)?;
+            let scanned = super::log::scan_log(&*io, &mut sb, crypt.as_deref())?;
             log_damage = scanned.damage;
             discarded_tail = scanned.discarded;
         }
@@ -443,7 +578,7 @@ impl Store {
         };
         let mut catalog = super::log::Catalog::default();
         if sb.version >= 3 {
-            match super::log::load_catalog(&*io, &sb, &mut log_damage) {
+            match super::log::load_catalog(&*io, &sb, &mut log_damage, crypt.as_deref()) {
                 Ok(c) => catalog = c,
                 Err(e) if e.is_corruption() => catalog.unreadable = Some(e.to_string()),
                 Err(e) => return Err(e),
@@ -461,7 +596,17 @@ impl Store {
             catalog,
             maps: Default::default(),
             frame_cache: Default::default(),
+            crypt,
+            unlocked,
+            key_note: key_file.as_ref().and_then(|k| k.note().map(String::from)),
         };
+        // A writer's open puts the key file's other copy right, as the superblock's (best
+        // effort: verify reports what is left).
+        if let Some(kf) = key_file.as_mut().filter(|_| store.writer.is_some()) {
+            if kf.repair().is_ok() {
+                store.key_note = kf.note().map(String::from);
+            }
+        }
         if store.is_log() && store.writer.is_some() {
             report.repaired_records = store.repair_commit_copies()?;
         }

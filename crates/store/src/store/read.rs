@@ -284,7 +284,7 @@ impl Store {
             // Every page of the run checked against its blake3, many pages at once.
             let pages: Vec<&[u8]> = out[start..].chunks(self.sb.page_size as usize).collect();
             let mut hashes = vec![[0u8; 32]; pages.len()];
-            crate::pagehash::hash_pages(&pages, &mut hashes);
+            self.page_ids().hash_pages(&pages, &mut hashes);
             if let Some(r) = refs[i..j]
                 .iter()
                 .zip(&hashes)

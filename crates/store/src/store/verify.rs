@@ -225,6 +225,9 @@ impl Store {
         for d in &self.catalog.damage {
             store_damage(report, format!("commit log: {d}"));
         }
+        if let Some(n) = &self.key_note {
+            store_damage(report, format!("key file: {n}"));
+        }
         report.notes.extend(self.catalog.discarded.clone());
         let all = match self.snapshot_ids() {
             Ok(ids) => ids,
@@ -344,7 +347,7 @@ impl Store {
                 let k = usize::from(p.slot) - 1;
                 let ok = plain
                     .get(k * page..(k + 1) * page)
-                    .is_some_and(|b| blake3::hash(b).as_bytes() == hash);
+                    .is_some_and(|b| &self.page_id(b) == hash);
                 if !ok {
                     page_damage(
                         report,
@@ -387,7 +390,7 @@ impl Store {
                 let (hash, users) = &pages[p];
                 let from = (p.offset - ext.offset) as usize;
                 let bytes = &buf[from..from + p.len as usize];
-                if blake3::hash(bytes).as_bytes() != hash {
+                if &self.page_id(bytes) != hash {
                     page_damage(
                         report,
                         users,
@@ -440,20 +443,16 @@ impl Store {
         };
         for l in links {
             for (which, r) in [("first", l.a), ("second", l.b)] {
-                let read = super::read_record(&*self.io, self.segments(), &r.loc(), Kind::Commit)
-                    .and_then(|(_, _, p)| {
-                        if *blake3::hash(&p).as_bytes() == r.hash {
-                            Ok(())
-                        } else {
-                            Err(super::corrupt(
-                                &*self.io,
-                                &seg_name(r.segment),
-                                "commit record",
-                                r.offset,
-                                "blake3 differs from the link to it",
-                            ))
-                        }
-                    });
+                // crc32, blake3 against the link, and (encrypted) the authentication tag.
+                let read = super::log::read_checked(
+                    &*self.io,
+                    self.segments(),
+                    &r.loc(),
+                    &r.hash,
+                    Kind::Commit,
+                    self.crypt.as_deref(),
+                )
+                .map(|_| ());
                 match read {
                     Ok(()) => {}
                     Err(e) if e.is_corruption() => {

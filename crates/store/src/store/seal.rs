@@ -1,0 +1,382 @@
+//! Encryption at rest (issue 17): sealing records with XChaCha20-Poly1305 and keyed page ids.
+//!
+//! In an encrypted store (the superblock's encryption field names scheme 1 and the key file's key
+//! id) every page goes into a frame record, and frames, page map chunks and commit records are
+//! *sealed*: header byte 6 is 1, and the payload is `nonce 24 | ciphertext | tag 16`. The nonce
+//! is random (see `docs/security.md` for why not a counter); the associated data binds the
+//! ciphertext to the record's clear header fields and to the store:
+//!
+//! ```text
+//! "pagesnap record v1" | kind u8 | codec u8 | key u64 | plain length u32 | key id 16
+//! ```
+//!
+//! The blake3 in a chunk's or commit record's header (and in the link that names it) is over the
+//! *sealed* payload, so a record swapped for another sealed record fails the link, and one whose
+//! header was edited fails the tag. A page's id is `blake3::keyed_hash(dedup key, page)`.
+
+use crate::keys::{DedupKey, KeyId, MasterKey};
+use chacha20poly1305::aead::AeadInOut;
+use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
+use std::sync::Arc;
+
+/// Bytes a sealed payload adds: the nonce in front, the tag behind.
+pub(crate) const SEAL_OVERHEAD: usize = NONCE + TAG;
+const NONCE: usize = 24;
+const TAG: usize = 16;
+/// Header byte 6 of a sealed record.
+pub(crate) const SEALED: u8 = 1;
+/// The superblock's encryption scheme byte: XChaCha20-Poly1305 records, keyed blake3 ids.
+pub(crate) const SCHEME_XCHACHA_BLAKE3: u8 = 1;
+const AD_PREFIX: &[u8] = b"pagesnap record v1";
+
+/// The keys of an unlocked encrypted store (derived from its master key; zeroed on drop).
+pub(crate) struct Crypt {
+    pub(crate) key_id: KeyId,
+    cipher: XChaCha20Poly1305,
+    pub(crate) dedup: Arc<DedupKey>,
+}
+
+impl std::fmt::Debug for Crypt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Crypt")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The clear header fields a sealed payload is bound to.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Header {
+    pub(crate) kind: u8,
+    pub(crate) codec: u8,
+    pub(crate) key: u64,
+    pub(crate) plain_len: u32,
+}
+
+impl Header {
+    /// The fields of a record header (at least 24 bytes).
+    pub(crate) fn of(head: &[u8]) -> Header {
+        let mut key = [0u8; 8];
+        key.copy_from_slice(&head[16..24]);
+        let mut plain = [0u8; 4];
+        plain.copy_from_slice(&head[12..16]);
+        Header {
+            kind: head[4],
+            codec: head[5],
+            key: u64::from_le_bytes(key),
+            plain_len: u32::from_le_bytes(plain),
+        }
+    }
+}
+
+impl Crypt {
+    pub(crate) fn new(master: &MasterKey) -> Crypt {
+        Crypt {
+            key_id: master.id(),
+            cipher: master.record_key().cipher(),
+            dedup: Arc::new(master.dedup_key()),
+        }
+    }
+
+    fn ad(&self, h: &Header) -> Vec<u8> {
+        let mut ad = Vec::with_capacity(AD_PREFIX.len() + 2 + 8 + 4 + 16);
+        ad.extend_from_slice(AD_PREFIX);
+        ad.push(h.kind);
+        ad.push(h.codec);
+        ad.extend_from_slice(&h.key.to_le_bytes());
+        ad.extend_from_slice(&h.plain_len.to_le_bytes());
+        ad.extend_from_slice(&self.key_id.0);
+        ad
+    }
+
+    /// `plain` sealed for a record with header `h`: nonce, ciphertext, tag.
+    pub(crate) fn seal(&self, h: &Header, plain: &[u8]) -> Result<Vec<u8>, crate::StoreError> {
+        let mut out = Vec::with_capacity(plain.len() + SEAL_OVERHEAD);
+        out.resize(NONCE, 0);
+        getrandom::fill(&mut out[..NONCE]).map_err(|e| crate::StoreError::Random(e.to_string()))?;
+        let mut nonce = [0u8; NONCE];
+        nonce.copy_from_slice(&out[..NONCE]);
+        out.extend_from_slice(plain);
+        let tag = self
+            .cipher
+            .encrypt_inout_detached(
+                &XNonce::from(nonce),
+                &self.ad(h),
+                (&mut out[NONCE..]).into(),
+            )
+            .map_err(|_| crate::StoreError::Usage("sealing a record failed"))?;
+        out.extend_from_slice(tag.as_slice());
+        Ok(out)
+    }
+
+    /// Opens a sealed payload of a record with header `h`; an error (never the bytes) if the tag
+    /// fails: other bytes, another header, another store, or no key that fits.
+    pub(crate) fn open(&self, h: &Header, sealed: &[u8]) -> Result<Vec<u8>, String> {
+        if sealed.len() < SEAL_OVERHEAD {
+            return Err("a sealed payload shorter than its nonce and tag".into());
+        }
+        let mut nonce = [0u8; NONCE];
+        nonce.copy_from_slice(&sealed[..NONCE]);
+        let body = sealed.len() - TAG;
+        let mut tag = [0u8; TAG];
+        tag.copy_from_slice(&sealed[body..]);
+        let mut out = sealed[NONCE..body].to_vec();
+        self.cipher
+            .decrypt_inout_detached(
+                &XNonce::from(nonce),
+                &self.ad(h),
+                (&mut out[..]).into(),
+                &Tag::from(tag),
+            )
+            .map_err(|_| {
+                "the record fails its authentication tag (tampered, moved, or damaged)".to_string()
+            })?;
+        Ok(out)
+    }
+}
+
+/// Opens the payload of a chunk or commit record (`rec` is the whole record, already checked by
+/// `decode_record`): sealed in an encrypted store, clear otherwise; either the other way round is
+/// an error.
+pub(crate) fn open_meta(
+    crypt: Option<&Crypt>,
+    head: &[u8],
+    payload: &[u8],
+) -> Result<Vec<u8>, String> {
+    match (crypt, head[6]) {
+        (None, 0) => Ok(payload.to_vec()),
+        (Some(c), SEALED) => c.open(&Header::of(head), payload),
+        (Some(_), _) => Err("a record in clear in an encrypted store".into()),
+        (None, _) => Err("a sealed record in a store that is not encrypted".into()),
+    }
+}
+
+/// What a compression thread needs to seal frames: the keys and the store's page size.
+pub(crate) type Sealer = (Arc<Crypt>, u32);
+
+/// A frame sealed in a compression thread: `packed` (compressed with `codec`) or, with codec 0,
+/// the plain pages, under the header the writer will give the record (kind 8, the codec, the
+/// page count, the plain length). `None` if sealing failed (the writer then refuses the frame).
+pub(crate) fn seal_frame(
+    (c, page): &Sealer,
+    codec: crate::codec::Codec,
+    plain: &[u8],
+    packed: Option<Vec<u8>>,
+) -> Option<Vec<u8>> {
+    let h = Header {
+        kind: crate::format::Kind::Frame as u8,
+        codec: codec as u8,
+        key: (plain.len() / (*page).max(1) as usize) as u64,
+        plain_len: u32::try_from(plain.len()).ok()?,
+    };
+    c.seal(&h, packed.as_deref().unwrap_or(plain)).ok()
+}
+
+/// The plain pages of a frame record (`bytes`, decoded as `f`) in an encrypted store: opened,
+/// then decompressed (or, codec 0, taken as they are) to exactly the plain length.
+pub(crate) fn open_frame(
+    crypt: Option<&Crypt>,
+    bytes: &[u8],
+    f: &super::frames::FrameRecord<'_>,
+) -> Result<Vec<u8>, String> {
+    let Some(c) = crypt else {
+        return Err("a sealed frame in a store that is not encrypted".into());
+    };
+    if !f.sealed {
+        return Err("a frame in clear in an encrypted store".into());
+    }
+    let inner = c.open(&Header::of(bytes), f.packed)?;
+    if f.codec == crate::codec::Codec::None {
+        if inner.len() != f.plain_len {
+            return Err(format!(
+                "a stored frame of {} bytes, its header says {}",
+                inner.len(),
+                f.plain_len
+            ));
+        }
+        return Ok(inner);
+    }
+    super::frames::frame_plain(&super::frames::FrameRecord {
+        codec: f.codec,
+        plain_len: f.plain_len,
+        packed: &inner,
+        sealed: false,
+    })
+}
+
+impl super::Store {
+    /// `plain`, the payload of a chunk or commit record with key `key`, sealed in an encrypted
+    /// store (as is otherwise).
+    pub(super) fn seal_meta(
+        &self,
+        kind: crate::format::Kind,
+        key: u64,
+        plain: Vec<u8>,
+    ) -> Result<Vec<u8>, crate::StoreError> {
+        match &self.crypt {
+            None => Ok(plain),
+            Some(c) => c.seal(
+                &Header {
+                    kind: kind as u8,
+                    codec: 0,
+                    key,
+                    plain_len: 0,
+                },
+                &plain,
+            ),
+        }
+    }
+
+    /// How this store names page contents: blake3, or blake3 keyed with the dedup key in an
+    /// encrypted store. Callers that hash pages before [`super::Store::put_hashed`] (the engine)
+    /// hash with it, so that their ids compare with the stored ones.
+    pub fn page_ids(&self) -> crate::pagehash::PageIds {
+        match &self.crypt {
+            Some(c) => crate::pagehash::PageIds::keyed(c.dedup.clone()),
+            None => crate::pagehash::PageIds::default(),
+        }
+    }
+
+    /// The id of one page ([`super::Store::page_ids`]).
+    pub(super) fn page_id(&self, data: &[u8]) -> [u8; 32] {
+        match &self.crypt {
+            Some(c) => c.dedup.id(data),
+            None => *blake3::hash(data).as_bytes(),
+        }
+    }
+
+    /// Whether the store is encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.sb.encryption.is_some()
+    }
+
+    /// The encrypted store's key id (the master key's fingerprint; nothing secret).
+    pub fn key_id(&self) -> Option<crate::keys::KeyId> {
+        self.sb.encryption
+    }
+
+    pub(super) fn sealer(&self) -> Option<Sealer> {
+        self.crypt.clone().map(|c| (c, self.sb.page_size))
+    }
+}
+
+/// Key slots of an encrypted store (`pagesnap key …`). Changes are the writer's (it holds the
+/// store's lock); each is one crash-safe change of the key file (`keys.rs`).
+impl super::Store {
+    fn key_file(&self) -> Result<crate::keys::KeyFile, crate::StoreError> {
+        if !self.is_encrypted() {
+            return Err(crate::StoreError::NotEncrypted {
+                path: self.io.location().into(),
+            });
+        }
+        crate::keys::KeyFile::open(self.io.clone())
+    }
+
+    fn key_writer(&self) -> Result<&crate::keys::Unlocked, crate::StoreError> {
+        if self.writer.is_none() {
+            return Err(crate::StoreError::ReadOnly);
+        }
+        self.unlocked
+            .as_ref()
+            .ok_or(crate::StoreError::NotEncrypted {
+                path: self.io.location().into(),
+            })
+    }
+
+    /// The key slots (ids, labels, times, Argon2id parameters: nothing secret).
+    pub fn key_slots(&self) -> Result<Vec<crate::keys::SlotInfo>, crate::StoreError> {
+        Ok(self.key_file()?.slots())
+    }
+
+    /// The slot whose password opened this store.
+    pub fn unlocked_slot(&self) -> Option<u32> {
+        self.unlocked.as_ref().map(|u| u.slot)
+    }
+
+    /// Adds a key slot under `password`; its id.
+    pub fn add_key(
+        &mut self,
+        password: &crate::keys::Password,
+        kdf: crate::keys::KdfParams,
+        label: &str,
+    ) -> Result<u32, crate::StoreError> {
+        let mut kf = self.key_file()?;
+        let u = self.key_writer()?;
+        kf.add_slot(&u.key, password, kdf, label)
+    }
+
+    /// Removes key slot `slot`. Refuses the slot this store was opened with (restic's rule: a
+    /// typo in the id must not lock out the one who typed it) and the last one.
+    pub fn remove_key(&mut self, slot: u32) -> Result<(), crate::StoreError> {
+        let mut kf = self.key_file()?;
+        let u = self.key_writer()?;
+        if u.slot == slot {
+            return Err(crate::StoreError::InvalidKeyInput(format!(
+                "key slot {slot} is the one this password opened; remove it with another password"
+            )));
+        }
+        kf.remove_slot(&u.key, slot)
+    }
+
+    /// Replaces the slot this store was opened with by one under `new` (same label): added
+    /// first, then the old one removed, so a crash between leaves both passwords working, never
+    /// neither. The new slot's id.
+    pub fn change_password(
+        &mut self,
+        new: &crate::keys::Password,
+        kdf: crate::keys::KdfParams,
+    ) -> Result<u32, crate::StoreError> {
+        let mut kf = self.key_file()?;
+        let u = self.key_writer()?;
+        let old = u.slot;
+        let label = kf
+            .slots()
+            .into_iter()
+            .find(|s| s.id == old)
+            .map(|s| s.label)
+            .unwrap_or_default();
+        let id = kf.add_slot(&u.key, new, kdf, &label)?;
+        kf.remove_slot(&u.key, old)?;
+        if let Some(u) = self.unlocked.as_mut() {
+            u.slot = id;
+        }
+        Ok(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_bytes_open_only_with_their_header_and_key() {
+        let k = MasterKey::generate().expect("key");
+        let c = Crypt::new(&k);
+        let h = Header {
+            kind: 6,
+            codec: 0,
+            key: 3,
+            plain_len: 0,
+        };
+        let s = c.seal(&h, b"a page map").expect("seal");
+        assert_eq!(s.len(), 10 + SEAL_OVERHEAD);
+        assert_eq!(c.open(&h, &s).expect("open"), b"a page map");
+        assert_ne!(c.seal(&h, b"a page map").expect("seal"), s, "random nonces");
+        for bit in 0..s.len() * 8 {
+            let mut bad = s.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(c.open(&h, &bad).is_err(), "bit {bit}");
+        }
+        for other in [
+            Header { kind: 5, ..h },
+            Header { codec: 1, ..h },
+            Header { key: 4, ..h },
+            Header { plain_len: 1, ..h },
+        ] {
+            assert!(c.open(&other, &s).is_err(), "{other:?}");
+        }
+        let other = Crypt::new(&MasterKey::generate().expect("key"));
+        assert!(other.open(&h, &s).is_err());
+        assert!(c.open(&h, &s[..SEAL_OVERHEAD - 1]).is_err());
+    }
+}
