@@ -6,7 +6,9 @@
 #
 # Run by hand: `bash scripts/bench-image-vs-qemu.sh [WORKDIR]`, with `IMG=` naming an image or
 # none (then one is built like scripts/bench-peers.sh does: `mke2fs -d` from /usr/lib/x86_64-linux-gnu
-# and /usr/share/doc). `ROUNDS=` (default 5). Needs qemu-img, e2fsprogs, ~4 GiB free in WORKDIR.
+# and /usr/share/doc). `ROUNDS=` (default 5). `COMPRESSION=` is passed to `pagesnap init
+# --compression` (default: the store's default, auto). Needs qemu-img, e2fsprogs, ~4 GiB free in
+# WORKDIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-$(mktemp -d)}
@@ -26,7 +28,7 @@ if [ -z "${IMG:-}" ]; then
 fi
 echo "image: $(stat -c %s "$IMG") bytes, $(du -B1 "$IMG" | cut -f1) allocated; $(nproc) cores; $(stat -f -c %T "$W")"
 secs() { local s e; sync; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc; }
-snap_ps() { rm -rf "$W/store"; "$P" --store "$W/store" --quiet init >/dev/null; cat "$IMG" >/dev/null; secs "$P" --store "$W/store" --quiet snapshot "$IMG"; }
+snap_ps() { rm -rf "$W/store"; "$P" --store "$W/store" --quiet init --compression "${COMPRESSION:-auto}" >/dev/null; cat "$IMG" >/dev/null; secs "$P" --store "$W/store" --quiet snapshot "$IMG"; }
 snap_qe() { rm -f "$W/v.qcow2"; cat "$IMG" >/dev/null; secs bash -c "qemu-img convert -O qcow2 '$IMG' '$W/v.qcow2' && sync"; }
 rest_ps() { rm -f "$W/r.img"; cat "$W"/store/seg-* >/dev/null; secs bash -c "'$P' --store '$W/store' --quiet restore 1 '$W/r.img' && sync"; }
 rest_qe() { rm -f "$W/q.img"; cat "$W/v.qcow2" >/dev/null; secs bash -c "qemu-img convert -O raw '$W/v.qcow2' '$W/q.img' && sync"; }

@@ -70,12 +70,14 @@ $P --store "$W/store" --quiet restore 1 "$W/out/ps1.img" && cmp "$W/v1.img" "$W/
 
 r() { echo "scale=2; $1 / $2" | bc; }
 mib() { echo "scale=1; $1 / 1048576" | bc; }
-echo "| tool | first snapshot (s) | store after (MiB) | incremental (s) | bytes added (MiB) | restore (s) | restore byte-identical |"
-echo "|---|---:|---:|---:|---:|---:|---|"
-echo "| pagesnap | $t_ps1 | $(mib $b_ps1) | $t_ps2 | $(mib $((b_ps2 - b_ps1))) | $t_psr | yes |"
-echo "| restic $(restic version | awk '{print $2}') | $t_re1 | $(mib $b_re1) | $t_re2 | $(mib $((b_re2 - b_re1))) | $t_rer | yes |"
-echo "| borg $(borg --version | awk '{print $2}') | $t_bo1 | $(mib $b_bo1) | $t_bo2 | $(mib $((b_bo2 - b_bo1))) | $t_bor | yes |"
-echo "| qemu-img convert (qcow2, -B backing) | $t_qe1 | $(mib $b_qe1) | $t_qe2 | $(mib $((b_qe2 - b_qe1))) | $t_qer | yes |"
-echo "| qemu-img convert, then sync | $t_qe1s | | | | $t_qers | yes |"
+echo "pagesnap's store: $($P --store "$W/store" compression) compression"
+echo "| tool | first snapshot (s) | store after (MiB) | incremental (s) | bytes added (MiB) | store after both (MiB) | restore (s) | restore byte-identical |"
+echo "|---|---:|---:|---:|---:|---:|---:|---|"
+echo "| pagesnap | $t_ps1 | $(mib $b_ps1) | $t_ps2 | $(mib $((b_ps2 - b_ps1))) | $(mib $b_ps2) | $t_psr | yes |"
+echo "| restic $(restic version | awk '{print $2}') | $t_re1 | $(mib $b_re1) | $t_re2 | $(mib $((b_re2 - b_re1))) | $(mib $b_re2) | $t_rer | yes |"
+echo "| borg $(borg --version | awk '{print $2}') | $t_bo1 | $(mib $b_bo1) | $t_bo2 | $(mib $((b_bo2 - b_bo1))) | $(mib $b_bo2) | $t_bor | yes |"
+echo "| qemu-img convert (qcow2, -B backing) | $t_qe1 | $(mib $b_qe1) | $t_qe2 | $(mib $((b_qe2 - b_qe1))) | $(mib $b_qe2) | $t_qer | yes |"
+echo "| qemu-img convert, then sync | $t_qe1s | | | | | $t_qers | yes |"
 echo
+echo "Store size pagesnap/restic: $(r $b_ps2 $b_re2) after both snapshots, $(r $b_ps1 $b_re1) after the first (issue 16: <= 1)."
 echo "Ratios: incremental time pagesnap/restic $(r $t_ps2 $t_re2) (target <= 0.25); bytes added pagesnap/restic $(r $((b_ps2 - b_ps1)) $((b_re2 - b_re1))) (target <= 0.3); first snapshot pagesnap/qemu-img $(r $t_ps1 $t_qe1) ($(r $t_ps1 $t_qe1s) against convert+sync) and restore pagesnap/qemu-img $(r $t_psr $t_qer) ($(r $t_psr $t_qers) against convert+sync) (target <= 1)."
