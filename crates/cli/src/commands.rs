@@ -37,6 +37,17 @@ impl Ctx {
     pub(crate) fn password_for(&self, dir: &Path) -> Result<Option<Password>> {
         match Store::encryption_of(dir) {
             Ok(Some(_)) => {}
+            // Not encrypted (by its superblock) although a password is given: handed to open,
+            // which refuses — the superblock may have been downgraded, and writing on would put
+            // data in clear. Never prompted for.
+            Ok(None) if self.password_given() => {
+                return crate::password::password(
+                    PasswordRole::Current,
+                    self.password_file.as_deref(),
+                )
+                .map(Some)
+                .with_context(|| format!("reading the password for {}", dir.display()));
+            }
             // Not encrypted, or not a store: open says which.
             _ => return Ok(None),
         }
@@ -49,6 +60,17 @@ impl Ctx {
             .password
             .get()
             .map(|p| Password::new(p.as_bytes().to_vec())))
+    }
+
+    /// A password source is set (a flag or a variable), as opposed to a prompt.
+    fn password_given(&self) -> bool {
+        self.password_file.is_some()
+            || [
+                PasswordRole::Current.env(),
+                PasswordRole::Current.file_env(),
+            ]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some())
     }
 
     pub(crate) fn open(&self, mode: Mode) -> Result<Store> {

@@ -81,6 +81,8 @@ pub struct TrackedImage {
     ps: u64,
     pages: u64,
     state_path: PathBuf,
+    /// The tracking state is written to `state_path` (not for an encrypted store).
+    persist: bool,
     /// Writers hold it shared from marking their pages to the end of their write; a freeze
     /// holds it exclusively.
     gate: RwLock<()>,
@@ -202,7 +204,25 @@ impl TrackedImage {
         let snaps = store.snapshots()?;
         // `Err((why, may_resume))`: tracking from the state is not trusted, and whether the
         // store's newest snapshot may stand in for it.
+        // An encrypted store keeps no tracking state on disk: the state names the image's path
+        // and the ranges written, in clear. So the first snapshot after each start reads the
+        // image whole, as after an unclean end (timestamps are never trusted instead).
+        let persist = !store.is_encrypted();
+        if !persist {
+            match std::fs::remove_file(state) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(state, "remove tracking state")(e)),
+            }
+        }
         let from_state = (|| -> Result<(SnapshotId, Bits), (String, bool)> {
+            if !persist {
+                return Err((
+                    "an encrypted store keeps no tracking state on disk (it would name the image)"
+                        .into(),
+                    false,
+                ));
+            }
             let bytes = match std::fs::read(state) {
                 Ok(b) => b,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -298,6 +318,7 @@ impl TrackedImage {
             ps,
             pages,
             state_path: state.to_path_buf(),
+            persist,
             gate: RwLock::new(()),
             inner: Mutex::new(Inner {
                 active,
@@ -465,7 +486,9 @@ impl TrackedImage {
                 path: self.canonical.clone(),
                 ranges: Vec::new(),
             };
-            marker.store(&self.state_path)?;
+            if self.persist {
+                marker.store(&self.state_path)?;
+            }
             g.marked = true;
         }
         for p in first..end.min(self.pages) {
@@ -893,9 +916,11 @@ impl TrackedImage {
             path: self.canonical.clone(),
             ranges: g.active.runs(),
         };
-        state
-            .store(&self.state_path)
-            .map_err(io_err(&self.state_path, "write tracking state"))?;
+        if self.persist {
+            state
+                .store(&self.state_path)
+                .map_err(io_err(&self.state_path, "write tracking state"))?;
+        }
         Ok(Tracking {
             base: g.base,
             pages: g.active.count(),

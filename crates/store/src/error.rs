@@ -186,6 +186,15 @@ pub enum StoreError {
         /// The slot asked for.
         slot: u32,
     },
+    /// The superblock says the store is not encrypted, but a key file is there or a password
+    /// was given: refused (a downgrade would write data in clear).
+    #[error("{}: the superblock says this store is not encrypted, but {}; it may have been tampered with — do not write to it (if it really is a plaintext store, {})", .path.display(), if *.keys { "a key file (keys) is there" } else { "a password was given" }, if *.keys { "remove the stray keys file" } else { "unset PAGESNAP_PASSWORD / PAGESNAP_PASSWORD_FILE and --password-file" })]
+    NotEncryptedButKeyed {
+        /// The store.
+        path: PathBuf,
+        /// A key file is there (else: a password was given).
+        keys: bool,
+    },
     /// Every key slot is in use.
     #[error("{}: all {max} key slots are in use; remove one first", .path.display())]
     KeySlotsFull {

@@ -981,16 +981,31 @@ impl KeyFile {
     ) -> Result<u32, StoreError> {
         self.reload()?;
         let unlocked = self.unlock(old)?;
+        self.replace_slot(&unlocked.key, unlocked.slot, new, kdf)
+    }
+
+    /// Replaces slot `slot` by one for `new` (same label, a new id), in one crash-safe change:
+    /// the file holds the old slot or the new one, and a full file (8 slots) is no obstacle.
+    /// Needs the unlocked master key of this file.
+    pub fn replace_slot(
+        &mut self,
+        key: &MasterKey,
+        slot: u32,
+        new: &Password,
+        kdf: KdfParams,
+    ) -> Result<u32, StoreError> {
+        self.reload()?;
+        self.check_key(key)?;
         let mut next = self.contents.clone();
-        let Some(i) = next.slots.iter().position(|s| s.info.id == unlocked.slot) else {
+        let Some(i) = next.slots.iter().position(|s| s.info.id == slot) else {
             return Err(StoreError::UnknownKeySlot {
                 path: self.path(),
-                slot: unlocked.slot,
+                slot,
             });
         };
         let id = next.next_slot;
         let label = next.slots[i].info.label.clone();
-        let slot = Slot::seal(id, &unlocked.key, &next.key_id, new, kdf, &label)?;
+        let slot = Slot::seal(id, key, &next.key_id, new, kdf, &label)?;
         next.slots[i] = slot;
         next.next_slot = id.checked_add(1).ok_or_else(|| {
             StoreError::InvalidKeyInput("no key slot ids left in this key file".into())

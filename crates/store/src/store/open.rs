@@ -437,6 +437,16 @@ impl Store {
         let mut sb = read.sb.clone();
         let mut key_file = None;
         let unlocked = match sb.encryption {
+            // A superblock that says "not encrypted" beside a key file, or a password given for
+            // a store that says so, is refused: either may be a downgrade by someone who edited
+            // the superblock (its crc32 is no protection against that), and writing on would put
+            // the user's data in clear.
+            None if password.is_some() || KeyFile::exists(&*io)? => {
+                return Err(StoreError::NotEncryptedButKeyed {
+                    path: io.location().into(),
+                    keys: KeyFile::exists(&*io)?,
+                })
+            }
             None => None,
             Some(id) => {
                 let Some(password) = password else {

@@ -329,14 +329,8 @@ impl super::Store {
         let mut kf = self.key_file()?;
         let u = self.key_writer()?;
         let old = u.slot;
-        let label = kf
-            .slots()
-            .into_iter()
-            .find(|s| s.id == old)
-            .map(|s| s.label)
-            .unwrap_or_default();
-        let id = kf.add_slot(&u.key, new, kdf, &label)?;
-        kf.remove_slot(&u.key, old)?;
+        // One change that swaps the slot (works with all 8 slots in use; crash-safe).
+        let id = kf.replace_slot(&u.key, old, new, kdf)?;
         if let Some(u) = self.unlocked.as_mut() {
             u.slot = id;
         }
