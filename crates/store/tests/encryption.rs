@@ -235,7 +235,13 @@ fn the_password_and_the_key_file_are_required() {
     let plain = tempfile::tempdir().expect("tmp");
     drop(Store::init(plain.path(), StoreOptions::default()).expect("init"));
     assert!(!plain.path().join("keys").exists());
-    let (s, _) = Store::open_encrypted(plain.path(), Mode::Write, Some(&pw("x"))).expect("open");
+    // A password given for a store whose superblock says "plaintext" is refused (a downgraded
+    // superblock must not make the user write in clear; docs/security.md).
+    assert!(matches!(
+        Store::open_encrypted(plain.path(), Mode::Write, Some(&pw("x"))),
+        Err(StoreError::NotEncryptedButKeyed { keys: false, .. })
+    ));
+    let (s, _) = Store::open_encrypted(plain.path(), Mode::Write, None).expect("open");
     assert!(!s.is_encrypted());
     drop(s);
     assert!(!plain.path().join("keys").exists());

@@ -146,7 +146,19 @@ pub(crate) struct Framer {
     ready: BTreeMap<u64, Done>,
     /// Where each slot of each appended frame went, until the placeholders are resolved.
     placed: HashMap<u64, Vec<Location>>,
+    /// Frames appended plain in a row (compression did not pay), and frames stored plain
+    /// without an attempt since the last one tried: random or already compressed data costs
+    /// one attempt in [`PROBE_EVERY`] frames once [`PLAIN_RUN`] frames in a row did not shrink.
+    plain_run: u32,
+    untried: u32,
+    /// Pages of the current untried frame appended directly.
+    direct: usize,
 }
+
+/// Frames in a row that did not shrink before attempts become sparse ...
+const PLAIN_RUN: u32 = 4;
+/// ... one frame in this many is tried; one that shrinks makes every frame tried again.
+const PROBE_EVERY: u32 = 8;
 
 impl std::fmt::Debug for Framer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -230,6 +242,24 @@ impl Store {
             f.pool = Some(Pool::new(codec, level, sealer)?);
         }
         let per_frame = frame_pages(page);
+        // Incompressible data and nothing in flight: the page goes straight into an extent (no
+        // copy into a frame), counted as part of an untried frame.
+        let encrypted = self.crypt.is_some();
+        let w = self.log_writer()?;
+        let f = &mut w.frames;
+        if !encrypted
+            && f.plain_run >= PLAIN_RUN
+            && f.untried + 1 < PROBE_EVERY
+            && f.in_flight.is_empty()
+            && f.open_hashes.is_empty()
+        {
+            f.direct += 1;
+            if f.direct >= per_frame {
+                f.direct = 0;
+                f.untried += 1;
+            }
+            return self.append_page(data);
+        }
         // A full frame left by a send that failed (a full disk): sent first, so a frame never
         // holds more than `per_frame` pages. If it still cannot go, this page is not taken.
         if f.open_hashes.len() >= per_frame {
@@ -268,10 +298,28 @@ impl Store {
         while self.log_writer()?.frames.in_flight.len() >= cap {
             self.pump(true)?;
         }
+        let encrypted = self.crypt.is_some();
         let w = self.log_writer()?;
         let f = &mut w.frames;
         let seq = f.next_seq;
         f.next_seq += 1;
+        // Data that does not compress (random, already compressed): most frames skip the
+        // attempt and go plain at once (never in an encrypted store: its frames are sealed by
+        // the threads).
+        if !encrypted && f.plain_run >= PLAIN_RUN && f.untried + 1 < PROBE_EVERY {
+            f.untried += 1;
+            let done = Done {
+                gen: f.gen,
+                seq,
+                plain: std::mem::take(&mut f.open),
+                packed: None,
+                codec: Codec::None,
+            };
+            f.in_flight.insert(seq, std::mem::take(&mut f.open_hashes));
+            f.ready.insert(seq, done);
+            return Ok(());
+        }
+        f.untried = 0;
         let job = Job {
             gen: f.gen,
             seq,
@@ -366,11 +414,16 @@ impl Store {
                 for p in done.plain.chunks(page) {
                     slots.push(self.append_page(p)?);
                 }
+                let f = &mut self.log_writer()?.frames;
+                f.plain_run = f.plain_run.saturating_add(1);
             }
             Some(packed) => {
                 let codec = done.codec;
                 let loc =
                     self.append_frame_record(codec, hashes.len(), done.plain.len(), packed)?;
+                if codec != Codec::None {
+                    self.log_writer()?.frames.plain_run = 0;
+                }
                 for k in 0..hashes.len() {
                     slots.push(Location {
                         slot: u16::try_from(k + 1).unwrap_or(u16::MAX),
