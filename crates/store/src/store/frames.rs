@@ -156,9 +156,9 @@ pub(crate) struct Framer {
 }
 
 /// Frames in a row that did not shrink before attempts become sparse ...
-const PLAIN_RUN: u32 = 4;
+const PLAIN_RUN: u32 = 8;
 /// ... one frame in this many is tried; one that shrinks makes every frame tried again.
-const PROBE_EVERY: u32 = 8;
+const PROBE_EVERY: u32 = 4;
 
 impl std::fmt::Debug for Framer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
