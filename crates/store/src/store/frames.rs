@@ -29,6 +29,8 @@ struct Job {
     gen: u64,
     seq: u64,
     plain: Vec<u8>,
+    /// Attempt compression (false: incompressible data, the frame is only sealed).
+    compress: bool,
 }
 
 struct Done {
@@ -76,10 +78,11 @@ impl Pool {
                     loop {
                         let Ok(job) = rx.recv() else { return };
                         // A panic in a codec stores the frame plain (its bytes are intact).
-                        let packed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            c.compress(&job.plain, &mut out)
-                        }))
-                        .unwrap_or(false)
+                        let packed = (job.compress
+                            && std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                c.compress(&job.plain, &mut out)
+                            }))
+                            .unwrap_or(false))
                         .then(|| out.clone());
                         let used = if packed.is_some() { codec } else { Codec::None };
                         // Encrypted: sealed here too, on every core (a failure leaves `None`,
@@ -319,11 +322,19 @@ impl Store {
             f.ready.insert(seq, done);
             return Ok(());
         }
-        f.untried = 0;
+        // Encrypted: every frame goes to the threads to be sealed, but the compression attempt
+        // is skipped by the same rule.
+        let compress = !(f.plain_run >= PLAIN_RUN && f.untried + 1 < PROBE_EVERY);
+        if compress {
+            f.untried = 0;
+        } else {
+            f.untried += 1;
+        }
         let job = Job {
             gen: f.gen,
             seq,
             plain: std::mem::take(&mut f.open),
+            compress,
         };
         f.in_flight.insert(seq, std::mem::take(&mut f.open_hashes));
         let sent = f
@@ -421,8 +432,12 @@ impl Store {
                 let codec = done.codec;
                 let loc =
                     self.append_frame_record(codec, hashes.len(), done.plain.len(), packed)?;
+                let f = &mut self.log_writer()?.frames;
                 if codec != Codec::None {
-                    self.log_writer()?.frames.plain_run = 0;
+                    f.plain_run = 0;
+                } else {
+                    // A sealed frame stored uncompressed (an encrypted store).
+                    f.plain_run = f.plain_run.saturating_add(1);
                 }
                 for k in 0..hashes.len() {
                     slots.push(Location {
