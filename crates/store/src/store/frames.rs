@@ -803,21 +803,7 @@ impl Store {
                 }
             }
         }
-        let pages: Vec<&[u8]> = out[start..].chunks(page).collect();
-        let mut hashes = vec![[0u8; 32]; pages.len()];
-        self.page_ids().hash_pages(&pages, &mut hashes);
-        if let Some(r) = refs[i..j]
-            .iter()
-            .zip(&hashes)
-            .find(|(r, h)| *h != &r.hash)
-            .map(|(r, _)| r)
-        {
-            out.truncate(start);
-            return Err(self
-                .read_framed_page(r)
-                .err()
-                .unwrap_or_else(|| self.changed_under_us(r)));
-        }
+        self.check_pages_read(&refs[i..j], out, start)?;
         Ok(j)
     }
 }

@@ -228,6 +228,33 @@ impl Store {
         Ok(payload)
     }
 
+    /// Checks the pages `refs` name, read into `out[start..]`, against their ids, many pages at
+    /// once; on a mismatch `out` is cut back to `start` and the error is the one a single read
+    /// of that page gives (named by the page itself).
+    pub(super) fn check_pages_read(
+        &self,
+        refs: &[Ref],
+        out: &mut Vec<u8>,
+        start: usize,
+    ) -> Result<(), StoreError> {
+        let pages: Vec<&[u8]> = out[start..].chunks(self.sb.page_size as usize).collect();
+        let mut hashes = vec![[0u8; 32]; pages.len()];
+        self.page_ids().hash_pages(&pages, &mut hashes);
+        if let Some(r) = refs
+            .iter()
+            .zip(&hashes)
+            .find(|(r, h)| *h != &r.hash)
+            .map(|(r, _)| r)
+        {
+            out.truncate(start);
+            return Err(self
+                .read_page_bytes(r)
+                .err()
+                .unwrap_or_else(|| self.changed_under_us(r)));
+        }
+        Ok(())
+    }
+
     /// Appends to `out` the contents the page references name, each checked, back to back in the
     /// order given. Pages that lie back to back in a segment (as a snapshot's pages written
     /// together do) are read with one `pread` per run of up to 8 MiB, straight into `out`.
@@ -281,23 +308,7 @@ impl Store {
             };
             let start = out.len();
             self.read_span_into(&run, out)?;
-            // Every page of the run checked against its blake3, many pages at once.
-            let pages: Vec<&[u8]> = out[start..].chunks(self.sb.page_size as usize).collect();
-            let mut hashes = vec![[0u8; 32]; pages.len()];
-            self.page_ids().hash_pages(&pages, &mut hashes);
-            if let Some(r) = refs[i..j]
-                .iter()
-                .zip(&hashes)
-                .find(|(r, h)| *h != &r.hash)
-                .map(|(r, _)| r)
-            {
-                out.truncate(start);
-                // Named by the page itself, with the error a single read gives.
-                return Err(self
-                    .read_page_bytes(r)
-                    .err()
-                    .unwrap_or_else(|| self.changed_under_us(r)));
-            }
+            self.check_pages_read(&refs[i..j], out, start)?;
             i = j;
         }
         Ok(())
