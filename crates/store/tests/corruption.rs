@@ -10,42 +10,8 @@ use pagesnap_store::{Epoch, Mode, SnapshotId, SnapshotMeta, Storage, Store, Stor
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-thread_local! {
-    /// This test thread's campaign runs on an encrypted store (each test has its own thread).
-    static ENCRYPTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-fn password() -> pagesnap_store::keys::Password {
-    pagesnap_store::keys::Password::from("campaign")
-}
-
-/// A new store on `io`: encrypted when this thread's campaign is.
-fn init_store(
-    io: Arc<FaultyStorage>,
-    opts: StoreOptions,
-) -> Result<Store, pagesnap_store::StoreError> {
-    if ENCRYPTED.with(|e| e.get()) {
-        Store::init_encrypted_with(
-            io,
-            opts,
-            &password(),
-            pagesnap_store::keys::KdfParams::FOR_TESTS,
-            "campaign",
-        )
-    } else {
-        Store::init_with(io, opts)
-    }
-}
-
-/// Opens the store on `io` (with its password when encrypted).
-fn open_store(
-    io: Arc<FaultyStorage>,
-    mode: Mode,
-    opts: StoreOptions,
-) -> Result<(Store, pagesnap_store::OpenReport), pagesnap_store::StoreError> {
-    let pw = ENCRYPTED.with(|e| e.get()).then(password);
-    Store::open_with_key(io, mode, opts, pw.as_ref())
-}
+mod campaign;
+use campaign::{init_store, open_store, ENCRYPTED};
 
 const PS: usize = 512;
 
