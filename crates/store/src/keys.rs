@@ -19,6 +19,7 @@
 //! lock). `docs/security.md` has the key hierarchy, the file's bytes and the reasons.
 
 use crate::storage::{SharedStorage, Storage};
+use crate::store::{io_err, now_ms};
 use crate::StoreError;
 use chacha20poly1305::aead::{AeadInOut, KeyInit};
 use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
@@ -454,21 +455,6 @@ pub struct KeyFile {
     /// The copy (0 or 1) the contents were read from.
     copy: usize,
     note: Option<String>,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-fn io_err(
-    io: &dyn Storage,
-    name: &str,
-    step: &'static str,
-) -> impl FnOnce(io::Error) -> StoreError {
-    let path = io.location().join(name);
-    move |source| StoreError::Io { path, step, source }
 }
 
 fn check_label(label: &str) -> Result<(), StoreError> {

@@ -749,7 +749,7 @@ pub(super) fn is_zero(data: &[u8]) -> bool {
     words.into_iter().all(|w| w == [0u8; 8]) && tail.iter().all(|b| *b == 0)
 }
 
-pub(super) fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

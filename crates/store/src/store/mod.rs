@@ -25,6 +25,7 @@ mod verify;
 
 pub(crate) use seal::SCHEME_XCHACHA_BLAKE3;
 
+pub(crate) use self::commit::now_ms;
 use self::commit::{append, WRITE_BUFFER};
 use crate::error::StoreError;
 use crate::format::{
@@ -158,7 +159,7 @@ impl std::fmt::Debug for Store {
     }
 }
 
-fn io_err(
+pub(crate) fn io_err(
     io: &dyn Storage,
     name: &str,
     step: &'static str,
