@@ -21,7 +21,7 @@
 //!    `posix_fadvise(DONTNEED)` after a `sync`) and warm (the same again at once).
 
 use crate::write_path::{
-    free_bytes, mbps, median, mib, ms, segment_bytes, settle, Pool, BASE, PAGE,
+    enough_space, mbps, median, mib, ms, segment_bytes, settle, Pool, BASE, PAGE,
 };
 use anyhow::Context;
 use pagesnap_bench::Rng;
@@ -547,15 +547,7 @@ pub(crate) fn compression(args: &[String], full: bool) -> anyhow::Result<()> {
         .max(1);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("## Compression (issue 16)\n");
-    let free = free_bytes(&tmp)?;
-    let need = 3u64 << 30;
-    if free < need {
-        println!(
-            "Skipped: `{}` has {:.1} GiB free; this section needs {:.0} GiB.\n",
-            tmp.display(),
-            free as f64 / (1u64 << 30) as f64,
-            need as f64 / (1u64 << 30) as f64
-        );
+    if !enough_space(&tmp, 3 << 30)? {
         return Ok(());
     }
     let bytes = PAGES * PAGE as u64;

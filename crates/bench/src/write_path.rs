@@ -464,27 +464,33 @@ pub(crate) fn profile(which: &str, rounds: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether `dir` has `need` bytes free; if not, says the section is skipped and why.
+pub(crate) fn enough_space(dir: &Path, need: u64) -> anyhow::Result<bool> {
+    let free = free_bytes(dir)?;
+    if free < need {
+        println!(
+            "Skipped: `{}` has {:.1} GiB free; this section needs {:.0} GiB.\n",
+            dir.display(),
+            free as f64 / (1u64 << 30) as f64,
+            need as f64 / (1u64 << 30) as f64
+        );
+    }
+    Ok(free >= need)
+}
+
 pub(crate) fn write_path(opts: &Opts) -> anyhow::Result<()> {
     let section = Instant::now();
     let tmp = PathBuf::from(std::env::var_os("TMPDIR").unwrap_or_else(|| "/tmp".into()));
     println!("## Write path (store created with `Compression::None`)\n");
-    let free = free_bytes(&tmp)?;
     // The dirty levels write about 3.5 GiB; the first-snapshot rounds 256 MiB at a time.
-    let need = 5u64 << 30;
-    if free < need {
-        println!(
-            "Skipped: `{}` has {:.1} GiB free; this section needs {:.0} GiB.\n",
-            tmp.display(),
-            free as f64 / (1u64 << 30) as f64,
-            need as f64 / (1u64 << 30) as f64
-        );
+    if !enough_space(&tmp, 5 << 30)? {
         return Ok(());
     }
     let rounds = 5;
     println!(
         "Directory under `{}` ({:.0} GiB free). 4 KiB pages of distinct random content (a 64 MiB pool generated before any timer, an 8-byte stamp per page), default `StoreOptions` but `compression: Compression::None` (the uncompressed write path, against a raw write of the same bytes; the default `Auto` is measured against it by `--section compression`). Raw limit: the same bytes in 1 MiB pwrites to a fresh file of the same directory, then `fdatasync`. Before each timed write, `sync(2)` and 200 ms, so none pays for another's writeback. {rounds} rounds, raw / store / engine interleaved; medians. MB = 10^6 bytes.\n",
         tmp.display(),
-        free as f64 / (1u64 << 30) as f64
+        free_bytes(&tmp)? as f64 / (1u64 << 30) as f64
     );
     let mut r = Rng(0x5EED_0003);
     let mut pool = Pool::new(&mut r);
