@@ -1,0 +1,1088 @@
+//! [`ObjectStorage`]: the store's file operations ([`Storage`]) on an object store.
+//!
+//! The store sees files; the bucket holds one *head* object and immutable *pieces*.
+//!
+//! - A segment file (`*.pss`) is a map of extents, each a run of bytes of a piece. Appends
+//!   collect in a *window* in memory; a window of [`PIECE`] bytes is cut off and uploaded at once,
+//!   in the background ([`MAX_IN_FLIGHT`] at a time), as a new piece.
+//! - Every other file (the superblock, the key file) is small and lives inside the head.
+//! - A sync (`sync`, `sync_data`, `sync_dir`) cuts every window, waits for every upload, and then
+//!   replaces the head by one conditional put (`If-Match` the version this process read or last
+//!   wrote; `If-None-Match: *` for a new store). That put is the commit point: until it lands
+//!   nothing uploaded is visible; after it, all of it is. If another process replaced the head
+//!   in between, the put fails, and so does every later one of this process (sticky): a second
+//!   writer can never commit over the first, and the loser gets an error that says so.
+//! - Pieces no head names (an interrupted commit's, a removed segment's) are deleted by
+//!   [`ObjectStorage::sweep`] (run after any removal, and by `gc`): only pieces of versions up
+//!   to the head this process wrote, so a newer writer's uploads are never touched.
+//!
+//! Reads of published pieces go through a local block cache (small reads: commit records,
+//! page-map chunks) or, when large, straight to the bucket in parallel ranges.
+
+use crate::head::{ExtentRec, FileRec, Head, PieceName};
+use bytes::Bytes;
+use futures::stream::{self, StreamExt, TryStreamExt};
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
+use pagesnap_store::{LockGuard, Storage};
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::task::JoinHandle;
+
+/// Bytes of a piece cut from a window (restic's packs are 16 MiB or more, for the same reasons:
+/// few requests, and parts small enough to upload several at once).
+pub const PIECE: usize = 16 << 20;
+/// Bytes kept back in the window after a cut, so that rewriting the last partial block of an
+/// append (which the store's buffer does) lands in the window, not in an uploaded piece.
+const MARGIN: usize = 1 << 20;
+/// Uploads in flight before a write waits for the oldest.
+pub const MAX_IN_FLIGHT: usize = 6;
+/// Reads at least this long go to the bucket directly, in parallel ranges of [`RANGE`].
+const DIRECT_READ: usize = 1 << 20;
+/// One ranged GET of a large read.
+const RANGE: u64 = 4 << 20;
+/// Ranged GETs of one read in flight at once.
+const PARALLEL_GETS: usize = 8;
+/// The block of the local cache.
+pub const BLOCK: u64 = 64 << 10;
+/// The head object's key below the prefix.
+pub const HEAD_KEY: &str = "head";
+
+/// Bytes and requests to and from the bucket, since the storage was opened.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+    pub puts: AtomicU64,
+    pub gets: AtomicU64,
+    pub cache_hits: AtomicU64,
+}
+
+/// A copy of [`Traffic`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficReport {
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub puts: u64,
+    pub gets: u64,
+    pub cache_hits: u64,
+}
+
+/// An uploaded (or uploading) piece. Its bytes stay in memory until its upload succeeded.
+#[derive(Debug)]
+struct Piece {
+    name: PieceName,
+    len: u64,
+    data: Mutex<Option<Bytes>>,
+}
+
+impl Piece {
+    fn data(&self) -> Option<Bytes> {
+        self.data.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    fn forget_data(&self) {
+        *self.data.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Ext {
+    len: u64,
+    piece: Arc<Piece>,
+    off: u64,
+}
+
+#[derive(Debug)]
+struct Window {
+    start: u64,
+    buf: Vec<u8>,
+}
+
+#[derive(Debug)]
+enum Body {
+    Inline(Vec<u8>),
+    Pieces {
+        ext: BTreeMap<u64, Ext>,
+        window: Option<Window>,
+    },
+}
+
+#[derive(Debug)]
+struct FileState {
+    len: u64,
+    body: Body,
+}
+
+#[derive(Debug)]
+struct Upload {
+    piece: Arc<Piece>,
+    task: JoinHandle<Result<(), object_store::Error>>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// The head this process read or last wrote; `None`: there is none yet.
+    version_tag: Option<UpdateVersion>,
+    version: u64,
+    files: BTreeMap<String, FileState>,
+    next_n: u32,
+    uploads: Vec<Upload>,
+    /// Pieces whose upload failed twice: their bytes are in memory; the next sync tries again.
+    failed: Vec<Arc<Piece>>,
+    /// Something changed since the last put of the head.
+    dirty: bool,
+    /// Something was removed or replaced since the last sweep.
+    orphans: bool,
+    /// Set when the head's conditional put failed: every later sync fails the same way.
+    lost: Option<String>,
+}
+
+/// The store's files on an object store (see the module documentation).
+pub struct ObjectStorage {
+    location: PathBuf,
+    os: Arc<dyn ObjectStore>,
+    prefix: String,
+    rt: tokio::runtime::Runtime,
+    cache: Option<PathBuf>,
+    token: u64,
+    /// [`PIECE`], smaller in tests.
+    piece_size: usize,
+    state: Mutex<State>,
+    traffic: Arc<Traffic>,
+}
+
+impl std::fmt::Debug for ObjectStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectStorage")
+            .field("location", &self.location)
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+fn os_err(e: object_store::Error) -> io::Error {
+    let kind = match &e {
+        object_store::Error::NotFound { .. } => io::ErrorKind::NotFound,
+        object_store::Error::AlreadyExists { .. } => io::ErrorKind::AlreadyExists,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, e)
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether a file of this name is kept in pieces (segment files) rather than in the head.
+fn is_segment(name: &str) -> bool {
+    name.ends_with(".pss")
+}
+
+/// Inserts `e` at `start`, trimming or dropping what it overlaps. Returns whether a piece may
+/// have lost its last reference.
+fn insert_extent(map: &mut BTreeMap<u64, Ext>, start: u64, e: Ext) -> bool {
+    let end = start + e.len;
+    let mut orphaned = false;
+    // The extent that begins before `start` and reaches into it.
+    if let Some((&k, prev)) = map.range(..start).next_back() {
+        let pend = k + prev.len;
+        if pend > start {
+            let mut head = prev.clone();
+            head.len = start - k;
+            if pend > end {
+                let tail = Ext {
+                    len: pend - end,
+                    piece: prev.piece.clone(),
+                    off: prev.off + (end - k),
+                };
+                map.insert(end, tail);
+            }
+            map.insert(k, head);
+        }
+    }
+    let inside: Vec<u64> = map.range(start..end).map(|(k, _)| *k).collect();
+    for k in inside {
+        if let Some(x) = map.remove(&k) {
+            let xend = k + x.len;
+            if xend > end {
+                map.insert(
+                    end,
+                    Ext {
+                        len: xend - end,
+                        off: x.off + (end - k),
+                        piece: x.piece,
+                    },
+                );
+            } else {
+                orphaned = true;
+            }
+        }
+    }
+    map.insert(start, e);
+    orphaned
+}
+
+/// Drops everything at or past `len`.
+fn truncate_extents(map: &mut BTreeMap<u64, Ext>, len: u64) -> bool {
+    let past: Vec<u64> = map.range(len..).map(|(k, _)| *k).collect();
+    let orphaned = !past.is_empty();
+    for k in past {
+        map.remove(&k);
+    }
+    if let Some((&k, e)) = map.range(..len).next_back() {
+        if k + e.len > len {
+            let mut e = e.clone();
+            e.len = len - k;
+            map.insert(k, e);
+        }
+    }
+    orphaned
+}
+
+impl ObjectStorage {
+    /// Opens the store at `prefix` of `os` (reads its head; none: an empty store, which the
+    /// first sync creates). `location` names it in messages (`s3://bucket/prefix`); `cache` is a
+    /// directory for the local block cache and the writer lock of this machine (`None`: no cache).
+    pub fn open(
+        os: Arc<dyn ObjectStore>,
+        prefix: &str,
+        location: &str,
+        cache: Option<PathBuf>,
+    ) -> io::Result<ObjectStorage> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .thread_name("pagesnap-s3")
+            .enable_all()
+            .build()?;
+        let mut token = [0u8; 8];
+        getrandom::fill(&mut token).map_err(|e| io::Error::other(e.to_string()))?;
+        if let Some(dir) = &cache {
+            std::fs::create_dir_all(dir.join("blocks"))?;
+        }
+        let prefix = prefix.trim_matches('/').to_string();
+        let storage = ObjectStorage {
+            location: PathBuf::from(location),
+            os,
+            prefix,
+            rt,
+            cache,
+            token: u64::from_le_bytes(token),
+            piece_size: PIECE,
+            state: Mutex::new(State {
+                version_tag: None,
+                version: 0,
+                files: BTreeMap::new(),
+                next_n: 0,
+                uploads: Vec::new(),
+                failed: Vec::new(),
+                dirty: false,
+                orphans: false,
+                lost: None,
+            }),
+            traffic: Arc::new(Traffic::default()),
+        };
+        storage.load_head()?;
+        Ok(storage)
+    }
+
+    fn path(&self, key: &str) -> ObjPath {
+        if self.prefix.is_empty() {
+            ObjPath::from(key)
+        } else {
+            ObjPath::from(format!("{}/{key}", self.prefix))
+        }
+    }
+
+    fn load_head(&self) -> io::Result<()> {
+        let path = self.path(HEAD_KEY);
+        let got = self.rt.block_on(async {
+            match self.os.get(&path).await {
+                Ok(r) => {
+                    let tag = UpdateVersion {
+                        e_tag: r.meta.e_tag.clone(),
+                        version: r.meta.version.clone(),
+                    };
+                    let bytes = r.bytes().await?;
+                    Ok(Some((tag, bytes)))
+                }
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        });
+        let Some((tag, bytes)) = got.map_err(os_err)? else {
+            return Ok(());
+        };
+        self.traffic.gets.fetch_add(1, Ordering::Relaxed);
+        self.traffic
+            .bytes_down
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let head = Head::decode(&bytes).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}/{HEAD_KEY}: {}", self.location.display(), e.0),
+            )
+        })?;
+        let pieces: Vec<Arc<Piece>> = head
+            .pieces
+            .iter()
+            .map(|(name, len)| {
+                Arc::new(Piece {
+                    name: *name,
+                    len: *len,
+                    data: Mutex::new(None),
+                })
+            })
+            .collect();
+        let mut st = lock(&self.state);
+        st.version = head.version;
+        st.version_tag = Some(tag);
+        for (name, rec) in head.files {
+            let (len, body) = match rec {
+                FileRec::Inline(d) => (d.len() as u64, Body::Inline(d)),
+                FileRec::Pieces { len, extents } => {
+                    let ext = extents
+                        .into_iter()
+                        .map(|(off, e)| {
+                            (
+                                off,
+                                Ext {
+                                    len: e.len,
+                                    piece: pieces[e.piece as usize].clone(),
+                                    off: e.piece_off,
+                                },
+                            )
+                        })
+                        .collect();
+                    (len, Body::Pieces { ext, window: None })
+                }
+            };
+            st.files.insert(name, FileState { len, body });
+        }
+        Ok(())
+    }
+
+    /// What went to and came from the bucket so far.
+    pub fn traffic(&self) -> TrafficReport {
+        let t = &self.traffic;
+        TrafficReport {
+            bytes_up: t.bytes_up.load(Ordering::Relaxed),
+            bytes_down: t.bytes_down.load(Ordering::Relaxed),
+            puts: t.puts.load(Ordering::Relaxed),
+            gets: t.gets.load(Ordering::Relaxed),
+            cache_hits: t.cache_hits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Cuts pieces of `bytes` (at least 64 KiB) instead of [`PIECE`]: for tests that want many
+    /// pieces from little data.
+    pub fn with_piece_size(mut self, bytes: usize) -> ObjectStorage {
+        self.piece_size = bytes.max(64 << 10);
+        self
+    }
+
+    /// Distinct pieces the files name now.
+    pub fn live_pieces(&self) -> usize {
+        let st = lock(&self.state);
+        st.files
+            .values()
+            .flat_map(|f| match &f.body {
+                Body::Pieces { ext, .. } => ext.values().map(|e| e.piece.name).collect(),
+                Body::Inline(_) => Vec::new(),
+            })
+            .collect::<HashSet<_>>()
+            .len()
+    }
+
+    /// The head version this process read or wrote last.
+    pub fn version(&self) -> u64 {
+        lock(&self.state).version
+    }
+
+    /// Uploads a window's bytes as a new piece; returns the extent that names it.
+    fn cut(&self, st: &mut State, w: Window) -> io::Result<(u64, Ext)> {
+        let name = PieceName {
+            version: st.version + 1,
+            token: self.token,
+            n: st.next_n,
+        };
+        st.next_n += 1;
+        let data = Bytes::from(w.buf);
+        let piece = Arc::new(Piece {
+            name,
+            len: data.len() as u64,
+            data: Mutex::new(Some(data.clone())),
+        });
+        let task = self.spawn_upload(&piece, data);
+        st.uploads.push(Upload {
+            piece: piece.clone(),
+            task,
+        });
+        self.reap(st, MAX_IN_FLIGHT)?;
+        let len = piece.len;
+        Ok((w.start, Ext { len, piece, off: 0 }))
+    }
+
+    fn spawn_upload(
+        &self,
+        piece: &Arc<Piece>,
+        data: Bytes,
+    ) -> JoinHandle<Result<(), object_store::Error>> {
+        let os = self.os.clone();
+        let path = self.path(&piece.name.key());
+        let piece = piece.clone();
+        let traffic = self.traffic.clone();
+        self.rt.spawn(async move {
+            let n = data.len() as u64;
+            os.put(&path, PutPayload::from_bytes(data)).await?;
+            traffic.puts.fetch_add(1, Ordering::Relaxed);
+            traffic.bytes_up.fetch_add(n, Ordering::Relaxed);
+            piece.forget_data();
+            Ok(())
+        })
+    }
+
+    /// Waits until at most `keep` uploads are in flight. A failed upload is tried once more
+    /// (its bytes are still in memory); failing again, it is an error, and the piece stays in
+    /// the list so that the next sync tries again.
+    fn reap(&self, st: &mut State, keep: usize) -> io::Result<()> {
+        while st.uploads.len() > keep || st.uploads.first().is_some_and(|u| u.task.is_finished()) {
+            let Upload { piece, task } = st.uploads.remove(0);
+            let first = self
+                .rt
+                .block_on(task)
+                .map_err(|e| io::Error::other(format!("upload task: {e}")))?;
+            if let Err(e) = first {
+                let Some(data) = piece.data() else {
+                    return Err(os_err(e));
+                };
+                let retry = self.spawn_upload(&piece, data);
+                let second = self
+                    .rt
+                    .block_on(retry)
+                    .map_err(|e| io::Error::other(format!("upload task: {e}")))?;
+                if let Err(e) = second {
+                    // Kept for the next sync: its bytes are still in memory.
+                    st.failed.push(piece.clone());
+                    return Err(io::Error::other(format!(
+                        "uploading {}/{}: {e}",
+                        self.location.display(),
+                        piece.name
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the head by everything this process holds: the commit point (module docs).
+    fn publish(&self, st: &mut State) -> io::Result<()> {
+        if let Some(why) = &st.lost {
+            return Err(io::Error::other(why.clone()));
+        }
+        let names: Vec<String> = st.files.keys().cloned().collect();
+        for name in names {
+            let window = match st.files.get_mut(&name).map(|f| &mut f.body) {
+                Some(Body::Pieces { window, .. }) => window.take(),
+                _ => None,
+            };
+            if let Some(w) = window.filter(|w| !w.buf.is_empty()) {
+                let (start, e) = self.cut(st, w)?;
+                if let Some(FileState {
+                    body: Body::Pieces { ext, .. },
+                    ..
+                }) = st.files.get_mut(&name)
+                {
+                    insert_extent(ext, start, e);
+                }
+            }
+        }
+        // Pieces whose upload failed before: tried again (their bytes are in memory).
+        for piece in std::mem::take(&mut st.failed) {
+            if let Some(data) = piece.data() {
+                let task = self.spawn_upload(&piece, data);
+                st.uploads.push(Upload { piece, task });
+            }
+        }
+        self.reap(st, 0)?;
+        if !st.dirty {
+            return Ok(());
+        }
+        let head = self.head_of(st, st.version + 1);
+        let bytes = head.encode();
+        let n = bytes.len() as u64;
+        let mode = match &st.version_tag {
+            None => PutMode::Create,
+            Some(tag) => PutMode::Update(tag.clone()),
+        };
+        let path = self.path(HEAD_KEY);
+        let r = self.rt.block_on(self.os.put_opts(
+            &path,
+            PutPayload::from(bytes),
+            PutOptions {
+                mode,
+                ..Default::default()
+            },
+        ));
+        match r {
+            Ok(res) => {
+                self.traffic.puts.fetch_add(1, Ordering::Relaxed);
+                self.traffic.bytes_up.fetch_add(n, Ordering::Relaxed);
+                st.version += 1;
+                st.version_tag = Some(UpdateVersion {
+                    e_tag: res.e_tag,
+                    version: res.version,
+                });
+                st.dirty = false;
+                Ok(())
+            }
+            Err(
+                e @ (object_store::Error::Precondition { .. }
+                | object_store::Error::AlreadyExists { .. }),
+            ) => {
+                let why = format!(
+                    "another writer changed the store {} after this process read it ({e}); \
+                     nothing of this change was committed: open the store again and retry",
+                    self.location.display()
+                );
+                st.lost = Some(why.clone());
+                Err(io::Error::other(why))
+            }
+            Err(e) => Err(os_err(e)),
+        }
+    }
+
+    fn head_of(&self, st: &State, version: u64) -> Head {
+        let mut index: BTreeMap<PieceName, u32> = BTreeMap::new();
+        let mut pieces = Vec::new();
+        let mut files = BTreeMap::new();
+        for (name, f) in &st.files {
+            let rec = match &f.body {
+                Body::Inline(d) => FileRec::Inline(d.clone()),
+                Body::Pieces { ext, .. } => FileRec::Pieces {
+                    len: f.len,
+                    extents: ext
+                        .iter()
+                        .map(|(off, e)| {
+                            let i = *index.entry(e.piece.name).or_insert_with(|| {
+                                pieces.push((e.piece.name, e.piece.len));
+                                (pieces.len() - 1) as u32
+                            });
+                            (
+                                *off,
+                                ExtentRec {
+                                    len: e.len,
+                                    piece: i,
+                                    piece_off: e.off,
+                                },
+                            )
+                        })
+                        .collect(),
+                },
+            };
+            files.insert(name.clone(), rec);
+        }
+        Head {
+            version,
+            pieces,
+            files,
+        }
+    }
+
+    /// Deletes the pieces no head names, of versions up to the one this process wrote or read
+    /// (never a newer writer's). Returns how many were deleted.
+    pub fn sweep(&self) -> io::Result<usize> {
+        let (version, live) = {
+            let st = lock(&self.state);
+            if !st.uploads.is_empty() || !st.failed.is_empty() || st.dirty || st.lost.is_some() {
+                return Ok(0);
+            }
+            let live: HashSet<PieceName> = st
+                .files
+                .values()
+                .flat_map(|f| match &f.body {
+                    Body::Pieces { ext, .. } => ext.values().map(|e| e.piece.name).collect(),
+                    Body::Inline(_) => Vec::new(),
+                })
+                .collect();
+            (st.version, live)
+        };
+        let token = self.token;
+        let prefix = self.path("p");
+        let gone: Vec<ObjPath> = self
+            .rt
+            .block_on(async { self.os.list(Some(&prefix)).try_collect::<Vec<_>>().await })
+            .map_err(os_err)?
+            .into_iter()
+            .filter_map(|m| {
+                let key = m.location.as_ref();
+                let rel = if self.prefix.is_empty() {
+                    key
+                } else {
+                    key.strip_prefix(&self.prefix)?.strip_prefix('/')?
+                };
+                let name = PieceName::parse(rel)?;
+                let ours_unpublished = name.token == token && name.version > version;
+                (name.version <= version && !live.contains(&name) && !ours_unpublished)
+                    .then_some(m.location)
+            })
+            .collect();
+        let n = gone.len();
+        self.rt
+            .block_on(async {
+                stream::iter(gone)
+                    .map(|p| {
+                        let os = self.os.clone();
+                        async move {
+                            match os.delete(&p).await {
+                                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                                Err(e) => Err(e),
+                            }
+                        }
+                    })
+                    .buffer_unordered(16)
+                    .try_collect::<Vec<()>>()
+                    .await
+            })
+            .map_err(os_err)?;
+        lock(&self.state).orphans = false;
+        Ok(n)
+    }
+
+    fn cache_file(&self, piece: &PieceName, block: u64) -> Option<PathBuf> {
+        self.cache.as_ref().map(|d| {
+            d.join("blocks").join(format!(
+                "{:016x}-{:016x}-{:08x}.{block}",
+                piece.version, piece.token, piece.n
+            ))
+        })
+    }
+
+    fn cached_block(&self, piece: &PieceName, block: u64, want: usize) -> Option<Vec<u8>> {
+        let mut b = std::fs::read(self.cache_file(piece, block)?).ok()?;
+        if b.len() != want + 4 {
+            return None;
+        }
+        let crc = b.split_off(want);
+        (crc32fast::hash(&b).to_le_bytes()[..] == crc[..]).then_some(b)
+    }
+
+    fn store_block(&self, piece: &PieceName, block: u64, data: &[u8]) {
+        let Some(path) = self.cache_file(piece, block) else {
+            return;
+        };
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let mut bytes = Vec::with_capacity(data.len() + 4);
+        bytes.extend_from_slice(data);
+        bytes.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+        // The cache is a cache: a failure to keep a block costs a download later, nothing else.
+        if std::fs::write(&tmp, &bytes).is_ok() && std::fs::rename(&tmp, &path).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+
+    /// Ranged GETs of one piece, in parallel.
+    fn get_ranges(&self, piece: &PieceName, ranges: Vec<Range<u64>>) -> io::Result<Vec<Bytes>> {
+        let path = self.path(&piece.key());
+        let n = ranges.len() as u64;
+        let got: Vec<Bytes> = self
+            .rt
+            .block_on(async {
+                stream::iter(ranges)
+                    .map(|r| {
+                        let os = self.os.clone();
+                        let path = path.clone();
+                        async move { os.get_range(&path, r).await }
+                    })
+                    .buffered(PARALLEL_GETS)
+                    .try_collect()
+                    .await
+            })
+            .map_err(|e| match e {
+                object_store::Error::NotFound { .. } => io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "{}/{piece} is gone: the store was changed (gc) since this command \
+                         opened it; run the command again",
+                        self.location.display()
+                    ),
+                ),
+                e => os_err(e),
+            })?;
+        self.traffic.gets.fetch_add(n, Ordering::Relaxed);
+        let down: u64 = got.iter().map(|b| b.len() as u64).sum();
+        self.traffic.bytes_down.fetch_add(down, Ordering::Relaxed);
+        Ok(got)
+    }
+
+    /// `out.len()` bytes of a published piece from `off`: through the block cache, or straight
+    /// from the bucket in parallel ranges when large.
+    fn read_remote(&self, piece: &Piece, off: u64, out: &mut [u8]) -> io::Result<()> {
+        let end = off + out.len() as u64;
+        if out.len() >= DIRECT_READ || self.cache.is_none() {
+            let mut ranges = Vec::new();
+            let mut at = off;
+            while at < end {
+                let stop = (at + RANGE).min(end);
+                ranges.push(at..stop);
+                at = stop;
+            }
+            let mut pos = 0usize;
+            for b in self.get_ranges(&piece.name, ranges)? {
+                out[pos..pos + b.len()].copy_from_slice(&b);
+                pos += b.len();
+            }
+            return Ok(());
+        }
+        let first = off / BLOCK;
+        let last = (end - 1) / BLOCK;
+        let block_len = |b: u64| ((b + 1) * BLOCK).min(piece.len) - b * BLOCK;
+        let mut blocks: Vec<Option<Vec<u8>>> = (first..=last)
+            .map(|b| self.cached_block(&piece.name, b, block_len(b) as usize))
+            .collect();
+        let hits = blocks.iter().filter(|b| b.is_some()).count() as u64;
+        self.traffic.cache_hits.fetch_add(hits, Ordering::Relaxed);
+        // Missing blocks, fetched as runs of adjacent ones.
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (i, b) in blocks.iter().enumerate() {
+            if b.is_none() {
+                let blk = first + i as u64;
+                match runs.last_mut() {
+                    Some(r) if r.1 == blk => r.1 = blk + 1,
+                    _ => runs.push((blk, blk + 1)),
+                }
+            }
+        }
+        if !runs.is_empty() {
+            let ranges: Vec<Range<u64>> = runs
+                .iter()
+                .map(|(a, b)| a * BLOCK..(b * BLOCK).min(piece.len))
+                .collect();
+            for ((a, b), bytes) in runs.iter().zip(self.get_ranges(&piece.name, ranges)?) {
+                for blk in *a..*b {
+                    let s = ((blk - a) * BLOCK) as usize;
+                    let e = (s + block_len(blk) as usize).min(bytes.len());
+                    let data = bytes.get(s..e).unwrap_or_default().to_vec();
+                    self.store_block(&piece.name, blk, &data);
+                    blocks[(blk - first) as usize] = Some(data);
+                }
+            }
+        }
+        for (i, b) in blocks.iter().enumerate() {
+            let blk = first + i as u64;
+            let b = b.as_deref().unwrap_or_default();
+            let bstart = blk * BLOCK;
+            let from = off.max(bstart);
+            let to = end.min(bstart + b.len() as u64);
+            if from >= to {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "{}/{}: shorter than the head says",
+                        self.location.display(),
+                        piece.name
+                    ),
+                ));
+            }
+            out[(from - off) as usize..(to - off) as usize]
+                .copy_from_slice(&b[(from - bstart) as usize..(to - bstart) as usize]);
+        }
+        Ok(())
+    }
+
+    fn no_file(&self, name: &str) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{}/{name}: no such file", self.location.display()),
+        )
+    }
+}
+
+#[derive(Debug)]
+struct CacheLock(#[allow(dead_code)] File);
+impl LockGuard for CacheLock {}
+
+#[derive(Debug)]
+struct NoLock;
+impl LockGuard for NoLock {}
+
+impl Storage for ObjectStorage {
+    fn location(&self) -> &Path {
+        &self.location
+    }
+
+    fn list(&self) -> io::Result<Vec<String>> {
+        Ok(lock(&self.state).files.keys().cloned().collect())
+    }
+
+    fn create(&self, name: &str) -> io::Result<()> {
+        let mut st = lock(&self.state);
+        if st.files.contains_key(name) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{}/{name} exists", self.location.display()),
+            ));
+        }
+        let body = if is_segment(name) {
+            Body::Pieces {
+                ext: BTreeMap::new(),
+                window: None,
+            }
+        } else {
+            Body::Inline(Vec::new())
+        };
+        st.files
+            .insert(name.to_string(), FileState { len: 0, body });
+        st.dirty = true;
+        Ok(())
+    }
+
+    fn len(&self, name: &str) -> io::Result<u64> {
+        lock(&self.state)
+            .files
+            .get(name)
+            .map(|f| f.len)
+            .ok_or_else(|| self.no_file(name))
+    }
+
+    fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let mut remote: Vec<(usize, usize, Arc<Piece>, u64)> = Vec::new();
+        {
+            let st = lock(&self.state);
+            let f = st.files.get(name).ok_or_else(|| self.no_file(name))?;
+            if end > f.len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "{}/{name}: read of {}..{end} past its end ({})",
+                        self.location.display(),
+                        offset,
+                        f.len
+                    ),
+                ));
+            }
+            match &f.body {
+                Body::Inline(d) => {
+                    buf.copy_from_slice(&d[offset as usize..end as usize]);
+                    return Ok(());
+                }
+                Body::Pieces { ext, window } => {
+                    buf.fill(0);
+                    let mut parts: Vec<(u64, &Ext)> = Vec::new();
+                    if let Some((k, e)) = ext.range(..=offset).next_back() {
+                        if k + e.len > offset {
+                            parts.push((*k, e));
+                        }
+                    }
+                    if offset < end {
+                        for (k, e) in ext.range(offset + 1..end) {
+                            parts.push((*k, e));
+                        }
+                    }
+                    for (k, e) in parts {
+                        let from = offset.max(k);
+                        let to = end.min(k + e.len);
+                        let at = (from - offset) as usize;
+                        let n = (to - from) as usize;
+                        let poff = e.off + (from - k);
+                        match e.piece.data() {
+                            Some(d) => buf[at..at + n]
+                                .copy_from_slice(&d[poff as usize..poff as usize + n]),
+                            None => remote.push((at, n, e.piece.clone(), poff)),
+                        }
+                    }
+                    if let Some(w) = window {
+                        let wend = w.start + w.buf.len() as u64;
+                        let from = offset.max(w.start);
+                        let to = end.min(wend);
+                        if from < to {
+                            // The window is newer than any extent: it wins, and what it covers
+                            // is not fetched.
+                            let (wa, wb) = ((from - offset) as usize, (to - offset) as usize);
+                            buf[wa..wb].copy_from_slice(
+                                &w.buf[(from - w.start) as usize..(to - w.start) as usize],
+                            );
+                            remote = remote
+                                .into_iter()
+                                .flat_map(|(at, n, p, poff)| {
+                                    let mut keep = Vec::new();
+                                    if at < wa {
+                                        keep.push((at, (wa - at).min(n), p.clone(), poff));
+                                    }
+                                    if at + n > wb {
+                                        let s = wb.max(at);
+                                        keep.push((s, at + n - s, p, poff + (s - at) as u64));
+                                    }
+                                    keep
+                                })
+                                .collect();
+                        }
+                    }
+                }
+            }
+        }
+        for (at, n, piece, poff) in remote {
+            self.read_remote(&piece, poff, &mut buf[at..at + n])?;
+        }
+        Ok(())
+    }
+
+    fn write(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut st = lock(&self.state);
+        let st = &mut *st;
+        let f = st.files.get_mut(name).ok_or_else(|| self.no_file(name))?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        st.dirty = true;
+        match &mut f.body {
+            Body::Inline(d) => {
+                if end as usize > d.len() {
+                    d.resize(end as usize, 0);
+                }
+                d[offset as usize..end as usize].copy_from_slice(data);
+                f.len = d.len() as u64;
+                Ok(())
+            }
+            Body::Pieces { window, .. } => {
+                f.len = f.len.max(end);
+                let fits = window
+                    .as_ref()
+                    .is_some_and(|w| offset >= w.start && offset <= w.start + w.buf.len() as u64);
+                let old = if fits { None } else { window.take() };
+                if let Some(w) = window.as_mut().filter(|_| fits) {
+                    let at = (offset - w.start) as usize;
+                    if at + data.len() > w.buf.len() {
+                        w.buf.resize(at + data.len(), 0);
+                    }
+                    w.buf[at..at + data.len()].copy_from_slice(data);
+                } else {
+                    *window = Some(Window {
+                        start: offset,
+                        buf: data.to_vec(),
+                    });
+                }
+                // Cut what is due: the old window, and the front of a full one.
+                let mut due = Vec::new();
+                if let Some(w) = old.filter(|w| !w.buf.is_empty()) {
+                    due.push(w);
+                }
+                if let Some(w) = window.as_mut() {
+                    let piece = self.piece_size;
+                    while w.buf.len() >= piece + MARGIN.min(piece / 4) {
+                        let tail = w.buf.split_off(piece);
+                        let front = std::mem::replace(&mut w.buf, tail);
+                        due.push(Window {
+                            start: w.start,
+                            buf: front,
+                        });
+                        w.start += piece as u64;
+                    }
+                }
+                for w in due {
+                    let (start, e) = self.cut(st, w)?;
+                    if let Some(FileState {
+                        body: Body::Pieces { ext, .. },
+                        ..
+                    }) = st.files.get_mut(name)
+                    {
+                        if insert_extent(ext, start, e) {
+                            st.orphans = true;
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn set_len(&self, name: &str, len: u64) -> io::Result<()> {
+        let mut st = lock(&self.state);
+        let st = &mut *st;
+        let f = st.files.get_mut(name).ok_or_else(|| self.no_file(name))?;
+        st.dirty = true;
+        match &mut f.body {
+            Body::Inline(d) => {
+                d.resize(len as usize, 0);
+            }
+            Body::Pieces { ext, window } => {
+                if len < f.len {
+                    if truncate_extents(ext, len) {
+                        st.orphans = true;
+                    }
+                    if let Some(w) = window.as_mut() {
+                        if len <= w.start {
+                            *window = None;
+                        } else {
+                            w.buf.truncate((len - w.start) as usize);
+                        }
+                    }
+                }
+            }
+        }
+        f.len = len;
+        Ok(())
+    }
+
+    fn sync(&self, _name: &str) -> io::Result<()> {
+        let mut st = lock(&self.state);
+        self.publish(&mut st)
+    }
+
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        let mut st = lock(&self.state);
+        let f = st.files.remove(from).ok_or_else(|| self.no_file(from))?;
+        if st.files.insert(to.to_string(), f).is_some() {
+            st.orphans = true;
+        }
+        st.dirty = true;
+        Ok(())
+    }
+
+    fn remove(&self, name: &str) -> io::Result<()> {
+        let mut st = lock(&self.state);
+        st.files.remove(name).ok_or_else(|| self.no_file(name))?;
+        st.dirty = true;
+        st.orphans = true;
+        Ok(())
+    }
+
+    fn sync_dir(&self) -> io::Result<()> {
+        let orphans = {
+            let mut st = lock(&self.state);
+            self.publish(&mut st)?;
+            st.orphans
+        };
+        if orphans {
+            self.sweep()?;
+        }
+        Ok(())
+    }
+
+    fn try_lock(&self, name: &str) -> io::Result<Option<Box<dyn LockGuard>>> {
+        // Writers on one machine exclude each other by a lock file in the cache directory (the
+        // same error as a local store). Writers on different machines are kept apart by the
+        // conditional put of the head: the later one to commit fails.
+        let Some(dir) = &self.cache else {
+            return Ok(Some(Box::new(NoLock)));
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(name))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(Box::new(CacheLock(file)))),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+}
