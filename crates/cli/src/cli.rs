@@ -185,6 +185,26 @@ Every command needs one current password (--password-file, PAGESNAP_PASSWORD_FIL
         #[arg(required = true)]
         snapshots: Vec<String>,
     },
+    /// Copy snapshots from one store to another (a directory or s3://BUCKET/PREFIX, either
+    /// way), without reading any image again: only the pages that differ from the snapshot's
+    /// parent, when the parent is already in the target, are sent, and the target's dedup
+    /// keeps pages it already holds.
+    #[command(
+        after_help = "Example:\n  pagesnap copy --from /backup/vm --to s3://offsite/vm\n  pagesnap copy --from /backup/vm --to s3://offsite/vm nightly web:latest\n\nA snapshot already in the target (same time, size, label and name) is skipped, so running the same copy again sends nothing. Both stores take the same password (PAGESNAP_PASSWORD, --password-file), if encrypted."
+    )]
+    Copy {
+        /// The store to copy from.
+        #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX")]
+        from: PathBuf,
+        /// The store to copy to (created if it does not exist yet).
+        #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX")]
+        to: PathBuf,
+        /// Snapshots to copy (ID, LABEL, NAME:latest or NAME:LABEL); default: all, oldest first.
+        snapshots: Vec<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Reclaim the space no retained snapshot uses.
     #[command(after_help = "Example:\n  pagesnap --store /backup/vm gc")]
     Gc,

@@ -7,11 +7,36 @@ use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pagesnap_engine::image::{restore_image, snapshot_image, snapshot_image_with, SnapshotOptions};
 use pagesnap_engine::names::{self, name_of};
 use pagesnap_engine::retention::{self, Policy, Within};
+use pagesnap_remote::{ObjectStorage, StoreUrl};
 use pagesnap_store::keys::{Password, PasswordRole};
 use pagesnap_store::{Compression, Mode, SnapshotId, SnapshotInfo, Store, StoreOptions, Vpn};
 use serde_json::json;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where a store is.
+#[derive(Debug)]
+pub(crate) enum StoreAt {
+    Dir(PathBuf),
+    Remote(StoreUrl),
+}
+
+impl StoreAt {
+    pub(crate) fn parse(p: &Path) -> Result<StoreAt> {
+        match p.to_str().and_then(StoreUrl::parse) {
+            Some(url) => Ok(StoreAt::Remote(url?)),
+            None => Ok(StoreAt::Dir(p.to_path_buf())),
+        }
+    }
+
+    pub(crate) fn display(&self) -> String {
+        match self {
+            StoreAt::Dir(d) => d.display().to_string(),
+            StoreAt::Remote(u) => u.display(),
+        }
+    }
+}
 
 /// Exit status: success.
 pub const OK: i32 = 0;
@@ -19,23 +44,112 @@ pub const OK: i32 = 0;
 pub const DAMAGED: i32 = 1;
 
 pub(crate) struct Ctx {
-    store: Option<PathBuf>,
+    pub(crate) store: Option<PathBuf>,
     quiet: bool,
     password_file: Option<PathBuf>,
     /// The password once asked (one prompt per command, however many opens).
-    password: std::cell::OnceCell<Password>,
+    pub(crate) password: std::cell::OnceCell<Password>,
+    /// The object storage of the store last opened, if it is on object storage.
+    pub(crate) remote: std::cell::RefCell<Option<Arc<ObjectStorage>>>,
 }
 
 impl Ctx {
+    pub(crate) fn new(store: Option<PathBuf>, quiet: bool, password_file: Option<PathBuf>) -> Ctx {
+        Ctx {
+            store,
+            quiet,
+            password_file,
+            password: std::cell::OnceCell::new(),
+            remote: std::cell::RefCell::new(None),
+        }
+    }
+
+    pub(crate) fn quiet_flag(&self) -> bool {
+        self.quiet
+    }
+
+    pub(crate) fn password_file_flag(&self) -> Option<PathBuf> {
+        self.password_file.clone()
+    }
+
+    /// Creates an empty, unencrypted store where this context points.
+    pub(crate) fn init_store(&self, opts: StoreOptions) -> Result<()> {
+        let at = self.at()?;
+        match &at {
+            StoreAt::Dir(d) => Store::init(d, opts),
+            StoreAt::Remote(_) => Store::init_with(self.storage(&at)?, opts),
+        }
+        .with_context(|| format!("creating store {}", at.display()))?;
+        Ok(())
+    }
+
+    /// Where the store is: a directory or `s3://BUCKET/PREFIX`.
+    pub(crate) fn at(&self) -> Result<StoreAt> {
+        let p = self.store.as_deref().ok_or_else(|| {
+            anyhow!("no store given: pass --store DIR|s3://BUCKET/PREFIX or set PAGESNAP_STORE")
+        })?;
+        StoreAt::parse(p)
+    }
+
+    /// The store's directory, for the commands that need one on this machine (`serve`).
     pub(crate) fn dir(&self) -> Result<&Path> {
-        self.store
-            .as_deref()
-            .ok_or_else(|| anyhow!("no store given: pass --store DIR or set PAGESNAP_STORE"))
+        match self.at()? {
+            StoreAt::Dir(_) => Ok(self.store.as_deref().unwrap_or(Path::new("."))),
+            StoreAt::Remote(u) => bail!(
+                "{}: this command needs a store directory on this machine (a store on object storage can be snapshotted, listed, restored, verified and copied, not served)",
+                u.display()
+            ),
+        }
+    }
+
+    /// The store's directory, or `None` for a store on object storage.
+    pub(crate) fn local_dir(&self) -> Result<Option<&Path>> {
+        Ok(match self.at()? {
+            StoreAt::Dir(_) => self.store.as_deref(),
+            StoreAt::Remote(_) => None,
+        })
+    }
+
+    /// Whether the store is encrypted (its key id), from its superblock.
+    pub(crate) fn encryption(&self) -> Result<Option<pagesnap_store::keys::KeyId>> {
+        let at = self.at()?;
+        match &at {
+            StoreAt::Dir(dir) => Store::encryption_of(dir),
+            StoreAt::Remote(_) => Store::encryption_of_storage(&*self.storage(&at)?),
+        }
+        .with_context(|| format!("opening store {}", at.display()))
+    }
+
+    /// The storage of a store on object storage (opened once per command).
+    fn storage(&self, at: &StoreAt) -> Result<Arc<ObjectStorage>> {
+        let StoreAt::Remote(url) = at else {
+            bail!("{} is a directory", at.display());
+        };
+        if let Some(s) = self.remote.borrow().as_ref() {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(
+            url.storage(pagesnap_remote::default_cache_root().as_deref())
+                .with_context(|| format!("opening store {}", url.display()))?,
+        );
+        *self.remote.borrow_mut() = Some(s.clone());
+        Ok(s)
+    }
+
+    /// What went to and came from object storage in this command (`None`: a local store).
+    pub(crate) fn traffic(&self) -> Option<pagesnap_remote::TrafficReport> {
+        self.remote.borrow().as_ref().map(|s| s.traffic())
     }
 
     /// The password of the store, if it is encrypted (asked once).
-    pub(crate) fn password_for(&self, dir: &Path) -> Result<Option<Password>> {
-        match Store::encryption_of(dir) {
+    pub(crate) fn password_for(&self, at: &StoreAt) -> Result<Option<Password>> {
+        let encryption = match at {
+            StoreAt::Dir(dir) => Store::encryption_of(dir),
+            StoreAt::Remote(_) => Store::encryption_of_storage(&*self.storage(at)?),
+        };
+        let dir = at.display();
+        let dir = Path::new(&dir);
+        match encryption {
             Ok(Some(_)) => {}
             // Not encrypted (by its superblock) although a password is given: handed to open,
             // which refuses — the superblock may have been downgraded, and writing on would put
@@ -74,10 +188,20 @@ impl Ctx {
     }
 
     pub(crate) fn open(&self, mode: Mode) -> Result<Store> {
-        let dir = self.dir()?;
-        let password = self.password_for(dir)?;
-        let (store, report) = Store::open_encrypted(dir, mode, password.as_ref())
-            .with_context(|| format!("opening store {}", dir.display()))?;
+        let at = self.at()?;
+        let password = self.password_for(&at)?;
+        let shown = at.display();
+        let dir = Path::new(&shown);
+        let (store, report) = match &at {
+            StoreAt::Dir(d) => Store::open_encrypted(d, mode, password.as_ref()),
+            StoreAt::Remote(_) => Store::open_with_key(
+                self.storage(&at)?,
+                mode,
+                StoreOptions::default(),
+                password.as_ref(),
+            ),
+        }
+        .with_context(|| format!("opening store {}", dir.display()))?;
         if report.damaged_slot {
             if let Some(note) = &report.superblock_note {
                 eprintln!("pagesnap: warning: {note}");
@@ -141,12 +265,7 @@ impl Ctx {
 
 /// Runs the command; returns the exit status.
 pub fn run(cli: Cli) -> Result<i32> {
-    let ctx = Ctx {
-        store: cli.store,
-        quiet: cli.quiet,
-        password_file: cli.password_file,
-        password: std::cell::OnceCell::new(),
-    };
+    let ctx = Ctx::new(cli.store, cli.quiet, cli.password_file);
     match cli.command {
         Command::Init {
             compression,
@@ -202,6 +321,12 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Verify { snapshots } => verify(&ctx, &snapshots),
         Command::Delete { snapshots } => delete(&ctx, &snapshots),
         Command::Gc => gc(&ctx),
+        Command::Copy {
+            from,
+            to,
+            snapshots,
+            json,
+        } => crate::copy::copy(&ctx, &from, &to, &snapshots, json),
         Command::Upgrade => upgrade(&ctx),
         Command::Info { json } => info(&ctx, json),
         Command::Serve {
@@ -237,7 +362,9 @@ fn init(
     encrypt: bool,
     new_file: Option<&Path>,
 ) -> Result<i32> {
-    let dir = ctx.dir()?;
+    let at = ctx.at()?;
+    let shown = at.display();
+    let dir = Path::new(&shown);
     let opts = StoreOptions {
         compression,
         ..StoreOptions::default()
@@ -245,8 +372,14 @@ fn init(
     if encrypt {
         let password = crate::password::password(PasswordRole::New, new_file)?;
         let kdf = crate::keycmd::kdf()?;
-        Store::init_encrypted(dir, opts, &password, kdf, &crate::keycmd::default_label())
-            .with_context(|| format!("creating store {}", dir.display()))?;
+        let label = crate::keycmd::default_label();
+        match &at {
+            StoreAt::Dir(d) => Store::init_encrypted(d, opts, &password, kdf, &label),
+            StoreAt::Remote(_) => {
+                Store::init_encrypted_with(ctx.storage(&at)?, opts, &password, kdf, &label)
+            }
+        }
+        .with_context(|| format!("creating store {}", dir.display()))?;
         println!(
             "created an empty encrypted store in {} (compression {}; key slot 1, {kdf}): \
              keep the password — without it nothing in the store can be read",
@@ -255,7 +388,11 @@ fn init(
         );
         return Ok(OK);
     }
-    Store::init(dir, opts).with_context(|| format!("creating store {}", dir.display()))?;
+    match &at {
+        StoreAt::Dir(d) => Store::init(d, opts),
+        StoreAt::Remote(_) => Store::init_with(ctx.storage(&at)?, opts),
+    }
+    .with_context(|| format!("creating store {}", dir.display()))?;
     println!(
         "created an empty store in {} (compression {})",
         dir.display(),
@@ -417,16 +554,18 @@ fn snapshot(
         None => true,
         Some(n) => names::default_name(image).is_ok_and(|d| d == *n),
     };
-    let served = if default_named {
-        crate::serve::snapshot_via_server(ctx.dir()?, image, label.as_deref(), reread)?
+    let served = if let Some(dir) = ctx.local_dir()?.filter(|_| default_named) {
+        crate::serve::snapshot_via_server(dir, image, label.as_deref(), reread)?
     } else {
-        if crate::serve::served(ctx.dir()?, image)
-            .is_ok_and(|p| std::os::unix::net::UnixStream::connect(&p.control).is_ok())
-        {
-            bail!(
-                "{} is served by a running `pagesnap serve`, whose snapshots take the image's default name; omit --name, or stop the server",
-                image.display()
-            );
+        if let Some(dir) = ctx.local_dir()? {
+            if crate::serve::served(dir, image)
+                .is_ok_and(|p| std::os::unix::net::UnixStream::connect(&p.control).is_ok())
+            {
+                bail!(
+                    "{} is served by a running `pagesnap serve`, whose snapshots take the image's default name; omit --name, or stop the server",
+                    image.display()
+                );
+            }
         }
         None
     };
@@ -464,8 +603,9 @@ fn snapshot(
     // so its identity cannot vouch for it: read it whole.
     let mut reread = reread;
     if !reread {
-        if let Some(why) = crate::serve::served(ctx.dir()?, image)
-            .ok()
+        if let Some(why) = ctx
+            .local_dir()?
+            .and_then(|dir| crate::serve::served(dir, image).ok())
             .and_then(|p| pagesnap_engine::tracked::unclean_end(&p.state))
         {
             eprintln!("pagesnap: note: reading the whole image: {why}");
@@ -484,21 +624,22 @@ fn snapshot(
     .with_context(|| format!("snapshotting {}", image.display()))?;
     bar.finish_and_clear();
     if as_json {
-        println!(
-            "{}",
-            json!({
-                "id": report.id.0,
-                "image_size": report.image_size,
-                "pages_read": report.pages_read,
-                "pages_changed": report.pages_changed,
-                "pages_written": report.pages_written,
-                "bytes_written": report.data_bytes + report.meta_bytes,
-                "data_bytes": report.data_bytes,
-                "meta_bytes": report.meta_bytes,
-                "seconds": report.seconds,
-                "unchanged": report.unchanged,
-            })
-        );
+        let mut v = json!({
+            "id": report.id.0,
+            "image_size": report.image_size,
+            "pages_read": report.pages_read,
+            "pages_changed": report.pages_changed,
+            "pages_written": report.pages_written,
+            "bytes_written": report.data_bytes + report.meta_bytes,
+            "data_bytes": report.data_bytes,
+            "meta_bytes": report.meta_bytes,
+            "seconds": report.seconds,
+            "unchanged": report.unchanged,
+        });
+        if let Some(t) = ctx.traffic() {
+            v["transfer"] = traffic_json(t);
+        }
+        println!("{v}");
     } else {
         println!(
             "{} pages read, {} changed, {} new ({} data + {} metadata) in {:.2} s{}",
@@ -566,6 +707,17 @@ fn list(ctx: &Ctx, name: Option<&str>, as_json: bool) -> Result<i32> {
     Ok(OK)
 }
 
+/// What a command sent to and fetched from object storage.
+pub(crate) fn traffic_json(t: pagesnap_remote::TrafficReport) -> serde_json::Value {
+    json!({
+        "bytes_uploaded": t.bytes_up,
+        "bytes_downloaded": t.bytes_down,
+        "puts": t.puts,
+        "gets": t.gets,
+        "cache_hits": t.cache_hits,
+    })
+}
+
 fn snapshot_json(s: &SnapshotInfo) -> serde_json::Value {
     json!({
         "id": s.id.0,
@@ -589,10 +741,9 @@ fn snapshot_json(s: &SnapshotInfo) -> serde_json::Value {
 }
 
 fn restore(ctx: &Ctx, name: &str, output: &Path, force: bool) -> Result<i32> {
-    let dir = ctx.dir()?;
     let store = ctx.open(Mode::Read)?;
     let id = resolve(&store, name)?;
-    let plan = output::plan(output, dir, force)?;
+    let plan = output::plan(output, ctx.local_dir()?, force)?;
     let info = store.snapshot(id)?;
     let bar = ctx.bar(info.logical_size, "restore");
     let report = output::write(&store, id, &plan, &|done| bar.set_position(done))
@@ -726,6 +877,19 @@ fn gc(ctx: &Ctx) -> Result<i32> {
     let mut store = ctx.open(Mode::Write)?;
     let bar = ctx.bar(0, "gc");
     let report = store.gc()?;
+    // On object storage, also the pieces no head names (an interrupted upload's).
+    let swept = match ctx.remote.borrow().as_ref() {
+        Some(s) => s.sweep().with_context(|| {
+            format!(
+                "deleting unreferenced objects of {}",
+                store.location().display()
+            )
+        })?,
+        None => 0,
+    };
+    if swept > 0 {
+        println!("deleted {swept} object(s) that no commit names (interrupted uploads)");
+    }
     bar.finish_and_clear();
     println!(
         "freed {} ({} -> {}), {} old segment file(s) removed",
@@ -998,12 +1162,7 @@ fn demo(quiet: bool) -> Result<i32> {
         }
     }
     std::fs::write(&image, &data).context("writing the sample image")?;
-    let ctx = Ctx {
-        store: Some(store_dir.clone()),
-        quiet,
-        password_file: None,
-        password: std::cell::OnceCell::new(),
-    };
+    let ctx = Ctx::new(Some(store_dir.clone()), quiet, None);
     println!("pagesnap demo in {}", dir.display());
     println!(
         "sample image: {} ({} pages, a quarter of them zero)",

@@ -41,15 +41,11 @@ pub fn default_label() -> String {
 }
 
 pub fn key(ctx: &Ctx, cmd: KeyCommand) -> Result<i32> {
-    let dir = ctx.dir()?;
-    if Store::encryption_of(dir)
-        .with_context(|| format!("opening store {}", dir.display()))?
-        .is_none()
-    {
+    if ctx.encryption()?.is_none() {
         bail!(
             "{} is not encrypted: it has no passwords (an encrypted store is created with \
              `pagesnap init --encrypt`)",
-            dir.display()
+            ctx.at()?.display()
         );
     }
     match cmd {
@@ -116,5 +112,3 @@ pub fn key(ctx: &Ctx, cmd: KeyCommand) -> Result<i32> {
         }
     }
 }
-
-use pagesnap_store::Store;

@@ -10,6 +10,7 @@
 
 mod cli;
 mod commands;
+mod copy;
 mod keycmd;
 mod output;
 mod password;

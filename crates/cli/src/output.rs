@@ -100,7 +100,7 @@ fn named(output: &Path, path: &Path) -> String {
 /// Decides where and how to restore to `output`, refusing what must not be written: a place
 /// inside the store `store_dir`, a directory, a FIFO or socket, and an existing file or device
 /// without `force`.
-pub fn plan(output: &Path, store_dir: &Path, force: bool) -> Result<Plan> {
+pub fn plan(output: &Path, store_dir: Option<&Path>, force: bool) -> Result<Plan> {
     let (path, meta) = resolve_links(output)?;
     let shown = named(output, &path);
     let dir = path
@@ -110,14 +110,16 @@ pub fn plan(output: &Path, store_dir: &Path, force: bool) -> Result<Plan> {
     let dir = dir
         .canonicalize()
         .with_context(|| format!("output directory {}", dir.display()))?;
-    let store = store_dir
-        .canonicalize()
-        .with_context(|| format!("store {}", store_dir.display()))?;
-    if dir.starts_with(&store) {
-        bail!(
-            "{shown} is inside the store {}; restore somewhere else",
-            store_dir.display()
-        );
+    if let Some(store_dir) = store_dir {
+        let store = store_dir
+            .canonicalize()
+            .with_context(|| format!("store {}", store_dir.display()))?;
+        if dir.starts_with(&store) {
+            bail!(
+                "{shown} is inside the store {}; restore somewhere else",
+                store_dir.display()
+            );
+        }
     }
     let Some(meta) = meta else {
         return Ok(Plan {

@@ -158,7 +158,7 @@ fn serve_image(ctx: &Ctx, image: &Path, signals: Signals, args: &ServeArgs) -> R
     let _ = io::stdout().flush();
     let snapper = Arc::new(Snapper {
         tracked: tracked.clone(),
-        password: ctx.password_for(&dir)?,
+        password: ctx.password_for(&crate::commands::StoreAt::Dir(dir.clone()))?,
         dir: dir.clone(),
         one: Mutex::new(()),
     });

@@ -28,7 +28,6 @@ use pagesnap_store::{LockGuard, Storage};
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -42,12 +41,23 @@ pub const PIECE: usize = 16 << 20;
 const MARGIN: usize = 1 << 20;
 /// Uploads in flight before a write waits for the oldest.
 pub const MAX_IN_FLIGHT: usize = 6;
-/// Reads at least this long go to the bucket directly, in parallel ranges of [`RANGE`].
-const DIRECT_READ: usize = 1 << 20;
-/// One ranged GET of a large read.
+/// One ranged GET: a chunk of a piece.
 const RANGE: u64 = 4 << 20;
-/// Ranged GETs of one read in flight at once.
+/// Chunk GETs of one read in flight at once.
 const PARALLEL_GETS: usize = 8;
+/// Chunks of a piece fetched ahead of a read that needed the bucket.
+const READAHEAD: u64 = 4;
+/// Chunks kept in memory (of [`RANGE`] bytes each).
+const MAX_CHUNKS: usize = 32;
+
+type ChunkCell = tokio::sync::OnceCell<Bytes>;
+
+/// Chunks of pieces in memory, oldest first.
+#[derive(Debug, Default)]
+struct Chunks {
+    map: std::collections::HashMap<(PieceName, u64), Arc<ChunkCell>>,
+    order: std::collections::VecDeque<(PieceName, u64)>,
+}
 /// The block of the local cache.
 pub const BLOCK: u64 = 64 << 10;
 /// The head object's key below the prefix.
@@ -153,6 +163,7 @@ pub struct ObjectStorage {
     /// [`PIECE`], smaller in tests.
     piece_size: usize,
     state: Mutex<State>,
+    chunks: Mutex<Chunks>,
     traffic: Arc<Traffic>,
 }
 
@@ -172,6 +183,16 @@ fn os_err(e: object_store::Error) -> io::Error {
         _ => io::ErrorKind::Other,
     };
     io::Error::new(kind, e)
+}
+
+/// The checksum of a cached block, over its piece, its number and its bytes: a block stored
+/// under the wrong name (or damaged) is a miss, never wrong bytes.
+fn block_crc(piece: &PieceName, block: u64, data: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(piece.key().as_bytes());
+    h.update(&block.to_le_bytes());
+    h.update(data);
+    h.finalize()
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -284,6 +305,7 @@ impl ObjectStorage {
                 orphans: false,
                 lost: None,
             }),
+            chunks: Mutex::new(Chunks::default()),
             traffic: Arc::new(Traffic::default()),
         };
         storage.load_head()?;
@@ -668,130 +690,181 @@ impl ObjectStorage {
             return None;
         }
         let crc = b.split_off(want);
-        (crc32fast::hash(&b).to_le_bytes()[..] == crc[..]).then_some(b)
+        (block_crc(piece, block, &b).to_le_bytes()[..] == crc[..]).then_some(b)
     }
 
     fn store_block(&self, piece: &PieceName, block: u64, data: &[u8]) {
         let Some(path) = self.cache_file(piece, block) else {
             return;
         };
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        // A name of its own for every write: threads keep blocks of one piece at once.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(format!(
+            ".tmp{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let tmp = PathBuf::from(tmp);
         let mut bytes = Vec::with_capacity(data.len() + 4);
         bytes.extend_from_slice(data);
-        bytes.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+        bytes.extend_from_slice(&block_crc(piece, block, data).to_le_bytes());
         // The cache is a cache: a failure to keep a block costs a download later, nothing else.
         if std::fs::write(&tmp, &bytes).is_ok() && std::fs::rename(&tmp, &path).is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
     }
 
-    /// Ranged GETs of one piece, in parallel.
-    fn get_ranges(&self, piece: &PieceName, ranges: Vec<Range<u64>>) -> io::Result<Vec<Bytes>> {
-        let path = self.path(&piece.key());
-        let n = ranges.len() as u64;
-        let got: Vec<Bytes> = self
-            .rt
-            .block_on(async {
-                stream::iter(ranges)
-                    .map(|r| {
-                        let os = self.os.clone();
-                        let path = path.clone();
-                        async move { os.get_range(&path, r).await }
-                    })
-                    .buffered(PARALLEL_GETS)
-                    .try_collect()
-                    .await
-            })
-            .map_err(|e| match e {
-                object_store::Error::NotFound { .. } => io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!(
-                        "{}/{piece} is gone: the store was changed (gc) since this command \
-                         opened it; run the command again",
-                        self.location.display()
-                    ),
-                ),
-                e => os_err(e),
-            })?;
-        self.traffic.gets.fetch_add(n, Ordering::Relaxed);
-        let down: u64 = got.iter().map(|b| b.len() as u64).sum();
-        self.traffic.bytes_down.fetch_add(down, Ordering::Relaxed);
-        Ok(got)
-    }
-
-    /// `out.len()` bytes of a published piece from `off`: through the block cache, or straight
-    /// from the bucket in parallel ranges when large.
-    fn read_remote(&self, piece: &Piece, off: u64, out: &mut [u8]) -> io::Result<()> {
+    /// `out.len()` bytes of a published piece from `off`.
+    ///
+    /// Index and catalog records (`meta`) go through the local block cache: served from it when
+    /// every block is there, else the missing blocks are fetched (one ranged GET) and kept.
+    /// Page data comes from chunks of [`RANGE`] held in memory, fetched several at once, with
+    /// the next [`READAHEAD`] chunks of the piece fetched in the background (restore reads
+    /// pieces front to back); it never fills the disk cache.
+    fn read_remote(&self, piece: &Piece, off: u64, out: &mut [u8], meta: bool) -> io::Result<()> {
         let end = off + out.len() as u64;
-        if out.len() >= DIRECT_READ || self.cache.is_none() {
-            let mut ranges = Vec::new();
-            let mut at = off;
-            while at < end {
-                let stop = (at + RANGE).min(end);
-                ranges.push(at..stop);
-                at = stop;
+        if meta && self.cache.is_some() {
+            if self.read_cached_blocks(piece, off, out) {
+                return Ok(());
             }
-            let mut pos = 0usize;
-            for b in self.get_ranges(&piece.name, ranges)? {
-                out[pos..pos + b.len()].copy_from_slice(&b);
-                pos += b.len();
+            let (b0, b1) = (off / BLOCK, (end - 1) / BLOCK);
+            let start = b0 * BLOCK;
+            let stop = ((b1 + 1) * BLOCK).min(piece.len);
+            let bytes = self.rt.block_on(self.range_fetch(piece, start..stop))?;
+            if (bytes.len() as u64) < end - start {
+                return Err(self.short(piece));
+            }
+            out.copy_from_slice(&bytes[(off - start) as usize..(end - start) as usize]);
+            for blk in b0..=b1 {
+                let s = ((blk - b0) * BLOCK) as usize;
+                let e = (s + BLOCK as usize).min(bytes.len());
+                self.store_block(&piece.name, blk, &bytes[s..e]);
             }
             return Ok(());
         }
-        let first = off / BLOCK;
-        let last = (end - 1) / BLOCK;
-        let block_len = |b: u64| ((b + 1) * BLOCK).min(piece.len) - b * BLOCK;
-        let mut blocks: Vec<Option<Vec<u8>>> = (first..=last)
-            .map(|b| self.cached_block(&piece.name, b, block_len(b) as usize))
+        let first = off / RANGE;
+        let last = (end - 1) / RANGE;
+        let chunks_in_piece = piece.len.div_ceil(RANGE);
+        for c in (last + 1)..(last + 1 + READAHEAD).min(chunks_in_piece) {
+            let cell = self.chunk_cell(piece.name, c);
+            if cell.initialized() {
+                continue;
+            }
+            let fetch = self.range_fetch(piece, self.chunk_range(piece, c));
+            self.rt.spawn(async move {
+                // A failed read-ahead leaves the cell empty: the read that needs it fetches again.
+                let _ = cell.get_or_try_init(|| fetch).await;
+            });
+        }
+        let cells: Vec<(u64, Arc<ChunkCell>)> = (first..=last)
+            .map(|c| (c, self.chunk_cell(piece.name, c)))
             .collect();
-        let hits = blocks.iter().filter(|b| b.is_some()).count() as u64;
-        self.traffic.cache_hits.fetch_add(hits, Ordering::Relaxed);
-        // Missing blocks, fetched as runs of adjacent ones.
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for (i, b) in blocks.iter().enumerate() {
-            if b.is_none() {
-                let blk = first + i as u64;
-                match runs.last_mut() {
-                    Some(r) if r.1 == blk => r.1 = blk + 1,
-                    _ => runs.push((blk, blk + 1)),
-                }
+        let got: Vec<Bytes> = self.rt.block_on(async {
+            stream::iter(cells)
+                .map(|(c, cell)| {
+                    let fetch = self.range_fetch(piece, self.chunk_range(piece, c));
+                    async move { cell.get_or_try_init(|| fetch).await.cloned() }
+                })
+                .buffered(PARALLEL_GETS)
+                .try_collect()
+                .await
+        })?;
+        for (i, chunk) in got.iter().enumerate() {
+            let cstart = (first + i as u64) * RANGE;
+            let from = off.max(cstart);
+            let to = end.min(cstart + chunk.len() as u64);
+            if from >= to {
+                return Err(self.short(piece));
             }
+            out[(from - off) as usize..(to - off) as usize]
+                .copy_from_slice(&chunk[(from - cstart) as usize..(to - cstart) as usize]);
         }
-        if !runs.is_empty() {
-            let ranges: Vec<Range<u64>> = runs
-                .iter()
-                .map(|(a, b)| a * BLOCK..(b * BLOCK).min(piece.len))
-                .collect();
-            for ((a, b), bytes) in runs.iter().zip(self.get_ranges(&piece.name, ranges)?) {
-                for blk in *a..*b {
-                    let s = ((blk - a) * BLOCK) as usize;
-                    let e = (s + block_len(blk) as usize).min(bytes.len());
-                    let data = bytes.get(s..e).unwrap_or_default().to_vec();
-                    self.store_block(&piece.name, blk, &data);
-                    blocks[(blk - first) as usize] = Some(data);
-                }
-            }
-        }
-        for (i, b) in blocks.iter().enumerate() {
-            let blk = first + i as u64;
-            let b = b.as_deref().unwrap_or_default();
+        Ok(())
+    }
+
+    fn short(&self, piece: &Piece) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "{}/{}: shorter than the head says",
+                self.location.display(),
+                piece.name
+            ),
+        )
+    }
+
+    fn chunk_range(&self, piece: &Piece, c: u64) -> std::ops::Range<u64> {
+        c * RANGE..((c + 1) * RANGE).min(piece.len)
+    }
+
+    /// Serves a read from the block cache if every block it needs is there.
+    fn read_cached_blocks(&self, piece: &Piece, off: u64, out: &mut [u8]) -> bool {
+        let end = off + out.len() as u64;
+        let block_len = |b: u64| ((b + 1) * BLOCK).min(piece.len) - b * BLOCK;
+        for blk in off / BLOCK..=(end - 1) / BLOCK {
+            let Some(b) = self.cached_block(&piece.name, blk, block_len(blk) as usize) else {
+                return false;
+            };
             let bstart = blk * BLOCK;
             let from = off.max(bstart);
             let to = end.min(bstart + b.len() as u64);
             if from >= to {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "{}/{}: shorter than the head says",
-                        self.location.display(),
-                        piece.name
-                    ),
-                ));
+                return false;
             }
             out[(from - off) as usize..(to - off) as usize]
                 .copy_from_slice(&b[(from - bstart) as usize..(to - bstart) as usize]);
+            self.traffic.cache_hits.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(())
+        true
+    }
+
+    /// The memory cell of chunk `c` of a piece (created empty if new; the oldest cells are
+    /// dropped past [`MAX_CHUNKS`]).
+    fn chunk_cell(&self, piece: PieceName, c: u64) -> Arc<ChunkCell> {
+        let mut cache = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(cell) = cache.map.get(&(piece, c)) {
+            return cell.clone();
+        }
+        let cell = Arc::new(ChunkCell::new());
+        cache.map.insert((piece, c), cell.clone());
+        cache.order.push_back((piece, c));
+        while cache.order.len() > MAX_CHUNKS {
+            if let Some(k) = cache.order.pop_front() {
+                cache.map.remove(&k);
+            }
+        }
+        cell
+    }
+
+    /// The ranged GET of bytes of a piece, as a future that owns what it needs.
+    fn range_fetch(
+        &self,
+        piece: &Piece,
+        range: std::ops::Range<u64>,
+    ) -> impl std::future::Future<Output = io::Result<Bytes>> + Send + 'static {
+        let os = self.os.clone();
+        let path = self.path(&piece.name.key());
+        let traffic = self.traffic.clone();
+        let gone = format!(
+            "{}/{} is gone: the store was changed (gc) since this command opened it; run the \
+             command again",
+            self.location.display(),
+            piece.name
+        );
+        async move {
+            let b = os.get_range(&path, range).await.map_err(|e| match e {
+                object_store::Error::NotFound { .. } => {
+                    io::Error::new(io::ErrorKind::NotFound, gone)
+                }
+                e => os_err(e),
+            })?;
+            traffic.gets.fetch_add(1, Ordering::Relaxed);
+            traffic
+                .bytes_down
+                .fetch_add(b.len() as u64, Ordering::Relaxed);
+            Ok(b)
+        }
     }
 
     fn no_file(&self, name: &str) -> io::Error {
@@ -850,157 +923,15 @@ impl Storage for ObjectStorage {
     }
 
     fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let mut remote: Vec<(usize, usize, Arc<Piece>, u64)> = Vec::new();
-        {
-            let st = lock(&self.state);
-            let f = st.files.get(name).ok_or_else(|| self.no_file(name))?;
-            if end > f.len {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "{}/{name}: read of {}..{end} past its end ({})",
-                        self.location.display(),
-                        offset,
-                        f.len
-                    ),
-                ));
-            }
-            match &f.body {
-                Body::Inline(d) => {
-                    buf.copy_from_slice(&d[offset as usize..end as usize]);
-                    return Ok(());
-                }
-                Body::Pieces { ext, window } => {
-                    buf.fill(0);
-                    let mut parts: Vec<(u64, &Ext)> = Vec::new();
-                    if let Some((k, e)) = ext.range(..=offset).next_back() {
-                        if k + e.len > offset {
-                            parts.push((*k, e));
-                        }
-                    }
-                    if offset < end {
-                        for (k, e) in ext.range(offset + 1..end) {
-                            parts.push((*k, e));
-                        }
-                    }
-                    for (k, e) in parts {
-                        let from = offset.max(k);
-                        let to = end.min(k + e.len);
-                        let at = (from - offset) as usize;
-                        let n = (to - from) as usize;
-                        let poff = e.off + (from - k);
-                        match e.piece.data() {
-                            Some(d) => buf[at..at + n]
-                                .copy_from_slice(&d[poff as usize..poff as usize + n]),
-                            None => remote.push((at, n, e.piece.clone(), poff)),
-                        }
-                    }
-                    if let Some(w) = window {
-                        let wend = w.start + w.buf.len() as u64;
-                        let from = offset.max(w.start);
-                        let to = end.min(wend);
-                        if from < to {
-                            // The window is newer than any extent: it wins, and what it covers
-                            // is not fetched.
-                            let (wa, wb) = ((from - offset) as usize, (to - offset) as usize);
-                            buf[wa..wb].copy_from_slice(
-                                &w.buf[(from - w.start) as usize..(to - w.start) as usize],
-                            );
-                            remote = remote
-                                .into_iter()
-                                .flat_map(|(at, n, p, poff)| {
-                                    let mut keep = Vec::new();
-                                    if at < wa {
-                                        keep.push((at, (wa - at).min(n), p.clone(), poff));
-                                    }
-                                    if at + n > wb {
-                                        let s = wb.max(at);
-                                        keep.push((s, at + n - s, p, poff + (s - at) as u64));
-                                    }
-                                    keep
-                                })
-                                .collect();
-                        }
-                    }
-                }
-            }
-        }
-        for (at, n, piece, poff) in remote {
-            self.read_remote(&piece, poff, &mut buf[at..at + n])?;
-        }
-        Ok(())
+        self.read_with(name, offset, buf, false)
+    }
+
+    fn read_meta(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.read_with(name, offset, buf, true)
     }
 
     fn write(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
-        let mut st = lock(&self.state);
-        let st = &mut *st;
-        let f = st.files.get_mut(name).ok_or_else(|| self.no_file(name))?;
-        let end = offset
-            .checked_add(data.len() as u64)
-            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-        st.dirty = true;
-        match &mut f.body {
-            Body::Inline(d) => {
-                if end as usize > d.len() {
-                    d.resize(end as usize, 0);
-                }
-                d[offset as usize..end as usize].copy_from_slice(data);
-                f.len = d.len() as u64;
-                Ok(())
-            }
-            Body::Pieces { window, .. } => {
-                f.len = f.len.max(end);
-                let fits = window
-                    .as_ref()
-                    .is_some_and(|w| offset >= w.start && offset <= w.start + w.buf.len() as u64);
-                let old = if fits { None } else { window.take() };
-                if let Some(w) = window.as_mut().filter(|_| fits) {
-                    let at = (offset - w.start) as usize;
-                    if at + data.len() > w.buf.len() {
-                        w.buf.resize(at + data.len(), 0);
-                    }
-                    w.buf[at..at + data.len()].copy_from_slice(data);
-                } else {
-                    *window = Some(Window {
-                        start: offset,
-                        buf: data.to_vec(),
-                    });
-                }
-                // Cut what is due: the old window, and the front of a full one.
-                let mut due = Vec::new();
-                if let Some(w) = old.filter(|w| !w.buf.is_empty()) {
-                    due.push(w);
-                }
-                if let Some(w) = window.as_mut() {
-                    let piece = self.piece_size;
-                    while w.buf.len() >= piece + MARGIN.min(piece / 4) {
-                        let tail = w.buf.split_off(piece);
-                        let front = std::mem::replace(&mut w.buf, tail);
-                        due.push(Window {
-                            start: w.start,
-                            buf: front,
-                        });
-                        w.start += piece as u64;
-                    }
-                }
-                for w in due {
-                    let (start, e) = self.cut(st, w)?;
-                    if let Some(FileState {
-                        body: Body::Pieces { ext, .. },
-                        ..
-                    }) = st.files.get_mut(name)
-                    {
-                        if insert_extent(ext, start, e) {
-                            st.orphans = true;
-                        }
-                    }
-                }
-                Ok(())
-            }
-        }
+        self.write_at(name, offset, data)
     }
 
     fn set_len(&self, name: &str, len: u64) -> io::Result<()> {
@@ -1083,6 +1014,162 @@ impl Storage for ObjectStorage {
             Ok(()) => Ok(Some(Box::new(CacheLock(file)))),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+}
+
+impl ObjectStorage {
+    fn read_with(&self, name: &str, offset: u64, buf: &mut [u8], meta: bool) -> io::Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let mut remote: Vec<(usize, usize, Arc<Piece>, u64)> = Vec::new();
+        {
+            let st = lock(&self.state);
+            let f = st.files.get(name).ok_or_else(|| self.no_file(name))?;
+            if end > f.len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "{}/{name}: read of {}..{end} past its end ({})",
+                        self.location.display(),
+                        offset,
+                        f.len
+                    ),
+                ));
+            }
+            match &f.body {
+                Body::Inline(d) => {
+                    buf.copy_from_slice(&d[offset as usize..end as usize]);
+                    return Ok(());
+                }
+                Body::Pieces { ext, window } => {
+                    buf.fill(0);
+                    let mut parts: Vec<(u64, &Ext)> = Vec::new();
+                    if let Some((k, e)) = ext.range(..=offset).next_back() {
+                        if k + e.len > offset {
+                            parts.push((*k, e));
+                        }
+                    }
+                    if offset < end {
+                        for (k, e) in ext.range(offset + 1..end) {
+                            parts.push((*k, e));
+                        }
+                    }
+                    for (k, e) in parts {
+                        let from = offset.max(k);
+                        let to = end.min(k + e.len);
+                        let at = (from - offset) as usize;
+                        let n = (to - from) as usize;
+                        let poff = e.off + (from - k);
+                        match e.piece.data() {
+                            Some(d) => buf[at..at + n]
+                                .copy_from_slice(&d[poff as usize..poff as usize + n]),
+                            None => remote.push((at, n, e.piece.clone(), poff)),
+                        }
+                    }
+                    if let Some(w) = window {
+                        let wend = w.start + w.buf.len() as u64;
+                        let from = offset.max(w.start);
+                        let to = end.min(wend);
+                        if from < to {
+                            // The window is newer than any extent: it wins, and what it covers
+                            // is not fetched.
+                            let (wa, wb) = ((from - offset) as usize, (to - offset) as usize);
+                            buf[wa..wb].copy_from_slice(
+                                &w.buf[(from - w.start) as usize..(to - w.start) as usize],
+                            );
+                            remote = remote
+                                .into_iter()
+                                .flat_map(|(at, n, p, poff)| {
+                                    let mut keep = Vec::new();
+                                    if at < wa {
+                                        keep.push((at, (wa - at).min(n), p.clone(), poff));
+                                    }
+                                    if at + n > wb {
+                                        let s = wb.max(at);
+                                        keep.push((s, at + n - s, p, poff + (s - at) as u64));
+                                    }
+                                    keep
+                                })
+                                .collect();
+                        }
+                    }
+                }
+            }
+        }
+        for (at, n, piece, poff) in remote {
+            self.read_remote(&piece, poff, &mut buf[at..at + n], meta)?;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut st = lock(&self.state);
+        let st = &mut *st;
+        let f = st.files.get_mut(name).ok_or_else(|| self.no_file(name))?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        st.dirty = true;
+        match &mut f.body {
+            Body::Inline(d) => {
+                if end as usize > d.len() {
+                    d.resize(end as usize, 0);
+                }
+                d[offset as usize..end as usize].copy_from_slice(data);
+                f.len = d.len() as u64;
+                Ok(())
+            }
+            Body::Pieces { window, .. } => {
+                f.len = f.len.max(end);
+                let fits = window
+                    .as_ref()
+                    .is_some_and(|w| offset >= w.start && offset <= w.start + w.buf.len() as u64);
+                let old = if fits { None } else { window.take() };
+                if let Some(w) = window.as_mut().filter(|_| fits) {
+                    let at = (offset - w.start) as usize;
+                    if at + data.len() > w.buf.len() {
+                        w.buf.resize(at + data.len(), 0);
+                    }
+                    w.buf[at..at + data.len()].copy_from_slice(data);
+                } else {
+                    *window = Some(Window {
+                        start: offset,
+                        buf: data.to_vec(),
+                    });
+                }
+                // Cut what is due: the old window, and the front of a full one.
+                let mut due = Vec::new();
+                if let Some(w) = old.filter(|w| !w.buf.is_empty()) {
+                    due.push(w);
+                }
+                if let Some(w) = window.as_mut() {
+                    let piece = self.piece_size;
+                    while w.buf.len() >= piece + MARGIN.min(piece / 4) {
+                        let tail = w.buf.split_off(piece);
+                        let front = std::mem::replace(&mut w.buf, tail);
+                        due.push(Window {
+                            start: w.start,
+                            buf: front,
+                        });
+                        w.start += piece as u64;
+                    }
+                }
+                for w in due {
+                    let (start, e) = self.cut(st, w)?;
+                    if let Some(FileState {
+                        body: Body::Pieces { ext, .. },
+                        ..
+                    }) = st.files.get_mut(name)
+                    {
+                        if insert_extent(ext, start, e) {
+                            st.orphans = true;
+                        }
+                    }
+                }
+                Ok(())
+            }
         }
     }
 }

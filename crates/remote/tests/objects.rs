@@ -406,3 +406,48 @@ proptest! {
         }
     }
 }
+
+/// Index reads from several threads at once, cold and then from the cache: every byte right
+/// (blocks of one piece are kept by several threads at the same time).
+#[test]
+fn parallel_index_reads_through_the_cache_are_right() {
+    let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let cache = tempfile::tempdir().expect("tmp");
+    let len = 3usize << 20;
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
+    {
+        let io = open(&os, None);
+        io.create("seg-00000001.pss").expect("create");
+        io.write("seg-00000001.pss", 0, &data).expect("write");
+        io.sync("seg-00000001.pss").expect("sync");
+    }
+    for round in 0..2 {
+        let io = open(&os, Some(cache.path()));
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let io = io.clone();
+                let data = &data;
+                s.spawn(move || {
+                    let mut x = t + 1;
+                    for _ in 0..300 {
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        let at = (x >> 20) as usize % (len - 70_000);
+                        let n = 1 + (x >> 8) as usize % 70_000;
+                        let mut b = vec![0u8; n];
+                        let r = if x & 1 == 0 {
+                            io.read_meta("seg-00000001.pss", at as u64, &mut b)
+                        } else {
+                            io.read("seg-00000001.pss", at as u64, &mut b)
+                        };
+                        r.expect("read");
+                        assert!(b == data[at..at + n], "round {round}: bytes at {at}+{n} differ");
+                    }
+                });
+            }
+        });
+        let t = io.traffic();
+        if round == 1 {
+            assert!(t.cache_hits > 0, "{t:?}");
+        }
+    }
+}

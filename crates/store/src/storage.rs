@@ -26,6 +26,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn len(&self, name: &str) -> io::Result<u64>;
     /// Reads exactly `buf.len()` bytes at `offset`.
     fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// [`Storage::read`] of a record that is index or catalog (a page-map chunk, a commit
+    /// record), not page data: a backend far away may keep these in a local cache. The default
+    /// is [`Storage::read`].
+    fn read_meta(&self, name: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.read(name, offset, buf)
+    }
     /// Writes `data` at `offset`, growing the file if needed. Not durable until [`Storage::sync`].
     fn write(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()>;
     /// [`Storage::write`], past the page cache where the backend can (`O_DIRECT`): for large

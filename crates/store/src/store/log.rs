@@ -278,7 +278,7 @@ pub(crate) fn scan_log(
     }
     let window = (file_len - start).min(MAX_SCAN);
     let mut buf = vec![0u8; usize::try_from(window).unwrap_or(usize::MAX)];
-    io.read(&name, start, &mut buf)
+    io.read_meta(&name, start, &mut buf)
         .map_err(|e| StoreError::Read {
             path: io.location().join(&name),
             what: "commit log",

@@ -243,7 +243,13 @@ fn read_raw_record(
         ));
     }
     let mut buf = vec![0u8; loc.len as usize];
-    io.read(&name, loc.offset, &mut buf).map_err(|e| {
+    let read = match kind {
+        // Page contents are data; everything else is the index and catalog that listing,
+        // diffing and incremental snapshots read again and again (a remote backend caches it).
+        Kind::Page | Kind::Pages | Kind::Frame => io.read(&name, loc.offset, &mut buf),
+        _ => io.read_meta(&name, loc.offset, &mut buf),
+    };
+    read.map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             corrupt(
                 io,

@@ -121,6 +121,11 @@ impl Store {
             .encryption)
     }
 
+    /// [`Store::encryption_of`] for a store on `io`.
+    pub fn encryption_of_storage(io: &dyn Storage) -> Result<Option<KeyId>, StoreError> {
+        Ok(Self::read_superblock(io)?.sb.encryption)
+    }
+
     /// Opens the store in `dir` (std::fs backend). An encrypted store needs its password:
     /// [`Store::open_encrypted`]; here it is [`StoreError::Encrypted`].
     pub fn open(dir: impl AsRef<Path>, mode: Mode) -> Result<(Store, OpenReport), StoreError> {
@@ -479,7 +484,7 @@ impl Store {
         for id in &sb.segments {
             let name = seg_name(*id);
             let mut head = [0u8; 8];
-            match io.read(&name, 0, &mut head) {
+            match io.read_meta(&name, 0, &mut head) {
                 Ok(()) if head == SEG_MAGIC => {}
                 // Records carry their own checks: a damaged header hides nothing by itself, so
                 // it is reported (and verify names it), not fatal.
