@@ -955,6 +955,7 @@ fn info(ctx: &Ctx, as_json: bool) -> Result<i32> {
                 "dedup_ratio": ratio,
                 "page_size": store.page_size(),
                 "format_version": store.format_version(),
+                "generation": store.generation(),
                 "compression": store.compression().to_string(),
                 "names": per_name(&snaps).iter().map(|(n, count, logical, added, latest)| json!({
                     "name": n,

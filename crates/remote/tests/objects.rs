@@ -430,7 +430,9 @@ fn parallel_index_reads_through_the_cache_are_right() {
                 s.spawn(move || {
                     let mut x = t + 1;
                     for _ in 0..300 {
-                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        x = x
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
                         let at = (x >> 20) as usize % (len - 70_000);
                         let n = 1 + (x >> 8) as usize % 70_000;
                         let mut b = vec![0u8; n];
@@ -440,7 +442,10 @@ fn parallel_index_reads_through_the_cache_are_right() {
                             io.read("seg-00000001.pss", at as u64, &mut b)
                         };
                         r.expect("read");
-                        assert!(b == data[at..at + n], "round {round}: bytes at {at}+{n} differ");
+                        assert!(
+                            b == data[at..at + n],
+                            "round {round}: bytes at {at}+{n} differ"
+                        );
                     }
                 });
             }
