@@ -40,6 +40,10 @@ bench-full:
 bench-peers:
     bash scripts/bench-peers.sh
 
+# A store on S3 (a local moto server) against a store in a directory: snapshot, restore, incremental.
+bench-s3:
+    bash scripts/bench-s3.sh
+
 # The main job: the CLI's demo.
 demo:
     cargo run --release -p pagesnap -- demo

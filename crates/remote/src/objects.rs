@@ -747,15 +747,7 @@ impl ObjectStorage {
         let last = (end - 1) / RANGE;
         let chunks_in_piece = piece.len.div_ceil(RANGE);
         for c in (last + 1)..(last + 1 + READAHEAD).min(chunks_in_piece) {
-            let cell = self.chunk_cell(piece.name, c);
-            if cell.initialized() {
-                continue;
-            }
-            let fetch = self.range_fetch(piece, self.chunk_range(piece, c));
-            self.rt.spawn(async move {
-                // A failed read-ahead leaves the cell empty: the read that needs it fetches again.
-                let _ = cell.get_or_try_init(|| fetch).await;
-            });
+            self.prefetch(piece, c);
         }
         let cells: Vec<(u64, Arc<ChunkCell>)> = (first..=last)
             .map(|c| (c, self.chunk_cell(piece.name, c)))
@@ -781,6 +773,19 @@ impl ObjectStorage {
                 .copy_from_slice(&chunk[(from - cstart) as usize..(to - cstart) as usize]);
         }
         Ok(())
+    }
+
+    /// Fetches chunk `c` of a piece in the background, unless it is there or on its way.
+    fn prefetch(&self, piece: &Piece, c: u64) {
+        let cell = self.chunk_cell(piece.name, c);
+        if cell.initialized() {
+            return;
+        }
+        let fetch = self.range_fetch(piece, self.chunk_range(piece, c));
+        self.rt.spawn(async move {
+            // A failed read-ahead leaves the cell empty: the read that needs it fetches again.
+            let _ = cell.get_or_try_init(|| fetch).await;
+        });
     }
 
     fn short(&self, piece: &Piece) -> io::Error {
@@ -1098,8 +1103,12 @@ impl ObjectStorage {
                 }
             }
         }
+        let streaming = !meta && !remote.is_empty();
         for (at, n, piece, poff) in remote {
             self.read_remote(&piece, poff, &mut buf[at..at + n], meta)?;
+        }
+        if streaming {
+            self.read_ahead_past(name, end);
         }
         Ok(())
     }
@@ -1169,6 +1178,49 @@ impl ObjectStorage {
                     }
                 }
                 Ok(())
+            }
+        }
+    }
+
+    /// A page read that reached into the last chunks of a piece: the first chunks of the
+    /// pieces that follow in the file are fetched in the background, so that a restore does not
+    /// wait at every piece's edge.
+    fn read_ahead_past(&self, name: &str, end: u64) {
+        let next: Vec<(Arc<Piece>, u64, u64)> = {
+            let st = lock(&self.state);
+            let Some(FileState {
+                body: Body::Pieces { ext, .. },
+                ..
+            }) = st.files.get(name)
+            else {
+                return;
+            };
+            // The extent the read ended in: how much of it is left.
+            let left = match ext.range(..end).next_back() {
+                Some((k, e)) if k + e.len >= end => k + e.len - end,
+                _ => 0,
+            };
+            if left >= READAHEAD * RANGE {
+                return;
+            }
+            let mut budget = READAHEAD * RANGE - left;
+            let mut out = Vec::new();
+            for (_, e) in ext.range(end..) {
+                if budget == 0 {
+                    break;
+                }
+                if e.piece.data().is_some() {
+                    continue;
+                }
+                let n = e.len.min(budget);
+                out.push((e.piece.clone(), e.off, n));
+                budget -= n;
+            }
+            out
+        };
+        for (piece, off, n) in next {
+            for c in off / RANGE..=(off + n - 1) / RANGE {
+                self.prefetch(&piece, c);
             }
         }
     }
