@@ -456,3 +456,62 @@ fn parallel_index_reads_through_the_cache_are_right() {
         }
     }
 }
+
+/// An encrypted store on objects: nothing of the image, its labels or the marker is in any
+/// object of the bucket (the head holds the key file and superblock), and it reads back with
+/// the password only.
+#[test]
+fn an_encrypted_store_leaves_no_plaintext_in_the_bucket() {
+    use pagesnap_store::keys::{KdfParams, Password};
+    let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let marker = b"PAGESNAP-PLAINTEXT-MARKER-4711";
+    let pw = Password::from("s3 secret");
+    {
+        let mut store =
+            Store::init_encrypted_with(open(&os, None), opts(), &pw, KdfParams::FOR_TESTS, "t")
+                .expect("init");
+        store.begin(None).expect("begin");
+        for v in 0..64u64 {
+            let mut p = vec![0u8; 4096];
+            for c in p.chunks_mut(64) {
+                c[..marker.len()].copy_from_slice(marker);
+            }
+            p[0..8].copy_from_slice(&v.to_le_bytes());
+            store.put(Vpn(v), &p).expect("put");
+        }
+        store
+            .commit(SnapshotMeta {
+                label: Some("secret-label-marker".into()),
+                ..SnapshotMeta::default()
+            })
+            .expect("commit");
+    }
+    use futures::TryStreamExt;
+    use object_store::ObjectStoreExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("rt");
+    let objects = rt
+        .block_on(os.list(None).try_collect::<Vec<_>>())
+        .expect("list");
+    assert!(objects.len() >= 2);
+    for m in objects {
+        let bytes = rt
+            .block_on(async { os.get(&m.location).await?.bytes().await })
+            .expect("get");
+        for needle in [&marker[..], b"secret-label-marker"] {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "{} holds plaintext",
+                m.location
+            );
+        }
+    }
+    let e = Store::open_with(open(&os, None), Mode::Read, opts()).expect_err("no password");
+    assert!(format!("{e}").contains("encrypted"), "{e}");
+    let (store, _) =
+        Store::open_with_key(open(&os, None), Mode::Read, opts(), Some(&pw)).expect("open");
+    let id = store.latest().expect("latest").expect("one");
+    let p = store.read_page(id, Vpn(5)).expect("read").expect("page");
+    assert_eq!(&p[64..64 + marker.len()], marker);
+}
