@@ -18,13 +18,7 @@ cargo build --release -q -p pagesnap
 P=$PWD/target/release/pagesnap
 if [ -z "${IMG:-}" ]; then
   IMG=$W/disk.img
-  if [ ! -f "$IMG" ]; then
-    rm -rf "$W/files"; mkdir -p "$W/files"
-    cp -a /usr/lib/x86_64-linux-gnu "$W/files/lib" 2>/dev/null || true
-    cp -a /usr/share/doc "$W/files/doc" 2>/dev/null || true
-    mke2fs -q -F -t ext4 -E lazy_itable_init=0,lazy_journal_init=0 -d "$W/files" "$IMG" 1G
-    rm -rf "$W/files"
-  fi
+  bash scripts/ext4-image.sh "$IMG"
 fi
 echo "image: $(stat -c %s "$IMG") bytes, $(du -B1 "$IMG" | cut -f1) allocated; $(nproc) cores; $(stat -f -c %T "$W")"
 secs() { local s e; sync; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc; }

@@ -16,12 +16,10 @@ cargo build --release -q -p pagesnap
 P=$PWD/target/release/pagesnap
 export RESTIC_PASSWORD=bench BORG_PASSPHRASE= BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
 rm -rf "$W"/{files,store,restic,borg,out,*.img,*.qcow2}
-mkdir -p "$W/files" "$W/out"
+mkdir -p "$W/out"
 
 # Real files: libraries and documentation, up to ~650 MiB.
-cp -a /usr/lib/x86_64-linux-gnu "$W/files/lib" 2>/dev/null || true
-cp -a /usr/share/doc "$W/files/doc" 2>/dev/null || true
-mke2fs -q -F -t ext4 -E lazy_itable_init=0,lazy_journal_init=0 -d "$W/files" "$W/disk.img" 1G
+bash scripts/ext4-image.sh "$W/disk.img"
 cp "$W/disk.img" "$W/v1.img"
 
 # Each timed command starts with writeback settled, so no tool pays for the previous one.

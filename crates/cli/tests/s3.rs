@@ -166,6 +166,19 @@ fn image(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
+/// Incompressible bytes.
+fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 fn change(path: &Path, pages: &[usize], seed: u8) {
     let mut img = std::fs::read(path).expect("read image");
     for p in pages {
@@ -256,14 +269,7 @@ fn kill_during_upload_loses_nothing_committed() {
     let base = std::fs::read(&img).expect("read");
     // A big, incompressible change: several pieces to upload.
     let big = env.path("big.img");
-    let mut data = image(16 * MIB, 1);
-    let mut x = 99u64;
-    for b in data.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
+    let mut data = random(16 * MIB, 99);
     data.extend(image(48 * MIB, 5));
     std::fs::write(&big, &data).expect("big image");
     let mut killed = 0;
@@ -319,15 +325,7 @@ fn a_second_writer_racing_the_commit_loses_cleanly() {
     let small = env.path("small.img");
     std::fs::write(&small, image(MIB, 3)).expect("image");
     let big = env.path("big.img");
-    let mut data = vec![0u8; 160 * MIB];
-    let mut x = 5u64;
-    for b in data.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
-    std::fs::write(&big, &data).expect("big image");
+    std::fs::write(&big, random(160 * MIB, 5)).expect("big image");
     env.ok(&["init", "--compression", "none"]);
     env.ok(&[
         "snapshot",
