@@ -363,6 +363,7 @@ impl ObjectStorage {
         let mut st = lock(&self.state);
         st.version = head.version;
         st.version_tag = Some(tag);
+        st.files.clear();
         for (name, rec) in head.files {
             let (len, body) = match rec {
                 FileRec::Inline(d) => (d.len() as u64, Body::Inline(d)),
@@ -1016,7 +1017,19 @@ impl Storage for ObjectStorage {
             .truncate(false)
             .open(dir.join(name))?;
         match file.try_lock() {
-            Ok(()) => Ok(Some(Box::new(CacheLock(file)))),
+            Ok(()) => {
+                // The head was read before the lock was taken: a writer of this machine may have
+                // committed since. Read it again, so that this writer starts from the last commit
+                // (else its first put would fail as a second writer's).
+                let untouched = {
+                    let st = lock(&self.state);
+                    !st.dirty && st.uploads.is_empty() && st.failed.is_empty()
+                };
+                if untouched {
+                    self.load_head()?;
+                }
+                Ok(Some(Box::new(CacheLock(file))))
+            }
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => Err(e),
         }

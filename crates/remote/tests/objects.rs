@@ -515,3 +515,27 @@ fn an_encrypted_store_leaves_no_plaintext_in_the_bucket() {
     let p = store.read_page(id, Vpn(5)).expect("read").expect("page");
     assert_eq!(&p[64..64 + marker.len()], marker);
 }
+
+/// A writer whose storage read the head before another writer of this machine committed and
+/// let go of the lock: it starts from that commit (the head is read again under the lock), not
+/// from a stale head that would make its first put fail.
+#[test]
+fn a_writer_reads_the_head_again_once_it_holds_the_lock() {
+    let os: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let cache = tempfile::tempdir().expect("tmp");
+    let mut model = BTreeMap::new();
+    {
+        let mut store = Store::init_with(open(&os, Some(cache.path())), opts()).expect("init");
+        snapshot(&mut store, 0, &mut model);
+    }
+    let early = open(&os, Some(cache.path()));
+    {
+        let (mut w, _) =
+            Store::open_with(open(&os, Some(cache.path())), Mode::Write, opts()).expect("first");
+        snapshot(&mut w, 1, &mut model);
+    }
+    let (mut w, _) = Store::open_with(early, Mode::Write, opts()).expect("second");
+    assert_eq!(w.snapshot_ids().expect("ids").len(), 2);
+    let id = snapshot(&mut w, 2, &mut model);
+    check(&w, id, &model);
+}
