@@ -185,6 +185,47 @@ fn os_err(e: object_store::Error) -> io::Error {
     io::Error::new(kind, e)
 }
 
+/// Bytes the block cache of one store may hold: `PAGESNAP_CACHE_MAX_MIB`, default 2 GiB.
+fn cache_limit() -> u64 {
+    std::env::var("PAGESNAP_CACHE_MAX_MIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(2 << 30, |m| m << 20)
+}
+
+/// Deletes the oldest blocks of a cache directory (by modification time: a block is written
+/// once) until it holds at most three quarters of `limit`, if it holds more than `limit`. A cache
+/// is only a cache: errors here are ignored.
+pub(crate) fn trim_cache(dir: &Path, limit: u64) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = rd
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let m = e.metadata().ok()?;
+            Some((m.modified().ok()?, m.len(), e.path()))
+        })
+        .collect();
+    let total: u64 = files.iter().map(|f| f.1).sum();
+    if total <= limit {
+        return 0;
+    }
+    files.sort();
+    let mut left = total;
+    let mut removed = 0;
+    for (_, len, path) in files {
+        if left <= limit / 4 * 3 {
+            break;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            left -= len;
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// The checksum of a cached block, over its piece, its number and its bytes: a block stored
 /// under the wrong name (or damaged) is a miss, never wrong bytes.
 fn block_crc(piece: &PieceName, block: u64, data: &[u8]) -> u32 {
@@ -284,6 +325,7 @@ impl ObjectStorage {
         getrandom::fill(&mut token).map_err(|e| io::Error::other(e.to_string()))?;
         if let Some(dir) = &cache {
             std::fs::create_dir_all(dir.join("blocks"))?;
+            trim_cache(&dir.join("blocks"), cache_limit());
         }
         let prefix = prefix.trim_matches('/').to_string();
         let storage = ObjectStorage {
@@ -1236,5 +1278,36 @@ impl ObjectStorage {
                 self.prefetch(&piece, c);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_is_trimmed_oldest_first_to_three_quarters() {
+        let dir = tempfile::tempdir().expect("tmp");
+        for i in 0..8u32 {
+            let p = dir.path().join(format!("b{i}"));
+            std::fs::write(&p, vec![0u8; 1000]).expect("write");
+            let t = std::time::SystemTime::UNIX_EPOCH
+                + std::time::Duration::from_secs(1000 + u64::from(i));
+            std::fs::File::options()
+                .write(true)
+                .open(&p)
+                .and_then(|f| f.set_modified(t))
+                .expect("time");
+        }
+        assert_eq!(trim_cache(dir.path(), 8000), 0, "under the limit: nothing");
+        assert_eq!(trim_cache(dir.path(), 4000), 5, "down to 3000 bytes");
+        let left: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .map(|e| e.expect("e").file_name().to_string_lossy().into_owned())
+            .collect();
+        for old in ["b0", "b1", "b2", "b3", "b4"] {
+            assert!(!left.contains(&old.to_string()), "{left:?}");
+        }
+        assert_eq!(left.len(), 3);
     }
 }
