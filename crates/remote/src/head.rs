@@ -2,13 +2,19 @@
 //! replaces by one conditional put.
 //!
 //! ```text
-//! magic "PGSNAPHD" 8 | format u32 | zero u32 | version u64
+//! magic "PGSNAPHD" 8 | format u32 | zero u32 | version u64 | body length u32 | zstd(body)
+//! crc32 u32 over everything before it
+//!
+//! body:
 //! pieces u32, then each: version u64 | token u64 | n u32 | length u64        (28 bytes)
 //! files u32, then each: name length u16 | name | length u64 | kind u8
 //!     kind 0 (inline): byte count u32 | bytes
 //!     kind 1 (pieces): extents u32, then each: offset u64 | length u64 | piece u32 | piece offset u64
-//! crc32 u32 over everything before it
 //! ```
+//!
+//! The body is compressed (zstd): the superblock it carries is mostly zeros, and piece names and
+//! offsets repeat, so a head is a few KiB rather than 8 KiB plus 56 bytes a piece, and every
+//! commit puts it.
 //!
 //! Every count and length is checked against what is left before anything is allocated.
 
@@ -91,11 +97,22 @@ pub(crate) struct BadHead(pub &'static str);
 
 impl Head {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 + self.pieces.len() * 28 + self.files.len() * 64);
+        let body = self.encode_body();
+        let packed = zstd::bulk::compress(&body, 3).unwrap_or_default();
+        let mut out = Vec::with_capacity(36 + packed.len());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&FORMAT.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&packed);
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    fn encode_body(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.pieces.len() * 28 + self.files.len() * 64);
         out.extend_from_slice(&(self.pieces.len() as u32).to_le_bytes());
         for (p, len) in &self.pieces {
             out.extend_from_slice(&p.version.to_le_bytes());
@@ -127,8 +144,6 @@ impl Head {
                 }
             }
         }
-        let crc = crc32fast::hash(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
         out
     }
 
@@ -144,15 +159,27 @@ impl Head {
         if crc32fast::hash(body) != crc {
             return Err(BadHead("checksum mismatch"));
         }
-        let mut r = Reader { b: body, at: 8 };
-        let format = r.u32()?;
+        let mut h = Reader { b: body, at: 8 };
+        let format = h.u32()?;
         if format != FORMAT {
             return Err(BadHead(
                 "written by a newer pagesnap (unknown head format): upgrade pagesnap",
             ));
         }
-        r.u32()?;
-        let version = r.u64()?;
+        h.u32()?;
+        let version = h.u64()?;
+        let plain = h.u32()? as usize;
+        if plain > MAX_HEAD {
+            return Err(BadHead("larger than any head"));
+        }
+        let packed = &body[h.at..];
+        let plain_body = zstd::bulk::decompress(packed, plain)
+            .map_err(|_| BadHead("its body does not decompress"))?;
+        if plain_body.len() != plain {
+            return Err(BadHead("its body has the wrong length"));
+        }
+        let body = &plain_body[..];
+        let mut r = Reader { b: body, at: 0 };
         let np = r.count(28)?;
         let mut pieces = Vec::with_capacity(np);
         for _ in 0..np {

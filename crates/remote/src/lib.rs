@@ -17,8 +17,11 @@
 //!   and incremental snapshots do not download pages twice; large reads (restore) are parallel
 //!   ranged GETs.
 //!
-//! [`StoreUrl`] parses `s3://` and `memory://` locations and opens them ([`StoreUrl::storage`]).
+//! [`StoreUrl`] parses `s3://BUCKET/PREFIX` and opens it ([`StoreUrl::storage`]); tests open
+//! [`ObjectStorage`] on object_store's in-memory backend directly.
 //! `docs/format.md` ("Stores on object storage") has the layout and the argument.
+
+#![forbid(unsafe_code)]
 
 mod head;
 mod objects;

@@ -47,16 +47,21 @@ const RANGE: u64 = 4 << 20;
 const PARALLEL_GETS: usize = 8;
 /// Chunks of a piece fetched ahead of a read that needed the bucket.
 const READAHEAD: u64 = 4;
-/// Chunks kept in memory (of [`RANGE`] bytes each).
-const MAX_CHUNKS: usize = 32;
+/// Bytes of chunks kept in memory, least recently used dropped first.
+const MAX_CHUNK_BYTES: u64 = 256 << 20;
+/// A page read counts as sequential (and reads ahead) when it starts this close after where the
+/// last page read of its file ended (readers on several threads read neighbouring runs).
+const SEQUENTIAL_GAP: u64 = 16 << 20;
 
 type ChunkCell = tokio::sync::OnceCell<Bytes>;
 
-/// Chunks of pieces in memory, oldest first.
+/// Chunks of pieces in memory: each with the stamp of its last use and its length.
 #[derive(Debug, Default)]
 struct Chunks {
-    map: std::collections::HashMap<(PieceName, u64), Arc<ChunkCell>>,
-    order: std::collections::VecDeque<(PieceName, u64)>,
+    map: std::collections::HashMap<(PieceName, u64), (Arc<ChunkCell>, u64, u64)>,
+    order: BTreeMap<u64, (PieceName, u64)>,
+    next: u64,
+    bytes: u64,
 }
 /// The block of the local cache.
 pub const BLOCK: u64 = 64 << 10;
@@ -73,7 +78,7 @@ pub struct Traffic {
     pub cache_hits: AtomicU64,
 }
 
-/// A copy of [`Traffic`].
+/// What went to and came from the bucket, as [`ObjectStorage::traffic`] reports it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrafficReport {
     pub bytes_up: u64,
@@ -89,9 +94,14 @@ struct Piece {
     name: PieceName,
     len: u64,
     data: Mutex<Option<Bytes>>,
+    /// In the bucket: read from a head, or its upload succeeded.
+    uploaded: std::sync::atomic::AtomicBool,
 }
 
 impl Piece {
+    fn is_uploaded(&self) -> bool {
+        self.uploaded.load(Ordering::Acquire)
+    }
     fn data(&self) -> Option<Bytes> {
         self.data.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -150,6 +160,8 @@ struct State {
     orphans: bool,
     /// Set when the head's conditional put failed: every later sync fails the same way.
     lost: Option<String>,
+    /// The server was seen to honour conditional puts (by this process, or once on this machine).
+    probed: bool,
 }
 
 /// The store's files on an object store (see the module documentation).
@@ -164,6 +176,8 @@ pub struct ObjectStorage {
     piece_size: usize,
     state: Mutex<State>,
     chunks: Mutex<Chunks>,
+    /// Where the last page read of each file ended.
+    last_read: Mutex<std::collections::HashMap<String, u64>>,
     traffic: Arc<Traffic>,
 }
 
@@ -346,8 +360,10 @@ impl ObjectStorage {
                 dirty: false,
                 orphans: false,
                 lost: None,
+                probed: false,
             }),
             chunks: Mutex::new(Chunks::default()),
+            last_read: Mutex::new(std::collections::HashMap::new()),
             traffic: Arc::new(Traffic::default()),
         };
         storage.load_head()?;
@@ -399,6 +415,7 @@ impl ObjectStorage {
                     name: *name,
                     len: *len,
                     data: Mutex::new(None),
+                    uploaded: std::sync::atomic::AtomicBool::new(true),
                 })
             })
             .collect();
@@ -469,7 +486,7 @@ impl ObjectStorage {
     }
 
     /// Uploads a window's bytes as a new piece; returns the extent that names it.
-    fn cut(&self, st: &mut State, w: Window) -> io::Result<(u64, Ext)> {
+    fn cut(&self, st: &mut State, w: Window) -> (u64, Ext) {
         let name = PieceName {
             version: st.version + 1,
             token: self.token,
@@ -481,15 +498,17 @@ impl ObjectStorage {
             name,
             len: data.len() as u64,
             data: Mutex::new(Some(data.clone())),
+            uploaded: std::sync::atomic::AtomicBool::new(false),
         });
         let task = self.spawn_upload(&piece, data);
         st.uploads.push(Upload {
             piece: piece.clone(),
             task,
         });
-        self.reap(st, MAX_IN_FLIGHT)?;
         let len = piece.len;
-        Ok((w.start, Ext { len, piece, off: 0 }))
+        // The caller inserts the extent, then reaps: an error of an older upload must not
+        // drop this window's bytes.
+        (w.start, Ext { len, piece, off: 0 })
     }
 
     fn spawn_upload(
@@ -506,6 +525,7 @@ impl ObjectStorage {
             os.put(&path, PutPayload::from_bytes(data)).await?;
             traffic.puts.fetch_add(1, Ordering::Relaxed);
             traffic.bytes_up.fetch_add(n, Ordering::Relaxed);
+            piece.uploaded.store(true, Ordering::Release);
             piece.forget_data();
             Ok(())
         })
@@ -517,19 +537,25 @@ impl ObjectStorage {
     fn reap(&self, st: &mut State, keep: usize) -> io::Result<()> {
         while st.uploads.len() > keep || st.uploads.first().is_some_and(|u| u.task.is_finished()) {
             let Upload { piece, task } = st.uploads.remove(0);
-            let first = self
-                .rt
-                .block_on(task)
-                .map_err(|e| io::Error::other(format!("upload task: {e}")))?;
-            if let Err(e) = first {
+            // A task that panicked or was cancelled did not upload: like a failed upload, its
+            // piece is tried again (its bytes are in memory until an upload succeeds).
+            let first = match self.rt.block_on(task) {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(e) => Err(format!("upload task: {e}")),
+            };
+            if first.is_err() && !piece.is_uploaded() {
                 let Some(data) = piece.data() else {
-                    return Err(os_err(e));
+                    return Err(io::Error::other(format!(
+                        "{}/{}: upload failed and its bytes are gone",
+                        self.location.display(),
+                        piece.name
+                    )));
                 };
                 let retry = self.spawn_upload(&piece, data);
-                let second = self
-                    .rt
-                    .block_on(retry)
-                    .map_err(|e| io::Error::other(format!("upload task: {e}")))?;
+                let second = match self.rt.block_on(retry) {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("upload task: {e}")),
+                };
                 if let Err(e) = second {
                     // Kept for the next sync: its bytes are still in memory.
                     st.failed.push(piece.clone());
@@ -556,7 +582,7 @@ impl ObjectStorage {
                 _ => None,
             };
             if let Some(w) = window.filter(|w| !w.buf.is_empty()) {
-                let (start, e) = self.cut(st, w)?;
+                let (start, e) = self.cut(st, w);
                 if let Some(FileState {
                     body: Body::Pieces { ext, .. },
                     ..
@@ -578,8 +604,25 @@ impl ObjectStorage {
             return Ok(());
         }
         let head = self.head_of(st, st.version + 1);
+        if let Some(p) = st.files.values().find_map(|f| match &f.body {
+            Body::Pieces { ext, .. } => ext.values().find(|e| !e.piece.is_uploaded()),
+            Body::Inline(_) => None,
+        }) {
+            return Err(io::Error::other(format!(
+                "{}/{} is not uploaded yet; nothing was committed (try again)",
+                self.location.display(),
+                p.piece.name
+            )));
+        }
         let bytes = head.encode();
         let n = bytes.len() as u64;
+        if !st.probed {
+            if let Err(why) = self.probe_conditional_puts() {
+                st.lost = Some(why.clone());
+                return Err(io::Error::other(why));
+            }
+            st.probed = true;
+        }
         let mode = match &st.version_tag {
             None => PutMode::Create,
             Some(tag) => PutMode::Update(tag.clone()),
@@ -618,6 +661,73 @@ impl ObjectStorage {
                 Err(io::Error::other(why))
             }
             Err(e) => Err(os_err(e)),
+        }
+    }
+
+    /// Checks, once per store and machine, that the server refuses a conditional put whose
+    /// condition fails — the whole protection against two writers rests on it, and some
+    /// "S3-compatible" servers ignore the headers. The answer is remembered in the cache.
+    fn probe_conditional_puts(&self) -> Result<(), String> {
+        let marker = self.cache.as_ref().map(|d| d.join("conditional-puts-ok"));
+        if marker.as_ref().is_some_and(|m| m.exists()) {
+            return Ok(());
+        }
+        let path = self.path(&format!("probe/{:016x}", self.token));
+        let refused = |r: Result<object_store::PutResult, object_store::Error>| {
+            matches!(
+                r,
+                Err(object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. })
+            )
+        };
+        let verdict = self.rt.block_on(async {
+            let create = |b: &'static [u8]| {
+                self.os.put_opts(
+                    &path,
+                    PutPayload::from_static(b),
+                    PutOptions {
+                        mode: PutMode::Create,
+                        ..Default::default()
+                    },
+                )
+            };
+            create(b"1").await?;
+            let again = refused(create(b"2").await);
+            let stale = refused(
+                self.os
+                    .put_opts(
+                        &path,
+                        PutPayload::from_static(b"3"),
+                        PutOptions {
+                            mode: PutMode::Update(UpdateVersion {
+                                e_tag: Some("\"pagesnap-no-such-etag\"".into()),
+                                version: None,
+                            }),
+                            ..Default::default()
+                        },
+                    )
+                    .await,
+            );
+            let _ = self.os.delete(&path).await;
+            Ok::<bool, object_store::Error>(again && stale)
+        });
+        match verdict {
+            Ok(true) => {
+                if let Some(m) = marker {
+                    let _ = std::fs::write(m, b"If-None-Match and If-Match are honoured\n");
+                }
+                Ok(())
+            }
+            Ok(false) => Err(format!(
+                "{}: the server ignores conditional writes (If-None-Match / If-Match): two \
+                 writers could overwrite each other's commits there, so pagesnap does not write \
+                 to it. Use a server that supports them (Amazon S3 has since 2024)",
+                self.location.display()
+            )),
+            Err(e) => Err(format!(
+                "{}: checking that the server honours conditional writes: {e}",
+                self.location.display()
+            )),
         }
     }
 
@@ -684,13 +794,15 @@ impl ObjectStorage {
             .map_err(os_err)?
             .into_iter()
             .filter_map(|m| {
-                let key = m.location.as_ref();
-                let rel = if self.prefix.is_empty() {
-                    key
-                } else {
-                    key.strip_prefix(&self.prefix)?.strip_prefix('/')?
+                // Compared part by part as the store lists them (escaped characters included).
+                let name = {
+                    let mut rest = m.location.prefix_match(&prefix)?;
+                    let part = rest.next()?;
+                    if rest.next().is_some() {
+                        return None;
+                    }
+                    PieceName::parse(&format!("p/{}", part.as_ref()))?
                 };
-                let name = PieceName::parse(rel)?;
                 let ours_unpublished = name.token == token && name.version > version;
                 (name.version <= version && !live.contains(&name) && !ours_unpublished)
                     .then_some(m.location)
@@ -765,7 +877,14 @@ impl ObjectStorage {
     /// Page data comes from chunks of [`RANGE`] held in memory, fetched several at once, with
     /// the next [`READAHEAD`] chunks of the piece fetched in the background (restore reads
     /// pieces front to back); it never fills the disk cache.
-    fn read_remote(&self, piece: &Piece, off: u64, out: &mut [u8], meta: bool) -> io::Result<()> {
+    fn read_remote(
+        &self,
+        piece: &Piece,
+        off: u64,
+        out: &mut [u8],
+        meta: bool,
+        ahead: bool,
+    ) -> io::Result<()> {
         let end = off + out.len() as u64;
         if meta && self.cache.is_some() {
             if self.read_cached_blocks(piece, off, out) {
@@ -789,11 +908,12 @@ impl ObjectStorage {
         let first = off / RANGE;
         let last = (end - 1) / RANGE;
         let chunks_in_piece = piece.len.div_ceil(RANGE);
-        for c in (last + 1)..(last + 1 + READAHEAD).min(chunks_in_piece) {
+        let ahead_to = if ahead { last + 1 + READAHEAD } else { 0 };
+        for c in (last + 1)..ahead_to.min(chunks_in_piece) {
             self.prefetch(piece, c);
         }
         let cells: Vec<(u64, Arc<ChunkCell>)> = (first..=last)
-            .map(|c| (c, self.chunk_cell(piece.name, c)))
+            .map(|c| (c, self.chunk_cell(piece, c)))
             .collect();
         let got: Vec<Bytes> = self.rt.block_on(async {
             stream::iter(cells)
@@ -806,7 +926,11 @@ impl ObjectStorage {
                 .await
         })?;
         for (i, chunk) in got.iter().enumerate() {
-            let cstart = (first + i as u64) * RANGE;
+            let c = first + i as u64;
+            if chunk.len() as u64 != self.chunk_range(piece, c).end - c * RANGE {
+                return Err(self.short(piece));
+            }
+            let cstart = c * RANGE;
             let from = off.max(cstart);
             let to = end.min(cstart + chunk.len() as u64);
             if from >= to {
@@ -820,7 +944,7 @@ impl ObjectStorage {
 
     /// Fetches chunk `c` of a piece in the background, unless it is there or on its way.
     fn prefetch(&self, piece: &Piece, c: u64) {
-        let cell = self.chunk_cell(piece.name, c);
+        let cell = self.chunk_cell(piece, c);
         if cell.initialized() {
             return;
         }
@@ -869,17 +993,31 @@ impl ObjectStorage {
 
     /// The memory cell of chunk `c` of a piece (created empty if new; the oldest cells are
     /// dropped past [`MAX_CHUNKS`]).
-    fn chunk_cell(&self, piece: PieceName, c: u64) -> Arc<ChunkCell> {
+    fn chunk_cell(&self, piece: &Piece, c: u64) -> Arc<ChunkCell> {
         let mut cache = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(cell) = cache.map.get(&(piece, c)) {
+        let cache = &mut *cache;
+        let key = (piece.name, c);
+        cache.next += 1;
+        let stamp = cache.next;
+        if let Some((cell, used, _)) = cache.map.get_mut(&key) {
+            cache.order.remove(used);
+            *used = stamp;
+            cache.order.insert(stamp, key);
             return cell.clone();
         }
+        let r = self.chunk_range(piece, c);
+        let len = r.end.saturating_sub(r.start);
         let cell = Arc::new(ChunkCell::new());
-        cache.map.insert((piece, c), cell.clone());
-        cache.order.push_back((piece, c));
-        while cache.order.len() > MAX_CHUNKS {
-            if let Some(k) = cache.order.pop_front() {
-                cache.map.remove(&k);
+        cache.map.insert(key, (cell.clone(), stamp, len));
+        cache.order.insert(stamp, key);
+        cache.bytes += len;
+        // Least recently used first, down to the budget (the new cell stays).
+        while cache.bytes > MAX_CHUNK_BYTES && cache.order.len() > 1 {
+            let Some((_, old)) = cache.order.pop_first() else {
+                break;
+            };
+            if let Some((_, _, l)) = cache.map.remove(&old) {
+                cache.bytes -= l;
             }
         }
         cell
@@ -1080,6 +1218,13 @@ impl Storage for ObjectStorage {
 
 impl ObjectStorage {
     fn read_with(&self, name: &str, offset: u64, buf: &mut [u8], meta: bool) -> io::Result<()> {
+        if buf.is_empty() {
+            return match lock(&self.state).files.get(name) {
+                Some(f) if offset <= f.len => Ok(()),
+                Some(_) => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                None => Err(self.no_file(name)),
+            };
+        }
         let end = offset
             .checked_add(buf.len() as u64)
             .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
@@ -1158,9 +1303,16 @@ impl ObjectStorage {
                 }
             }
         }
-        let streaming = !meta && !remote.is_empty();
+        // Reading ahead pays only when reads follow each other through the file (a restore of a
+        // first snapshot); reads that jump (a snapshot whose pages are spread over many commits)
+        // would fetch chunks nobody reads.
+        let streaming = !meta && !remote.is_empty() && {
+            let mut last = self.last_read.lock().unwrap_or_else(|p| p.into_inner());
+            let prev = last.insert(name.to_string(), end);
+            prev.is_some_and(|p| offset + SEQUENTIAL_GAP >= p && offset <= p + SEQUENTIAL_GAP)
+        };
         for (at, n, piece, poff) in remote {
-            self.read_remote(&piece, poff, &mut buf[at..at + n], meta)?;
+            self.read_remote(&piece, poff, &mut buf[at..at + n], meta, streaming)?;
         }
         if streaming {
             self.read_ahead_past(name, end);
@@ -1221,7 +1373,7 @@ impl ObjectStorage {
                     }
                 }
                 for w in due {
-                    let (start, e) = self.cut(st, w)?;
+                    let (start, e) = self.cut(st, w);
                     if let Some(FileState {
                         body: Body::Pieces { ext, .. },
                         ..
@@ -1232,7 +1384,7 @@ impl ObjectStorage {
                         }
                     }
                 }
-                Ok(())
+                self.reap(st, MAX_IN_FLIGHT)
             }
         }
     }

@@ -49,11 +49,16 @@ impl StoreUrl {
             return bad("a bucket name is lower-case letters, digits, '-' and '.'");
         }
         let prefix = prefix.trim_matches('/');
-        if prefix.split('/').any(|p| p == "." || p == "..")
-            || prefix.contains("//")
-            || prefix.chars().any(|c| c.is_control())
-        {
+        if prefix.split('/').any(|p| p == "." || p == "..") || prefix.contains("//") {
             return bad("the prefix has an empty, '.' or '..' part");
+        }
+        // Keys are compared as the bucket lists them; characters that object stores escape
+        // ('%', '#', spaces, …) would make the listing differ from the prefix.
+        if !prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+        {
+            return bad("a prefix is letters, digits, '-', '_', '.' and '/'");
         }
         Some(Ok(StoreUrl {
             bucket: bucket.into(),
@@ -140,6 +145,9 @@ mod tests {
             "s3://Bk/x",
             "s3://bk/a/../b",
             "s3://bk/a//b",
+            "s3://bk/a#b",
+            "s3://bk/50%",
+            "s3://bk/a b",
         ] {
             let e = StoreUrl::parse(bad).expect("a url").expect_err(bad);
             assert!(e.to_string().contains("s3://BUCKET/PREFIX"), "{e}");
