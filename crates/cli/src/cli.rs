@@ -190,7 +190,7 @@ Every command needs one current password (--password-file, PAGESNAP_PASSWORD_FIL
     /// parent, when the parent is already in the target, are sent, and the target's dedup
     /// keeps pages it already holds.
     #[command(
-        after_help = "Example:\n  pagesnap copy --from /backup/vm --to s3://offsite/vm\n  pagesnap copy --from /backup/vm --to s3://offsite/vm nightly web:latest\n\nA snapshot already in the target (same time, size, label and name) is skipped, so running the same copy again sends nothing. Both stores take the same password (PAGESNAP_PASSWORD, --password-file), if encrypted."
+        after_help = "Example:\n  pagesnap copy --from /backup/vm --to s3://offsite/vm\n  pagesnap copy --from /backup/vm --to s3://offsite/vm nightly web:latest\n\nA snapshot already in the target (same time, size, label and name) is skipped, so running the same copy again sends nothing. Each store takes its password from --from-password-file / --to-password-file, else from the global sources (--password-file, PAGESNAP_PASSWORD_FILE, PAGESNAP_PASSWORD, a prompt). An encrypted store is never copied into one in clear."
     )]
     Copy {
         /// The store to copy from.
@@ -201,6 +201,13 @@ Every command needs one current password (--password-file, PAGESNAP_PASSWORD_FIL
         to: PathBuf,
         /// Snapshots to copy (ID, LABEL, NAME:latest or NAME:LABEL); default: all, oldest first.
         snapshots: Vec<String>,
+        /// The source's password, from this file (else the global password sources).
+        #[arg(long, value_name = "FILE")]
+        from_password_file: Option<PathBuf>,
+        /// The target's password, from this file (else the global password sources): with it,
+        /// a store in clear can be copied into an encrypted one.
+        #[arg(long, value_name = "FILE")]
+        to_password_file: Option<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,

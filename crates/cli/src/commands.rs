@@ -326,7 +326,19 @@ pub fn run(cli: Cli) -> Result<i32> {
             to,
             snapshots,
             json,
-        } => crate::copy::copy(&ctx, &from, &to, &snapshots, json),
+            from_password_file,
+            to_password_file,
+        } => crate::copy::copy(
+            &ctx,
+            crate::copy::Sides {
+                from: &from,
+                to: &to,
+                from_password_file,
+                to_password_file,
+            },
+            &snapshots,
+            json,
+        ),
         Command::Upgrade => upgrade(&ctx),
         Command::Info { json } => info(&ctx, json),
         Command::Serve {

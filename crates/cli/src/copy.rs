@@ -7,7 +7,7 @@ use pagesnap_store::{
 };
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Pages read from the source per batch.
 const BATCH: usize = 2048;
@@ -36,13 +36,28 @@ fn not_a_store(e: &anyhow::Error) -> bool {
     })
 }
 
-pub fn copy(ctx: &Ctx, from: &Path, to: &Path, args: &[String], as_json: bool) -> Result<i32> {
+/// The two stores of a copy, and where each one's password comes from.
+pub struct Sides<'a> {
+    pub from: &'a Path,
+    pub to: &'a Path,
+    pub from_password_file: Option<PathBuf>,
+    pub to_password_file: Option<PathBuf>,
+}
+
+pub fn copy(ctx: &Ctx, sides: Sides<'_>, args: &[String], as_json: bool) -> Result<i32> {
+    let (from, to) = (sides.from, sides.to);
     let src_ctx = Ctx::new(
         Some(from.into()),
         ctx.quiet_flag(),
-        ctx.password_file_flag(),
+        sides
+            .from_password_file
+            .or_else(|| ctx.password_file_flag()),
     );
-    let dst_ctx = Ctx::new(Some(to.into()), ctx.quiet_flag(), ctx.password_file_flag());
+    let dst_ctx = Ctx::new(
+        Some(to.into()),
+        ctx.quiet_flag(),
+        sides.to_password_file.or_else(|| ctx.password_file_flag()),
+    );
     let (src_at, dst_at) = (src_ctx.at()?, dst_ctx.at()?);
     if src_at.display() == dst_at.display() {
         bail!("--from and --to are the same store ({})", src_at.display());

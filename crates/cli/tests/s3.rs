@@ -134,6 +134,27 @@ impl Env {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     }
+    fn run_on_env(
+        &self,
+        store: &str,
+        vars: &[(&str, &str)],
+        args: &[&str],
+    ) -> (i32, String, String) {
+        let mut c = self.cmd_on(store, "cache");
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        let out = c
+            .env("PAGESNAP_TEST_KDF", "fast")
+            .args(args)
+            .output()
+            .expect("run pagesnap");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
     fn ok_on(&self, store: &str, args: &[&str]) -> String {
         let (code, out, err) = self.run_on(store, "cache", args);
         assert_eq!(code, 0, "pagesnap {args:?} failed:\n{out}\n{err}");
@@ -428,6 +449,57 @@ fn copy_between_a_directory_and_s3() {
             .all(|r| r["copied"] == false),
         "{v}"
     );
+    // Into an encrypted store on S3: its password from --to-password-file alone.
+    let pw = env.path("pw");
+    std::fs::write(&pw, "copy secret").expect("pw");
+    let enc = "s3://pagesnap-test/enc";
+    let (code, _, err) = env.run_on_env(
+        enc,
+        &[("PAGESNAP_NEW_PASSWORD", "copy secret")],
+        &["init", "--encrypt"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let pw_arg = pw.to_str().expect("utf-8");
+    env.ok_on(
+        local,
+        &[
+            "copy",
+            "--from",
+            local,
+            "--to",
+            enc,
+            "--to-password-file",
+            pw_arg,
+        ],
+    );
+    let out = env.path("enc.img");
+    env.ok_on(
+        enc,
+        &[
+            "--password-file",
+            pw_arg,
+            "restore",
+            "b",
+            out.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(std::fs::read(&out).expect("restored") == vb);
+    // An encrypted store is not copied into one in clear.
+    let (code, _, err) = env.run_on(
+        local,
+        "cache",
+        &[
+            "copy",
+            "--from",
+            enc,
+            "--to",
+            "s3://pagesnap-test/clear",
+            "--from-password-file",
+            pw_arg,
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("in clear"), "{err}");
     // Back to another directory, and restore from all three.
     let back = env.path("back");
     let back = back.to_str().expect("utf-8");

@@ -190,11 +190,18 @@ impl std::fmt::Debug for ObjectStorage {
     }
 }
 
+fn os_err_kind(e: &object_store::Error) -> io::ErrorKind {
+    match e {
+        object_store::Error::NotFound { .. } => io::ErrorKind::Other,
+        object_store::Error::AlreadyExists { .. } => io::ErrorKind::AlreadyExists,
+        _ => io::ErrorKind::Other,
+    }
+}
+
 fn os_err(e: object_store::Error) -> io::Error {
     let kind = match &e {
         object_store::Error::NotFound { .. } => io::ErrorKind::NotFound,
-        object_store::Error::AlreadyExists { .. } => io::ErrorKind::AlreadyExists,
-        _ => io::ErrorKind::Other,
+        e => os_err_kind(e),
     };
     io::Error::new(kind, e)
 }
@@ -338,7 +345,15 @@ impl ObjectStorage {
         let mut token = [0u8; 8];
         getrandom::fill(&mut token).map_err(|e| io::Error::other(e.to_string()))?;
         if let Some(dir) = &cache {
-            std::fs::create_dir_all(dir.join("blocks"))?;
+            std::fs::create_dir_all(dir.join("blocks")).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cache directory {}: {e}; set PAGESNAP_CACHE_DIR to a writable directory",
+                        dir.display()
+                    ),
+                )
+            })?;
             trim_cache(&dir.join("blocks"), cache_limit());
         }
         let prefix = prefix.trim_matches('/').to_string();
@@ -390,11 +405,25 @@ impl ObjectStorage {
                     let bytes = r.bytes().await?;
                     Ok(Some((tag, bytes)))
                 }
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(object_store::Error::NotFound { .. }) => {
+                    // No head: a store not made yet — or no bucket (S3 answers both with 404).
+                    let root = self.path("");
+                    self.os.list_with_delimiter(Some(&root)).await.map(|_| None)
+                }
                 Err(e) => Err(e),
             }
         });
-        let Some((tag, bytes)) = got.map_err(os_err)? else {
+        let Some((tag, bytes)) = got.map_err(|e| {
+            io::Error::new(
+                os_err_kind(&e),
+                format!(
+                    "reading {}/{HEAD_KEY}: {e}; check the bucket's name, AWS_ENDPOINT_URL, the \
+                     network and the credentials",
+                    self.location.display()
+                ),
+            )
+        })?
+        else {
             return Ok(());
         };
         self.traffic.gets.fetch_add(1, Ordering::Relaxed);
@@ -404,7 +433,13 @@ impl ObjectStorage {
         let head = Head::decode(&bytes).map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("{}/{HEAD_KEY}: {}", self.location.display(), e.0),
+                format!(
+                    "{}/{HEAD_KEY}: {}: the store's head object is damaged and pagesnap cannot \
+                     read the store without it; restore the object from a bucket version or a \
+                     backup of the bucket",
+                    self.location.display(),
+                    e.0
+                ),
             )
         })?;
         let pieces: Vec<Arc<Piece>> = head
@@ -1033,8 +1068,9 @@ impl ObjectStorage {
         let path = self.path(&piece.name.key());
         let traffic = self.traffic.clone();
         let gone = format!(
-            "{}/{} is gone: the store was changed (gc) since this command opened it; run the \
-             command again",
+            "{}/{} is gone: the store was changed (gc) since this command opened it, or the \
+             object was deleted outside pagesnap; run the command again, and `pagesnap verify` \
+             if it says the same",
             self.location.display(),
             piece.name
         );

@@ -23,14 +23,15 @@ pub enum UrlError {
     #[error("{url}: not a store URL ({why}); use s3://BUCKET/PREFIX")]
     Malformed { url: String, why: &'static str },
     /// The S3 client could not be configured.
-    #[error("{url}: cannot configure the S3 client ({source}); set AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ALLOW_HTTP=true for a plain-HTTP endpoint)")]
+    #[error("{url}: cannot configure the S3 client ({error}); set AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ALLOW_HTTP=true for a plain-HTTP endpoint)")]
     Config {
         url: String,
-        source: object_store::Error,
+        error: object_store::Error,
     },
-    /// The store's head could not be read, or the cache directory made.
-    #[error("{url}: {source}")]
-    Open { url: String, source: std::io::Error },
+    /// The store's head could not be read, or the cache directory made (the message names
+    /// what and what to do).
+    #[error("{error}")]
+    Open { url: String, error: std::io::Error },
 }
 
 impl StoreUrl {
@@ -97,9 +98,9 @@ impl StoreUrl {
         {
             builder = builder.with_region("us-east-1");
         }
-        let s3 = builder.build().map_err(|source| UrlError::Config {
+        let s3 = builder.build().map_err(|error| UrlError::Config {
             url: self.display(),
-            source,
+            error,
         })?;
         ObjectStorage::open(
             Arc::new(s3),
@@ -107,9 +108,9 @@ impl StoreUrl {
             &self.display(),
             cache_root.map(|r| self.cache_dir(r)),
         )
-        .map_err(|source| UrlError::Open {
+        .map_err(|error| UrlError::Open {
             url: self.display(),
-            source,
+            error,
         })
     }
 }
