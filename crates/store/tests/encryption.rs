@@ -57,13 +57,10 @@ fn build(dir: &Path, c: Compression) -> Snaps {
     for (v, p) in &pages {
         store.put(Vpn(*v), p).expect("put");
     }
-    // The engine's way: a plain blake3 that the encrypted store must not use as an id.
+    // The engine's way: ids computed with the store's keyed hasher.
+    let id = store.page_ids().id(&page(200, false));
     store
-        .put_hashed(
-            Vpn(200),
-            &page(200, false),
-            *blake3::hash(&page(200, false)).as_bytes(),
-        )
+        .put_hashed(Vpn(200), &page(200, false), id)
         .expect("put_hashed");
     pages.push((200, page(200, false)));
     let a = store.commit(SnapshotMeta::default()).expect("commit").id;
@@ -154,6 +151,62 @@ fn no_plaintext_and_no_plain_page_hash_anywhere_in_the_store() {
         }
         let v = store.verify(&[]).expect("verify");
         assert!(v.is_clean(), "{c}: {v:?}");
+    }
+}
+
+/// A caller's id that is not the store's keyed id of the page (a plain blake3, or another
+/// page's id) never becomes an id: refused at once when the page would dedup against one of
+/// the snapshot's, else the commit fails (the compression threads check new pages' ids).
+#[test]
+fn put_hashed_refuses_ids_that_are_not_the_keyed_ids_of_the_pages() {
+    for c in [Compression::Auto, Compression::None] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut store =
+            Store::init_encrypted(dir.path(), opts(c), &pw("right"), KdfParams::FOR_TESTS, "t")
+                .expect("init");
+        let ids = store.page_ids();
+        // A plain blake3 for a new page, among right ones (the frame's other pages).
+        store.begin(None).expect("begin");
+        for i in 0..40u64 {
+            let p = page(i, i % 2 == 0);
+            let h = if i == 21 {
+                *blake3::hash(&p).as_bytes()
+            } else {
+                ids.id(&p)
+            };
+            store.put_hashed(Vpn(i), &p, h).expect("put_hashed");
+        }
+        assert!(store.commit(SnapshotMeta::default()).is_err(), "{c}");
+        store.abort();
+        assert!(store.snapshots().expect("list").is_empty(), "{c}");
+        // Another page's id, for a page that would dedup against it.
+        store.begin(None).expect("begin");
+        let a = page(1, false);
+        store.put_hashed(Vpn(1), &a, ids.id(&a)).expect("put");
+        assert!(
+            store
+                .put_hashed(Vpn(2), &page(2, false), ids.id(&a))
+                .is_err(),
+            "{c}"
+        );
+        store.abort();
+        // Right ids work, and read back.
+        store.begin(None).expect("begin");
+        for i in 0..40u64 {
+            let p = page(i, i % 2 == 0);
+            store
+                .put_hashed(Vpn(i), &p, ids.id(&p))
+                .expect("put_hashed");
+        }
+        let s = store.commit(SnapshotMeta::default()).expect("commit").id;
+        for i in 0..40u64 {
+            assert_eq!(
+                store.read_page(s, Vpn(i)).expect("read"),
+                Some(page(i, i % 2 == 0)),
+                "{c}"
+            );
+        }
+        assert!(store.verify(&[]).expect("verify").is_clean(), "{c}");
     }
 }
 

@@ -69,6 +69,20 @@ impl Header {
     }
 }
 
+/// What sealing in place adds around the ciphertext: the nonce before it, the tag after it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SealParts {
+    nonce: [u8; NONCE],
+    pub(crate) tag: [u8; TAG],
+}
+
+impl SealParts {
+    /// The nonce as stored in front of the ciphertext.
+    pub(crate) fn nonce(&self) -> &[u8] {
+        &self.nonce
+    }
+}
+
 impl Crypt {
     pub(crate) fn new(master: &MasterKey) -> Crypt {
         Crypt {
@@ -93,20 +107,29 @@ impl Crypt {
     pub(crate) fn seal(&self, h: &Header, plain: &[u8]) -> Result<Vec<u8>, crate::StoreError> {
         let mut out = Vec::with_capacity(plain.len() + SEAL_OVERHEAD);
         out.resize(NONCE, 0);
-        getrandom::fill(&mut out[..NONCE]).map_err(|e| crate::StoreError::Random(e.to_string()))?;
-        let mut nonce = [0u8; NONCE];
-        nonce.copy_from_slice(&out[..NONCE]);
         out.extend_from_slice(plain);
+        let parts = self.seal_in_place(h, &mut out[NONCE..])?;
+        out[..NONCE].copy_from_slice(parts.nonce());
+        out.extend_from_slice(&parts.tag);
+        Ok(out)
+    }
+
+    /// Seals `buf` in place (it becomes the ciphertext) for a record with header `h`; the nonce
+    /// and tag that go before and after it.
+    pub(crate) fn seal_in_place(
+        &self,
+        h: &Header,
+        buf: &mut [u8],
+    ) -> Result<SealParts, crate::StoreError> {
+        let mut nonce = [0u8; NONCE];
+        getrandom::fill(&mut nonce).map_err(|e| crate::StoreError::Random(e.to_string()))?;
         let tag = self
             .cipher
-            .encrypt_inout_detached(
-                &XNonce::from(nonce),
-                &self.ad(h),
-                (&mut out[NONCE..]).into(),
-            )
+            .encrypt_inout_detached(&XNonce::from(nonce), &self.ad(h), buf.into())
             .map_err(|_| crate::StoreError::Usage("sealing a record failed"))?;
-        out.extend_from_slice(tag.as_slice());
-        Ok(out)
+        let mut t = [0u8; TAG];
+        t.copy_from_slice(tag.as_slice());
+        Ok(SealParts { nonce, tag: t })
     }
 
     /// Opens a sealed payload of a record with header `h`; an error (never the bytes) if the tag
@@ -154,22 +177,23 @@ pub(crate) fn open_meta(
 /// What a compression thread needs to seal frames: the keys and the store's page size.
 pub(crate) type Sealer = (Arc<Crypt>, u32);
 
-/// A frame sealed in a compression thread: `packed` (compressed with `codec`) or, with codec 0,
-/// the plain pages, under the header the writer will give the record (kind 8, the codec, the
-/// page count, the plain length). `None` if sealing failed (the writer then refuses the frame).
+/// Seals a frame's payload in place in a compression thread: `payload` is the compressed frame
+/// (`codec`), or with codec 0 the plain pages themselves, `plain_len` bytes of pages in all;
+/// bound to the header the writer will give the record (kind 8, the codec, the page count, the
+/// plain length). `None` if sealing failed (the writer then refuses the frame).
 pub(crate) fn seal_frame(
     (c, page): &Sealer,
     codec: crate::codec::Codec,
-    plain: &[u8],
-    packed: Option<Vec<u8>>,
-) -> Option<Vec<u8>> {
+    plain_len: usize,
+    payload: &mut [u8],
+) -> Option<SealParts> {
     let h = Header {
         kind: crate::format::Kind::Frame as u8,
         codec: codec as u8,
-        key: (plain.len() / (*page).max(1) as usize) as u64,
-        plain_len: u32::try_from(plain.len()).ok()?,
+        key: (plain_len / (*page).max(1) as usize) as u64,
+        plain_len: u32::try_from(plain_len).ok()?,
     };
-    c.seal(&h, packed.as_deref().unwrap_or(plain)).ok()
+    c.seal_in_place(&h, payload).ok()
 }
 
 /// The plain pages of a frame record (`bytes`, decoded as `f`) in an encrypted store: opened,
