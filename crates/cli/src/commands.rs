@@ -245,13 +245,15 @@ fn init(
     if encrypt {
         let password = crate::password::password(PasswordRole::New, new_file)?;
         let kdf = crate::keycmd::kdf()?;
-        Store::init_encrypted(dir, opts, &password, kdf, &crate::keycmd::default_label())
-            .with_context(|| format!("creating store {}", dir.display()))?;
+        let store =
+            Store::init_encrypted(dir, opts, &password, kdf, &crate::keycmd::default_label())
+                .with_context(|| format!("creating store {}", dir.display()))?;
         println!(
-            "created an empty encrypted store in {} (compression {}; key slot 1, {kdf}): \
+            "created an empty encrypted store in {} (compression {}; {}; key slot 1, {kdf}): \
              keep the password — without it nothing in the store can be read",
             dir.display(),
-            describe(compression)
+            describe(compression),
+            store.cipher().map(|c| c.to_string()).unwrap_or_default()
         );
         return Ok(OK);
     }
@@ -792,6 +794,7 @@ fn info(ctx: &Ctx, as_json: bool) -> Result<i32> {
                 "page_size": store.page_size(),
                 "format_version": store.format_version(),
                 "compression": store.compression().to_string(),
+                "encryption": store.cipher().map(|c| c.to_string()),
                 "names": per_name(&snaps).iter().map(|(n, count, logical, added, latest)| json!({
                     "name": n,
                     "snapshots": count,
@@ -821,6 +824,9 @@ fn info(ctx: &Ctx, as_json: bool) -> Result<i32> {
         println!("dedup ratio  {ratio:.2}x (logical / on disk)");
         println!("format       {}", store.format_version());
         println!("compression  {}", describe(store.compression()));
+        if let Some(c) = store.cipher() {
+            println!("encryption   {c} (scheme {}), keyed page ids", c.scheme());
+        }
         for (n, count, logical, added, latest) in per_name(&snaps) {
             println!(
                 "name         {n}: {count} snapshot(s), {} logical, {} added, latest {latest}",

@@ -5,7 +5,8 @@
 
 use pagesnap_store::keys::{KdfParams, Password};
 use pagesnap_store::{
-    Compression, Mode, SnapshotId, SnapshotMeta, Storage, Store, StoreError, StoreOptions, Vpn,
+    Cipher, Compression, Mode, SnapshotId, SnapshotMeta, Storage, Store, StoreError, StoreOptions,
+    Vpn,
 };
 use std::path::Path;
 
@@ -49,10 +50,32 @@ fn opts(c: Compression) -> StoreOptions {
 type Snaps = Vec<(SnapshotId, Vec<(u64, Vec<u8>)>)>;
 
 fn build(dir: &Path, c: Compression) -> Snaps {
-    let mut store = Store::init_encrypted(dir, opts(c), &pw("right"), KdfParams::FOR_TESTS, "test")
-        .expect("init");
+    build_with(dir, c, Cipher::default())
+}
+
+/// Both ciphers: scheme 2 (the default) and scheme 1 (stores made before it), which must stay
+/// readable and writable.
+const CIPHERS: [Cipher; 2] = [Cipher::Aes256GcmSiv, Cipher::XChaCha20Poly1305];
+
+fn build_with(dir: &Path, c: Compression, cipher: Cipher) -> Snaps {
+    std::fs::create_dir_all(dir).expect("dir");
+    let io: pagesnap_store::SharedStorage =
+        std::sync::Arc::new(pagesnap_store::FsStorage::new(dir, true));
+    let mut store = Store::init_encrypted_cipher_with(
+        io,
+        opts(c),
+        &pw("right"),
+        KdfParams::FOR_TESTS,
+        "test",
+        cipher,
+    )
+    .expect("init");
+    assert_eq!(store.cipher(), Some(cipher));
     let mut out = Vec::new();
     let mut pages: Vec<(u64, Vec<u8>)> = (0..96).map(|i| (i, page(i, i % 3 == 0))).collect();
+    // Two whole frames of random pages: frames of one size whatever the cipher's overhead (the
+    // swap test needs a pair).
+    pages.extend((300..332).map(|i| (i, page(i, true))));
     store.begin(None).expect("begin");
     for (v, p) in &pages {
         store.put(Vpn(*v), p).expect("put");
@@ -103,9 +126,12 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn no_plaintext_and_no_plain_page_hash_anywhere_in_the_store() {
-    for c in [Compression::Auto, Compression::None, Compression::Lz4] {
+    for (c, cipher) in [Compression::Auto, Compression::None, Compression::Lz4]
+        .into_iter()
+        .flat_map(|c| CIPHERS.map(|k| (c, k)))
+    {
         let dir = tempfile::tempdir().expect("tmp");
-        let snaps = build(dir.path(), c);
+        let snaps = build_with(dir.path(), c, cipher);
         let all = files(dir.path());
         assert!(all.iter().any(|(n, _)| n == "keys"));
         for (name, bytes) in &all {
@@ -132,6 +158,11 @@ fn no_plaintext_and_no_plain_page_hash_anywhere_in_the_store() {
         let (store, _) =
             Store::open_encrypted(dir.path(), Mode::Read, Some(&pw("right"))).expect("open");
         assert!(store.is_encrypted() && store.page_ids().is_keyed());
+        assert_eq!(
+            store.cipher(),
+            Some(cipher),
+            "{c}: the scheme is the superblock's"
+        );
         for (id, pages) in &snaps {
             for (v, p) in pages {
                 assert_eq!(
@@ -343,8 +374,14 @@ fn assert_caught(dir: &Path, snaps: &Snaps, what: &str) {
 
 #[test]
 fn every_kind_of_sealed_record_tampered_truncated_or_swapped_is_caught() {
+    for cipher in CIPHERS {
+        tampered_truncated_or_swapped_is_caught(cipher);
+    }
+}
+
+fn tampered_truncated_or_swapped_is_caught(cipher: Cipher) {
     let base = tempfile::tempdir().expect("tmp");
-    let snaps = build(base.path(), Compression::Auto);
+    let snaps = build_with(base.path(), Compression::Auto, cipher);
     let recs = records(base.path());
     for kind in [8u8, 6, 5] {
         let of: Vec<_> = recs.iter().filter(|r| r.2 == kind).cloned().collect();
@@ -425,11 +462,18 @@ fn every_kind_of_sealed_record_tampered_truncated_or_swapped_is_caught() {
 
 #[test]
 fn gc_and_reopen_keep_an_encrypted_store_encrypted() {
+    for cipher in CIPHERS {
+        gc_and_reopen_keep_it_encrypted(cipher);
+    }
+}
+
+fn gc_and_reopen_keep_it_encrypted(cipher: Cipher) {
     let dir = tempfile::tempdir().expect("tmp");
-    let snaps = build(dir.path(), Compression::Auto);
+    let snaps = build_with(dir.path(), Compression::Auto, cipher);
     {
         let (mut store, _) =
             Store::open_encrypted(dir.path(), Mode::Write, Some(&pw("right"))).expect("open");
+        assert_eq!(store.cipher(), Some(cipher));
         store.delete(&[snaps[0].0]).expect("delete");
         store.gc().expect("gc");
         assert!(store.verify(&[]).expect("verify").is_clean());
