@@ -85,10 +85,10 @@ pub(crate) struct Encryption {
     pub(crate) key_id: KeyId,
 }
 
-/// The record sealing AEAD, keyed.
+/// The record sealing AEAD, keyed (AES-256-GCM-SIV's round keys are large: boxed).
 enum Aead {
     XChaCha(XChaCha20Poly1305),
-    GcmSiv(aes_gcm_siv::Aes256GcmSiv),
+    GcmSiv(Box<aes_gcm_siv::Aes256GcmSiv>),
 }
 
 /// The keys of an unlocked encrypted store (derived from its master key; zeroed on drop).
@@ -154,7 +154,9 @@ impl Crypt {
             cipher,
             aead: match cipher {
                 Cipher::XChaCha20Poly1305 => Aead::XChaCha(master.record_key().cipher()),
-                Cipher::Aes256GcmSiv => Aead::GcmSiv(master.record_key_gcm_siv().gcm_siv()),
+                Cipher::Aes256GcmSiv => {
+                    Aead::GcmSiv(Box::new(master.record_key_gcm_siv().gcm_siv()))
+                }
             },
             dedup: Arc::new(master.dedup_key()),
         }
