@@ -478,9 +478,12 @@ impl Store {
                 w.frames.ready.insert(seq, done);
                 return Err(e);
             }
+            // Its buffers serve the next frames if they hold a whole frame (a compressed
+            // frame's buffer is smaller: dropped).
+            let whole = frame_pages(self.sb.page_size) * self.sb.page_size as usize;
             let f = &mut self.log_writer()?.frames;
             for mut b in std::iter::once(done.plain).chain(done.packed) {
-                if f.spare.len() < SPARE_BUFFERS && b.capacity() >= b.len().max(1) {
+                if f.spare.len() < SPARE_BUFFERS && b.capacity() >= whole {
                     b.clear();
                     f.spare.push(b);
                 }
