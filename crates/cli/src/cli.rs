@@ -38,7 +38,7 @@ pub enum Command {
         /// Compression of new pages: auto, zstd, zstd:LEVEL, lz4 or none.
         #[arg(long, default_value = "auto", value_parser = parse_compression)]
         compression: Compression,
-        /// Encrypt the store (XChaCha20-Poly1305; the key wrapped by the password with
+        /// Encrypt the store (AES-256-GCM-SIV; the key wrapped by the password with
         /// Argon2id tuned to ~0.5 s here). The password: --new-password-file,
         /// PAGESNAP_NEW_PASSWORD_FILE, PAGESNAP_NEW_PASSWORD, or a prompt (twice).
         #[arg(long)]

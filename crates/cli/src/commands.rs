@@ -385,7 +385,7 @@ fn init(
         let password = crate::password::password(PasswordRole::New, new_file)?;
         let kdf = crate::keycmd::kdf()?;
         let label = crate::keycmd::default_label();
-        match &at {
+        let store = match &at {
             StoreAt::Dir(d) => Store::init_encrypted(d, opts, &password, kdf, &label),
             StoreAt::Remote(_) => {
                 Store::init_encrypted_with(ctx.storage(&at)?, opts, &password, kdf, &label)
@@ -393,10 +393,11 @@ fn init(
         }
         .with_context(|| format!("creating store {}", dir.display()))?;
         println!(
-            "created an empty encrypted store in {} (compression {}; key slot 1, {kdf}): \
+            "created an empty encrypted store in {} (compression {}; {}; key slot 1, {kdf}): \
              keep the password — without it nothing in the store can be read",
             dir.display(),
-            describe(compression)
+            describe(compression),
+            store.cipher().map(|c| c.to_string()).unwrap_or_default()
         );
         return Ok(OK);
     }
@@ -969,6 +970,7 @@ fn info(ctx: &Ctx, as_json: bool) -> Result<i32> {
                 "format_version": store.format_version(),
                 "generation": store.generation(),
                 "compression": store.compression().to_string(),
+                "encryption": store.cipher().map(|c| c.to_string()),
                 "names": per_name(&snaps).iter().map(|(n, count, logical, added, latest)| json!({
                     "name": n,
                     "snapshots": count,
@@ -998,6 +1000,9 @@ fn info(ctx: &Ctx, as_json: bool) -> Result<i32> {
         println!("dedup ratio  {ratio:.2}x (logical / on disk)");
         println!("format       {}", store.format_version());
         println!("compression  {}", describe(store.compression()));
+        if let Some(c) = store.cipher() {
+            println!("encryption   {c} (scheme {}), keyed page ids", c.scheme());
+        }
         for (n, count, logical, added, latest) in per_name(&snaps) {
             println!(
                 "name         {n}: {count} snapshot(s), {} logical, {} added, latest {latest}",

@@ -162,6 +162,11 @@ fn no_plaintext_of_the_image_anywhere_in_the_store_and_it_restores() {
     }
     let v = env.ok(&["verify"], &[PW]);
     assert!(v.contains("clean"), "{v}");
+    // New stores seal with AES-256-GCM-SIV (scheme 2); info says so.
+    let info = env.ok(&["info", "--json"], &[PW]);
+    assert!(info.contains(r#""encryption":"AES-256-GCM-SIV""#), "{info}");
+    let info = env.ok(&["info"], &[PW]);
+    assert!(info.contains("AES-256-GCM-SIV (scheme 2)"), "{info}");
 }
 
 #[test]

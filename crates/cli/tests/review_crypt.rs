@@ -178,7 +178,8 @@ fn a_downgraded_store_refuses_to_snapshot_in_clear_when_a_password_is_given() {
     env.init();
     env.write_image();
     let keys = std::fs::read(env.store().join("keys")).expect("keys");
-    let mut field = vec![1u8, 0, 0, 0];
+    // Scheme 2 (AES-256-GCM-SIV), what `init --encrypt` makes.
+    let mut field = vec![2u8, 0, 0, 0];
     field.extend_from_slice(&keys[24..40]);
     let path = env.store().join("superblock");
     let mut sb = std::fs::read(&path).expect("superblock");

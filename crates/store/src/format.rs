@@ -351,9 +351,9 @@ pub(crate) struct Superblock {
     pub(crate) version: u32,
     /// The compression new pages get (format 4; `None` before).
     pub(crate) compression: crate::codec::Compression,
-    /// Format 4: the store is encrypted (scheme 1, XChaCha20-Poly1305 and keyed blake3) with
-    /// the master key of this id; `None`: not encrypted.
-    pub(crate) encryption: Option<crate::keys::KeyId>,
+    /// Format 4: the store is encrypted (scheme 1, XChaCha20-Poly1305, or 2, AES-256-GCM-SIV;
+    /// keyed blake3 ids in both) with the master key of this id; `None`: not encrypted.
+    pub(crate) encryption: Option<crate::store::Encryption>,
 }
 
 impl Superblock {
@@ -411,9 +411,9 @@ impl Superblock {
         if self.version >= FRAME_FORMAT {
             e.bytes(&self.compression.to_bytes());
             match &self.encryption {
-                Some(id) => {
-                    e.bytes(&[crate::store::SCHEME_XCHACHA_BLAKE3, 0, 0, 0]);
-                    e.bytes(&id.0);
+                Some(enc) => {
+                    e.bytes(&[enc.cipher.scheme(), 0, 0, 0]);
+                    e.bytes(&enc.key_id.0);
                 }
                 None => e.bytes(&[0; 20]),
             }
@@ -491,7 +491,13 @@ impl Superblock {
                 id.copy_from_slice(d.take(16).map_err(m)?);
                 encryption = match head {
                     [0, 0, 0, 0] if id == [0; 16] => None,
-                    [crate::store::SCHEME_XCHACHA_BLAKE3, 0, 0, 0] => Some(crate::keys::KeyId(id)),
+                    [scheme, 0, 0, 0] => match crate::store::Cipher::from_scheme(*scheme) {
+                        Some(cipher) => Some(crate::store::Encryption {
+                            cipher,
+                            key_id: crate::keys::KeyId(id),
+                        }),
+                        None => return Err(SlotError::Malformed),
+                    },
                     _ => return Err(SlotError::Malformed),
                 };
             }
@@ -605,11 +611,19 @@ mod tests {
         let bytes = sb.encode();
         assert_eq!(bytes.len(), SLOT_SIZE);
         assert_eq!(Superblock::decode(&bytes), Ok(sb.clone()));
-        let enc = Superblock {
-            encryption: Some(crate::keys::KeyId([0xab; 16])),
-            ..sb.clone()
-        };
-        assert_eq!(Superblock::decode(&enc.encode()), Ok(enc.clone()));
+        for cipher in [
+            crate::store::Cipher::XChaCha20Poly1305,
+            crate::store::Cipher::Aes256GcmSiv,
+        ] {
+            let enc = Superblock {
+                encryption: Some(crate::store::Encryption {
+                    cipher,
+                    key_id: crate::keys::KeyId([0xab; 16]),
+                }),
+                ..sb.clone()
+            };
+            assert_eq!(Superblock::decode(&enc.encode()), Ok(enc.clone()));
+        }
         let mut bad = bytes.clone();
         bad[100] ^= 1;
         assert_eq!(Superblock::decode(&bad), Err(SlotError::Checksum));

@@ -61,6 +61,7 @@ const MAX_PASSWORD_FILE: u64 = 64 << 10;
 /// blake3 `derive_key` contexts: one per purpose, never reused for another.
 const CONTEXT_KEY_ID: &str = "pagesnap 2026-12-07 master key id v1";
 const CONTEXT_RECORD: &str = "pagesnap 2026-12-07 record sealing v1";
+const CONTEXT_RECORD_GCM_SIV: &str = "pagesnap 2026-12-07 record sealing aes-256-gcm-siv v1";
 const CONTEXT_DEDUP: &str = "pagesnap 2026-12-07 keyed dedup id v1";
 /// Associated data of a slot's wrapped key starts with this.
 const WRAP_AD_PREFIX: &[u8] = b"pagesnap key slot v1";
@@ -151,10 +152,16 @@ impl MasterKey {
         KeyId(id)
     }
 
-    /// The key that seals records (XChaCha20-Poly1305; see `docs/security.md` for the nonce
-    /// scheme and the associated data).
+    /// The key that seals records in a scheme 1 store (XChaCha20-Poly1305; see
+    /// `docs/security.md` for the nonce scheme and the associated data).
     pub fn record_key(&self) -> RecordKey {
         RecordKey(self.derive(CONTEXT_RECORD))
+    }
+
+    /// The key that seals records in a scheme 2 store (AES-256-GCM-SIV): a key of its own (its
+    /// own context string), never the scheme 1 key under another cipher.
+    pub fn record_key_gcm_siv(&self) -> RecordKey {
+        RecordKey(self.derive(CONTEXT_RECORD_GCM_SIV))
     }
 
     /// The key of dedup ids: a page's id in an encrypted store is blake3 keyed with it, so an id
@@ -183,6 +190,13 @@ impl RecordKey {
     /// The AEAD keyed with it (it zeroes its copy of the key when dropped).
     pub fn cipher(&self) -> XChaCha20Poly1305 {
         XChaCha20Poly1305::new(&chacha20poly1305::Key::from(*self.0))
+    }
+
+    /// The key as AES-256-GCM-SIV (it zeroes its round keys when dropped).
+    pub fn gcm_siv(&self) -> aes_gcm_siv::Aes256GcmSiv {
+        aes_gcm_siv::Aes256GcmSiv::new(&aes_gcm_siv::Key::<aes_gcm_siv::Aes256GcmSiv>::from(
+            *self.0,
+        ))
     }
 }
 

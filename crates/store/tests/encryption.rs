@@ -5,7 +5,8 @@
 
 use pagesnap_store::keys::{KdfParams, Password};
 use pagesnap_store::{
-    Compression, Mode, SnapshotId, SnapshotMeta, Storage, Store, StoreError, StoreOptions, Vpn,
+    Cipher, Compression, Mode, SnapshotId, SnapshotMeta, Storage, Store, StoreError, StoreOptions,
+    Vpn,
 };
 use std::path::Path;
 
@@ -49,21 +50,40 @@ fn opts(c: Compression) -> StoreOptions {
 type Snaps = Vec<(SnapshotId, Vec<(u64, Vec<u8>)>)>;
 
 fn build(dir: &Path, c: Compression) -> Snaps {
-    let mut store = Store::init_encrypted(dir, opts(c), &pw("right"), KdfParams::FOR_TESTS, "test")
-        .expect("init");
+    build_with(dir, c, Cipher::default())
+}
+
+/// Both ciphers: scheme 2 (the default) and scheme 1 (stores made before it), which must stay
+/// readable and writable.
+const CIPHERS: [Cipher; 2] = [Cipher::Aes256GcmSiv, Cipher::XChaCha20Poly1305];
+
+fn build_with(dir: &Path, c: Compression, cipher: Cipher) -> Snaps {
+    std::fs::create_dir_all(dir).expect("dir");
+    let io: pagesnap_store::SharedStorage =
+        std::sync::Arc::new(pagesnap_store::FsStorage::new(dir, true));
+    let mut store = Store::init_encrypted_cipher_with(
+        io,
+        opts(c),
+        &pw("right"),
+        KdfParams::FOR_TESTS,
+        "test",
+        cipher,
+    )
+    .expect("init");
+    assert_eq!(store.cipher(), Some(cipher));
     let mut out = Vec::new();
     let mut pages: Vec<(u64, Vec<u8>)> = (0..96).map(|i| (i, page(i, i % 3 == 0))).collect();
+    // Two whole frames of random pages: frames of one size whatever the cipher's overhead (the
+    // swap test needs a pair).
+    pages.extend((300..332).map(|i| (i, page(i, true))));
     store.begin(None).expect("begin");
     for (v, p) in &pages {
         store.put(Vpn(*v), p).expect("put");
     }
-    // The engine's way: a plain blake3 that the encrypted store must not use as an id.
+    // The engine's way: ids computed with the store's keyed hasher.
+    let id = store.page_ids().id(&page(200, false));
     store
-        .put_hashed(
-            Vpn(200),
-            &page(200, false),
-            *blake3::hash(&page(200, false)).as_bytes(),
-        )
+        .put_hashed(Vpn(200), &page(200, false), id)
         .expect("put_hashed");
     pages.push((200, page(200, false)));
     let a = store.commit(SnapshotMeta::default()).expect("commit").id;
@@ -106,9 +126,12 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn no_plaintext_and_no_plain_page_hash_anywhere_in_the_store() {
-    for c in [Compression::Auto, Compression::None, Compression::Lz4] {
+    for (c, cipher) in [Compression::Auto, Compression::None, Compression::Lz4]
+        .into_iter()
+        .flat_map(|c| CIPHERS.map(|k| (c, k)))
+    {
         let dir = tempfile::tempdir().expect("tmp");
-        let snaps = build(dir.path(), c);
+        let snaps = build_with(dir.path(), c, cipher);
         let all = files(dir.path());
         assert!(all.iter().any(|(n, _)| n == "keys"));
         for (name, bytes) in &all {
@@ -135,6 +158,11 @@ fn no_plaintext_and_no_plain_page_hash_anywhere_in_the_store() {
         let (store, _) =
             Store::open_encrypted(dir.path(), Mode::Read, Some(&pw("right"))).expect("open");
         assert!(store.is_encrypted() && store.page_ids().is_keyed());
+        assert_eq!(
+            store.cipher(),
+            Some(cipher),
+            "{c}: the scheme is the superblock's"
+        );
         for (id, pages) in &snaps {
             for (v, p) in pages {
                 assert_eq!(
@@ -154,6 +182,62 @@ fn no_plaintext_and_no_plain_page_hash_anywhere_in_the_store() {
         }
         let v = store.verify(&[]).expect("verify");
         assert!(v.is_clean(), "{c}: {v:?}");
+    }
+}
+
+/// A caller's id that is not the store's keyed id of the page (a plain blake3, or another
+/// page's id) never becomes an id: refused at once when the page would dedup against one of
+/// the snapshot's, else the commit fails (the compression threads check new pages' ids).
+#[test]
+fn put_hashed_refuses_ids_that_are_not_the_keyed_ids_of_the_pages() {
+    for c in [Compression::Auto, Compression::None] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut store =
+            Store::init_encrypted(dir.path(), opts(c), &pw("right"), KdfParams::FOR_TESTS, "t")
+                .expect("init");
+        let ids = store.page_ids();
+        // A plain blake3 for a new page, among right ones (the frame's other pages).
+        store.begin(None).expect("begin");
+        for i in 0..40u64 {
+            let p = page(i, i % 2 == 0);
+            let h = if i == 21 {
+                *blake3::hash(&p).as_bytes()
+            } else {
+                ids.id(&p)
+            };
+            store.put_hashed(Vpn(i), &p, h).expect("put_hashed");
+        }
+        assert!(store.commit(SnapshotMeta::default()).is_err(), "{c}");
+        store.abort();
+        assert!(store.snapshots().expect("list").is_empty(), "{c}");
+        // Another page's id, for a page that would dedup against it.
+        store.begin(None).expect("begin");
+        let a = page(1, false);
+        store.put_hashed(Vpn(1), &a, ids.id(&a)).expect("put");
+        assert!(
+            store
+                .put_hashed(Vpn(2), &page(2, false), ids.id(&a))
+                .is_err(),
+            "{c}"
+        );
+        store.abort();
+        // Right ids work, and read back.
+        store.begin(None).expect("begin");
+        for i in 0..40u64 {
+            let p = page(i, i % 2 == 0);
+            store
+                .put_hashed(Vpn(i), &p, ids.id(&p))
+                .expect("put_hashed");
+        }
+        let s = store.commit(SnapshotMeta::default()).expect("commit").id;
+        for i in 0..40u64 {
+            assert_eq!(
+                store.read_page(s, Vpn(i)).expect("read"),
+                Some(page(i, i % 2 == 0)),
+                "{c}"
+            );
+        }
+        assert!(store.verify(&[]).expect("verify").is_clean(), "{c}");
     }
 }
 
@@ -290,8 +374,14 @@ fn assert_caught(dir: &Path, snaps: &Snaps, what: &str) {
 
 #[test]
 fn every_kind_of_sealed_record_tampered_truncated_or_swapped_is_caught() {
+    for cipher in CIPHERS {
+        tampered_truncated_or_swapped_is_caught(cipher);
+    }
+}
+
+fn tampered_truncated_or_swapped_is_caught(cipher: Cipher) {
     let base = tempfile::tempdir().expect("tmp");
-    let snaps = build(base.path(), Compression::Auto);
+    let snaps = build_with(base.path(), Compression::Auto, cipher);
     let recs = records(base.path());
     for kind in [8u8, 6, 5] {
         let of: Vec<_> = recs.iter().filter(|r| r.2 == kind).cloned().collect();
@@ -372,11 +462,18 @@ fn every_kind_of_sealed_record_tampered_truncated_or_swapped_is_caught() {
 
 #[test]
 fn gc_and_reopen_keep_an_encrypted_store_encrypted() {
+    for cipher in CIPHERS {
+        gc_and_reopen_keep_it_encrypted(cipher);
+    }
+}
+
+fn gc_and_reopen_keep_it_encrypted(cipher: Cipher) {
     let dir = tempfile::tempdir().expect("tmp");
-    let snaps = build(dir.path(), Compression::Auto);
+    let snaps = build_with(dir.path(), Compression::Auto, cipher);
     {
         let (mut store, _) =
             Store::open_encrypted(dir.path(), Mode::Write, Some(&pw("right"))).expect("open");
+        assert_eq!(store.cipher(), Some(cipher));
         store.delete(&[snaps[0].0]).expect("delete");
         store.gc().expect("gc");
         assert!(store.verify(&[]).expect("verify").is_clean());

@@ -49,11 +49,11 @@ fn files_with(dir: &Path, needle: &[u8]) -> Vec<String> {
 fn downgrade_superblock(dir: &Path, key_id: [u8; 16]) -> usize {
     let path = dir.join("superblock");
     let mut sb = std::fs::read(&path).expect("superblock");
-    let mut field = vec![1u8, 0, 0, 0];
-    field.extend_from_slice(&key_id);
     let mut changed = 0;
     for slot in sb.chunks_mut(4096) {
-        if let Some(at) = slot.windows(20).position(|w| w == &field[..]) {
+        // Either scheme: 1 (XChaCha20-Poly1305) or 2 (AES-256-GCM-SIV), then 3 zero bytes.
+        let field = |w: &[u8]| matches!(w[0], 1 | 2) && w[1..4] == [0; 3] && w[4..] == key_id;
+        if let Some(at) = slot.windows(20).position(field) {
             slot[at..at + 20].fill(0);
             let crc = crc32fast::hash(&slot[..4092]);
             slot[4092..].copy_from_slice(&crc.to_le_bytes());

@@ -141,18 +141,34 @@ impl Store {
         self.put_id(vpn, data, id)
     }
 
-    /// [`Store::put`] for a caller that already computed the content's blake3 (and knows the page
-    /// is not all zero). The hash is checked again on every read, so a wrong one is caught there.
+    /// [`Store::put`] for a caller that already computed the page's id (and knows the page is
+    /// not all zero). In a store that is not encrypted the id is the content's blake3 and is
+    /// trusted here; it is checked again on every read, so a wrong one is caught there.
     ///
-    /// In an encrypted store a page's id is blake3 keyed with the store's dedup key
-    /// ([`Store::page_ids`]), never the plain blake3: the store computes it itself and `hash` is
-    /// not used (a caller's plain hash must not become an id).
+    /// In an encrypted store a page's id is blake3 keyed with the store's dedup key: `hash` must
+    /// be computed with [`Store::page_ids`]. It is checked against the page before it reaches
+    /// the index (a page that dedups against one of this snapshot's is checked here, a new one
+    /// in the compression threads, many pages at once, before its frame is appended); a wrong
+    /// id — a plain blake3, say — is an error here or fails the commit, so it never becomes an
+    /// id.
     pub fn put_hashed(&mut self, vpn: Vpn, data: &[u8], hash: [u8; 32]) -> Result<(), StoreError> {
-        let id = if self.crypt.is_some() {
-            self.page_id(data)
-        } else {
-            hash
-        };
+        if self.crypt.is_none() {
+            return self.put_id(vpn, data, hash);
+        }
+        if data.len() != self.sb.page_size as usize {
+            return Err(StoreError::PageSize {
+                len: data.len(),
+                page_size: self.sb.page_size,
+            });
+        }
+        if self.is_log() && self.compressing() {
+            return self.put3(vpn, data, hash, true);
+        }
+        // (Every encrypted store frames its pages; this is for completeness.)
+        let id = self.page_id(data);
+        if id != hash {
+            return Err(super::frames::wrong_page_id());
+        }
         self.put_id(vpn, data, id)
     }
 
@@ -165,7 +181,7 @@ impl Store {
             });
         }
         if self.is_log() {
-            return self.put3(vpn, data, hash);
+            return self.put3(vpn, data, hash, false);
         }
         let dedup_root = self.sb.dedup;
         let mut wio = self.write_io()?;

@@ -31,16 +31,38 @@ struct Job {
     plain: Vec<u8>,
     /// Attempt compression (false: incompressible data, the frame is only sealed).
     compress: bool,
+    /// Ids a caller claimed for the frame's pages (an encrypted store's `put_hashed`): checked
+    /// here, against the keyed ids of the pages, before the frame is appended.
+    claimed: Option<Vec<[u8; 32]>>,
 }
 
 struct Done {
     gen: u64,
     seq: u64,
+    /// The frame's pages: plain, or in an encrypted store sealed in place when they are the
+    /// payload (stored uncompressed). Its length is the frame's plain length either way.
     plain: Vec<u8>,
-    /// The compressed frame, or `None`: store the pages plain. In an encrypted store, always
-    /// the sealed frame (`codec` says whether it is compressed inside).
+    /// The compressed frame (sealed in place in an encrypted store), or `None`: the payload is
+    /// `plain` (unencrypted: the pages go plain into an extent).
     packed: Option<Vec<u8>>,
     codec: Codec,
+    /// How the payload is sealed.
+    seal: Seal,
+    /// The crc32 of the stored payload (nonce, payload and tag when sealed), computed in the
+    /// thread; the writer folds it into the record's crc32 (None: pages stored in an extent).
+    crc: Option<crc32fast::Hasher>,
+    /// The claimed ids were not the pages' keyed ids: the writer refuses the frame.
+    wrong_ids: bool,
+}
+
+/// Whether and how a finished frame's payload is sealed.
+enum Seal {
+    /// Not encrypted.
+    Clear,
+    /// Sealed in place: the nonce goes before the payload, the tag after it.
+    Sealed(super::seal::SealParts),
+    /// An encrypted store's frame that could not be sealed: the writer refuses it.
+    Failed,
 }
 
 /// Compression threads: jobs in, finished frames out (in any order).
@@ -76,20 +98,55 @@ impl Pool {
                     };
                     let mut out = Vec::new();
                     loop {
-                        let Ok(job) = rx.recv() else { return };
+                        let Ok(mut job) = rx.recv() else { return };
+                        // Claimed ids checked first, many pages at once, before the pages are
+                        // sealed in place.
+                        let wrong_ids = match (&crypt, &job.claimed) {
+                            (Some((c, page)), Some(claimed)) => {
+                                let pages: Vec<&[u8]> = job.plain.chunks(*page as usize).collect();
+                                let mut ids = vec![[0u8; 32]; pages.len()];
+                                crate::pagehash::hash_pages_keyed(
+                                    c.dedup.key_bytes(),
+                                    &pages,
+                                    &mut ids,
+                                );
+                                ids != *claimed
+                            }
+                            _ => false,
+                        };
                         // A panic in a codec stores the frame plain (its bytes are intact).
-                        let packed = (job.compress
+                        let shrunk = job.compress
                             && std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                                 c.compress(&job.plain, &mut out)
                             }))
-                            .unwrap_or(false))
-                        .then(|| out.clone());
+                            .unwrap_or(false);
+                        let mut packed = shrunk.then(|| out.clone());
                         let used = if packed.is_some() { codec } else { Codec::None };
-                        // Encrypted: sealed here too, on every core (a failure leaves `None`,
-                        // which an encrypted store's writer refuses to store plain).
-                        let packed = match &crypt {
-                            Some(c) => super::seal::seal_frame(c, used, &job.plain, packed),
-                            None => packed,
+                        let plain_len = job.plain.len();
+                        // Encrypted: sealed here too, in place, on every core (a failure is
+                        // `Failed`, which an encrypted store's writer refuses to store plain).
+                        let (seal, crc) = match &crypt {
+                            Some(c) => {
+                                let payload = packed.as_mut().unwrap_or(&mut job.plain);
+                                match super::seal::seal_frame(c, used, plain_len, payload) {
+                                    Some(parts) => {
+                                        let mut crc = crc32fast::Hasher::new();
+                                        crc.update(parts.nonce());
+                                        crc.update(payload);
+                                        crc.update(&parts.tag);
+                                        (Seal::Sealed(parts), Some(crc))
+                                    }
+                                    None => (Seal::Failed, None),
+                                }
+                            }
+                            None => {
+                                let crc = packed.as_ref().map(|p| {
+                                    let mut crc = crc32fast::Hasher::new();
+                                    crc.update(p);
+                                    crc
+                                });
+                                (Seal::Clear, crc)
+                            }
                         };
                         let done = Done {
                             gen: job.gen,
@@ -97,6 +154,9 @@ impl Pool {
                             plain: job.plain,
                             packed,
                             codec: used,
+                            seal,
+                            crc,
+                            wrong_ids,
                         };
                         if tx.send(done).is_err() {
                             return;
@@ -142,6 +202,8 @@ pub(crate) struct Framer {
     /// Plain bytes and content hashes of the frame being filled.
     open: Vec<u8>,
     open_hashes: Vec<[u8; 32]>,
+    /// Some page of the open frame came with an id its caller claimed (checked in a thread).
+    open_claimed: bool,
     next_seq: u64,
     /// Frames sent and not yet appended: their pages' hashes, by sequence number.
     in_flight: BTreeMap<u64, Vec<[u8; 32]>>,
@@ -156,7 +218,13 @@ pub(crate) struct Framer {
     untried: u32,
     /// Pages of the current untried frame appended directly.
     direct: usize,
+    /// Frame buffers of appended frames, for the next frames (no allocation, no growth by
+    /// copying, and memory the caches still hold).
+    spare: Vec<Vec<u8>>,
 }
+
+/// Frame buffers kept for reuse at most.
+const SPARE_BUFFERS: usize = 16;
 
 /// Frames in a row that did not shrink before attempts become sparse ...
 const PLAIN_RUN: u32 = 8;
@@ -178,6 +246,7 @@ impl Framer {
         self.gen += 1;
         self.open.clear();
         self.open_hashes.clear();
+        self.open_claimed = false;
         self.in_flight.clear();
         self.ready.clear();
         self.placed.clear();
@@ -219,11 +288,14 @@ impl Store {
             && (self.sb.compression.resolve().0 != Codec::None || self.crypt.is_some())
     }
 
-    /// Adds a new page to the open frame; its placeholder location.
+    /// Adds a new page to the open frame; its placeholder location. `claimed`: `hash` is an id
+    /// a caller gave (an encrypted store checks it against the page in a compression thread
+    /// before the frame is appended; a wrong one fails the frame, and so the commit).
     pub(super) fn frame_page(
         &mut self,
         data: &[u8],
         hash: [u8; 32],
+        claimed: bool,
     ) -> Result<Location, StoreError> {
         let (codec, level) = self.sb.compression.resolve();
         let page = self.sb.page_size;
@@ -276,8 +348,15 @@ impl Store {
             len: page,
             slot: u16::try_from(f.open_hashes.len() + 1).unwrap_or(u16::MAX),
         };
+        if f.open.capacity() == 0 {
+            f.open = f
+                .spare
+                .pop()
+                .unwrap_or_else(|| Vec::with_capacity(per_frame * page as usize));
+        }
         f.open.extend_from_slice(data);
         f.open_hashes.push(hash);
+        f.open_claimed |= claimed;
         if f.open_hashes.len() >= per_frame {
             self.send_frame()?;
         }
@@ -317,6 +396,9 @@ impl Store {
                 plain: std::mem::take(&mut f.open),
                 packed: None,
                 codec: Codec::None,
+                seal: Seal::Clear,
+                crc: None,
+                wrong_ids: false,
             };
             f.in_flight.insert(seq, std::mem::take(&mut f.open_hashes));
             f.ready.insert(seq, done);
@@ -330,11 +412,14 @@ impl Store {
         } else {
             f.untried += 1;
         }
+        let claimed =
+            (encrypted && std::mem::take(&mut f.open_claimed)).then(|| f.open_hashes.clone());
         let job = Job {
             gen: f.gen,
             seq,
             plain: std::mem::take(&mut f.open),
             compress,
+            claimed,
         };
         f.in_flight.insert(seq, std::mem::take(&mut f.open_hashes));
         let sent = f
@@ -393,6 +478,16 @@ impl Store {
                 w.frames.ready.insert(seq, done);
                 return Err(e);
             }
+            // Its buffers serve the next frames if they hold a whole frame (a compressed
+            // frame's buffer is smaller: dropped).
+            let whole = frame_pages(self.sb.page_size) * self.sb.page_size as usize;
+            let f = &mut self.log_writer()?.frames;
+            for mut b in std::iter::once(done.plain).chain(done.packed) {
+                if f.spare.len() < SPARE_BUFFERS && b.capacity() >= whole {
+                    b.clear();
+                    f.spare.push(b);
+                }
+            }
         }
     }
 
@@ -420,18 +515,39 @@ impl Store {
     fn append_frame(&mut self, done: &Done, hashes: &[[u8; 32]]) -> Result<(), StoreError> {
         let page = self.sb.page_size as usize;
         let mut slots = Vec::with_capacity(hashes.len());
-        match &done.packed {
-            None => {
+        let encrypted = self.crypt.is_some();
+        if done.wrong_ids {
+            return Err(wrong_page_id());
+        }
+        let seal = match &done.seal {
+            Seal::Failed => return Err(StoreError::Usage("sealing a page frame failed")),
+            Seal::Clear if encrypted => {
+                return Err(StoreError::Usage(
+                    "a page frame in clear in an encrypted store (a bug: please report it)",
+                ))
+            }
+            Seal::Clear => None,
+            Seal::Sealed(parts) => Some(parts),
+        };
+        match (&done.packed, seal, &done.crc) {
+            (None, None, _) | (_, _, None) => {
                 for p in done.plain.chunks(page) {
                     slots.push(self.append_page(p)?);
                 }
                 let f = &mut self.log_writer()?.frames;
                 f.plain_run = f.plain_run.saturating_add(1);
             }
-            Some(packed) => {
+            (packed, seal, Some(crc)) => {
                 let codec = done.codec;
-                let loc =
-                    self.append_frame_record(codec, hashes.len(), done.plain.len(), packed)?;
+                let payload = packed.as_deref().unwrap_or(&done.plain);
+                let loc = self.append_frame_record(
+                    codec,
+                    hashes.len(),
+                    done.plain.len(),
+                    seal,
+                    payload,
+                    crc,
+                )?;
                 let f = &mut self.log_writer()?.frames;
                 if codec != Codec::None {
                     f.plain_run = 0;
@@ -457,44 +573,55 @@ impl Store {
         Ok(())
     }
 
-    /// Appends a frame record holding `packed` (the compressed bytes of `pages` pages,
-    /// `plain` bytes in all); its location (slot 0).
+    /// Appends a frame record holding `payload` (the compressed bytes of `pages` pages, `plain`
+    /// bytes in all, or in an encrypted store possibly the pages themselves), sealed with
+    /// `seal`'s nonce and tag around it if given; `crc` is the crc32 of the stored payload
+    /// (computed by the compression thread). Its location (slot 0).
     fn append_frame_record(
         &mut self,
         codec: Codec,
         pages: usize,
         plain: usize,
-        packed: &[u8],
+        seal: Option<&super::seal::SealParts>,
+        payload: &[u8],
+        crc: &crc32fast::Hasher,
     ) -> Result<Location, StoreError> {
         self.seal_extent()?;
-        let total = record_len(packed.len());
+        let stored = payload.len() + seal.map_or(0, |p| p.nonce().len() + p.tag.len());
+        let total = record_len(stored);
         self.reserve3(total as u64)?;
         let io = self.io.clone();
-        let sealed = self.crypt.is_some();
         let w = self.log_writer()?;
         let at = w.buf.len();
         let mut head = [0u8; REC_HEADER];
         head[..4].copy_from_slice(&REC_MAGIC);
         head[4] = Kind::Frame as u8;
         head[5] = codec as u8;
-        if sealed {
+        if seal.is_some() {
             head[6] = super::seal::SEALED;
         }
-        head[8..12].copy_from_slice(
-            &u32::try_from(packed.len())
-                .unwrap_or(u32::MAX)
-                .to_le_bytes(),
-        );
+        head[8..12].copy_from_slice(&u32::try_from(stored).unwrap_or(u32::MAX).to_le_bytes());
         head[12..16].copy_from_slice(&u32::try_from(plain).unwrap_or(u32::MAX).to_le_bytes());
         head[16..24].copy_from_slice(&(pages as u64).to_le_bytes());
         w.buf.extend_from_slice(&head);
-        w.buf.extend_from_slice(packed);
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&w.buf[at..]);
-        let crc = crc.finalize();
-        w.buf.extend_from_slice(&crc.to_le_bytes());
+        match seal {
+            Some(p) => {
+                w.buf.extend_from_slice(p.nonce());
+                w.buf.extend_from_slice(payload);
+                w.buf.extend_from_slice(&p.tag);
+            }
+            None => w.buf.extend_from_slice(payload),
+        }
+        // The record's crc32 (header, then the payload's, folded in) and the commit's range
+        // crc32 without another pass over the payload.
+        let mut rec = crc32fast::Hasher::new();
+        rec.update(&head);
+        rec.combine(crc);
+        let sum = rec.clone().finalize().to_le_bytes();
+        w.buf.extend_from_slice(&sum);
         w.buf.resize(at + total, 0);
-        w.log.range_crc.update(&w.buf[at..]);
+        rec.update(&w.buf[at + REC_HEADER + stored..]);
+        w.log.range_crc.combine(&rec);
         let loc = Location {
             segment: w.seg,
             offset: w.off,
@@ -503,8 +630,8 @@ impl Store {
         };
         w.off += total as u64;
         w.log.bytes_since_hint += total as u64;
-        w.data_appended += packed.len() as u64;
-        w.meta_appended += (total - packed.len()) as u64;
+        w.data_appended += stored as u64;
+        w.meta_appended += (total - stored) as u64;
         w.touched.insert(w.seg);
         if w.buf.len() >= super::WRITE_BUFFER {
             super::commit::flush_blocks(&*io, w)?;
@@ -881,6 +1008,14 @@ impl Store {
         })?;
         Ok(self.catalog.manifests.len())
     }
+}
+
+/// The error when a caller's page id is not the store's id of the page.
+pub(super) fn wrong_page_id() -> StoreError {
+    StoreError::Usage(
+        "a page was given with an id that is not this store's id of it (an encrypted store's ids \
+         are keyed: hash pages with Store::page_ids); nothing was committed",
+    )
 }
 
 /// The error when the compression threads are gone (a thread could not be started, or died).

@@ -485,7 +485,7 @@ mod log_space {
                         None => {
                             let bytes = read(self, r)?;
                             let l = if self.compressing() {
-                                self.frame_page(&bytes, r.hash)?
+                                self.frame_page(&bytes, r.hash, false)?
                             } else {
                                 self.append_page(&bytes)?
                             };

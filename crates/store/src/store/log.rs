@@ -844,7 +844,16 @@ impl Store {
         Ok(())
     }
 
-    pub(super) fn put3(&mut self, vpn: Vpn, data: &[u8], hash: [u8; 32]) -> Result<(), StoreError> {
+    /// `claimed`: `hash` is an id the caller gave, not computed here (an encrypted store's
+    /// `put_hashed`): it is checked against the page before it is used, here for a page that
+    /// dedups against one written by this commit, in a compression thread for a new page.
+    pub(super) fn put3(
+        &mut self,
+        vpn: Vpn,
+        data: &[u8],
+        hash: [u8; 32],
+        claimed: bool,
+    ) -> Result<(), StoreError> {
         self.ensure_dedup()?;
         let w = self.log_writer()?;
         let start = w
@@ -856,9 +865,15 @@ impl Store {
         let reuse = match known {
             // Written by this commit (the dedup map learns a page when it is appended; a
             // rollback drops the map): the same bytes, not yet readable from the file.
-            Some(loc) if (loc.segment, loc.offset) >= start => Some(Ref { hash, loc }),
+            Some(loc) if (loc.segment, loc.offset) >= start => {
+                if claimed && self.page_id(data) != hash {
+                    return Err(super::frames::wrong_page_id());
+                }
+                Some(Ref { hash, loc })
+            }
             // Reuse stored content only after reading it back intact: a damaged page must not
-            // be linked into a new snapshot (a fresh copy is written instead).
+            // be linked into a new snapshot (a fresh copy is written instead). Bytes equal to
+            // a page read back and checked against `hash` prove a claimed id too.
             Some(loc) => {
                 let r = Ref { hash, loc };
                 match self.read_page_bytes(&r) {
@@ -874,7 +889,7 @@ impl Store {
             Some(r) => r,
             None => {
                 let loc = if self.compressing() {
-                    let loc = self.frame_page(data, hash)?;
+                    let loc = self.frame_page(data, hash, claimed)?;
                     // The frame may be appended already (by the pump inside `frame_page`): then
                     // the dedup map must learn its real place, not the placeholder.
                     self.log_writer()?.frames.resolve(loc).unwrap_or(loc)

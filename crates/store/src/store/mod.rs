@@ -23,7 +23,8 @@ mod read;
 mod seal;
 mod verify;
 
-pub(crate) use seal::SCHEME_XCHACHA_BLAKE3;
+pub use seal::Cipher;
+pub(crate) use seal::Encryption;
 
 pub(crate) use self::commit::now_ms;
 use self::commit::{append, WRITE_BUFFER};

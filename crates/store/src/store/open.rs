@@ -2,7 +2,7 @@
 //! a writer's open runs (check every listed segment, make both slots agree, and only then remove
 //! or quarantine leftovers). See `docs/format.md` for the superblock and the recovery order.
 
-use super::{corrupt, io_err, Mode, Store, Writer};
+use super::{corrupt, io_err, Cipher, Mode, Store, Writer};
 use crate::error::StoreError;
 use crate::format::{
     parse_seg_name, seg_name, segment_header, SlotError, Superblock, FORMAT_VERSION, LOCK_FILE,
@@ -106,7 +106,25 @@ impl Store {
         kdf: KdfParams,
         label: &str,
     ) -> Result<Store, StoreError> {
-        Self::init_version_keyed(io, opts, FORMAT_VERSION, Some((password, kdf, label)))
+        Self::init_encrypted_cipher_with(io, opts, password, kdf, label, Cipher::default())
+    }
+
+    /// [`Store::init_encrypted_with`] sealing with `cipher` ([`Cipher::default`], AES-256-GCM-SIV,
+    /// unless a store must be readable by a pagesnap that knows only scheme 1).
+    pub fn init_encrypted_cipher_with(
+        io: SharedStorage,
+        opts: StoreOptions,
+        password: &Password,
+        kdf: KdfParams,
+        label: &str,
+        cipher: Cipher,
+    ) -> Result<Store, StoreError> {
+        Self::init_version_keyed(
+            io,
+            opts,
+            FORMAT_VERSION,
+            Some((password, kdf, label, cipher)),
+        )
     }
 
     /// Whether the store in `dir` is encrypted (its key id), from its superblock; nothing
@@ -118,12 +136,13 @@ impl Store {
         }
         Ok(Self::read_superblock(&FsStorage::new(dir, false))?
             .sb
-            .encryption)
+            .encryption
+            .map(|e| e.key_id))
     }
 
     /// [`Store::encryption_of`] for a store on `io`.
     pub fn encryption_of_storage(io: &dyn Storage) -> Result<Option<KeyId>, StoreError> {
-        Ok(Self::read_superblock(io)?.sb.encryption)
+        Ok(Self::read_superblock(io)?.sb.encryption.map(|e| e.key_id))
     }
 
     /// Opens the store in `dir` (std::fs backend). An encrypted store needs its password:
@@ -193,7 +212,7 @@ impl Store {
         io: SharedStorage,
         opts: StoreOptions,
         version: u32,
-        keyed: Option<(&Password, KdfParams, &str)>,
+        keyed: Option<(&Password, KdfParams, &str, Cipher)>,
     ) -> Result<Store, StoreError> {
         if !opts.page_size.is_power_of_two() || !(512..=(16 << 20)).contains(&opts.page_size) {
             return Err(StoreError::Usage(
@@ -246,9 +265,9 @@ impl Store {
         }
         // The key file first (whole or not at all); the superblock that names it comes after.
         let unlocked = match keyed {
-            Some((password, kdf, label)) => {
+            Some((password, kdf, label, cipher)) => {
                 let (_, key) = KeyFile::create(io.clone(), password, kdf, label)?;
-                Some(crate::keys::Unlocked { key, slot: 1 })
+                Some((crate::keys::Unlocked { key, slot: 1 }, cipher))
             }
             None => None,
         };
@@ -276,7 +295,10 @@ impl Store {
             } else {
                 crate::Compression::None
             },
-            encryption: unlocked.as_ref().map(|u| u.key.id()),
+            encryption: unlocked.as_ref().map(|(u, cipher)| super::Encryption {
+                cipher: *cipher,
+                key_id: u.key.id(),
+            }),
         };
         io.create(SUPERBLOCK_FILE)
             .map_err(io_err(&*io, SUPERBLOCK_FILE, "create superblock"))?;
@@ -305,8 +327,8 @@ impl Store {
             frame_cache: Default::default(),
             crypt: unlocked
                 .as_ref()
-                .map(|u| Arc::new(super::seal::Crypt::new(&u.key))),
-            unlocked,
+                .map(|(u, cipher)| Arc::new(super::seal::Crypt::new(&u.key, *cipher))),
+            unlocked: unlocked.map(|(u, _)| u),
             key_note: None,
         })
     }
@@ -453,7 +475,7 @@ impl Store {
                 })
             }
             None => None,
-            Some(id) => {
+            Some(super::Encryption { key_id: id, .. }) => {
                 let Some(password) = password else {
                     return Err(StoreError::Encrypted {
                         path: io.location().into(),
@@ -479,7 +501,8 @@ impl Store {
         };
         let crypt = unlocked
             .as_ref()
-            .map(|u| Arc::new(super::seal::Crypt::new(&u.key)));
+            .zip(sb.encryption)
+            .map(|(u, e)| Arc::new(super::seal::Crypt::new(&u.key, e.cipher)));
         let mut damaged_segments = Vec::new();
         for id in &sb.segments {
             let name = seg_name(*id);
