@@ -11,7 +11,9 @@
 //! carved — the whole 2 MiB initialised — the chunk is advised `MADV_HUGEPAGE` and collapsed into
 //! a huge page at once (`MADV_COLLAPSE`, Linux 6.1; on older kernels, or when no huge page is free,
 //! khugepaged may collapse it later, or it stays on 4 KiB pages: nothing else changes). Virtual
-//! addresses never change, so elements never move.
+//! addresses never change, so elements never move. The collapse runs in the writer that carved the
+//! last segment, under the writer lock; a reader that touches the chunk while the kernel copies it
+//! into the huge page waits in a page fault until the copy is done (`docs/concurrency.md`).
 //!
 //! Every call's failure falls back: a chunk that cannot be mapped means a segment from the global
 //! allocator, as without `std`.
