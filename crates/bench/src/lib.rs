@@ -404,4 +404,32 @@ mod tests {
         unsafe { Counting.dealloc(p, Layout::from_size_align(8192, 64).expect("layout")) };
         assert_eq!(live_bytes(), before);
     }
+
+    /// `--huge-baseline`'s advice: a large allocation made through the counting allocator while
+    /// `HUGE_ALLOCS` is set is advised, and stays an ordinary, writable allocation.
+    #[test]
+    fn huge_advice_leaves_large_allocations_usable() {
+        let len = 8 << 20;
+        for zeroed in [false, true] {
+            let layout = Layout::from_size_align(len, 64).expect("layout");
+            HUGE_ALLOCS.store(true, Ordering::Relaxed);
+            let p = if zeroed {
+                // SAFETY: a non-zero-size layout, as `alloc_zeroed` requires.
+                unsafe { Counting.alloc_zeroed(layout) }
+            } else {
+                // SAFETY: a non-zero-size layout, as `alloc` requires.
+                unsafe { Counting.alloc(layout) }
+            };
+            HUGE_ALLOCS.store(false, Ordering::Relaxed);
+            assert!(!p.is_null());
+            // SAFETY: `p` is `len` writable bytes just allocated, referred to by nothing else.
+            unsafe { p.write_bytes(0x5a, len) };
+            // SAFETY: the same `len` bytes, now initialised.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(p, len) };
+            bytes[len - 1] = 0xa5;
+            assert!(bytes[..len - 1].iter().all(|b| *b == 0x5a) && bytes[len - 1] == 0xa5);
+            // SAFETY: `p` came from this allocator with `layout`.
+            unsafe { Counting.dealloc(p, layout) };
+        }
+    }
 }
