@@ -18,6 +18,26 @@ pub struct Counting;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 
+/// When set, every allocation of 4 MiB or more is advised `MADV_HUGEPAGE` (its 2 MiB-aligned
+/// interior) before it is touched: `--huge-baseline` builds hashbrown's array this way, to compare
+/// the page table's huge-page chunks with a baseline on huge pages too.
+pub static HUGE_ALLOCS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Advises the 2 MiB-aligned interior of `size` bytes at `p` (see [`HUGE_ALLOCS`]).
+fn advise_huge(p: *mut u8, size: usize) {
+    const HUGE: usize = 2 << 20;
+    if p.is_null() || size < 2 * HUGE || !HUGE_ALLOCS.load(Ordering::Relaxed) {
+        return;
+    }
+    let start = (p as usize).next_multiple_of(HUGE);
+    let end = (p as usize + size) & !(HUGE - 1);
+    if end > start {
+        // SAFETY: the range lies inside an allocation just made; the advice changes only the page
+        // size backing it, not its contents.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+    }
+}
+
 // SAFETY: every method forwards to `System` with the caller's arguments unchanged, so `System`'s
 // guarantees hold; the counter is only bookkeeping.
 unsafe impl GlobalAlloc for Counting {
@@ -26,6 +46,7 @@ unsafe impl GlobalAlloc for Counting {
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
             LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+            advise_huge(p, layout.size());
         }
         p
     }
@@ -34,6 +55,7 @@ unsafe impl GlobalAlloc for Counting {
         let p = unsafe { System.alloc_zeroed(layout) };
         if !p.is_null() {
             LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+            advise_huge(p, layout.size());
         }
         p
     }
@@ -141,6 +163,11 @@ pub trait Map: Sync {
     fn concurrent(&self) -> bool {
         true
     }
+    /// Heap bytes the structure maps straight from the OS, which the counting allocator does not
+    /// see (the page table's huge-page chunks).
+    fn os_bytes(&self) -> usize {
+        0
+    }
 }
 
 impl<H: VpnHasher, L: WriterLock + Send + Sync> Map for PageTable<H, L> {
@@ -151,6 +178,9 @@ impl<H: VpnHasher, L: WriterLock + Send + Sync> Map for PageTable<H, L> {
     fn set(&self, p: Page) {
         // The bench never fills a table to 2^32 mappings.
         let _ = self.set_page(p);
+    }
+    fn os_bytes(&self) -> usize {
+        self.stats().chunk_bytes
     }
 }
 
@@ -373,5 +403,33 @@ mod tests {
         // SAFETY: `p` came from this allocator, now with size 8192 and alignment 64.
         unsafe { Counting.dealloc(p, Layout::from_size_align(8192, 64).expect("layout")) };
         assert_eq!(live_bytes(), before);
+    }
+
+    /// `--huge-baseline`'s advice: a large allocation made through the counting allocator while
+    /// `HUGE_ALLOCS` is set is advised, and stays an ordinary, writable allocation.
+    #[test]
+    fn huge_advice_leaves_large_allocations_usable() {
+        let len = 8 << 20;
+        for zeroed in [false, true] {
+            let layout = Layout::from_size_align(len, 64).expect("layout");
+            HUGE_ALLOCS.store(true, Ordering::Relaxed);
+            let p = if zeroed {
+                // SAFETY: a non-zero-size layout, as `alloc_zeroed` requires.
+                unsafe { Counting.alloc_zeroed(layout) }
+            } else {
+                // SAFETY: a non-zero-size layout, as `alloc` requires.
+                unsafe { Counting.alloc(layout) }
+            };
+            HUGE_ALLOCS.store(false, Ordering::Relaxed);
+            assert!(!p.is_null());
+            // SAFETY: `p` is `len` writable bytes just allocated, referred to by nothing else.
+            unsafe { p.write_bytes(0x5a, len) };
+            // SAFETY: the same `len` bytes, now initialised.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(p, len) };
+            bytes[len - 1] = 0xa5;
+            assert!(bytes[..len - 1].iter().all(|b| *b == 0x5a) && bytes[len - 1] == 0xa5);
+            // SAFETY: `p` came from this allocator with `layout`.
+            unsafe { Counting.dealloc(p, layout) };
+        }
     }
 }

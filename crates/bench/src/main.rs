@@ -305,7 +305,7 @@ impl MapDyn for Dense {
 fn build<M: Map + 'static>(f: impl FnOnce() -> M) -> (Box<dyn MapDyn>, usize) {
     let before = live_bytes();
     let m = f();
-    let bytes = live_bytes().saturating_sub(before);
+    let bytes = live_bytes().saturating_sub(before) + m.os_bytes();
     (Box::new(Keyed(m)), bytes)
 }
 
@@ -638,6 +638,9 @@ fn page_table_targets(args: &[String]) {
         "fmix64" => build(|| pagesnap::<Fmix64, pagesnap_pagetable::DefaultLock>(&present)),
         _ => build(|| pagesnap::<DefaultHash, pagesnap_pagetable::DefaultLock>(&present)),
     };
+    // `--huge-baseline`: hashbrown's array on huge pages too (see `HUGE_ALLOCS`).
+    let huge_baseline = args.iter().any(|a| a == "--huge-baseline");
+    pagesnap_bench::HUGE_ALLOCS.store(huge_baseline, Ordering::Relaxed);
     let (brown, _) = build(|| {
         Brown(
             present
@@ -647,12 +650,18 @@ fn page_table_targets(args: &[String]) {
                 .collect(),
         )
     });
+    pagesnap_bench::HUGE_ALLOCS.store(false, Ordering::Relaxed);
     let hash = if hash == "default" {
         "default: foldmul"
     } else {
         hash
     };
-    println!("## Page-table targets (issue 18): {n} sparse mappings, default table ({hash} hash, default lock)\n");
+    let baseline = if huge_baseline {
+        ", hashbrown's array on huge pages (`--huge-baseline`)"
+    } else {
+        ""
+    };
+    println!("## Page-table targets (issue 18): {n} sparse mappings, default table ({hash} hash, default lock){baseline}\n");
     println!(
         "Memory: {:.1} bytes/mapping ({:.2}x the 64-byte descriptor; target <= 1.3x).\n",
         bytes as f64 / n as f64,

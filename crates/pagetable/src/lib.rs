@@ -43,6 +43,8 @@ extern crate std;
 
 mod addr;
 pub mod hash;
+#[cfg(huge_pages)]
+mod huge;
 pub mod lock;
 mod page;
 mod segvec;

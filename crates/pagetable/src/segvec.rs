@@ -10,6 +10,10 @@
 //! into one twice as large and publishes that; the old one is kept, unchanged, until the array is
 //! dropped (a reader may still be reading it). Old directories add up to less than the current
 //! one: 8 bytes per segment at most, against a segment's 64 KiB or more.
+//!
+//! In `std` builds on Linux, the segments past an array's first 2 MiB are carved from 2 MiB
+//! chunks that the kernel backs with a huge page once they are full (`huge.rs`); the rest of this
+//! file, and every reader, is the same either way.
 
 use crate::sync::{AtomicPtr, AtomicUsize, Ordering};
 use alloc::boxed::Box;
@@ -43,6 +47,20 @@ pub(crate) struct SegVec<T, const SEG_SHIFT: u32> {
     dir_cap: AtomicUsize,
     /// Writer-only: directories replaced by larger ones, freed on drop.
     old_dirs: spin::mutex::SpinMutex<Vec<(*mut AtomicPtr<T>, usize)>>,
+    /// Writer-only: the huge-page chunks segments are carved from (see `huge.rs`).
+    #[cfg(huge_pages)]
+    chunks: spin::mutex::SpinMutex<Chunks>,
+}
+
+/// Huge-page chunks of one array: every chunk mapped (unmapped on drop), and how many segments
+/// were carved from the last one.
+#[cfg(huge_pages)]
+#[derive(Default)]
+struct Chunks {
+    mapped: Vec<core::ptr::NonNull<u8>>,
+    carved: usize,
+    /// Chunks the kernel collapsed into a huge page (for tests and statistics).
+    collapsed: usize,
 }
 
 impl<T: Default, const SEG_SHIFT: u32> SegVec<T, SEG_SHIFT> {
@@ -54,6 +72,8 @@ impl<T: Default, const SEG_SHIFT: u32> SegVec<T, SEG_SHIFT> {
             segments: AtomicUsize::new(0),
             dir_cap: AtomicUsize::new(0),
             old_dirs: spin::mutex::SpinMutex::new(Vec::new()),
+            #[cfg(huge_pages)]
+            chunks: spin::mutex::SpinMutex::new(Chunks::default()),
         }
     }
 
@@ -132,14 +152,77 @@ impl<T: Default, const SEG_SHIFT: u32> SegVec<T, SEG_SHIFT> {
         if n == self.dir_cap.load(Ordering::Relaxed) {
             self.grow_dir(n);
         }
-        let seg: Box<[T]> = (0..Self::SEG).map(|_| T::default()).collect();
-        let seg = Box::into_raw(seg).cast::<T>();
+        let seg = self.new_segment(n);
         let dir = self.dir.load(Ordering::Relaxed);
         // SAFETY: the current directory has `dir_cap > n` entries (just ensured) and lives until
         // `drop`; only this (serialised) writer stores into it.
         unsafe { &*dir.wrapping_add(n) }.store(seg, Ordering::Relaxed);
         // Publishes the segment's elements and the directory entry naming it.
         self.segments.store(n + 1, Ordering::Release);
+    }
+
+    /// A fresh segment of `SEG` default elements, the `n`th of the array: carved from a huge-page
+    /// chunk past the first 2 MiB of the array (where huge pages are built in), else boxed.
+    fn new_segment(&self, n: usize) -> *mut T {
+        #[cfg(huge_pages)]
+        if let Some(seg) = self.carve_segment(n) {
+            return seg;
+        }
+        let _ = n;
+        let seg: Box<[T]> = (0..Self::SEG).map(|_| T::default()).collect();
+        Box::into_raw(seg).cast::<T>()
+    }
+
+    /// Bytes in a segment.
+    #[cfg(huge_pages)]
+    const SEG_BYTES: usize = Self::SEG * core::mem::size_of::<T>();
+
+    /// Whether the `n`th segment comes from a chunk: segments that tile a chunk exactly, past the
+    /// first chunk's worth (so a small array maps nothing and wastes nothing).
+    #[cfg(huge_pages)]
+    fn chunked(n: usize) -> bool {
+        let per_chunk = crate::huge::CHUNK / Self::SEG_BYTES.max(1);
+        Self::SEG_BYTES > 0
+            && crate::huge::CHUNK.is_multiple_of(Self::SEG_BYTES)
+            && core::mem::align_of::<T>() <= crate::huge::CHUNK
+            && per_chunk >= 2
+            && n >= per_chunk
+    }
+
+    /// The `n`th segment, carved from the current chunk (a new one when it is full), initialised;
+    /// the chunk is backed by a huge page once its last segment is carved. `None` if the segment
+    /// is not to be chunked or no chunk could be mapped.
+    #[cfg(huge_pages)]
+    fn carve_segment(&self, n: usize) -> Option<*mut T> {
+        if !Self::chunked(n) {
+            return None;
+        }
+        let per_chunk = crate::huge::CHUNK / Self::SEG_BYTES;
+        let mut chunks = self.chunks.lock();
+        if chunks.mapped.is_empty() || chunks.carved == per_chunk {
+            let chunk = crate::huge::map_chunk()?;
+            chunks.mapped.push(chunk);
+            chunks.carved = 0;
+        }
+        let chunk = *chunks.mapped.last()?;
+        let seg = chunk
+            .as_ptr()
+            .wrapping_add(chunks.carved * Self::SEG_BYTES)
+            .cast::<T>();
+        for k in 0..Self::SEG {
+            // Segment `carved` of the chunk is `SEG_BYTES` of mapped, writable memory inside it
+            // (`carved < per_chunk`), so element `k < SEG` of it is too.
+            let element = seg.wrapping_add(k);
+            // SAFETY: `element` is inside the chunk (above), aligned for `T` (the chunk is aligned
+            // to CHUNK, `SEG_BYTES` is a multiple of `size_of::<T>()`, itself a multiple of
+            // `align_of`), and no one else refers to it: it was never handed out.
+            unsafe { element.write(T::default()) };
+        }
+        chunks.carved += 1;
+        if chunks.carved == per_chunk && crate::huge::back_with_huge_page(chunk) {
+            chunks.collapsed += 1;
+        }
+        Some(seg)
     }
 
     /// Replaces a full directory of `n` entries by one twice as large (the first by one of
@@ -166,7 +249,24 @@ impl<T: Default, const SEG_SHIFT: u32> SegVec<T, SEG_SHIFT> {
         }
     }
 
-    /// Heap bytes held: segments plus directories.
+    /// Bytes of the segments carved from huge-page chunks (counted in [`Self::heap_bytes`]; mapped
+    /// from the OS, so a counting global allocator does not see them).
+    pub(crate) fn chunk_bytes(&self) -> usize {
+        #[cfg(huge_pages)]
+        {
+            let chunks = self.chunks.lock();
+            (chunks.mapped.len().saturating_sub(1) * (crate::huge::CHUNK / Self::SEG_BYTES)
+                + chunks.carved)
+                * Self::SEG_BYTES
+        }
+        #[cfg(not(huge_pages))]
+        {
+            0
+        }
+    }
+
+    /// Heap bytes held: segments plus directories. A chunk's segments not yet carved are address
+    /// space only (never touched), and are not counted.
     pub(crate) fn heap_bytes(&self) -> usize {
         let segs = self.segments.load(Ordering::Relaxed);
         let dirs: usize = self.dir_cap.load(Ordering::Relaxed)
@@ -186,6 +286,13 @@ impl<T, const SEG_SHIFT: u32> Drop for SegVec<T, SEG_SHIFT> {
             // SAFETY: the current directory has every entry below `segments` set; `&mut self`
             // means no reader can hold a reference any more.
             let seg = unsafe { &*dir.wrapping_add(k) }.load(Ordering::Relaxed);
+            #[cfg(huge_pages)]
+            if Self::chunked_segment(self.chunks.get_mut(), seg) {
+                // SAFETY: an initialised segment of `seg_len` elements carved from a chunk, named
+                // once in the directory; its memory is unmapped with the chunks below.
+                unsafe { ptr::drop_in_place(ptr::slice_from_raw_parts_mut(seg, seg_len)) };
+                continue;
+            }
             // SAFETY: made by `Box::<[T]>::into_raw` with `seg_len` elements in `grow`; each
             // segment is named once in the current directory, so it is freed once here.
             drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(seg, seg_len)) });
@@ -201,6 +308,24 @@ impl<T, const SEG_SHIFT: u32> Drop for SegVec<T, SEG_SHIFT> {
             // `dir`), and is freed once here.
             drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(d, len)) });
         }
+        #[cfg(huge_pages)]
+        for chunk in core::mem::take(&mut self.chunks.get_mut().mapped) {
+            // SAFETY: every chunk was mapped once by `carve_segment` and recorded once; the
+            // segments carved from it were dropped above and nothing refers into it (`&mut self`).
+            unsafe { crate::huge::unmap_chunk(chunk) };
+        }
+    }
+}
+
+#[cfg(huge_pages)]
+impl<T, const SEG_SHIFT: u32> SegVec<T, SEG_SHIFT> {
+    /// Whether `seg` lies in one of `chunks` (it was carved, not boxed).
+    fn chunked_segment(chunks: &Chunks, seg: *mut T) -> bool {
+        let at = seg as usize;
+        chunks
+            .mapped
+            .iter()
+            .any(|c| (c.as_ptr() as usize..c.as_ptr() as usize + crate::huge::CHUNK).contains(&at))
     }
 }
 
@@ -241,6 +366,63 @@ mod tests {
         let v: SegVec<AtomicU64, 2> = SegVec::new();
         assert!(!v.reserve(SegVec::<AtomicU64, 2>::max_len() + 1));
         assert!(v.get(usize::MAX).is_none());
+    }
+
+    /// Past the first 2 MiB, segments are carved from huge-page chunks: elements are initialised,
+    /// keep their address and contents through the collapse into a huge page, the bytes are
+    /// counted, and every element is dropped once (the carved ones in place, before the chunks are
+    /// unmapped).
+    #[cfg(huge_pages)]
+    #[test]
+    fn segments_past_the_first_chunk_are_carved_from_huge_pages() {
+        use core::sync::atomic::AtomicUsize as Count;
+        static DROPS: Count = Count::new(0);
+        #[derive(Default)]
+        struct Elem(AtomicU64);
+        impl Drop for Elem {
+            fn drop(&mut self) {
+                DROPS.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // 2^15 elements of 8 bytes: 256 KiB segments, 8 to a chunk. 20 segments: 8 boxed, then
+        // one chunk carved whole (and collapsed) and 4 segments of the next.
+        const SHIFT: u32 = 15;
+        type V = SegVec<Elem, SHIFT>;
+        let seg = 1usize << SHIFT;
+        let v: V = SegVec::new();
+        assert!(v.reserve(8 * seg));
+        assert_eq!(v.chunk_bytes(), 0, "the first 2 MiB are boxed");
+        assert!(v.reserve(20 * seg));
+        assert_eq!(v.chunk_bytes(), 12 * seg * 8);
+        assert_eq!(v.chunks.lock().mapped.len(), 2);
+        let first = v.get(8 * seg).map(|e| e as *const Elem as usize);
+        assert_eq!(first.map(|a| a % crate::huge::CHUNK), Some(0));
+        for i in 0..20 * seg {
+            let e = v.get(i).expect("reserved");
+            assert_eq!(e.0.load(Ordering::Relaxed), 0);
+            e.0.store(i as u64 ^ 0x5a5a, Ordering::Relaxed);
+        }
+        // The first chunk was collapsed when it was filled, before these stores; a second
+        // collapse now moves them to another physical page (where the kernel can).
+        let c = *v.chunks.lock().mapped.first().expect("chunk");
+        let collapsed = crate::huge::back_with_huge_page(c);
+        if collapsed {
+            assert_eq!(crate::huge::is_huge(c.as_ptr()), Some(true));
+        }
+        std::println!(
+            "chunks collapsed when filled: {}; again after the stores: {collapsed}",
+            v.chunks.lock().collapsed
+        );
+        for i in 0..20 * seg {
+            assert_eq!(
+                v.get(i).map(|e| e.0.load(Ordering::Relaxed)),
+                Some(i as u64 ^ 0x5a5a)
+            );
+        }
+        assert_eq!(v.get(8 * seg).map(|e| e as *const Elem as usize), first);
+        DROPS.store(0, Ordering::Relaxed);
+        drop(v);
+        assert_eq!(DROPS.load(Ordering::Relaxed), 20 * seg);
     }
 
     #[cfg(feature = "std")]

@@ -363,6 +363,9 @@ pub struct TableStats {
     pub retired_slots: usize,
     /// Heap bytes held by the table.
     pub heap_bytes: usize,
+    /// The part of `heap_bytes` in huge-page chunks mapped straight from the OS (`std` builds on
+    /// Linux, past the first 2 MiB of an array): a counting global allocator does not see it.
+    pub chunk_bytes: usize,
 }
 
 impl TableStats {
@@ -623,6 +626,9 @@ impl<H: VpnHasher, L: lock_api::RawMutex> PageTable<H, L> {
                 + self.overflow.heap_bytes()
                 + self.slots.heap_bytes()
                 + core::mem::size_of::<Self>(),
+            chunk_bytes: self.buckets.chunk_bytes()
+                + self.overflow.chunk_bytes()
+                + self.slots.chunk_bytes(),
         }
     }
 

@@ -138,3 +138,59 @@ fn stress_overflow_chains() {
     // Every key in 256 buckets' worth of hash: long chains, constant entry moves on remove.
     stress::<PrototypeModulo, SpinLock>(512, 4_000);
 }
+
+/// Readers on the newest mappings while one writer grows the table past several 2 MiB chunks of
+/// slots and of buckets: in `std` builds on Linux each full chunk is collapsed into a huge page
+/// (`src/huge.rs`) while readers read it. Every copy must be whole and every mapping found.
+#[test]
+fn readers_across_huge_page_chunks() {
+    const N: u64 = 450_000;
+    let t: Arc<PageTable> = Arc::new(PageTable::new());
+    let addr = |k: u64| 0x7f00_0000_0000 + (k.wrapping_mul(0x9e37_79b9) & 0xf_ffff_ffff) * 4096;
+    let done = Arc::new(AtomicU64::new(0));
+    let first = t.set_page(stamped(addr(0), 0)).expect("insert");
+    done.store(1, Ordering::Release);
+    let readers: Vec<_> = (0..2u64)
+        .map(|r| {
+            let (t, done) = (t.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut x = r + 1;
+                let mut reads = 0u64;
+                loop {
+                    let n = done.load(Ordering::Acquire);
+                    if n >= N {
+                        return reads;
+                    }
+                    // Mostly the newest mappings: the chunk being filled, and the one collapsed.
+                    x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    let k = n - 1 - (x >> 33) % n.min(40_000);
+                    let p = t
+                        .get_page(VirtAddr(addr(k)))
+                        .expect("a mapped page is found");
+                    assert!(check(addr(k), &p), "torn or misplaced copy: {p:?}");
+                    reads += 1;
+                }
+            })
+        })
+        .collect();
+    for k in 1..N {
+        t.set_page(stamped(addr(k), k)).expect("insert");
+        done.store(k + 1, Ordering::Release);
+    }
+    for r in readers {
+        assert!(r.join().expect("reader") > 0);
+    }
+    assert_eq!(t.get_by_handle(first), Some(stamped(addr(0), 0)));
+    for k in 0..N {
+        assert_eq!(t.get_page(VirtAddr(addr(k))), Some(stamped(addr(k), k)));
+    }
+    let stats = t.stats();
+    // Slots past the first 2 MiB (and buckets past theirs) come from chunks, counted in heap bytes.
+    #[cfg(all(target_os = "linux", not(miri)))]
+    assert!(
+        stats.chunk_bytes > 20 << 20,
+        "chunks expected in a std build on Linux: {stats:?}"
+    );
+    assert!(stats.heap_bytes >= stats.chunk_bytes.max(N as usize * 64));
+    assert!(stats.bytes_per_mapping() < 1.3 * 64.0, "{stats:?}");
+}
