@@ -68,6 +68,14 @@ pub enum StoreError {
         /// The newest format this build reads.
         supported: u32,
     },
+    /// Encrypted with a scheme this build does not know.
+    #[error("{} is encrypted with scheme {scheme}, which this pagesnap does not know: use a newer pagesnap (nothing was read or changed)", .path.display())]
+    UnknownEncryption {
+        /// The directory.
+        path: PathBuf,
+        /// The scheme byte found.
+        scheme: u8,
+    },
     /// Another writer holds the store.
     #[error("{} is locked by another writer ({holder}); wait for it to finish", .path.display())]
     Locked {

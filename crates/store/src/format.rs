@@ -387,6 +387,8 @@ pub(crate) enum SlotError {
     Empty,
     Checksum,
     Newer(u32),
+    /// Encrypted with a scheme this build does not know (a newer pagesnap's).
+    UnknownScheme(u8),
     Malformed,
 }
 
@@ -496,7 +498,7 @@ impl Superblock {
                             cipher,
                             key_id: crate::keys::KeyId(id),
                         }),
-                        None => return Err(SlotError::Malformed),
+                        None => return Err(SlotError::UnknownScheme(*scheme)),
                     },
                     _ => return Err(SlotError::Malformed),
                 };

@@ -101,16 +101,22 @@ impl Pool {
                         let Ok(mut job) = rx.recv() else { return };
                         // Claimed ids checked first, many pages at once, before the pages are
                         // sealed in place.
+                        // A panic here counts as wrong ids (the commit fails), never as a lost job
+                        // the writer would wait for.
                         let wrong_ids = match (&crypt, &job.claimed) {
                             (Some((c, page)), Some(claimed)) => {
-                                let pages: Vec<&[u8]> = job.plain.chunks(*page as usize).collect();
-                                let mut ids = vec![[0u8; 32]; pages.len()];
-                                crate::pagehash::hash_pages_keyed(
-                                    c.dedup.key_bytes(),
-                                    &pages,
-                                    &mut ids,
-                                );
-                                ids != *claimed
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    let pages: Vec<&[u8]> =
+                                        job.plain.chunks(*page as usize).collect();
+                                    let mut ids = vec![[0u8; 32]; pages.len()];
+                                    crate::pagehash::hash_pages_keyed(
+                                        c.dedup.key_bytes(),
+                                        &pages,
+                                        &mut ids,
+                                    );
+                                    ids != *claimed
+                                }))
+                                .unwrap_or(true)
                             }
                             _ => false,
                         };
@@ -128,7 +134,13 @@ impl Pool {
                         let (seal, crc) = match &crypt {
                             Some(c) => {
                                 let payload = packed.as_mut().unwrap_or(&mut job.plain);
-                                match super::seal::seal_frame(c, used, plain_len, payload) {
+                                // A panic while sealing is `Failed` too.
+                                let sealed =
+                                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                        super::seal::seal_frame(c, used, plain_len, &mut *payload)
+                                    }))
+                                    .unwrap_or(None);
+                                match sealed {
                                     Some(parts) => {
                                         let mut crc = crc32fast::Hasher::new();
                                         crc.update(parts.nonce());

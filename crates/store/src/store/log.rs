@@ -1166,11 +1166,7 @@ impl Store {
         }
         // The record's length does not depend on the integers in it (rkyv lays them out fixed),
         // so it is known before they are filled in.
-        let sealing = if self.crypt.is_some() {
-            super::seal::SEAL_OVERHEAD
-        } else {
-            0
-        };
+        let sealing = self.crypt.as_ref().map_or(0, |c| c.overhead());
         let len = record_len(rec.to_bytes().len() + sealing) as u64;
         // Both copies in one segment, back to back (a segment change here writes a hint, so
         // the generation and the crc are read after it).

@@ -395,6 +395,12 @@ impl Store {
                     supported: FORMAT_VERSION,
                 });
             }
+            if let Err(SlotError::UnknownScheme(scheme)) = s {
+                return Err(StoreError::UnknownEncryption {
+                    path: io.location().into(),
+                    scheme: *scheme,
+                });
+            }
         }
         let damaged = |s: &Result<Superblock, SlotError>| {
             matches!(s, Err(SlotError::Checksum) | Err(SlotError::Malformed))

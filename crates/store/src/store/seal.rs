@@ -99,6 +99,13 @@ pub(crate) struct Crypt {
     pub(crate) dedup: Arc<DedupKey>,
 }
 
+impl Crypt {
+    /// Bytes sealing adds to a payload (nonce and tag) with this store's cipher.
+    pub(crate) fn overhead(&self) -> usize {
+        self.cipher.nonce_len() + TAG
+    }
+}
+
 impl std::fmt::Debug for Crypt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Crypt")
