@@ -478,7 +478,7 @@ fn claimed_ids_are_checked_at_every_page_size() {
             let mk = |i: u64| {
                 let mut p = Vec::new();
                 while p.len() < ps as usize {
-                    p.extend_from_slice(&page(i * 7919 + p.len() as u64, i % 2 == 0));
+                    p.extend_from_slice(&page(i * 7919 + p.len() as u64, i.is_multiple_of(2)));
                 }
                 p.truncate(ps as usize);
                 p
