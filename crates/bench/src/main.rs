@@ -632,6 +632,9 @@ fn page_table_targets(args: &[String]) {
         .position(|a| a == "--hash")
         .and_then(|i| args.get(i + 1))
         .map_or("default", String::as_str);
+    // `--huge-pages`: the table's arrays on huge-page chunks (opt-in: `set_huge_pages`).
+    let huge_pages =
+        args.iter().any(|a| a == "--huge-pages") && pagesnap_pagetable::set_huge_pages(true);
     let (table, bytes) = match hash {
         "fibonacci" => build(|| pagesnap::<Fibonacci, pagesnap_pagetable::DefaultLock>(&present)),
         "foldmul" => build(|| pagesnap::<FoldMul, pagesnap_pagetable::DefaultLock>(&present)),
@@ -656,10 +659,11 @@ fn page_table_targets(args: &[String]) {
     } else {
         hash
     };
-    let baseline = if huge_baseline {
-        ", hashbrown's array on huge pages (`--huge-baseline`)"
-    } else {
-        ""
+    let baseline = match (huge_pages, huge_baseline) {
+        (true, true) => ", both on huge pages (`--huge-pages --huge-baseline`)",
+        (true, false) => ", the table on huge pages (`--huge-pages`)",
+        (false, true) => ", hashbrown's array on huge pages (`--huge-baseline`)",
+        (false, false) => "",
     };
     println!("## Page-table targets (issue 18): {n} sparse mappings, default table ({hash} hash, default lock){baseline}\n");
     println!(

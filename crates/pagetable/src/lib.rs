@@ -45,6 +45,14 @@ mod addr;
 pub mod hash;
 #[cfg(huge_pages)]
 mod huge;
+#[cfg(huge_pages)]
+pub use huge::set_huge_pages;
+
+/// Huge-page chunks exist only in `std` builds on Linux; here they stay off.
+#[cfg(not(huge_pages))]
+pub fn set_huge_pages(_on: bool) -> bool {
+    false
+}
 pub mod lock;
 mod page;
 mod segvec;
