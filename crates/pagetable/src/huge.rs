@@ -1,22 +1,22 @@
-//! Huge-page chunks for the table's arrays (`std` builds on Linux; issue 18).
+//! Huge-page chunks for the table's arrays (`std` builds on Linux; issue 18; opt-in with
+//! [`set_huge_pages`]).
 //!
 //! A lookup at a million mappings touches a random bucket and a random slot: two TLB misses on
 //! 4 KiB pages (the buckets alone are 2,700 pages at 1 Mi mappings, past what the TLB holds). So
 //! past their first 2 MiB, the segments of an array are carved from 2 MiB chunks aligned to 2 MiB,
-//! mapped straight from the OS, which the kernel can back with one transparent huge page each.
+//! mapped straight from the OS and advised `MADV_HUGEPAGE` at once: the writer's first touch, when
+//! it initialises the chunk's first segment, faults in one zero-filled huge page for all of it.
+//! Every segment is initialised before it is published, so a reader only ever touches memory that
+//! is already mapped: no reader waits on the kernel for the table's sake, and nothing is ever
+//! copied or collapsed. (An earlier version mapped chunks on 4 KiB pages and collapsed each full
+//! one with `MADV_COLLAPSE`, under the writer lock; a reader touching the chunk meanwhile waited
+//! in a page fault, and a writer up to milliseconds. A review measured both; this is the fix.)
 //!
-//! A chunk costs only what is used of it: it is mapped with `MADV_NOHUGEPAGE`, so the segments
-//! carved from it are faulted in 4 KiB at a time as they are initialised (the untouched rest of the
-//! chunk is address space, not memory, whatever the system's THP mode). When its last segment is
-//! carved — the whole 2 MiB initialised — the chunk is advised `MADV_HUGEPAGE` and collapsed into
-//! a huge page at once (`MADV_COLLAPSE`, Linux 6.1; on older kernels, or when no huge page is free,
-//! khugepaged may collapse it later, or it stays on 4 KiB pages: nothing else changes). Virtual
-//! addresses never change, so elements never move. The collapse runs in the writer that carved the
-//! last segment, under the writer lock; a reader that touches the chunk while the kernel copies it
-//! into the huge page waits in a page fault until the copy is done (`docs/concurrency.md`).
-//!
-//! Every call's failure falls back: a chunk that cannot be mapped means a segment from the global
-//! allocator, as without `std`.
+//! The price is memory: the chunk being filled is resident whole, up to 2 MiB more per array than
+//! it uses. Where no huge page is free, or THP is `never`, the kernel backs the chunk with 4 KiB
+//! pages as they are first written, by the writer, before anything is published. Every call's
+//! failure falls back: a chunk that cannot be mapped means a segment from the global allocator,
+//! as without `std`.
 
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -25,11 +25,11 @@ use core::sync::atomic::{AtomicBool, Ordering};
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
 /// Turns huge-page chunks on or off for the arrays of every table of this process, for the
-/// segments they grow from now on; returns whether they are on. Off by default: the collapse of
-/// a full chunk makes a reader that touches it meanwhile wait in a page fault (up to a few
-/// milliseconds; `docs/concurrency.md`), which breaks "readers never wait" — a caller trades
-/// that for ~20% faster lookups at a million mappings. Stays off where the system's THP mode is
-/// `never` (`MADV_COLLAPSE` would ignore it).
+/// segments they grow from now on; returns whether they are on. Off by default, for memory: the
+/// chunk being filled is resident whole, up to 2 MiB per array more than it holds — at a million
+/// mappings a few bytes a mapping, at a few hundred thousand past the 1.3× of the descriptor
+/// that the table otherwise keeps. On, lookups at a million mappings run ~15–20% faster (fewer
+/// TLB misses; `docs/benchmarks.md`). Stays off where the system's THP mode is `never`.
 pub fn set_huge_pages(on: bool) -> bool {
     let on = on && !thp_never();
     ENABLED.store(on, Ordering::Relaxed);
@@ -50,9 +50,6 @@ fn thp_never() -> bool {
 
 /// Bytes in a chunk: one x86-64 / AArch64 (4 KiB granule) huge page.
 pub(crate) const CHUNK: usize = 2 << 20;
-
-/// `MADV_COLLAPSE` (Linux 6.1), not in every libc crate version.
-const MADV_COLLAPSE: libc::c_int = 25;
 
 /// Maps a fresh, untouched, zero-filled chunk of [`CHUNK`] bytes aligned to [`CHUNK`], or `None`.
 pub(crate) fn map_chunk() -> Option<NonNull<u8>> {
@@ -86,24 +83,12 @@ pub(crate) fn map_chunk() -> Option<NonNull<u8>> {
         unsafe { libc::munmap((aligned + CHUNK) as *mut libc::c_void, tail) };
     }
     let chunk = aligned as *mut u8;
-    // Untouched pages stay unbacked until a segment is carved and initialised: no huge page yet,
-    // even where THP is "always" (advice only; failure changes nothing but the page size).
+    // The first write (the writer initialising the first segment, before it is published) faults
+    // in one huge page for the whole chunk (advice only; failure changes nothing but the page
+    // size).
     // SAFETY: the chunk is a mapping this function owns; advice does not change its contents.
-    unsafe { libc::madvise(chunk.cast(), CHUNK, libc::MADV_NOHUGEPAGE) };
+    unsafe { libc::madvise(chunk.cast(), CHUNK, libc::MADV_HUGEPAGE) };
     NonNull::new(chunk)
-}
-
-/// Asks for the (fully initialised) chunk at `chunk` to be backed by a huge page, now; true if
-/// the kernel collapsed it. Advice: the contents and addresses do not change, and failure leaves
-/// 4 KiB pages.
-pub(crate) fn back_with_huge_page(chunk: NonNull<u8>) -> bool {
-    let p = chunk.as_ptr().cast();
-    // SAFETY: `p` is a chunk from `map_chunk`, still mapped; this advice only changes which page
-    // size may back it.
-    let advised = unsafe { libc::madvise(p, CHUNK, libc::MADV_HUGEPAGE) } == 0;
-    // SAFETY: as above; a collapse copies the chunk into a huge page and maps that at the same
-    // addresses, keeping every byte as it was (and fails harmlessly where unsupported).
-    advised && unsafe { libc::madvise(p, CHUNK, MADV_COLLAPSE) } == 0
 }
 
 /// Unmaps a chunk.

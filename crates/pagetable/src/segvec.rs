@@ -59,8 +59,6 @@ pub(crate) struct SegVec<T, const SEG_SHIFT: u32> {
 struct Chunks {
     mapped: Vec<core::ptr::NonNull<u8>>,
     carved: usize,
-    /// Chunks the kernel collapsed into a huge page (for tests and statistics).
-    collapsed: usize,
 }
 
 impl<T: Default, const SEG_SHIFT: u32> SegVec<T, SEG_SHIFT> {
@@ -219,9 +217,6 @@ impl<T: Default, const SEG_SHIFT: u32> SegVec<T, SEG_SHIFT> {
             unsafe { element.write(T::default()) };
         }
         chunks.carved += 1;
-        if chunks.carved == per_chunk && crate::huge::back_with_huge_page(chunk) {
-            chunks.collapsed += 1;
-        }
         Some(seg)
     }
 
@@ -255,9 +250,8 @@ impl<T: Default, const SEG_SHIFT: u32> SegVec<T, SEG_SHIFT> {
         #[cfg(huge_pages)]
         {
             let chunks = self.chunks.lock();
-            (chunks.mapped.len().saturating_sub(1) * (crate::huge::CHUNK / Self::SEG_BYTES)
-                + chunks.carved)
-                * Self::SEG_BYTES
+            // Whole chunks: a chunk is resident whole from its first segment (one huge page).
+            chunks.mapped.len() * crate::huge::CHUNK
         }
         #[cfg(not(huge_pages))]
         {
@@ -385,7 +379,7 @@ mod tests {
             }
         }
         // 2^15 elements of 8 bytes: 256 KiB segments, 8 to a chunk. 20 segments: 8 boxed, then
-        // one chunk carved whole (and collapsed) and 4 segments of the next.
+        // one chunk carved whole (one huge page each) and 4 segments of the next.
         const SHIFT: u32 = 15;
         type V = SegVec<Elem, SHIFT>;
         if !crate::huge::set_huge_pages(true) {
@@ -396,7 +390,7 @@ mod tests {
         assert!(v.reserve(8 * seg));
         assert_eq!(v.chunk_bytes(), 0, "the first 2 MiB are boxed");
         assert!(v.reserve(20 * seg));
-        assert_eq!(v.chunk_bytes(), 12 * seg * 8);
+        assert_eq!(v.chunk_bytes(), 2 * crate::huge::CHUNK, "two chunks, counted whole");
         assert_eq!(v.chunks.lock().mapped.len(), 2);
         let first = v.get(8 * seg).map(|e| e as *const Elem as usize);
         assert_eq!(first.map(|a| a % crate::huge::CHUNK), Some(0));
@@ -405,16 +399,12 @@ mod tests {
             assert_eq!(e.0.load(Ordering::Relaxed), 0);
             e.0.store(i as u64 ^ 0x5a5a, Ordering::Relaxed);
         }
-        // The first chunk was collapsed when it was filled, before these stores; a second
-        // collapse now moves them to another physical page (where the kernel can).
+        // Each chunk was faulted in as one huge page by its first segment's initialisation
+        // (where the kernel had one free).
         let c = *v.chunks.lock().mapped.first().expect("chunk");
-        let collapsed = crate::huge::back_with_huge_page(c);
-        if collapsed {
-            assert_eq!(crate::huge::is_huge(c.as_ptr()), Some(true));
-        }
         std::println!(
-            "chunks collapsed when filled: {}; again after the stores: {collapsed}",
-            v.chunks.lock().collapsed
+            "first chunk on a huge page: {:?}",
+            crate::huge::is_huge(c.as_ptr())
         );
         for i in 0..20 * seg {
             assert_eq!(

@@ -140,7 +140,7 @@ fn stress_overflow_chains() {
 }
 
 /// Readers on the newest mappings while one writer grows the table past several 2 MiB chunks of
-/// slots and of buckets: in `std` builds on Linux each full chunk is collapsed into a huge page
+/// slots and of buckets: in `std` builds on Linux each chunk is one huge page, faulted in by the writer
 /// (`src/huge.rs`) while readers read it. Every copy must be whole and every mapping found.
 #[test]
 fn readers_across_huge_page_chunks() {
@@ -162,7 +162,7 @@ fn readers_across_huge_page_chunks() {
                     if n >= N {
                         return reads;
                     }
-                    // Mostly the newest mappings: the chunk being filled, and the one collapsed.
+                    // Mostly the newest mappings: the chunk being filled, and the one before it.
                     x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
                     let k = n - 1 - (x >> 33) % n.min(40_000);
                     let p = t
