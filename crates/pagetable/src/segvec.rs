@@ -390,7 +390,11 @@ mod tests {
         assert!(v.reserve(8 * seg));
         assert_eq!(v.chunk_bytes(), 0, "the first 2 MiB are boxed");
         assert!(v.reserve(20 * seg));
-        assert_eq!(v.chunk_bytes(), 2 * crate::huge::CHUNK, "two chunks, counted whole");
+        assert_eq!(
+            v.chunk_bytes(),
+            2 * crate::huge::CHUNK,
+            "two chunks, counted whole"
+        );
         assert_eq!(v.chunks.lock().mapped.len(), 2);
         let first = v.get(8 * seg).map(|e| e as *const Elem as usize);
         assert_eq!(first.map(|a| a % crate::huge::CHUNK), Some(0));
