@@ -51,54 +51,70 @@ fn pieces(os: &Arc<dyn ObjectStore>) -> Vec<ObjPath> {
         .collect()
 }
 
+/// An object store that passes every call to `inner` but `put_opts`, which runs the block given
+/// (with `self` as `$s`, and the location, payload and options).
+macro_rules! put_wrapper {
+    ($name:ident, |$s:ident, $l:ident, $p:ident, $o:ident| $put:block) => {
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(stringify!($name))
+            }
+        }
+        #[async_trait]
+        impl ObjectStore for $name {
+            async fn put_opts(
+                &self,
+                $l: &ObjPath,
+                $p: PutPayload,
+                $o: PutOptions,
+            ) -> OsResult<PutResult> {
+                let $s = self;
+                $put
+            }
+            async fn put_multipart_opts(
+                &self,
+                l: &ObjPath,
+                o: PutMultipartOptions,
+            ) -> OsResult<Box<dyn MultipartUpload>> {
+                self.inner.put_multipart_opts(l, o).await
+            }
+            async fn get_opts(&self, l: &ObjPath, o: GetOptions) -> OsResult<GetResult> {
+                self.inner.get_opts(l, o).await
+            }
+            fn delete_stream(
+                &self,
+                s: BoxStream<'static, OsResult<ObjPath>>,
+            ) -> BoxStream<'static, OsResult<ObjPath>> {
+                self.inner.delete_stream(s)
+            }
+            fn list(&self, p: Option<&ObjPath>) -> BoxStream<'static, OsResult<ObjectMeta>> {
+                self.inner.list(p)
+            }
+            async fn list_with_delimiter(&self, p: Option<&ObjPath>) -> OsResult<ListResult> {
+                self.inner.list_with_delimiter(p).await
+            }
+            async fn copy_opts(&self, f: &ObjPath, t: &ObjPath, o: CopyOptions) -> OsResult<()> {
+                self.inner.copy_opts(f, t, o).await
+            }
+        }
+    };
+}
+
 /// An object store whose puts of pieces (`…/p/…`) fail while `fail` is set.
 #[derive(Debug)]
 struct Flaky {
     inner: Arc<dyn ObjectStore>,
     fail: AtomicBool,
 }
-impl std::fmt::Display for Flaky {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Flaky")
+put_wrapper!(Flaky, |this, l, p, o| {
+    if this.fail.load(Ordering::SeqCst) && l.as_ref().contains("/p/") {
+        return Err(object_store::Error::Generic {
+            store: "flaky",
+            source: "503 slow down".into(),
+        });
     }
-}
-#[async_trait]
-impl ObjectStore for Flaky {
-    async fn put_opts(&self, l: &ObjPath, p: PutPayload, o: PutOptions) -> OsResult<PutResult> {
-        if self.fail.load(Ordering::SeqCst) && l.as_ref().contains("/p/") {
-            return Err(object_store::Error::Generic {
-                store: "flaky",
-                source: "503 slow down".into(),
-            });
-        }
-        self.inner.put_opts(l, p, o).await
-    }
-    async fn put_multipart_opts(
-        &self,
-        l: &ObjPath,
-        o: PutMultipartOptions,
-    ) -> OsResult<Box<dyn MultipartUpload>> {
-        self.inner.put_multipart_opts(l, o).await
-    }
-    async fn get_opts(&self, l: &ObjPath, o: GetOptions) -> OsResult<GetResult> {
-        self.inner.get_opts(l, o).await
-    }
-    fn delete_stream(
-        &self,
-        s: BoxStream<'static, OsResult<ObjPath>>,
-    ) -> BoxStream<'static, OsResult<ObjPath>> {
-        self.inner.delete_stream(s)
-    }
-    fn list(&self, p: Option<&ObjPath>) -> BoxStream<'static, OsResult<ObjectMeta>> {
-        self.inner.list(p)
-    }
-    async fn list_with_delimiter(&self, p: Option<&ObjPath>) -> OsResult<ListResult> {
-        self.inner.list_with_delimiter(p).await
-    }
-    async fn copy_opts(&self, f: &ObjPath, t: &ObjPath, o: CopyOptions) -> OsResult<()> {
-        self.inner.copy_opts(f, t, o).await
-    }
-}
+    this.inner.put_opts(l, p, o).await
+});
 
 /// Finding: a write that fails because an *earlier* piece's upload failed twice drops the
 /// window it had just cut (cut() returns Err before insert_extent), so bytes of earlier writes
@@ -332,50 +348,17 @@ struct LoseHeadAnswer {
     inner: Arc<dyn ObjectStore>,
     lose: AtomicBool,
 }
-impl std::fmt::Display for LoseHeadAnswer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LoseHeadAnswer")
+put_wrapper!(LoseHeadAnswer, |this, l, p, o| {
+    let r = this.inner.put_opts(l, p, o).await;
+    if l.as_ref().ends_with("/head") && this.lose.swap(false, Ordering::SeqCst) {
+        r?;
+        return Err(object_store::Error::Generic {
+            store: "lose",
+            source: "connection reset".into(),
+        });
     }
-}
-#[async_trait]
-impl ObjectStore for LoseHeadAnswer {
-    async fn put_opts(&self, l: &ObjPath, p: PutPayload, o: PutOptions) -> OsResult<PutResult> {
-        let r = self.inner.put_opts(l, p, o).await;
-        if l.as_ref().ends_with("/head") && self.lose.swap(false, Ordering::SeqCst) {
-            r?;
-            return Err(object_store::Error::Generic {
-                store: "lose",
-                source: "connection reset".into(),
-            });
-        }
-        r
-    }
-    async fn put_multipart_opts(
-        &self,
-        l: &ObjPath,
-        o: PutMultipartOptions,
-    ) -> OsResult<Box<dyn MultipartUpload>> {
-        self.inner.put_multipart_opts(l, o).await
-    }
-    async fn get_opts(&self, l: &ObjPath, o: GetOptions) -> OsResult<GetResult> {
-        self.inner.get_opts(l, o).await
-    }
-    fn delete_stream(
-        &self,
-        s: BoxStream<'static, OsResult<ObjPath>>,
-    ) -> BoxStream<'static, OsResult<ObjPath>> {
-        self.inner.delete_stream(s)
-    }
-    fn list(&self, p: Option<&ObjPath>) -> BoxStream<'static, OsResult<ObjectMeta>> {
-        self.inner.list(p)
-    }
-    async fn list_with_delimiter(&self, p: Option<&ObjPath>) -> OsResult<ListResult> {
-        self.inner.list_with_delimiter(p).await
-    }
-    async fn copy_opts(&self, f: &ObjPath, t: &ObjPath, o: CopyOptions) -> OsResult<()> {
-        self.inner.copy_opts(f, t, o).await
-    }
-}
+    r
+});
 
 /// Finding (message): a commit whose head put landed but whose answer was lost is reported as
 /// failed, and the next commit of the same process then fails with "another writer changed the
@@ -488,43 +471,11 @@ fn an_incremental_snapshot_uploads_what_it_adds_and_the_head_in_an_old_store() {
 struct IgnoresConditions {
     inner: Arc<dyn ObjectStore>,
 }
-impl std::fmt::Display for IgnoresConditions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "IgnoresConditions")
-    }
-}
-#[async_trait]
-impl ObjectStore for IgnoresConditions {
-    async fn put_opts(&self, l: &ObjPath, p: PutPayload, mut o: PutOptions) -> OsResult<PutResult> {
-        o.mode = object_store::PutMode::Overwrite;
-        self.inner.put_opts(l, p, o).await
-    }
-    async fn put_multipart_opts(
-        &self,
-        l: &ObjPath,
-        o: PutMultipartOptions,
-    ) -> OsResult<Box<dyn MultipartUpload>> {
-        self.inner.put_multipart_opts(l, o).await
-    }
-    async fn get_opts(&self, l: &ObjPath, o: GetOptions) -> OsResult<GetResult> {
-        self.inner.get_opts(l, o).await
-    }
-    fn delete_stream(
-        &self,
-        s: BoxStream<'static, OsResult<ObjPath>>,
-    ) -> BoxStream<'static, OsResult<ObjPath>> {
-        self.inner.delete_stream(s)
-    }
-    fn list(&self, p: Option<&ObjPath>) -> BoxStream<'static, OsResult<ObjectMeta>> {
-        self.inner.list(p)
-    }
-    async fn list_with_delimiter(&self, p: Option<&ObjPath>) -> OsResult<ListResult> {
-        self.inner.list_with_delimiter(p).await
-    }
-    async fn copy_opts(&self, f: &ObjPath, t: &ObjPath, o: CopyOptions) -> OsResult<()> {
-        self.inner.copy_opts(f, t, o).await
-    }
-}
+put_wrapper!(IgnoresConditions, |this, l, p, o| {
+    let mut o = o;
+    o.mode = object_store::PutMode::Overwrite;
+    this.inner.put_opts(l, p, o).await
+});
 
 /// Finding: nothing checks that the server honours conditional puts. On one that ignores them,
 /// two writers on two machines both commit, and the first one's snapshot silently disappears
@@ -584,45 +535,12 @@ struct PanicOnce {
     inner: Arc<dyn ObjectStore>,
     armed: AtomicBool,
 }
-impl std::fmt::Display for PanicOnce {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PanicOnce")
+put_wrapper!(PanicOnce, |this, l, p, o| {
+    if l.as_ref().contains("/p/") && this.armed.swap(false, Ordering::SeqCst) {
+        panic!("client bug");
     }
-}
-#[async_trait]
-impl ObjectStore for PanicOnce {
-    async fn put_opts(&self, l: &ObjPath, p: PutPayload, o: PutOptions) -> OsResult<PutResult> {
-        if l.as_ref().contains("/p/") && self.armed.swap(false, Ordering::SeqCst) {
-            panic!("client bug");
-        }
-        self.inner.put_opts(l, p, o).await
-    }
-    async fn put_multipart_opts(
-        &self,
-        l: &ObjPath,
-        o: PutMultipartOptions,
-    ) -> OsResult<Box<dyn MultipartUpload>> {
-        self.inner.put_multipart_opts(l, o).await
-    }
-    async fn get_opts(&self, l: &ObjPath, o: GetOptions) -> OsResult<GetResult> {
-        self.inner.get_opts(l, o).await
-    }
-    fn delete_stream(
-        &self,
-        s: BoxStream<'static, OsResult<ObjPath>>,
-    ) -> BoxStream<'static, OsResult<ObjPath>> {
-        self.inner.delete_stream(s)
-    }
-    fn list(&self, p: Option<&ObjPath>) -> BoxStream<'static, OsResult<ObjectMeta>> {
-        self.inner.list(p)
-    }
-    async fn list_with_delimiter(&self, p: Option<&ObjPath>) -> OsResult<ListResult> {
-        self.inner.list_with_delimiter(p).await
-    }
-    async fn copy_opts(&self, f: &ObjPath, t: &ObjPath, o: CopyOptions) -> OsResult<()> {
-        self.inner.copy_opts(f, t, o).await
-    }
-}
+    this.inner.put_opts(l, p, o).await
+});
 
 /// Finding: reap() drops an upload whose task failed to join (panicked / cancelled) without
 /// keeping it for a retry, while the extent naming its piece stays; the next sync then puts a
