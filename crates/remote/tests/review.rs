@@ -34,6 +34,27 @@ fn open_ps(
     )
 }
 
+/// The store options of the store-level tests: 4 KiB pages.
+fn opts() -> pagesnap_store::StoreOptions {
+    pagesnap_store::StoreOptions {
+        page_size: 4096,
+        ..pagesnap_store::StoreOptions::default()
+    }
+}
+
+/// A 4 KiB page of pseudo-random bytes.
+fn page(seed: u64) -> Vec<u8> {
+    let mut p = vec![0u8; 4096];
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for b in p.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    p
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -367,11 +388,7 @@ put_wrapper!(LoseHeadAnswer, |this, l, p, o| {
 /// doubt": reopen and `list` to see), not blame another writer.
 #[test]
 fn a_lost_answer_is_not_blamed_on_another_writer() {
-    use pagesnap_store::{Mode, SnapshotMeta, Store, StoreOptions, Vpn};
-    let opts = || StoreOptions {
-        page_size: 4096,
-        ..StoreOptions::default()
-    };
+    use pagesnap_store::{Mode, SnapshotMeta, Store, Vpn};
     let mem: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let lose = Arc::new(LoseHeadAnswer {
         inner: mem.clone(),
@@ -412,23 +429,11 @@ fn a_lost_answer_is_not_blamed_on_another_writer() {
 /// alone is many times what a one-page snapshot adds.
 #[test]
 fn an_incremental_snapshot_uploads_what_it_adds_and_the_head_in_an_old_store() {
-    use pagesnap_store::{Mode, SnapshotMeta, Store, StoreOptions, Vpn};
-    let opts = || StoreOptions {
-        page_size: 4096,
-        ..StoreOptions::default()
-    };
+    use pagesnap_store::{Mode, SnapshotMeta, Store, Vpn};
     let mem: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let snap = |store: &mut Store, seed: u64| {
         store.begin(store.latest().expect("latest")).expect("begin");
-        let mut p = vec![0u8; 4096];
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        for b in p.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
-        store.put(Vpn(seed % 64), &p).expect("put");
+        store.put(Vpn(seed % 64), &page(seed)).expect("put");
         store.commit(SnapshotMeta::default()).expect("commit")
     };
     {
@@ -483,11 +488,7 @@ put_wrapper!(IgnoresConditions, |this, l, p, o| {
 /// server does not support conditional writes"), or at least detected.
 #[test]
 fn a_server_without_conditional_puts_is_refused() {
-    use pagesnap_store::{Mode, SnapshotMeta, Store, StoreOptions, Vpn};
-    let opts = || StoreOptions {
-        page_size: 4096,
-        ..StoreOptions::default()
-    };
+    use pagesnap_store::{Mode, SnapshotMeta, Store, Vpn};
     let mem: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let os: Arc<dyn ObjectStore> = Arc::new(IgnoresConditions { inner: mem.clone() });
     let Ok(mut s) = Store::init_with(open_ps(&os, None, 64 << 10), opts()) else {
@@ -631,28 +632,13 @@ fn racing_writers_and_sweeps_never_delete_what_the_head_names() {
 /// fails and is rolled back; the next (smaller) snapshot commits; is the store still whole?
 #[test]
 fn a_panicked_upload_does_not_damage_the_store() {
-    use pagesnap_store::{Mode, SnapshotMeta, Store, StoreOptions, Vpn};
-    let opts = || StoreOptions {
-        page_size: 4096,
-        ..StoreOptions::default()
-    };
+    use pagesnap_store::{Mode, SnapshotMeta, Store, Vpn};
     let mem: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let po = Arc::new(PanicOnce {
         inner: mem.clone(),
         armed: AtomicBool::new(false),
     });
     let os: Arc<dyn ObjectStore> = po.clone();
-    let page = |seed: u64| {
-        let mut p = vec![0u8; 4096];
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        for b in p.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
-        p
-    };
     let mut store = Store::init_with(open_ps(&os, None, 64 << 10), opts()).expect("init");
     let snap = |store: &mut Store, base: u64, n: u64| -> Result<(), String> {
         store
@@ -688,23 +674,8 @@ fn a_panicked_upload_does_not_damage_the_store() {
 /// restored page by page in vpn order (as restore does): bytes downloaded vs the bucket's size.
 #[test]
 fn restore_of_an_incremental_chain_downloads_about_what_it_needs() {
-    use pagesnap_store::{Mode, SnapshotMeta, Store, StoreOptions, Vpn};
-    let opts = || StoreOptions {
-        page_size: 4096,
-        ..StoreOptions::default()
-    };
+    use pagesnap_store::{Mode, SnapshotMeta, Store, Vpn};
     let mem: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-    let page = |seed: u64| {
-        let mut p = vec![0u8; 4096];
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        for b in p.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
-        p
-    };
     let n_pages = 4096u64; // 16 MiB image
     {
         let io = Arc::new(
