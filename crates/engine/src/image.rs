@@ -93,7 +93,7 @@
 //! nothing committed.
 
 use pagesnap_store::{
-    pagehash, Epoch, SnapshotId, SnapshotMeta, Store, StoreError, Vpn, MAX_LABEL,
+    pagehash::HashedPages, Epoch, SnapshotId, SnapshotMeta, Store, StoreError, Vpn, MAX_LABEL,
 };
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -573,13 +573,6 @@ fn unsupported(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::Unsupported
 }
 
-/// Whether a page is all zero bytes (64 bytes at a time, so the compiler vectorizes it, and a
-/// data page is rejected after its first 64 bytes).
-pub(crate) fn is_zero(page: &[u8]) -> bool {
-    page.chunks(64)
-        .all(|c| c.iter().fold(0u8, |a, b| a | b) == 0)
-}
-
 /// Snapshots the raw image at `path` into `store` (opened as the writer), on top of the store's
 /// newest snapshot. `progress` is called with the bytes of the image done so far (read, or
 /// skipped as holes). Refused, with nothing committed, if the image changes while it is read (see
@@ -729,7 +722,6 @@ fn read_image(
     let ps = u64::from(store.page_size());
     let mut run = Run {
         store,
-        ps,
         parent,
         read: 0,
         changed: 0,
@@ -767,8 +759,8 @@ fn read_image(
         s.spawn(move || {
             for read in reads {
                 let hashed = read.map(|(b, buf)| {
-                    let hashes = hash_pages(&buf, b.pages, ps, &ids);
-                    (b, buf, hashes)
+                    let pages = HashedPages::new(&ids, buf, b.pages as usize, ps as usize);
+                    (b, pages)
                 });
                 if to_main.send(hashed).is_err() {
                     break;
@@ -782,11 +774,11 @@ fn read_image(
         let mut batch = Batch::default();
         // Stores one batch read and hashed; returns its buffer.
         let take_in = |run: &mut Run<'_>, in_flight: &mut usize| -> Result<Vec<u8>, ImageError> {
-            let (b, buf, hashes) = done_rx.recv().map_err(|_| reader_gone(path))??;
+            let (b, pages) = done_rx.recv().map_err(|_| reader_gone(path))??;
             *in_flight -= 1;
-            run.put_batch(&b, &buf, &hashes)?;
+            run.put_batch(&b, &pages)?;
             progress((b.end * ps).min(size));
-            Ok(buf)
+            Ok(pages.into_buffer())
         };
         // Sends the pending batch to the reader, first storing finished ones until a buffer is
         // free.
@@ -842,40 +834,8 @@ fn read_image(
 /// Batch buffers passed between the stages of an image snapshot (reading, hashing, storing).
 const BUFFERS: usize = 6;
 
-/// The blake3 of each non-zero page of the first `pages` pages of `buf`, on every core, many
-/// pages at once on each (`pagehash`).
-///
-/// The ids are the store's ([`Store::page_ids`]: keyed blake3 in an encrypted store), so that
-/// they compare with the parent's.
-pub(crate) fn hash_pages(
-    buf: &[u8],
-    pages: u64,
-    ps: u64,
-    ids: &pagehash::PageIds,
-) -> Vec<Option<[u8; 32]>> {
-    let all: Vec<&[u8]> = buf[..(pages * ps) as usize].chunks(ps as usize).collect();
-    let zero: Vec<bool> = all.iter().map(|p| is_zero(p)).collect();
-    let data: Vec<&[u8]> = all
-        .iter()
-        .zip(&zero)
-        .filter(|(_, z)| !**z)
-        .map(|(p, _)| *p)
-        .collect();
-    let mut hashes = vec![[0u8; 32]; data.len()];
-    data.par_chunks(HASH_GROUP)
-        .zip(hashes.par_chunks_mut(HASH_GROUP))
-        .for_each(|(pages, out)| ids.hash_pages(pages, out));
-    let mut next = hashes.into_iter();
-    zero.iter()
-        .map(|z| if *z { None } else { next.next() })
-        .collect()
-}
-
-/// Pages one core hashes at a time.
-const HASH_GROUP: usize = 256;
-
 /// A batch read and hashed, waiting to be stored.
-type Hashed = (Batch, Vec<u8>, Vec<Option<[u8; 32]>>);
+type Hashed = (Batch, HashedPages);
 
 /// Page ranges of data to read together, at most [`BATCH_PAGES`] pages in all.
 #[derive(Default)]
@@ -927,7 +887,6 @@ fn read_batch(
 /// The state of one snapshot's pass over its image.
 pub(crate) struct Run<'a> {
     pub(crate) store: &'a mut Store,
-    pub(crate) ps: u64,
     pub(crate) parent: Option<SnapshotId>,
     /// Pages read from the image.
     pub(crate) read: u64,
@@ -955,15 +914,13 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Puts or removes the pages of a batch read into `buf` (with their hashes) that differ from
-    /// the parent's.
+    /// Puts or removes the pages of a batch read and hashed (`pages`, in the order of the
+    /// batch's ranges) that differ from the parent's.
     pub(crate) fn put_batch(
         &mut self,
         batch: &Batch,
-        buf: &[u8],
-        hashes: &[Option<[u8; 32]>],
+        pages: &HashedPages,
     ) -> Result<(), ImageError> {
-        let ps = self.ps;
         let mut i = 0usize;
         for r in batch.ranges.iter().cloned() {
             let mut old: HashMap<u64, [u8; 32]> = HashMap::new();
@@ -975,17 +932,13 @@ impl Run<'_> {
                     })?;
             }
             for vpn in r {
-                let new = &hashes[i];
-                let page = &buf[i * ps as usize..(i + 1) * ps as usize];
+                let at = i;
                 i += 1;
-                if old.get(&vpn) == new.as_ref() {
+                if old.get(&vpn) == pages.id(at) {
                     continue;
                 }
                 self.changed += 1;
-                match new {
-                    Some(h) => self.store.put_hashed(Vpn(vpn), page, *h)?,
-                    None => self.store.remove(Vpn(vpn))?,
-                }
+                self.store.put_hashed_pages(Vpn(vpn), pages, at)?;
             }
         }
         self.read += batch.pages;

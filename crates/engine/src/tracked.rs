@@ -49,10 +49,10 @@
 //! The image is locked (`flock`, exclusive) while open: a second server of it is refused.
 
 use crate::image::{
-    hash_pages, io_err, may_skip, seek, trusted_fs, Batch, Extents, Holes, ImageError,
-    ImageSnapshot, Origin, Run, Stamp, BATCH_PAGES, SETTLE, SETTLE_LIMIT,
+    io_err, may_skip, seek, trusted_fs, Batch, Extents, Holes, ImageError, ImageSnapshot, Origin,
+    Run, Stamp, BATCH_PAGES, SETTLE, SETTLE_LIMIT,
 };
-use pagesnap_store::{SnapshotId, SnapshotMeta, Store, MAX_LABEL};
+use pagesnap_store::{pagehash::HashedPages, SnapshotId, SnapshotMeta, Store, MAX_LABEL};
 use parking_lot::{Mutex, RwLock};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -740,7 +740,6 @@ impl TrackedImage {
         let ps = self.ps;
         let mut run = Run {
             store,
-            ps,
             parent,
             read: 0,
             changed: 0,
@@ -769,8 +768,15 @@ impl TrackedImage {
                 break;
             }
             let (batch, holes) = self.capture(&window, &mut buf)?;
-            let hashes = hash_pages(&buf, batch.pages, ps, &ids);
-            run.put_batch(&batch, &buf, &hashes)?;
+            let pages = HashedPages::new(
+                &ids,
+                std::mem::take(&mut buf),
+                batch.pages as usize,
+                ps as usize,
+            );
+            let stored = run.put_batch(&batch, &pages);
+            buf = pages.into_buffer();
+            stored?;
             for h in holes {
                 run.hole(h)?;
             }

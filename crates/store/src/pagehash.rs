@@ -85,6 +85,114 @@ impl PageIds {
     }
 }
 
+/// Pages one core hashes at a time in [`HashedPages::new`].
+const HASH_GROUP: usize = 256;
+
+/// A batch of pages and their ids, hashed together by a store's [`PageIds`]: the pages
+/// back to back in one buffer, and the id of each that is not all zero.
+///
+/// Only this type pairs pages with ids, and only from the bytes it holds, so a store takes its
+/// ids without hashing the pages again ([`crate::Store::put_hashed_pages`]); ids given one by
+/// one ([`crate::Store::put_hashed`]) are checked in an encrypted store instead. The store
+/// refuses a batch hashed with another store's key.
+pub struct HashedPages {
+    buf: Vec<u8>,
+    page_size: usize,
+    ids: Vec<Option<[u8; 32]>>,
+    by: PageIds,
+}
+
+impl std::fmt::Debug for HashedPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HashedPages")
+            .field("pages", &self.ids.len())
+            .field("page_size", &self.page_size)
+            .field("by", &self.by)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HashedPages {
+    /// Hashes the first `pages` pages of `buf` (each `page_size` bytes) with `ids`, on every
+    /// core (rayon), many pages at once on each. Panics if `buf` holds fewer than `pages` pages
+    /// or `page_size` is 0 (a caller's error).
+    pub fn new(ids: &PageIds, buf: Vec<u8>, pages: usize, page_size: usize) -> HashedPages {
+        use rayon::prelude::*;
+        assert!(page_size > 0, "page size 0");
+        let all: Vec<&[u8]> = buf[..pages * page_size].chunks(page_size).collect();
+        let zero: Vec<bool> = all.iter().map(|p| is_zero(p)).collect();
+        let data: Vec<&[u8]> = all
+            .iter()
+            .zip(&zero)
+            .filter(|(_, z)| !**z)
+            .map(|(p, _)| *p)
+            .collect();
+        let mut hashes = vec![[0u8; 32]; data.len()];
+        data.par_chunks(HASH_GROUP)
+            .zip(hashes.par_chunks_mut(HASH_GROUP))
+            .for_each(|(pages, out)| ids.hash_pages(pages, out));
+        drop(data);
+        drop(all);
+        let mut next = hashes.into_iter();
+        let ids_out = zero
+            .iter()
+            .map(|z| if *z { None } else { next.next() })
+            .collect();
+        HashedPages {
+            buf,
+            page_size,
+            ids: ids_out,
+            by: ids.clone(),
+        }
+    }
+
+    /// How many pages.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether the batch has no page.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The bytes of each page.
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// Page `i`'s bytes.
+    pub fn page(&self, i: usize) -> &[u8] {
+        &self.buf[i * self.page_size..(i + 1) * self.page_size]
+    }
+
+    /// Page `i`'s id; `None` if it is all zero.
+    pub fn id(&self, i: usize) -> Option<&[u8; 32]> {
+        self.ids[i].as_ref()
+    }
+
+    /// Whether the ids were hashed with `key` (the same dedup key, or both plain blake3).
+    pub(crate) fn hashed_with(&self, key: Option<&std::sync::Arc<crate::keys::DedupKey>>) -> bool {
+        match (&self.by.0, key) {
+            (None, None) => true,
+            (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b) || a.key_bytes() == b.key_bytes(),
+            _ => false,
+        }
+    }
+
+    /// The buffer back, for the next batch.
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
+/// Whether a page is all zero bytes (64 bytes at a time, so the compiler vectorizes it, and a
+/// data page is rejected after its first 64 bytes).
+pub fn is_zero(page: &[u8]) -> bool {
+    page.chunks(64)
+        .all(|c| c.iter().fold(0u8, |a, b| a | b) == 0)
+}
+
 fn hash_pages_with(key: Option<&[u8; 32]>, pages: &[&[u8]], out: &mut [[u8; 32]]) {
     assert_eq!(pages.len(), out.len(), "one hash per page");
     let (words, keyed) = match key {

@@ -493,3 +493,122 @@ fn gc_and_reopen_keep_it_encrypted(cipher: Cipher) {
     let io = pagesnap_store::FsStorage::new(dir.path(), false);
     assert!(io.len("keys").expect("keys") >= 8192);
 }
+
+/// Pages hashed as a batch with the store's own ids are taken without a second hash: they read
+/// back, zero pages are removed, and the store verifies clean. A batch hashed for another store
+/// (another key, or plain blake3) is refused before anything reaches the snapshot, and the
+/// store's committed state is unchanged.
+#[test]
+fn hashed_pages_go_in_only_with_the_stores_own_ids() {
+    use pagesnap_store::pagehash::{HashedPages, PageIds};
+    let batch = |ids: &PageIds| {
+        let mut buf = Vec::new();
+        for i in 0..40u64 {
+            if i % 10 == 3 {
+                buf.extend_from_slice(&[0u8; PS]);
+            } else {
+                buf.extend_from_slice(&page(i, i % 2 == 0));
+            }
+        }
+        HashedPages::new(ids, buf, 40, PS)
+    };
+    for cipher in CIPHERS {
+        for c in [Compression::Auto, Compression::None] {
+            let dir = tempfile::tempdir().expect("tmp");
+            let mut store = Store::init_encrypted_cipher_with(
+                std::sync::Arc::new(pagesnap_store::FsStorage::new(dir.path(), true)),
+                opts(c),
+                &pw("right"),
+                KdfParams::FOR_TESTS,
+                "t",
+                cipher,
+            )
+            .expect("init");
+            let own = batch(&store.page_ids());
+            for i in 0..own.len() {
+                match own.id(i) {
+                    Some(id) => assert_eq!(*id, store.page_ids().id(own.page(i)), "page {i}"),
+                    None => assert!(own.page(i).iter().all(|b| *b == 0), "page {i}"),
+                }
+            }
+            // First a snapshot with page 3 stored, so that its zero page in the batch removes it.
+            store.begin(None).expect("begin");
+            store.put(Vpn(3), &page(3, true)).expect("put");
+            let s1 = store.commit(SnapshotMeta::default()).expect("commit").id;
+
+            // Another store's key, and plain blake3: refused at the first page.
+            let other = tempfile::tempdir().expect("tmp");
+            let other_store = Store::init_encrypted(
+                other.path(),
+                opts(c),
+                &pw("right"),
+                KdfParams::FOR_TESTS,
+                "o",
+            )
+            .expect("init other");
+            for foreign in [batch(&other_store.page_ids()), batch(&PageIds::default())] {
+                store.begin(Some(s1)).expect("begin");
+                let e = store
+                    .put_hashed_pages(Vpn(0), &foreign, 0)
+                    .expect_err("a foreign batch went in");
+                assert!(e.to_string().contains("another store"), "{e}");
+                store.abort();
+            }
+            assert_eq!(store.snapshots().expect("list").len(), 1);
+
+            store.begin(Some(s1)).expect("begin");
+            for i in 0..own.len() {
+                store
+                    .put_hashed_pages(Vpn(i as u64), &own, i)
+                    .expect("put_hashed_pages");
+            }
+            let s2 = store.commit(SnapshotMeta::default()).expect("commit").id;
+            drop(store);
+            let (store, _) =
+                Store::open_encrypted(dir.path(), Mode::Read, Some(&pw("right"))).expect("open");
+            for i in 0..40u64 {
+                let want = (i % 10 != 3).then(|| page(i, i % 2 == 0));
+                assert_eq!(
+                    store.read_page(s2, Vpn(i)).expect("read"),
+                    want,
+                    "{cipher} {c} page {i}"
+                );
+            }
+            assert_eq!(
+                store.read_page(s1, Vpn(3)).expect("read"),
+                Some(page(3, true))
+            );
+            assert!(
+                store.verify(&[]).expect("verify").is_clean(),
+                "{cipher} {c}"
+            );
+        }
+    }
+}
+
+/// In a store in clear, a batch hashed with an encrypted store's key is refused too (its ids
+/// would never match a page read back).
+#[test]
+fn a_store_in_clear_refuses_keyed_batches() {
+    use pagesnap_store::pagehash::HashedPages;
+    let enc = tempfile::tempdir().expect("tmp");
+    let keyed = Store::init_encrypted(
+        enc.path(),
+        opts(Compression::Auto),
+        &pw("right"),
+        KdfParams::FOR_TESTS,
+        "k",
+    )
+    .expect("init");
+    let clear = tempfile::tempdir().expect("tmp");
+    let mut store = Store::init(clear.path(), opts(Compression::Auto)).expect("init");
+    let p = page(1, true);
+    let foreign = HashedPages::new(&keyed.page_ids(), p.clone(), 1, PS);
+    let own = HashedPages::new(&store.page_ids(), p.clone(), 1, PS);
+    assert_eq!(own.id(0), Some(blake3::hash(&p).as_bytes()));
+    store.begin(None).expect("begin");
+    assert!(store.put_hashed_pages(Vpn(1), &foreign, 0).is_err());
+    store.put_hashed_pages(Vpn(1), &own, 0).expect("own");
+    let s = store.commit(SnapshotMeta::default()).expect("commit").id;
+    assert_eq!(store.read_page(s, Vpn(1)).expect("read"), Some(p));
+}

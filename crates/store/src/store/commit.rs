@@ -172,6 +172,28 @@ impl Store {
         self.put_id(vpn, data, id)
     }
 
+    /// Sets page `vpn` to page `i` of `pages`, with the id it was hashed to: removes it if that
+    /// page is all zero. The id is taken as it is, in an encrypted store as well, because
+    /// [`HashedPages`](crate::pagehash::HashedPages) computed it from the very bytes it holds;
+    /// a batch hashed with another store's key (or hashed in clear for an encrypted store) is
+    /// refused.
+    pub fn put_hashed_pages(
+        &mut self,
+        vpn: Vpn,
+        pages: &crate::pagehash::HashedPages,
+        i: usize,
+    ) -> Result<(), StoreError> {
+        if !pages.hashed_with(self.crypt.as_ref().map(|c| &c.dedup)) {
+            return Err(StoreError::Usage(
+                "pages hashed with another store's page ids",
+            ));
+        }
+        match pages.id(i) {
+            None => self.remove(vpn),
+            Some(id) => self.put_id(vpn, pages.page(i), *id),
+        }
+    }
+
     /// [`Store::put_hashed`] with the page's id as this store computes it.
     fn put_id(&mut self, vpn: Vpn, data: &[u8], hash: [u8; 32]) -> Result<(), StoreError> {
         if data.len() != self.sb.page_size as usize {
