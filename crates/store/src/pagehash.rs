@@ -114,12 +114,15 @@ impl std::fmt::Debug for HashedPages {
 
 impl HashedPages {
     /// Hashes the first `pages` pages of `buf` (each `page_size` bytes) with `ids`, on every
-    /// core (rayon), many pages at once on each. Panics if `buf` holds fewer than `pages` pages
-    /// or `page_size` is 0 (a caller's error).
+    /// core (rayon), many pages at once on each. Panics if `buf` holds fewer than `pages` pages,
+    /// if `page_size` is 0 or `pages * page_size` overflows (a caller's error).
     pub fn new(ids: &PageIds, buf: Vec<u8>, pages: usize, page_size: usize) -> HashedPages {
         use rayon::prelude::*;
         assert!(page_size > 0, "page size 0");
-        let all: Vec<&[u8]> = buf[..pages * page_size].chunks(page_size).collect();
+        let len = pages
+            .checked_mul(page_size)
+            .expect("pages * page_size overflows");
+        let all: Vec<&[u8]> = buf[..len].chunks_exact(page_size).collect();
         let zero: Vec<bool> = all.iter().map(|p| is_zero(p)).collect();
         let data: Vec<&[u8]> = all
             .iter()

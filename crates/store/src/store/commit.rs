@@ -188,6 +188,15 @@ impl Store {
                 "pages hashed with another store's page ids",
             ));
         }
+        if pages.page_size() != self.sb.page_size as usize {
+            return Err(StoreError::PageSize {
+                len: pages.page_size(),
+                page_size: self.sb.page_size,
+            });
+        }
+        if i >= pages.len() {
+            return Err(StoreError::Usage("page index past the hashed batch"));
+        }
         match pages.id(i) {
             None => self.remove(vpn),
             Some(id) => self.put_id(vpn, pages.page(i), *id),
