@@ -284,6 +284,9 @@ fn replace(
                 .map_err(io_err("writing the output"))?;
             pages += run.pages;
         }
+        // The device writes this batch while the next ones are read and checked, instead of
+        // all of it at the final sync (a hint: an error here only loses the overlap).
+        let _ = pagesnap_store::start_writeback(file, first * ps, n * ps);
         progress(((first + n) * ps).min(size));
         Ok(())
     })?;
@@ -403,6 +406,8 @@ fn in_place(
         }
         file.write_all_at(&buf[..bytes], at)
             .map_err(|e| anyhow!("{}: writing at offset {at} failed: {e}", path.display()))?;
+        // As for a file: the device writes this batch while the next ones are read.
+        let _ = pagesnap_store::start_writeback(&file, at, bytes as u64);
         progress(at + bytes as u64);
         Ok(())
     })

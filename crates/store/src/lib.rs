@@ -182,7 +182,7 @@ pub mod fuzzing {
 pub use format::{Location, NodePtr, Ref, FORMAT_VERSION};
 pub use manifest::MAX_LABEL;
 pub use pagesnap_pagetable::{Epoch, Vpn};
-pub use storage::{FsStorage, LockGuard, SharedStorage, Storage, DIRECT_ALIGN};
+pub use storage::{start_writeback, FsStorage, LockGuard, SharedStorage, Storage, DIRECT_ALIGN};
 pub use store::{Cipher, Mode, Store, EMPTY_ROOT};
 
 use std::fmt;

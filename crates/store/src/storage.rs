@@ -269,26 +269,8 @@ impl Storage for FsStorage {
         self.file(name)?.sync_data()
     }
 
-    #[cfg(target_os = "linux")]
     fn start_writeback(&self, name: &str, offset: u64, len: u64) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
-        let file = self.file(name)?;
-        let (Ok(off), Ok(n)) = (
-            libc::off64_t::try_from(offset),
-            libc::off64_t::try_from(len),
-        ) else {
-            return Ok(()); // past what the call can name: the sync does it all
-        };
-        // SAFETY: `file` is an open file this function holds (the `Arc` keeps the descriptor
-        // open for the call); sync_file_range reads no memory of ours and only starts writeback
-        // of the range, with a flag the kernel defines.
-        let rc =
-            unsafe { libc::sync_file_range(file.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        start_writeback(&*self.file(name)?, offset, len)
     }
 
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
@@ -327,6 +309,33 @@ impl Storage for FsStorage {
 
 /// Shared handle to a backend.
 pub type SharedStorage = Arc<dyn Storage>;
+
+/// Starts writing `len` bytes of `file` at `offset` to the device without waiting
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)` on Linux; nothing elsewhere), so that a sync that
+/// follows has less left to wait for. A hint only: it promises no durability.
+pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let (Ok(off), Ok(n)) = (
+            libc::off64_t::try_from(offset),
+            libc::off64_t::try_from(len),
+        ) else {
+            return Ok(()); // past what the call can name: the sync does it all
+        };
+        // SAFETY: `file` is borrowed, so its descriptor stays open for the call;
+        // sync_file_range reads no memory of ours and only starts writeback of the range, with a
+        // flag the kernel defines.
+        let rc =
+            unsafe { libc::sync_file_range(file.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests {
