@@ -16,16 +16,13 @@
 //! * a directory, FIFO or socket: refused.
 
 use anyhow::{anyhow, bail, Context, Result};
-use pagesnap_store::{SnapshotId, Store, Vpn};
-use rayon::prelude::*;
+use pagesnap_engine::image::for_each_page_batch;
+use pagesnap_store::{SnapshotId, Store};
 use std::fs::{File, Metadata, OpenOptions, Permissions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-/// Bytes per write when a device is written in place (and per batch of pages read).
-const BATCH_BYTES: u64 = 4 << 20;
 
 /// Symbolic links followed before giving up (Linux's limit).
 const MAX_LINKS: usize = 40;
@@ -165,75 +162,6 @@ pub fn write(
     }
 }
 
-/// Stored pages with consecutive numbers: the first one's number, how many, their bytes.
-struct Run {
-    first: u64,
-    pages: u64,
-    bytes: Vec<u8>,
-}
-
-/// Calls `f` with each batch of the snapshot's pages: the first page's number, the number of
-/// pages, and the runs of consecutive stored (non-zero) pages among them, each page checked
-/// (blake3) on reading. A reader thread reads (pages back to back in the store with one `pread`,
-/// straight into the run) and checks the next batches on every core while `f` writes the last.
-fn for_each_batch(
-    store: &Store,
-    id: SnapshotId,
-    mut f: impl FnMut(u64, u64, &[Run]) -> Result<()>,
-) -> Result<()> {
-    let info = store.snapshot(id)?;
-    let ps = u64::from(info.page_size);
-    let per_batch = (BATCH_BYTES / ps).max(1);
-    let pages = info.logical_size.div_ceil(ps);
-    type Read = Result<(u64, u64, Vec<Run>)>;
-    std::thread::scope(|s| -> Result<()> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Read>(2);
-        s.spawn(move || {
-            let mut first = 0u64;
-            while first < pages {
-                let n = per_batch.min(pages - first);
-                let read = (|| -> Result<Vec<Run>> {
-                    // Runs of consecutive page numbers, each at most 64 pages (the unit of work
-                    // spread over the cores).
-                    let mut runs: Vec<(u64, Vec<pagesnap_store::Ref>)> = Vec::new();
-                    store.for_each_page_in(id, Vpn(first)..Vpn(first + n), |v, r| {
-                        match runs.last_mut() {
-                            Some((start, refs))
-                                if *start + refs.len() as u64 == v.0 && refs.len() < 64 =>
-                            {
-                                refs.push(*r)
-                            }
-                            _ => runs.push((v.0, vec![*r])),
-                        }
-                        Ok(())
-                    })?;
-                    runs.par_iter()
-                        .map(|(start, refs)| {
-                            let mut bytes = Vec::with_capacity(refs.len() * ps as usize);
-                            store.read_refs_into(refs, &mut bytes).map(|()| Run {
-                                first: *start,
-                                pages: refs.len() as u64,
-                                bytes,
-                            })
-                        })
-                        .collect::<Result<Vec<Run>, _>>()
-                        .map_err(Into::into)
-                })();
-                let failed = read.is_err();
-                if tx.send(read.map(|c| (first, n, c))).is_err() || failed {
-                    break;
-                }
-                first += n;
-            }
-        });
-        for item in rx {
-            let (first, n, runs) = item?;
-            f(first, n, &runs)?;
-        }
-        Ok(())
-    })
-}
-
 /// Restores into a new file beside `path` and renames it over `path`; with `original`, the new
 /// file first gets its owner and mode.
 fn replace(
@@ -275,7 +203,7 @@ fn replace(
     let file = tmp.as_file();
     file.set_len(size).map_err(io_err("sizing the output"))?;
     let mut pages = 0u64;
-    for_each_batch(store, id, |first, n, runs| {
+    for_each_page_batch(store, id, |first, n, runs| -> Result<()> {
         // Each run of consecutive pages goes out in one write; zero pages stay holes.
         for run in runs {
             let at = run.first * ps;
@@ -394,7 +322,7 @@ fn in_place(
     }
     let mut pages = 0u64;
     let mut buf = Vec::new();
-    for_each_batch(store, id, |first, n, runs| {
+    for_each_page_batch(store, id, |first, n, runs| -> Result<()> {
         let at = first * ps;
         let bytes = (n * ps).min(size - at) as usize;
         buf.clear();

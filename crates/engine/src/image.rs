@@ -957,9 +957,95 @@ pub struct ImageRestore {
     pub seconds: f64,
 }
 
+/// Stored pages with consecutive numbers, read and checked: the first one's number, how many,
+/// and their bytes back to back.
+#[derive(Debug)]
+pub struct PageRun {
+    /// The first page's number.
+    pub first: u64,
+    /// How many pages.
+    pub pages: u64,
+    /// Their bytes, `pages` × the page size.
+    pub bytes: Vec<u8>,
+}
+
+/// Bytes of the image per batch of [`for_each_page_batch`] (and per write when a device is
+/// written in place).
+pub const RESTORE_BATCH_BYTES: u64 = 4 << 20;
+
+/// Reads snapshot `id`'s pages for a restore, in batches of [`RESTORE_BATCH_BYTES`] of the
+/// image, and calls `write` with each batch in order: its first page's number, its number of
+/// pages, and the runs of consecutive stored (non-zero) pages among them; pages in no run are
+/// zero. Every page is checked (crc32, blake3) as it is read. A reader thread reads the next
+/// batches (pages back to back in the store with one `pread`, straight into the run) and checks
+/// them on every core while `write` handles the last one. The first error — reading, or
+/// `write`'s — stops the reading and is returned.
+pub fn for_each_page_batch<E: From<ImageError>>(
+    store: &Store,
+    id: SnapshotId,
+    mut write: impl FnMut(u64, u64, &[PageRun]) -> Result<(), E>,
+) -> Result<(), E> {
+    let info = store.snapshot(id).map_err(ImageError::from)?;
+    let ps = u64::from(info.page_size);
+    let per_batch = (RESTORE_BATCH_BYTES / ps).max(1);
+    let pages = info.logical_size.div_ceil(ps);
+    type Read = Result<(u64, u64, Vec<PageRun>), ImageError>;
+    std::thread::scope(|s| -> Result<(), E> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Read>(2);
+        s.spawn(move || {
+            let mut first = 0u64;
+            while first < pages {
+                let n = per_batch.min(pages - first);
+                let read = (|| -> Result<Vec<PageRun>, ImageError> {
+                    // Runs of consecutive page numbers, each at most 64 pages (the unit of work
+                    // spread over the cores).
+                    let mut runs: Vec<(u64, Vec<pagesnap_store::Ref>)> = Vec::new();
+                    store.for_each_page_in(id, Vpn(first)..Vpn(first + n), |v, r| {
+                        match runs.last_mut() {
+                            Some((start, refs))
+                                if *start + refs.len() as u64 == v.0 && refs.len() < 64 =>
+                            {
+                                refs.push(*r)
+                            }
+                            _ => runs.push((v.0, vec![*r])),
+                        }
+                        Ok(())
+                    })?;
+                    runs.par_iter()
+                        .map(|(start, refs)| {
+                            let mut bytes = Vec::with_capacity(refs.len() * ps as usize);
+                            store.read_refs_into(refs, &mut bytes).map(|()| PageRun {
+                                first: *start,
+                                pages: refs.len() as u64,
+                                bytes,
+                            })
+                        })
+                        .collect::<Result<Vec<PageRun>, _>>()
+                        .map_err(ImageError::from)
+                })();
+                let failed = read.is_err();
+                if tx.send(read.map(|c| (first, n, c))).is_err() || failed {
+                    break;
+                }
+                first += n;
+            }
+        });
+        // On an error `rx` is dropped on return, and the reader stops at its next send.
+        for item in rx {
+            let (first, n, runs) = item?;
+            write(first, n, &runs)?;
+        }
+        Ok(())
+    })
+}
+
 /// Writes snapshot `id` as a raw image at `output`: exactly the snapshot's length, byte for byte,
 /// sparse where pages are zero. Every page is checked (crc32, blake3) before it is written; the
 /// image is built in a temporary file beside `output` and renamed into place only when complete.
+///
+/// Pages are read and checked on every core ahead of the writes ([`for_each_page_batch`]), each
+/// run of consecutive pages goes out in one write, and each batch's writeback is started as soon
+/// as it is written, so the final sync waits for little.
 pub fn restore_image(
     store: &Store,
     id: SnapshotId,
@@ -982,30 +1068,20 @@ pub fn restore_image(
     let result = (|| {
         let file = File::create(&tmp).map_err(io_err(&tmp, "create output"))?;
         file.set_len(size).map_err(io_err(&tmp, "size output"))?;
-        let pages = size.div_ceil(ps);
         let mut written = 0u64;
-        let mut first = 0u64;
-        while first < pages {
-            let n = BATCH_PAGES.min(pages - first);
-            let mut refs = Vec::new();
-            store.for_each_page_in(id, Vpn(first)..Vpn(first + n), |v, r| {
-                refs.push((v, *r));
-                Ok(())
-            })?;
-            let contents: Vec<(u64, Vec<u8>)> = refs
-                .par_iter()
-                .map(|(v, r)| store.read_ref(r).map(|c| (v.0, c)))
-                .collect::<Result<_, _>>()?;
-            for (vpn, content) in &contents {
-                let at = vpn * ps;
-                let len = (size.saturating_sub(at)).min(ps) as usize;
-                file.write_all_at(&content[..len], at)
+        for_each_page_batch(store, id, |first, n, runs| -> Result<(), ImageError> {
+            for run in runs {
+                let at = run.first * ps;
+                let len = (size.saturating_sub(at) as usize).min(run.bytes.len());
+                file.write_all_at(&run.bytes[..len], at)
                     .map_err(io_err(&tmp, "write output"))?;
+                written += run.pages;
             }
-            written += contents.len() as u64;
-            first += n;
-            progress((first * ps).min(size));
-        }
+            // A hint: an error here only loses the overlap.
+            let _ = pagesnap_store::start_writeback(&file, first * ps, n * ps);
+            progress(((first + n) * ps).min(size));
+            Ok(())
+        })?;
         file.sync_all().map_err(io_err(&tmp, "sync output"))?;
         std::fs::rename(&tmp, output).map_err(io_err(output, "rename output into place"))?;
         File::open(dir)

@@ -764,3 +764,72 @@ fn a_path_that_is_no_valid_name_gets_a_derived_default_name() {
         assert_eq!(info(&store, third.id).parent, Some(second.snapshot.id));
     }
 }
+
+/// A restore's batches cover the image in order; their runs hold exactly the non-zero pages,
+/// each at most 64 pages of consecutive numbers, with the image's bytes; an error from the
+/// writer stops the reading and is returned, and a failed restore leaves no file behind.
+#[test]
+fn restore_batches_hold_the_non_zero_pages_in_runs_and_stop_at_the_first_error() {
+    use pagesnap_engine::image::{for_each_page_batch, RESTORE_BATCH_BYTES};
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("disk.img");
+    // Three batches and a bit; a zero stretch longer than a batch in the middle.
+    let pages = (3 * RESTORE_BATCH_BYTES / 4096 + 7) as usize;
+    let mut data = image(pages, 9);
+    data[1500 * 4096..2700 * 4096].fill(0);
+    std::fs::write(&path, &data).expect("write");
+    let mut store = Store::init(dir.path().join("store"), StoreOptions::default()).expect("store");
+    let snap = snapshot_image(&mut store, &path, None, &|_| {}).expect("snapshot");
+
+    let mut rebuilt = vec![0u8; data.len()];
+    let mut next = 0u64;
+    let mut batches = 0;
+    for_each_page_batch(
+        &store,
+        snap.id,
+        |first, n, runs| -> Result<(), ImageError> {
+            assert_eq!(first, next, "batches in order, none skipped");
+            next = first + n;
+            batches += 1;
+            for r in runs {
+                assert!(r.pages >= 1 && r.pages <= 64, "{r:?}");
+                assert!(r.first >= first && r.first + r.pages <= first + n);
+                assert_eq!(r.bytes.len() as u64, r.pages * 4096);
+                let at = (r.first * 4096) as usize;
+                rebuilt[at..at + r.bytes.len()].copy_from_slice(&r.bytes);
+                for p in r.bytes.chunks(4096) {
+                    assert!(p.iter().any(|b| *b != 0), "a zero page in a run");
+                }
+            }
+            Ok(())
+        },
+    )
+    .expect("batches");
+    assert_eq!(next, pages as u64);
+    assert_eq!(batches, 4);
+    assert!(rebuilt == data, "the runs are the image");
+
+    let mut calls = 0;
+    let e = for_each_page_batch(&store, snap.id, |_, _, _| -> Result<(), ImageError> {
+        calls += 1;
+        Err(ImageError::BadName("stop here".into()))
+    })
+    .expect_err("the writer's error");
+    assert_eq!(calls, 1);
+    assert!(e.to_string().contains("stop here"), "{e}");
+
+    // A restore into a directory that does not exist fails, naming the file, and leaves nothing.
+    let out = dir.path().join("missing").join("out.img");
+    let e = restore_image(&store, snap.id, &out, &|_| {}).expect_err("no directory");
+    assert!(e.to_string().contains("missing"), "{e}");
+    assert!(!dir.path().join("missing").exists());
+    let out = dir.path().join("out.img");
+    restore_image(&store, snap.id, &out, &|_| {}).expect("restore");
+    assert!(std::fs::read(&out).expect("read") == data);
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
