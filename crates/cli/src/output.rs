@@ -207,7 +207,7 @@ fn replace(
         // Each run of consecutive pages goes out in one write; zero pages stay holes.
         for run in runs {
             let at = run.first * ps;
-            let len = (size.saturating_sub(at) as usize).min(run.bytes.len());
+            let len = size.saturating_sub(at).min(run.bytes.len() as u64) as usize;
             file.write_all_at(&run.bytes[..len], at)
                 .map_err(io_err("writing the output"))?;
             pages += run.pages;

@@ -989,6 +989,19 @@ pub fn for_each_page_batch<E: From<ImageError>>(
     let ps = u64::from(info.page_size);
     let per_batch = (RESTORE_BATCH_BYTES / ps).max(1);
     let pages = info.logical_size.div_ceil(ps);
+    if rayon::current_thread_index().is_some() {
+        // On a rayon worker the reader thread's parallel reads could wait for this very worker
+        // (blocked on the channel below) forever: read and write in turn here instead, the reads
+        // still spread over the pool.
+        let mut first = 0u64;
+        while first < pages {
+            let n = per_batch.min(pages - first);
+            let runs = read_page_batch(store, id, ps, first, n)?;
+            write(first, n, &runs)?;
+            first += n;
+        }
+        return Ok(());
+    }
     type Read = Result<(u64, u64, Vec<PageRun>), ImageError>;
     std::thread::scope(|s| -> Result<(), E> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Read>(2);
@@ -996,33 +1009,7 @@ pub fn for_each_page_batch<E: From<ImageError>>(
             let mut first = 0u64;
             while first < pages {
                 let n = per_batch.min(pages - first);
-                let read = (|| -> Result<Vec<PageRun>, ImageError> {
-                    // Runs of consecutive page numbers, each at most 64 pages (the unit of work
-                    // spread over the cores).
-                    let mut runs: Vec<(u64, Vec<pagesnap_store::Ref>)> = Vec::new();
-                    store.for_each_page_in(id, Vpn(first)..Vpn(first + n), |v, r| {
-                        match runs.last_mut() {
-                            Some((start, refs))
-                                if *start + refs.len() as u64 == v.0 && refs.len() < 64 =>
-                            {
-                                refs.push(*r)
-                            }
-                            _ => runs.push((v.0, vec![*r])),
-                        }
-                        Ok(())
-                    })?;
-                    runs.par_iter()
-                        .map(|(start, refs)| {
-                            let mut bytes = Vec::with_capacity(refs.len() * ps as usize);
-                            store.read_refs_into(refs, &mut bytes).map(|()| PageRun {
-                                first: *start,
-                                pages: refs.len() as u64,
-                                bytes,
-                            })
-                        })
-                        .collect::<Result<Vec<PageRun>, _>>()
-                        .map_err(ImageError::from)
-                })();
+                let read = read_page_batch(store, id, ps, first, n);
                 let failed = read.is_err();
                 if tx.send(read.map(|c| (first, n, c))).is_err() || failed {
                     break;
@@ -1037,6 +1024,49 @@ pub fn for_each_page_batch<E: From<ImageError>>(
         }
         Ok(())
     })
+}
+
+/// The stored pages of `first..first + n`, read and checked on every core, as runs of at most 64
+/// consecutive pages (the unit of work spread over the cores).
+fn read_page_batch(
+    store: &Store,
+    id: SnapshotId,
+    ps: u64,
+    first: u64,
+    n: u64,
+) -> Result<Vec<PageRun>, ImageError> {
+    let mut runs: Vec<(u64, Vec<pagesnap_store::Ref>)> = Vec::new();
+    store.for_each_page_in(id, Vpn(first)..Vpn(first + n), |v, r| {
+        match runs.last_mut() {
+            Some((start, refs)) if *start + refs.len() as u64 == v.0 && refs.len() < 64 => {
+                refs.push(*r)
+            }
+            _ => runs.push((v.0, vec![*r])),
+        }
+        Ok(())
+    })?;
+    let runs = runs
+        .par_iter()
+        .map(|(start, refs)| {
+            let mut bytes = Vec::with_capacity(refs.len() * ps as usize);
+            store.read_refs_into(refs, &mut bytes).map(|()| PageRun {
+                first: *start,
+                pages: refs.len() as u64,
+                bytes,
+            })
+        })
+        .collect::<Result<Vec<PageRun>, _>>()?;
+    // What the store promises; a run of another length would put pages at the wrong offsets.
+    if let Some(r) = runs.iter().find(|r| r.bytes.len() as u64 != r.pages * ps) {
+        return Err(StoreError::Corrupt {
+            path: PathBuf::from(format!("snapshot {id}")),
+            what: "page run",
+            offset: r.first * ps,
+            detail: format!("{} bytes read for {} pages", r.bytes.len(), r.pages),
+        }
+        .into());
+    }
+    Ok(runs)
 }
 
 /// Writes snapshot `id` as a raw image at `output`: exactly the snapshot's length, byte for byte,
@@ -1064,39 +1094,41 @@ pub fn restore_image(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "image".into());
-    let tmp = dir.join(format!(".{name}.pagesnap-{}.tmp", std::process::id()));
-    let result = (|| {
-        let file = File::create(&tmp).map_err(io_err(&tmp, "create output"))?;
-        file.set_len(size).map_err(io_err(&tmp, "size output"))?;
-        let mut written = 0u64;
-        for_each_page_batch(store, id, |first, n, runs| -> Result<(), ImageError> {
-            for run in runs {
-                let at = run.first * ps;
-                let len = (size.saturating_sub(at) as usize).min(run.bytes.len());
-                file.write_all_at(&run.bytes[..len], at)
-                    .map_err(io_err(&tmp, "write output"))?;
-                written += run.pages;
-            }
-            // A hint: an error here only loses the overlap.
-            let _ = pagesnap_store::start_writeback(&file, first * ps, n * ps);
-            progress(((first + n) * ps).min(size));
-            Ok(())
-        })?;
-        file.sync_all().map_err(io_err(&tmp, "sync output"))?;
-        std::fs::rename(&tmp, output).map_err(io_err(output, "rename output into place"))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(dir, "sync output directory"))?;
-        Ok(ImageRestore {
-            image_size: size,
-            pages_written: written,
-            seconds: started.elapsed().as_secs_f64(),
-        })
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    // Removed on any failure, a panic included (its `Drop`); created exclusively, under a name no
+    // other restore uses.
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".pagesnap.tmp")
+        .tempfile_in(dir)
+        .map_err(io_err(dir, "create a temporary output file in"))?;
+    let shown = tmp.path().to_path_buf();
+    let file = tmp.as_file();
+    file.set_len(size).map_err(io_err(&shown, "size output"))?;
+    let mut written = 0u64;
+    for_each_page_batch(store, id, |first, n, runs| -> Result<(), ImageError> {
+        for run in runs {
+            let at = run.first * ps;
+            let len = size.saturating_sub(at).min(run.bytes.len() as u64) as usize;
+            file.write_all_at(&run.bytes[..len], at)
+                .map_err(io_err(&shown, "write output"))?;
+            written += run.pages;
+        }
+        // A hint: an error here only loses the overlap.
+        let _ = pagesnap_store::start_writeback(file, first * ps, n * ps);
+        progress(((first + n) * ps).min(size));
+        Ok(())
+    })?;
+    file.sync_all().map_err(io_err(&shown, "sync output"))?;
+    tmp.persist(output)
+        .map_err(|e| io_err(output, "rename output into place")(e.error))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir, "sync output directory"))?;
+    Ok(ImageRestore {
+        image_size: size,
+        pages_written: written,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 #[cfg(test)]

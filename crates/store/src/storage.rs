@@ -312,8 +312,12 @@ pub type SharedStorage = Arc<dyn Storage>;
 
 /// Starts writing `len` bytes of `file` at `offset` to the device without waiting
 /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)` on Linux; nothing elsewhere), so that a sync that
-/// follows has less left to wait for. A hint only: it promises no durability.
+/// follows has less left to wait for. A hint only: it promises no durability. A `len` of 0 does
+/// nothing (to the kernel it would mean "to the end of the file").
 pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
