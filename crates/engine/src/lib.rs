@@ -54,8 +54,6 @@ pub mod names;
 pub mod retention;
 pub mod tracked;
 
-use rayon::prelude::*;
-
 use pagesnap_epochtree::{EpochTree, EpochTreeError, EpochView};
 use pagesnap_pagetable::{
     BlockingLock, Epoch, Fmix64, Page, PageFlags, PageSize, PageTable, PageTableError, PhysAddr,
@@ -168,37 +166,15 @@ struct MapBlock {
     epoch: Epoch,
 }
 
-/// A snapshot being persisted.
-/// Keys with their states at the pause (`None`: zero or unmapped).
-type States = Vec<(u64, Option<Vec<u8>>)>;
-/// The blake3 of each state.
-type Hashes = Vec<Option<[u8; 32]>>;
+/// Keys of a batch with their states at the pause, back to back in one buffer and hashed
+/// (`pagehash::HashedPages`; a zero or unmapped state has no id and is removed).
+type Taken = (Vec<u64>, pagehash::HashedPages);
 
-/// Hashes states: a small batch on the calling thread (a snapshot of a few thousand pages then
-/// keeps to one core and leaves the other to the mutators: ~1 ms per 1,000 pages), a large one
-/// on every core.
-fn hash_states(states: &States, ids: &pagehash::PageIds) -> Hashes {
-    let data: Vec<&[u8]> = states.iter().filter_map(|(_, s)| s.as_deref()).collect();
-    let mut hashes = vec![[0u8; 32]; data.len()];
-    if states.len() < PARALLEL_HASH_MIN {
-        ids.hash_pages(&data, &mut hashes);
-    } else {
-        data.par_chunks(HASH_GROUP)
-            .zip(hashes.par_chunks_mut(HASH_GROUP))
-            .for_each(|(pages, out)| ids.hash_pages(pages, out));
-    }
-    let mut next = hashes.into_iter();
-    states
-        .iter()
-        .map(|(_, s)| s.as_ref().and_then(|_| next.next()))
-        .collect()
-}
+/// Keys taken, copied and hashed together.
+const BATCH_KEYS: usize = 1024;
 
-/// Pages one core hashes at a time (many pages at once: `pagehash`).
-const HASH_GROUP: usize = 256;
-
-/// Batches of at least this many pages are hashed on every core.
-const PARALLEL_HASH_MIN: usize = 1024;
+/// Batch buffers kept between snapshots (4 MiB each with 4 KiB pages).
+const KEPT_BUFFERS: usize = 4;
 
 /// A snapshot's dirty set up to this size is copied in one sweep right after the pause (see
 /// `persist`).
@@ -292,6 +268,9 @@ struct Inner {
     stripes: Vec<Mutex<()>>,
     /// Dirty sets up to this many bytes are copied in one sweep after the pause.
     eager_copy: AtomicU64,
+    /// Batch buffers of earlier snapshots, kept for the next (at most [`KEPT_BUFFERS`]): a
+    /// snapshot every few milliseconds then copies into memory already mapped.
+    buffers: Mutex<Vec<Vec<u8>>>,
 }
 
 /// Ends a snapshot's persisting on every path, a panic included: aborts the store's pending
@@ -411,6 +390,7 @@ impl Inner {
             pins: Mutex::new(pins),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             eager_copy: AtomicU64::new(EAGER_COPY_BYTES),
+            buffers: Mutex::new(Vec::new()),
         })
     }
 
@@ -741,40 +721,67 @@ impl Inner {
         Ok(())
     }
 
-    /// The state of `key` at the pause, for the snapshot `job`, and whether it came from a
-    /// copy-on-write copy.
-    fn state_at_pause(&self, job: &Job, key: u64) -> (Option<Vec<u8>>, bool) {
+    /// Copies the state of `key` at the pause, for the snapshot `job`, into `out` (one page;
+    /// zeros if it is unmapped), and says whether it came from a copy-on-write copy.
+    fn state_at_pause(&self, job: &Job, key: u64, out: &mut [u8]) -> bool {
+        // Every state is one page long (a frame, a mapping block, a copy of either).
+        let mut put = |state: Option<&[u8]>| {
+            let b = state.unwrap_or_default();
+            debug_assert!(
+                b.is_empty() || b.len() == out.len(),
+                "a state of another size"
+            );
+            let n = b.len().min(out.len());
+            out[..n].copy_from_slice(&b[..n]);
+            out[n..].fill(0);
+        };
         if key >= MAP_KEY_BASE {
             let maps = self.maps.lock();
             job.swept.store(key + 1, Ordering::Release);
             if let Some(p) = job.preserved.lock().remove(&key) {
-                return (p, true);
+                put(p.as_deref());
+                return true;
             }
-            return (
-                maps.get(&(key - MAP_KEY_BASE)).map(|b| b.bits.clone()),
-                false,
-            );
+            put(maps.get(&(key - MAP_KEY_BASE)).map(|b| &b.bits[..]));
+            return false;
         }
         let _s = self.stripe(key).lock();
         job.swept.store(key + 1, Ordering::Release);
         if let Some(p) = job.preserved.lock().remove(&key) {
-            return (p, true);
+            put(p.as_deref());
+            return true;
         }
-        let Some(page) = self.table.get_page(self.ps.addr(Vpn(key))) else {
-            return (None, false);
-        };
-        let content = self.frame(&page).0.lock().to_vec();
-        (Some(content), false)
+        match self.table.get_page(self.ps.addr(Vpn(key))) {
+            Some(page) => put(Some(&self.frame(&page).0.lock())),
+            None => put(None),
+        }
+        false
     }
 
-    /// Puts (or removes) a batch of states with their hashes into the pending snapshot.
-    fn store_states(&self, states: &States, hashes: Hashes) -> Result<(), StoreError> {
+    /// Copies the states of `keys` at the pause into one buffer, page after page; with how many
+    /// came from copy-on-write copies.
+    fn copy_states(&self, job: &Job, keys: &[u64]) -> (Vec<u8>, u64) {
+        let ps = self.ps.bytes() as usize;
+        let mut buf = self.buffers.lock().pop().unwrap_or_default();
+        // Every page of it is written below.
+        buf.resize(keys.len() * ps, 0);
+        let mut cow = 0u64;
+        for (&key, out) in keys.iter().zip(buf.chunks_exact_mut(ps)) {
+            cow += u64::from(self.state_at_pause(job, key, out));
+        }
+        (buf, cow)
+    }
+
+    /// Puts (or removes) a batch of states taken at the pause into the pending snapshot.
+    fn store_taken(&self, (keys, pages): Taken) -> Result<(), StoreError> {
         let mut store = self.store.lock();
-        for ((key, state), hash) in states.iter().zip(hashes) {
-            match (state, hash) {
-                (Some(bytes), Some(h)) => store.put_hashed(Vpn(*key), bytes, h)?,
-                _ => store.remove(Vpn(*key))?,
-            }
+        for (i, &key) in keys.iter().enumerate() {
+            store.put_hashed_pages(Vpn(key), &pages, i)?;
+        }
+        drop(store);
+        let mut kept = self.buffers.lock();
+        if kept.len() < KEPT_BUFFERS {
+            kept.push(pages.into_buffer());
         }
         Ok(())
     }
@@ -802,60 +809,49 @@ impl Inner {
         // mutator is slowed only for that sweep. A larger one goes in batches, as it is stored.
         let eager = (keys.len() as u64).saturating_mul(self.ps.bytes())
             <= self.eager_copy.load(std::sync::atomic::Ordering::Relaxed);
-        let mut taken: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
+        let ids = self.store.lock().page_ids();
+        let ps = self.ps.bytes() as usize;
+        let mut copied: Vec<Option<Vec<u8>>> = Vec::new();
         if eager {
-            taken = keys
-                .iter()
-                .map(|&key| {
-                    let (state, preserved) = self.state_at_pause(job, key);
-                    copied_on_write += u64::from(preserved);
-                    (key, state.filter(|b| b.iter().any(|x| *x != 0)))
-                })
-                .collect();
+            for batch in keys.chunks(BATCH_KEYS) {
+                let (buf, cow) = self.copy_states(job, batch);
+                copied_on_write += cow;
+                copied.push(Some(buf));
+            }
             job.all_copied
                 .store(true, std::sync::atomic::Ordering::Release);
             job.preserved.lock().clear();
         }
-        let ids = self.store.lock().page_ids();
         let result = (|| -> Result<_, StoreError> {
-            // In batches: take the states at the pause, hash them on every core, then store.
-            let mut taken = taken.into_iter();
-            let mut ready: Option<(States, Hashes)> = None;
-            for batch in keys.chunks(1024) {
-                let eager_states: Option<States> =
-                    eager.then(|| taken.by_ref().take(batch.len()).collect());
+            // In batches: take the states at the pause (unless the sweep did), hash them, then
+            // store.
+            let mut ready: Option<Taken> = None;
+            for (i, batch) in keys.chunks(BATCH_KEYS).enumerate() {
+                let swept = copied.get_mut(i).and_then(Option::take);
                 // This batch's states are taken (copied out of their frames, unless the sweep did)
                 // and hashed while the one before is stored (its copies into the store's buffer
                 // and its writes), so the three overlap.
                 let (taken_batch, stored) = rayon::join(
                     || {
-                        let mut cow = 0u64;
-                        let states: States = match eager_states {
-                            Some(s) => s,
-                            None => batch
-                                .iter()
-                                .map(|&key| {
-                                    let (state, preserved) = self.state_at_pause(job, key);
-                                    cow += u64::from(preserved);
-                                    (key, state.filter(|b| b.iter().any(|x| *x != 0)))
-                                })
-                                .collect(),
+                        let (buf, cow) = match swept {
+                            Some(buf) => (buf, 0),
+                            None => self.copy_states(job, batch),
                         };
-                        let hashes = hash_states(&states, &ids);
-                        (states, hashes, cow)
+                        let pages = pagehash::HashedPages::new(&ids, buf, batch.len(), ps);
+                        ((batch.to_vec(), pages), cow)
                     },
                     || match ready.take() {
-                        Some((states, hashes)) => self.store_states(&states, hashes),
+                        Some(t) => self.store_taken(t),
                         None => Ok(()),
                     },
                 );
                 stored?;
-                let (states, hashes, cow) = taken_batch;
+                let (t, cow) = taken_batch;
                 copied_on_write += cow;
-                ready = Some((states, hashes));
+                ready = Some(t);
             }
-            if let Some((states, hashes)) = ready.take() {
-                self.store_states(&states, hashes)?;
+            if let Some(t) = ready.take() {
+                self.store_taken(t)?;
             }
             let mapped = self
                 .maps
