@@ -173,8 +173,10 @@ type Taken = (Vec<u64>, pagehash::HashedPages);
 /// Keys taken, copied and hashed together.
 const BATCH_KEYS: usize = 1024;
 
-/// Batch buffers kept between snapshots (4 MiB each with 4 KiB pages).
-const KEPT_BUFFERS: usize = 4;
+/// Batch buffers kept between snapshots (the pipeline has two batches in flight), each at most
+/// [`KEPT_BUFFER_BYTES`]: a full batch of 4 KiB pages; larger pages get fresh buffers.
+const KEPT_BUFFERS: usize = 2;
+const KEPT_BUFFER_BYTES: usize = 4 << 20;
 
 /// A snapshot's dirty set up to this size is copied in one sweep right after the pause (see
 /// `persist`).
@@ -268,8 +270,9 @@ struct Inner {
     stripes: Vec<Mutex<()>>,
     /// Dirty sets up to this many bytes are copied in one sweep after the pause.
     eager_copy: AtomicU64,
-    /// Batch buffers of earlier snapshots, kept for the next (at most [`KEPT_BUFFERS`]): a
-    /// snapshot every few milliseconds then copies into memory already mapped.
+    /// Batch buffers of earlier snapshots, kept for the next (at most [`KEPT_BUFFERS`] of at
+    /// most [`KEPT_BUFFER_BYTES`]): a snapshot every few milliseconds then copies into memory
+    /// already mapped.
     buffers: Mutex<Vec<Vec<u8>>>,
 }
 
@@ -723,53 +726,76 @@ impl Inner {
 
     /// Copies the state of `key` at the pause, for the snapshot `job`, into `out` (one page;
     /// zeros if it is unmapped), and says whether it came from a copy-on-write copy.
-    fn state_at_pause(&self, job: &Job, key: u64, out: &mut [u8]) -> bool {
-        // Every state is one page long (a frame, a mapping block, a copy of either).
-        let mut put = |state: Option<&[u8]>| {
-            let b = state.unwrap_or_default();
-            debug_assert!(
-                b.is_empty() || b.len() == out.len(),
-                "a state of another size"
-            );
-            let n = b.len().min(out.len());
-            out[..n].copy_from_slice(&b[..n]);
-            out[n..].fill(0);
+    fn state_at_pause(&self, job: &Job, key: u64, out: &mut [u8]) -> Result<bool, StoreError> {
+        // Every state is one page long (a frame, a mapping block, a copy of either); another
+        // length is refused as the store would refuse it.
+        let put = |state: Option<&[u8]>, out: &mut [u8]| match state {
+            None | Some([]) => {
+                out.fill(0);
+                Ok(())
+            }
+            Some(b) if b.len() == out.len() => {
+                out.copy_from_slice(b);
+                Ok(())
+            }
+            Some(b) => Err(StoreError::PageSize {
+                len: b.len(),
+                page_size: out.len() as u32,
+            }),
         };
         if key >= MAP_KEY_BASE {
             let maps = self.maps.lock();
             job.swept.store(key + 1, Ordering::Release);
             if let Some(p) = job.preserved.lock().remove(&key) {
-                put(p.as_deref());
-                return true;
+                put(p.as_deref(), out)?;
+                return Ok(true);
             }
-            put(maps.get(&(key - MAP_KEY_BASE)).map(|b| &b.bits[..]));
-            return false;
+            put(maps.get(&(key - MAP_KEY_BASE)).map(|b| &b.bits[..]), out)?;
+            return Ok(false);
         }
         let _s = self.stripe(key).lock();
         job.swept.store(key + 1, Ordering::Release);
         if let Some(p) = job.preserved.lock().remove(&key) {
-            put(p.as_deref());
-            return true;
+            put(p.as_deref(), out)?;
+            return Ok(true);
         }
         match self.table.get_page(self.ps.addr(Vpn(key))) {
-            Some(page) => put(Some(&self.frame(&page).0.lock())),
-            None => put(None),
+            Some(page) => put(Some(&self.frame(&page).0.lock()), out)?,
+            None => put(None, out)?,
         }
-        false
+        Ok(false)
     }
 
     /// Copies the states of `keys` at the pause into one buffer, page after page; with how many
-    /// came from copy-on-write copies.
-    fn copy_states(&self, job: &Job, keys: &[u64]) -> (Vec<u8>, u64) {
+    /// came from copy-on-write copies. Every key is taken even when one fails (the sweep's
+    /// protocol); the first error is returned.
+    fn copy_states(&self, job: &Job, keys: &[u64]) -> Result<(Vec<u8>, u64), StoreError> {
         let ps = self.ps.bytes() as usize;
-        let mut buf = self.buffers.lock().pop().unwrap_or_default();
-        // Every page of it is written below.
-        buf.resize(keys.len() * ps, 0);
+        let n = keys.len() * ps;
+        let kept = self.buffers.lock().pop();
+        let mut buf = match kept {
+            // Only the part past its length is zeroed; every page is written below.
+            Some(mut b) if b.capacity() >= n => {
+                b.resize(n, 0);
+                b
+            }
+            // Fresh zeroed memory from the allocator, not written twice.
+            _ => vec![0u8; n],
+        };
         let mut cow = 0u64;
+        let mut failed = None;
         for (&key, out) in keys.iter().zip(buf.chunks_exact_mut(ps)) {
-            cow += u64::from(self.state_at_pause(job, key, out));
+            match self.state_at_pause(job, key, out) {
+                Ok(c) => cow += u64::from(c),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
         }
-        (buf, cow)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((buf, cow)),
+        }
     }
 
     /// Puts (or removes) a batch of states taken at the pause into the pending snapshot.
@@ -779,9 +805,10 @@ impl Inner {
             store.put_hashed_pages(Vpn(key), &pages, i)?;
         }
         drop(store);
+        let buf = pages.into_buffer();
         let mut kept = self.buffers.lock();
-        if kept.len() < KEPT_BUFFERS {
-            kept.push(pages.into_buffer());
+        if kept.len() < KEPT_BUFFERS && buf.capacity() <= KEPT_BUFFER_BYTES {
+            kept.push(buf);
         }
         Ok(())
     }
@@ -812,17 +839,28 @@ impl Inner {
         let ids = self.store.lock().page_ids();
         let ps = self.ps.bytes() as usize;
         let mut copied: Vec<Option<Vec<u8>>> = Vec::new();
+        let mut swept_err = None;
         if eager {
             for batch in keys.chunks(BATCH_KEYS) {
-                let (buf, cow) = self.copy_states(job, batch);
-                copied_on_write += cow;
-                copied.push(Some(buf));
+                match self.copy_states(job, batch) {
+                    Ok((buf, cow)) => {
+                        copied_on_write += cow;
+                        copied.push(Some(buf));
+                    }
+                    Err(e) => {
+                        swept_err.get_or_insert(e);
+                        copied.push(None);
+                    }
+                }
             }
             job.all_copied
                 .store(true, std::sync::atomic::Ordering::Release);
             job.preserved.lock().clear();
         }
         let result = (|| -> Result<_, StoreError> {
+            if let Some(e) = swept_err {
+                return Err(e);
+            }
             // In batches: take the states at the pause (unless the sweep did), hash them, then
             // store.
             let mut ready: Option<Taken> = None;
@@ -832,13 +870,13 @@ impl Inner {
                 // and hashed while the one before is stored (its copies into the store's buffer
                 // and its writes), so the three overlap.
                 let (taken_batch, stored) = rayon::join(
-                    || {
+                    || -> Result<(Taken, u64), StoreError> {
                         let (buf, cow) = match swept {
                             Some(buf) => (buf, 0),
-                            None => self.copy_states(job, batch),
+                            None => self.copy_states(job, batch)?,
                         };
                         let pages = pagehash::HashedPages::new(&ids, buf, batch.len(), ps);
-                        ((batch.to_vec(), pages), cow)
+                        Ok(((batch.to_vec(), pages), cow))
                     },
                     || match ready.take() {
                         Some(t) => self.store_taken(t),
@@ -846,7 +884,7 @@ impl Inner {
                     },
                 );
                 stored?;
-                let (t, cow) = taken_batch;
+                let (t, cow) = taken_batch?;
                 copied_on_write += cow;
                 ready = Some(t);
             }
