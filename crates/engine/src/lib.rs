@@ -779,8 +779,22 @@ impl Inner {
                 b.resize(n, 0);
                 b
             }
-            // Fresh zeroed memory from the allocator, not written twice.
-            _ => vec![0u8; n],
+            // Fresh zeroed memory from the allocator (not written twice), room for a whole batch
+            // when it will be kept: the next snapshot's batch, a few pages longer or shorter,
+            // then fits without a new allocation.
+            _ => {
+                let full = BATCH_KEYS * ps;
+                let mut b = vec![
+                    0u8;
+                    if full <= KEPT_BUFFER_BYTES {
+                        full.max(n)
+                    } else {
+                        n
+                    }
+                ];
+                b.truncate(n);
+                b
+            }
         };
         let mut cow = 0u64;
         let mut failed = None;
