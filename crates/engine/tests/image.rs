@@ -1,7 +1,8 @@
 //! Raw images as address spaces: what a snapshot writes, and what it refuses.
 
 use pagesnap_engine::image::{
-    restore_image, snapshot_image, snapshot_image_with, ImageError, SnapshotOptions,
+    for_each_page_batch, restore_image, snapshot_image, snapshot_image_with, ImageError,
+    SnapshotOptions,
 };
 use pagesnap_store::{Mode, Store, StoreOptions};
 use std::io::Write;
@@ -770,7 +771,7 @@ fn a_path_that_is_no_valid_name_gets_a_derived_default_name() {
 /// writer stops the reading and is returned, and a failed restore leaves no file behind.
 #[test]
 fn restore_batches_hold_the_non_zero_pages_in_runs_and_stop_at_the_first_error() {
-    use pagesnap_engine::image::{for_each_page_batch, RESTORE_BATCH_BYTES};
+    use pagesnap_engine::image::RESTORE_BATCH_BYTES;
     let dir = tempfile::tempdir().expect("tmp");
     let path = dir.path().join("disk.img");
     // Three batches and a bit; a zero stretch longer than a batch in the middle.
@@ -832,4 +833,116 @@ fn restore_batches_hold_the_non_zero_pages_in_runs_and_stop_at_the_first_error()
         .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+// Edge cases and failure paths of `for_each_page_batch` / `restore_image`, from the review of
+// commit dee514e.
+
+fn store_with(dir: &std::path::Path, data: &[u8]) -> (Store, pagesnap_store::SnapshotId) {
+    let path = dir.join("disk.img");
+    std::fs::write(&path, data).expect("write");
+    let mut store = Store::init(dir.join("store"), StoreOptions::default()).expect("store");
+    let snap = snapshot_image(&mut store, &path, None, &|_| {}).expect("snapshot");
+    (store, snap.id)
+}
+
+fn tmp_leftovers(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect()
+}
+
+/// An empty image: no batch at all, and the restore is an empty file.
+#[test]
+fn an_empty_image_has_no_batch_and_restores_empty() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (store, id) = store_with(dir.path(), &[]);
+    let mut calls = 0;
+    for_each_page_batch(&store, id, |_, _, _| -> Result<(), ImageError> {
+        calls += 1;
+        Ok(())
+    })
+    .expect("batches");
+    assert_eq!(calls, 0);
+    let out = dir.path().join("out.img");
+    let r = restore_image(&store, id, &out, &|_| {}).expect("restore");
+    assert_eq!(r.image_size, 0);
+    assert_eq!(std::fs::metadata(&out).expect("meta").len(), 0);
+    assert!(tmp_leftovers(dir.path()).is_empty());
+}
+
+/// All pages zero: batches with no runs, and a restore of the right size that is all zero.
+#[test]
+fn an_all_zero_image_has_batches_without_runs_and_restores_exactly() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = vec![0u8; 3 * 4096 * 1024 + 1234];
+    let (store, id) = store_with(dir.path(), &data);
+    let mut next = 0;
+    for_each_page_batch(&store, id, |first, n, runs| -> Result<(), ImageError> {
+        assert_eq!(first, next);
+        assert!(runs.is_empty());
+        next = first + n;
+        Ok(())
+    })
+    .expect("batches");
+    assert_eq!(next, (data.len() as u64).div_ceil(4096));
+    let out = dir.path().join("out.img");
+    let r = restore_image(&store, id, &out, &|_| {}).expect("restore");
+    assert_eq!(r.pages_written, 0);
+    assert!(std::fs::read(&out).expect("read") == data);
+}
+
+/// A size that is no multiple of the page size, the last (partial) page non-zero and in the
+/// middle of a run, and a batch boundary crossed by data: the restore is the image exactly, and
+/// progress ends at the size.
+#[test]
+fn a_partial_last_page_restores_exactly() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut data = image(1024 + 9, 4);
+    data.truncate(data.len() - 4096 + 777);
+    let last = data.len() - 1;
+    data[last] = 0xEE;
+    let (store, id) = store_with(dir.path(), &data);
+    let out = dir.path().join("out.img");
+    let seen = std::sync::Mutex::new(Vec::new());
+    restore_image(&store, id, &out, &|p| seen.lock().unwrap().push(p)).expect("restore");
+    assert!(std::fs::read(&out).expect("read") == data);
+    let seen = seen.into_inner().unwrap();
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    assert_eq!(seen.last().copied(), Some(data.len() as u64));
+}
+
+/// A panic in the writer (here: the caller's progress callback) neither deadlocks the reader
+/// thread nor is swallowed, and `restore_image` leaves no temporary file behind (the review
+/// found it did: its clean-up ran only on `Err`; the temporary file now removes itself on drop).
+#[test]
+fn a_panic_while_writing_leaves_no_temporary_file() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (store, id) = store_with(dir.path(), &image(3000, 5));
+    let outdir = dir.path().join("outdir");
+    std::fs::create_dir(&outdir).expect("mkdir");
+    let out = outdir.join("out.img");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let store = std::sync::Arc::new(store);
+    let s = store.clone();
+    let o = out.clone();
+    std::thread::spawn(move || {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            restore_image(&s, id, &o, &|_| panic!("progress callback panics"))
+        }));
+        let _ = tx.send(r.is_err());
+    });
+    let panicked = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("a writer panic must not deadlock the reader thread");
+    assert!(panicked, "the panic propagates");
+    assert!(!out.exists());
+    let left = tmp_leftovers(&outdir);
+    assert!(
+        left.is_empty(),
+        "temporary file left behind after a panic: {left:?}"
+    );
 }
