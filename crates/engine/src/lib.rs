@@ -784,14 +784,12 @@ impl Inner {
             // then fits without a new allocation.
             _ => {
                 let full = BATCH_KEYS * ps;
-                let mut b = vec![
-                    0u8;
-                    if full <= KEPT_BUFFER_BYTES {
-                        full.max(n)
-                    } else {
-                        n
-                    }
-                ];
+                let len = if full <= KEPT_BUFFER_BYTES {
+                    full.max(n)
+                } else {
+                    n
+                };
+                let mut b = vec![0u8; len];
                 b.truncate(n);
                 b
             }
