@@ -172,6 +172,21 @@ pub(crate) fn segment_bytes(dir: &Path) -> anyhow::Result<(u64, u64)> {
 /// Flushes every dirty page of the system (`sync(2)`) and lets the disk drain for a moment, so a
 /// timed write does not pay for the writeback of what the previous one left behind (a removed
 /// file, an untimed setup).
+/// Tells a `perf record --control fifo:CTL --delay=-1` to record (`on`) or stop, when the bench
+/// runs with `PAGESNAP_PERF_CTL=CTL`, so a profile holds only the timed part of a round.
+pub(crate) fn perf_window(on: bool) {
+    if let Some(ctl) = std::env::var_os("PAGESNAP_PERF_CTL") {
+        let cmd: &[u8] = if on { b"enable\n" } else { b"disable\n" };
+        if let Err(e) = OpenOptions::new()
+            .write(true)
+            .open(&ctl)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, cmd))
+        {
+            eprintln!("PAGESNAP_PERF_CTL={}: {e}", ctl.to_string_lossy());
+        }
+    }
+}
+
 pub(crate) fn settle() {
     // SAFETY: `sync` takes no arguments and has no preconditions.
     unsafe { libc::sync() };
@@ -243,6 +258,7 @@ fn store_first(
     let mut store =
         Store::init(dir, options()).with_context(|| format!("init store in {}", dir.display()))?;
     settle();
+    perf_window(true);
     let t = Instant::now();
     store.begin(None).context("begin")?;
     for v in 0..pages {
@@ -250,7 +266,9 @@ fn store_first(
     }
     let puts = t.elapsed();
     let report = store.commit(SnapshotMeta::default()).context("commit")?;
-    Ok((t.elapsed(), puts, report, store))
+    let d = t.elapsed();
+    perf_window(false);
+    Ok((d, puts, report, store))
 }
 
 /// The engine: map `pages` pages, write each (untimed), then time `snapshot()`.
@@ -267,9 +285,12 @@ fn engine_first(dir: &Path, pool: &mut Pool, pages: u64) -> anyhow::Result<(Dura
             .context("write page")?;
     }
     settle();
+    perf_window(true);
     let t = Instant::now();
     let report = space.snapshot().context("snapshot")?;
-    Ok((t.elapsed(), report.meta_bytes))
+    let d = t.elapsed();
+    perf_window(false);
+    Ok((d, report.meta_bytes))
 }
 
 #[derive(Default)]
