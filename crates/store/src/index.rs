@@ -210,7 +210,15 @@ impl ContentRoot {
     }
 
     pub(crate) fn add(&mut self, vpn: u64, hash: &[u8; 32]) {
-        let t = term(vpn, hash);
+        self.add_words(term(vpn, hash));
+    }
+
+    #[cfg(test)]
+    pub(crate) fn sub(&mut self, vpn: u64, hash: &[u8; 32]) {
+        self.sub_words(term(vpn, hash));
+    }
+
+    fn add_words(&mut self, t: [u64; 4]) {
         let mut carry = false;
         for (a, b) in self.0.iter_mut().zip(t) {
             let (s1, c1) = a.overflowing_add(b);
@@ -220,8 +228,7 @@ impl ContentRoot {
         }
     }
 
-    pub(crate) fn sub(&mut self, vpn: u64, hash: &[u8; 32]) {
-        let t = term(vpn, hash);
+    fn sub_words(&mut self, t: [u64; 4]) {
         let mut borrow = false;
         for (a, b) in self.0.iter_mut().zip(t) {
             let (s1, c1) = a.overflowing_sub(b);
@@ -229,6 +236,40 @@ impl ContentRoot {
             *a = s2;
             borrow = c1 || c2;
         }
+    }
+
+    /// Applies a commit's changes, each (page, hash before, hash after): the term of every hash
+    /// before is subtracted and of every hash after added. The root is a sum modulo 2^256, so
+    /// the order does not matter: from [`PARALLEL_TERMS`] changes on, the terms (one blake3
+    /// each) are summed on every core.
+    pub(crate) fn change_all(&mut self, changes: &[RootChange]) {
+        let part = |c: &[RootChange]| {
+            let (mut plus, mut minus) = (ContentRoot::default(), ContentRoot::default());
+            for (vpn, before, after) in c {
+                if let Some(h) = before {
+                    minus.add(*vpn, h);
+                }
+                if let Some(h) = after {
+                    plus.add(*vpn, h);
+                }
+            }
+            (plus, minus)
+        };
+        let (plus, minus) = if changes.len() < PARALLEL_TERMS {
+            part(changes)
+        } else {
+            use rayon::prelude::*;
+            changes.par_chunks(PARALLEL_TERMS).map(part).reduce(
+                || (ContentRoot::default(), ContentRoot::default()),
+                |(mut p, mut m), (p2, m2)| {
+                    p.add_words(p2.0);
+                    m.add_words(m2.0);
+                    (p, m)
+                },
+            )
+        };
+        self.add_words(plus.0);
+        self.sub_words(minus.0);
     }
 
     /// The root of a whole map.
@@ -241,9 +282,114 @@ impl ContentRoot {
     }
 }
 
+/// A page's change as the content root sees it: (page, hash before, hash after).
+pub(crate) type RootChange = (u64, Option<[u8; 32]>, Option<[u8; 32]>);
+
+/// Changes from which [`ContentRoot::change_all`] sums the terms on every core.
+const PARALLEL_TERMS: usize = 4096;
+
+/// `map` with `delta` (ascending, one entry per page: `None` removes the page) applied, built
+/// in one pass: for a delta that is a large part of the map, a merge and a bulk build instead of
+/// an insert per entry.
+pub(crate) fn merged(map: &PageMap, delta: &[(u64, Option<Ref>)]) -> PageMap {
+    debug_assert!(
+        delta.windows(2).all(|w| w[0].0 < w[1].0),
+        "delta not ascending"
+    );
+    let mut out: Vec<(u64, Ref)> = Vec::with_capacity(map.len() + delta.len());
+    let mut d = delta.iter().peekable();
+    for (k, r) in map {
+        while let Some((dk, dv)) = d.next_if(|(dk, _)| dk < k) {
+            if let Some(v) = dv {
+                out.push((*dk, *v));
+            }
+        }
+        match d.next_if(|(dk, _)| dk == k) {
+            Some((_, Some(v))) => out.push((*k, *v)),
+            Some((_, None)) => {}
+            None => out.push((*k, *r)),
+        }
+    }
+    out.extend(d.filter_map(|(k, v)| v.map(|v| (*k, v))));
+    // Ascending and without duplicates: `collect` builds the tree in one pass.
+    out.into_iter().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A map of `n` pages and a delta against it that updates, removes and adds pages, from a
+    /// seed (xorshift).
+    fn map_and_delta(n: u64, seed: u64) -> (PageMap, Vec<(u64, Option<Ref>)>) {
+        let mut x = seed | 1;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let map: PageMap = (0..n).map(|i| (i * 3, r((i % 251) as u8))).collect();
+        let mut delta = std::collections::BTreeMap::new();
+        for _ in 0..n {
+            let page = next() % (n * 4);
+            let v = match next() % 3 {
+                0 => None,
+                k => Some(r((k * 7 + page % 200) as u8)),
+            };
+            delta.insert(page, v);
+        }
+        (map, delta.into_iter().collect())
+    }
+
+    #[test]
+    fn a_merged_map_is_the_map_with_the_delta_applied() {
+        for (n, seed) in [(0, 1), (1, 2), (10, 3), (5000, 4), (20_000, 5)] {
+            let (map, delta) = map_and_delta(n, seed);
+            let mut want = map.clone();
+            for (k, v) in &delta {
+                match v {
+                    Some(v) => {
+                        want.insert(*k, *v);
+                    }
+                    None => {
+                        want.remove(k);
+                    }
+                }
+            }
+            assert_eq!(merged(&map, &delta), want, "{n} pages, seed {seed}");
+            assert_eq!(
+                merged(&PageMap::new(), &delta).len(),
+                delta.iter().filter(|d| d.1.is_some()).count()
+            );
+            assert_eq!(merged(&map, &[]), map);
+        }
+    }
+
+    #[test]
+    fn the_root_of_many_changes_is_the_root_of_each_in_turn() {
+        // Past PARALLEL_TERMS, so the terms are summed on every core.
+        for (n, seed) in [(3, 7), (PARALLEL_TERMS as u64 * 3 + 17, 8)] {
+            let (map, delta) = map_and_delta(n, seed);
+            let changes: Vec<_> = delta
+                .iter()
+                .map(|(k, v)| (*k, map.get(k).map(|r| r.hash), v.map(|r| r.hash)))
+                .collect();
+            let mut one_by_one = ContentRoot::of(&map);
+            for (k, before, after) in &changes {
+                if let Some(h) = before {
+                    one_by_one.sub(*k, h);
+                }
+                if let Some(h) = after {
+                    one_by_one.add(*k, h);
+                }
+            }
+            let mut all = ContentRoot::of(&map);
+            all.change_all(&changes);
+            assert_eq!(all, one_by_one);
+            assert_eq!(all, ContentRoot::of(&merged(&map, &delta)));
+        }
+    }
 
     fn r(n: u8) -> Ref {
         Ref {

@@ -42,6 +42,10 @@ const CHECKPOINT_EVERY: u64 = 64;
 /// Page maps kept in memory (the writer's parent, the newest snapshots read).
 const MAP_CACHE: usize = 4;
 
+/// A commit whose delta has at least 1/MERGE_FRACTION as many entries as the parent's map builds
+/// the new map by one merge (a pass over both and a bulk build) instead of an insert per entry.
+const MERGE_FRACTION: usize = 8;
+
 /// The snapshot catalog of a format 3 store, as the commit log gives it.
 #[derive(Debug, Default)]
 pub(crate) struct Catalog {
@@ -1309,21 +1313,23 @@ impl Store {
         let mut root =
             ContentRoot::from_bytes(&parent_m.as_ref().map(|m| m.content_root).unwrap_or([0; 32]));
         let mut count = parent_m.as_ref().map_or(0, |m| m.page_count);
+        let mut terms = Vec::with_capacity(pending.changes.len());
         for (k, v) in &pending.changes {
             let old = parent_map.get(k);
             if old.map(|r| r.hash) == v.map(|r| r.hash) {
                 continue;
             }
-            if let Some(o) = old {
-                root.sub(*k, &o.hash);
+            if old.is_some() {
                 count -= 1;
             }
-            if let Some(n) = v {
-                root.add(*k, &n.hash);
+            if v.is_some() {
                 count += 1;
             }
+            terms.push((*k, old.map(|r| r.hash), v.map(|r| r.hash)));
             delta.push((*k, *v));
         }
+        root.change_all(&terms);
+        drop(terms);
         // The new map: the parent's, changed in place when nobody else holds it.
         drop(pending.map);
         let mut map = match pending.parent {
@@ -1362,7 +1368,11 @@ impl Store {
             .iter()
             .map(|(k, _)| (*k, map_mut.get(k).copied()))
             .collect();
-        apply(map_mut);
+        if delta.len() >= map_mut.len() / MERGE_FRACTION {
+            *map_mut = crate::index::merged(map_mut, &delta);
+        } else {
+            apply(map_mut);
+        }
         let result = (|| {
             let head = if delta.is_empty() {
                 parent_head
