@@ -9,7 +9,7 @@
 //! metadata per data; see `write_path.rs`), and, only by name, `pagetable-targets` (issue 18) and
 //! `compression` (issue 16: the default compression against none on random and compressible
 //! pages, write and restore, wall and CPU time; `--rounds N`; see `compression.rs`).
-//! `--profile-write raw|store|engine [ROUNDS]` runs one path of `write-path` alone, for
+//! `--profile-write raw|store|engine [ROUNDS]` (with `--full`: at 1 Mi pages) runs one path of `write-path` alone, for
 //! `perf record`.
 
 use pagesnap_bench::{
@@ -82,7 +82,12 @@ fn main() -> anyhow::Result<()> {
         // For perf: one write path of section `write-path` alone (raw, store or engine).
         let which = args.get(i + 1).map(String::as_str).unwrap_or("store");
         let rounds = args.get(i + 2).and_then(|a| a.parse().ok()).unwrap_or(5);
-        return write_path::profile(which, rounds);
+        let pages = if opts.full {
+            write_path::PAGES_FULL
+        } else {
+            write_path::PAGES
+        };
+        return write_path::profile(which, rounds, pages);
     }
     let t0 = Instant::now();
     println!(

@@ -32,9 +32,9 @@ use std::time::{Duration, Instant};
 
 pub(crate) const PAGE: usize = 4096;
 /// 256 MiB of 4 KiB pages.
-const PAGES: u64 = 1 << 16;
+pub(crate) const PAGES: u64 = 1 << 16;
 /// 4 GiB of 4 KiB pages (`--full`).
-const PAGES_FULL: u64 = 1 << 20;
+pub(crate) const PAGES_FULL: u64 = 1 << 20;
 /// The content pool: 64 MiB.
 const POOL_PAGES: u64 = 1 << 14;
 /// Pages per raw pwrite (1 MiB).
@@ -467,17 +467,17 @@ fn cycle(dirty: u64) -> u64 {
     deltas + 1
 }
 
-/// For `perf record`: `rounds` first snapshots of 256 MiB by one path only (`raw`, `store` or
+/// For `perf record`: `rounds` first snapshots of `pages` pages by one path only (`raw`, `store` or
 /// `engine`), each time printed (`pagesnap-bench --profile-write PATH [ROUNDS]`).
-pub(crate) fn profile(which: &str, rounds: usize) -> anyhow::Result<()> {
+pub(crate) fn profile(which: &str, rounds: usize, pages: u64) -> anyhow::Result<()> {
     let tmp = PathBuf::from(std::env::var_os("TMPDIR").unwrap_or_else(|| "/tmp".into()));
     let mut pool = Pool::new(&mut Rng(0x5EED_0003));
     for _ in 0..rounds {
         let dir = tempfile::tempdir_in(&tmp).context("temporary directory")?;
         let d = match which {
-            "raw" => raw(dir.path(), &mut pool, PAGES)?,
-            "store" => store_first(dir.path(), &mut pool, PAGES)?.0,
-            "engine" => engine_first(dir.path(), &mut pool, PAGES)?.0,
+            "raw" => raw(dir.path(), &mut pool, pages)?,
+            "store" => store_first(dir.path(), &mut pool, pages)?.0,
+            "engine" => engine_first(dir.path(), &mut pool, pages)?.0,
             other => anyhow::bail!("--profile-write takes raw, store or engine, not {other}"),
         };
         println!("{which}: {:.0} ms", ms(d));
