@@ -70,13 +70,23 @@ pub(crate) struct Chunk {
 }
 
 impl Chunk {
+    #[cfg(test)]
     pub(crate) fn encode(&self) -> Vec<u8> {
+        Chunk::encode_parts(self.base, self.prev.as_ref(), &self.entries)
+    }
+
+    /// The bytes of a chunk of these parts (what [`Chunk::encode`] gives, without building one).
+    pub(crate) fn encode_parts(
+        base: bool,
+        prev: Option<&ChunkRef>,
+        entries: &[(u64, Option<Ref>)],
+    ) -> Vec<u8> {
         let mut e = Enc(Vec::with_capacity(
-            CHUNK_HEADER + self.entries.len() * ENTRY_BYTES,
+            CHUNK_HEADER + entries.len() * ENTRY_BYTES,
         ));
-        e.u8(u8::from(self.base));
+        e.u8(u8::from(base));
         e.bytes(&[0; 7]);
-        match &self.prev {
+        match prev {
             Some(p) => {
                 e.u8(1);
                 e.loc(&p.loc);
@@ -89,8 +99,8 @@ impl Chunk {
         }
         e.bytes(&[0; 3]);
         // Bounded by MAX_CHUNK_ENTRIES.
-        e.u32(u32::try_from(self.entries.len()).unwrap_or(u32::MAX));
-        for (vpn, r) in &self.entries {
+        e.u32(u32::try_from(entries.len()).unwrap_or(u32::MAX));
+        for (vpn, r) in entries {
             e.u64(*vpn);
             match r {
                 Some(r) => {

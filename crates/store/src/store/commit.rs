@@ -113,7 +113,7 @@ impl Store {
             parent,
             base_root,
             base_count,
-            changes: BTreeMap::new(),
+            changes: Default::default(),
             fresh: Default::default(),
             pages_written: 0,
             changed: 0,
@@ -279,7 +279,7 @@ impl Store {
         };
         let result = (|| {
             let mut changes = Vec::with_capacity(p.changes.len());
-            for (k, v) in std::mem::take(&mut p.changes) {
+            for (k, v) in std::mem::take(&mut p.changes).into_sorted() {
                 let old = trie::get(&mut wio, p.base_root, k)?;
                 if old.map(|r| r.hash) != v.map(|r| r.hash) {
                     changes.push((k, v));
@@ -378,7 +378,7 @@ impl Store {
         // Changes that leave a page as it was in the parent are dropped: they would only rewrite
         // index nodes.
         let mut changes = Vec::with_capacity(pending.changes.len());
-        for (k, v) in pending.changes {
+        for (k, v) in pending.changes.into_sorted() {
             let old = trie::get(&mut wio, pending.base_root, k)?;
             if old.map(|r| r.hash) != v.map(|r| r.hash) {
                 changes.push((k, v));

@@ -42,6 +42,14 @@ const CHECKPOINT_EVERY: u64 = 64;
 /// Page maps kept in memory (the writer's parent, the newest snapshots read).
 const MAP_CACHE: usize = 4;
 
+/// How a failed commit puts the parent's page map back.
+enum Undo {
+    /// The parent's map, whole (the new one was built by a merge).
+    Map(PageMap),
+    /// Each page the delta changed, as the parent had it (`None`: absent).
+    Entries(Vec<(u64, Option<Ref>)>),
+}
+
 /// A commit whose delta has at least 1/MERGE_FRACTION as many entries as the parent's map builds
 /// the new map by one merge (a pass over both and a bulk build) instead of an insert per entry.
 const MERGE_FRACTION: usize = 8;
@@ -795,7 +803,7 @@ impl Store {
             parent,
             base_root: None,
             base_count: 0,
-            changes: BTreeMap::new(),
+            changes: Default::default(),
             fresh: Default::default(),
             pages_written: 0,
             changed: 0,
@@ -1142,12 +1150,8 @@ impl Store {
         entries: &[(u64, Option<Ref>)],
     ) -> Result<Option<ChunkRef>, StoreError> {
         for part in entries.chunks(MAX_CHUNK_ENTRIES) {
-            let chunk = Chunk {
-                base,
-                prev,
-                entries: part.to_vec(),
-            };
-            let bytes = self.seal_meta(Kind::Chunk, part.len() as u64, chunk.encode())?;
+            let plain = Chunk::encode_parts(base, prev.as_ref(), part);
+            let bytes = self.seal_meta(Kind::Chunk, part.len() as u64, plain)?;
             let hash = *blake3::hash(&bytes).as_bytes();
             let loc = self.append3(Kind::Chunk, part.len() as u64, &hash, &bytes)?;
             prev = Some(ChunkRef { loc, hash });
@@ -1301,7 +1305,8 @@ impl Store {
             .pending
             .take()
             .ok_or(StoreError::Usage("commit without begin"))?;
-        Store::resolve_refs(w, pending.changes.values_mut().flatten())?;
+        let changes = pending.changes.sorted();
+        Store::resolve_refs(w, changes.iter_mut().filter_map(|(_, r)| r.as_mut()))?;
         let parent_m = match pending.parent {
             Some(p) => Some(self.manifest3(p)?.clone()),
             None => None,
@@ -1309,15 +1314,15 @@ impl Store {
         let empty = Arc::new(PageMap::new());
         let parent_map = pending.map.clone().unwrap_or(empty);
         // Changes that leave a page as it was are dropped.
-        let mut delta: Vec<(u64, Option<Ref>)> = Vec::with_capacity(pending.changes.len());
+        let mut delta = pending.changes.into_sorted();
         let mut root =
             ContentRoot::from_bytes(&parent_m.as_ref().map(|m| m.content_root).unwrap_or([0; 32]));
         let mut count = parent_m.as_ref().map_or(0, |m| m.page_count);
-        let mut terms = Vec::with_capacity(pending.changes.len());
-        for (k, v) in &pending.changes {
+        let mut terms = Vec::with_capacity(delta.len());
+        delta.retain(|(k, v)| {
             let old = parent_map.get(k);
             if old.map(|r| r.hash) == v.map(|r| r.hash) {
-                continue;
+                return false;
             }
             if old.is_some() {
                 count -= 1;
@@ -1326,8 +1331,8 @@ impl Store {
                 count += 1;
             }
             terms.push((*k, old.map(|r| r.hash), v.map(|r| r.hash)));
-            delta.push((*k, *v));
-        }
+            true
+        });
         root.change_all(&terms);
         drop(terms);
         // The new map: the parent's, changed in place when nobody else holds it.
@@ -1363,16 +1368,19 @@ impl Store {
                 }
             }
         };
-        // If writing fails below, the map must go back to the parent's: kept aside as changes.
-        let undo: Vec<(u64, Option<Ref>)> = delta
-            .iter()
-            .map(|(k, _)| (*k, map_mut.get(k).copied()))
-            .collect();
-        if delta.len() >= map_mut.len() / MERGE_FRACTION {
-            *map_mut = crate::index::merged(map_mut, &delta);
+        // If writing fails below, the map must go back to the parent's: the parent's map kept
+        // aside whole when the new one is built by a merge, else the entries the delta changes.
+        let undo = if delta.len() >= map_mut.len() / MERGE_FRACTION {
+            let new = crate::index::merged(map_mut, &delta);
+            Undo::Map(std::mem::replace(map_mut, new))
         } else {
+            let entries = delta
+                .iter()
+                .map(|(k, _)| (*k, map_mut.get(k).copied()))
+                .collect();
             apply(map_mut);
-        }
+            Undo::Entries(entries)
+        };
         let result = (|| {
             let head = if delta.is_empty() {
                 parent_head
@@ -1444,13 +1452,18 @@ impl Store {
             Err(e) => {
                 // The parent's map, as it was, back into the cache.
                 let m = Arc::make_mut(&mut map);
-                for (k, v) in undo {
-                    match v {
-                        Some(r) => {
-                            m.insert(k, r);
-                        }
-                        None => {
-                            m.remove(&k);
+                match undo {
+                    Undo::Map(parent) => *m = parent,
+                    Undo::Entries(entries) => {
+                        for (k, v) in entries {
+                            match v {
+                                Some(r) => {
+                                    m.insert(k, r);
+                                }
+                                None => {
+                                    m.remove(&k);
+                                }
+                            }
                         }
                     }
                 }

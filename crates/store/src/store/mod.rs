@@ -61,11 +61,63 @@ pub enum Mode {
     Write,
 }
 
+/// The changes of a snapshot being written: page → its new place (`None`: the page becomes
+/// zero); the last change of a page wins. Kept as a list: pages put in ascending order (the
+/// engine's snapshots and image snapshots put them so) are appended, and any other order is
+/// sorted once, when the list is read, instead of keeping a search tree up to date on every put.
+#[derive(Default)]
+struct Changes {
+    entries: Vec<(u64, Option<Ref>)>,
+    /// Some entry is out of order or repeats a page.
+    unsorted: bool,
+}
+
+impl Changes {
+    fn insert(&mut self, vpn: u64, to: Option<Ref>) {
+        match self.entries.last_mut() {
+            Some(last) if last.0 == vpn => last.1 = to,
+            Some(last) if last.0 > vpn => {
+                self.unsorted = true;
+                self.entries.push((vpn, to));
+            }
+            _ => self.entries.push((vpn, to)),
+        }
+    }
+
+    /// Entries held, a page's repeated changes counted each until the list is next read.
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Ascending by page, one entry per page (its last change).
+    fn sorted(&mut self) -> &mut Vec<(u64, Option<Ref>)> {
+        if self.unsorted {
+            // Stable: a page's changes stay in the order they were made, and the last is kept.
+            self.entries.sort_by_key(|e| e.0);
+            let mut kept: Vec<(u64, Option<Ref>)> = Vec::with_capacity(self.entries.len());
+            for e in self.entries.drain(..) {
+                match kept.last_mut() {
+                    Some(last) if last.0 == e.0 => *last = e,
+                    _ => kept.push(e),
+                }
+            }
+            self.entries = kept;
+            self.unsorted = false;
+        }
+        &mut self.entries
+    }
+
+    fn into_sorted(mut self) -> Vec<(u64, Option<Ref>)> {
+        self.sorted();
+        self.entries
+    }
+}
+
 struct Pending {
     parent: Option<SnapshotId>,
     base_root: Option<NodePtr>,
     base_count: u64,
-    changes: BTreeMap<u64, Option<Ref>>,
+    changes: Changes,
     /// Formats 1 and 2: page records written in this snapshot, by content hash (dedup within
     /// the snapshot; format 3's dedup map learns them as they are appended).
     fresh: crate::index::ByContent<Ref>,
@@ -455,6 +507,148 @@ mod tests {
     use crate::trie::{self, Delta, Slot};
     use crate::SnapshotMeta;
     use pagesnap_pagetable::Vpn;
+
+    fn place(n: u8) -> Option<Ref> {
+        Some(Ref {
+            hash: [n; 32],
+            loc: crate::format::Location {
+                segment: 1,
+                offset: u64::from(n) * 64,
+                len: 8,
+                slot: 0,
+            },
+        })
+    }
+
+    #[test]
+    fn changes_keep_each_pages_last_change_in_page_order() {
+        let mut c = Changes::default();
+        for (vpn, n) in [(1, 1), (2, 2), (2, 3), (5, 4)] {
+            c.insert(vpn, place(n));
+        }
+        // In order, a repeat of the last page replaced in place: nothing to sort.
+        assert!(!c.unsorted);
+        assert_eq!(c.len(), 3);
+        c.insert(3, place(5));
+        c.insert(1, None);
+        c.insert(5, place(6));
+        c.insert(3, place(7));
+        assert!(c.unsorted);
+        let want = vec![(1, None), (2, place(3)), (3, place(7)), (5, place(6))];
+        assert_eq!(*c.sorted(), want);
+        assert!(!c.unsorted);
+        c.insert(4, place(8));
+        assert!(c.unsorted, "4 after 5 is out of order again");
+        assert_eq!(
+            c.into_sorted(),
+            vec![
+                (1, None),
+                (2, place(3)),
+                (3, place(7)),
+                (4, place(8)),
+                (5, place(6))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_commit_holds_each_pages_last_put_whatever_the_order() {
+        let opts = StoreOptions {
+            page_size: 512,
+            ..StoreOptions::default()
+        };
+        let format2 = Store::init_format2_with(Arc::new(FaultyStorage::new()), opts);
+        let current = Store::init_with(Arc::new(FaultyStorage::new()), opts);
+        for mut store in [format2.expect("init 2"), current.expect("init")] {
+            store.begin(None).expect("begin");
+            for vpn in [9u64, 3, 7, 3, 1, 9, 5] {
+                store.put(Vpn(vpn), &[vpn as u8; 512]).expect("put");
+            }
+            store.put(Vpn(3), &[33; 512]).expect("put again");
+            store.remove(Vpn(5)).expect("remove");
+            store.put(Vpn(7), &[77; 512]).expect("put again");
+            let first = store.commit(SnapshotMeta::default()).expect("commit").id;
+            store.begin(Some(first)).expect("begin");
+            store.remove(Vpn(9)).expect("remove");
+            store.put(Vpn(1), &[11; 512]).expect("put");
+            store.remove(Vpn(1)).expect("remove after put");
+            store.put(Vpn(2), &[22; 512]).expect("put");
+            let second = store.commit(SnapshotMeta::default()).expect("commit").id;
+            let read = |id, vpn| store.read_page(id, Vpn(vpn)).expect("read");
+            assert_eq!(read(first, 1), Some(vec![1; 512]));
+            assert_eq!(read(first, 3), Some(vec![33; 512]));
+            assert_eq!(read(first, 5), None);
+            assert_eq!(read(first, 7), Some(vec![77; 512]));
+            assert_eq!(read(first, 9), Some(vec![9; 512]));
+            assert_eq!(read(second, 1), None);
+            assert_eq!(read(second, 2), Some(vec![22; 512]));
+            assert_eq!(read(second, 3), Some(vec![33; 512]));
+            assert_eq!(read(second, 9), None);
+            let report = store.verify(&[first, second]).expect("verify");
+            assert!(report.is_clean(), "{report:?}");
+        }
+    }
+
+    /// A commit that fails after its new page map was built puts the parent's map back, whether
+    /// the new one was built in place (a small delta) or by a merge (a large one): the next
+    /// commit on the same parent sees none of the failed one's changes.
+    #[test]
+    fn a_failed_commit_leaves_the_parents_page_map_as_it_was() {
+        use crate::fault::FaultPlan;
+        let opts = StoreOptions {
+            page_size: 512,
+            ..StoreOptions::default()
+        };
+        // 2 of 64 pages: in place; 40 of 64: by a merge (MERGE_FRACTION).
+        for changed in [2u64, 40] {
+            let mut failures = 0;
+            for k in 0.. {
+                let io = Arc::new(FaultyStorage::new());
+                let mut store = Store::init_with(io.clone(), opts).expect("init");
+                store.begin(None).expect("begin");
+                for vpn in 0..64u64 {
+                    store.put(Vpn(vpn), &[vpn as u8 + 1; 512]).expect("put");
+                }
+                let first = store.commit(SnapshotMeta::default()).expect("commit").id;
+                store.begin(Some(first)).expect("begin");
+                for vpn in 0..changed {
+                    store.put(Vpn(vpn), &[200; 512]).expect("put");
+                }
+                store.remove(Vpn(63)).expect("remove");
+                io.set_plan(FaultPlan {
+                    fail_at: Some((k, 5)),
+                    ..FaultPlan::default()
+                });
+                let failed = store.commit(SnapshotMeta::default()).is_err();
+                io.set_plan(FaultPlan::default());
+                if !failed {
+                    break; // past the commit's last operation
+                }
+                failures += 1;
+                // Snapshot 1's map must be whole: a commit of one change on it.
+                store.begin(Some(first)).expect("begin again");
+                store.put(Vpn(10), &[99; 512]).expect("put");
+                let next = store
+                    .commit(SnapshotMeta::default())
+                    .expect("commit again")
+                    .id;
+                for vpn in 0..64u64 {
+                    let want = if vpn == 10 { 99 } else { vpn as u8 + 1 };
+                    assert_eq!(
+                        store.read_page(next, Vpn(vpn)).expect("read"),
+                        Some(vec![want; 512]),
+                        "{changed} changed, failure at operation +{k}: page {vpn}"
+                    );
+                }
+                let report = store.verify(&[first, next]).expect("verify");
+                assert!(report.is_clean(), "{report:?}");
+            }
+            assert!(
+                failures > 0,
+                "{changed} changed: no operation of the commit failed"
+            );
+        }
+    }
 
     /// Appends, through the writer, an index node that names itself as its only child, and
     /// commits it both as the catalog root and as snapshot 2's index root.
