@@ -251,7 +251,9 @@ impl ContentRoot {
     /// Applies a commit's changes, each (page, hash before, hash after): the term of every hash
     /// before is subtracted and of every hash after added. The root is a sum modulo 2^256, so
     /// the order does not matter: from [`PARALLEL_TERMS`] changes on, the terms (one blake3
-    /// each) are summed on every core.
+    /// each) are summed in parts on scoped threads of the store's own (not on a shared pool,
+    /// which a caller holding a lock the pool's jobs wait for would deadlock), a part that
+    /// cannot get a thread on the calling thread.
     pub(crate) fn change_all(&mut self, changes: &[RootChange]) {
         let part = |c: &[RootChange]| {
             let (mut plus, mut minus) = (ContentRoot::default(), ContentRoot::default());
@@ -265,21 +267,40 @@ impl ContentRoot {
             }
             (plus, minus)
         };
-        let (plus, minus) = if changes.len() < PARALLEL_TERMS {
-            part(changes)
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, MAX_TERM_THREADS)
+            .min(changes.len().div_ceil(PARALLEL_TERMS).max(1));
+        let sums: Vec<(ContentRoot, ContentRoot)> = if threads == 1 {
+            vec![part(changes)]
         } else {
-            use rayon::prelude::*;
-            changes.par_chunks(PARALLEL_TERMS).map(part).reduce(
-                || (ContentRoot::default(), ContentRoot::default()),
-                |(mut p, mut m), (p2, m2)| {
-                    p.add_words(p2.0);
-                    m.add_words(m2.0);
-                    (p, m)
-                },
-            )
+            let size = changes.len().div_ceil(threads);
+            std::thread::scope(|s| {
+                let mut parts = changes.chunks(size);
+                let mine = parts.next().unwrap_or(&[]);
+                let spawned: Vec<_> = parts
+                    .map(|c| {
+                        std::thread::Builder::new()
+                            .name("pagesnap-root".into())
+                            .spawn_scoped(s, move || part(c))
+                            .map_err(|_| c)
+                    })
+                    .collect();
+                let mut sums = vec![part(mine)];
+                for h in spawned {
+                    sums.push(match h {
+                        // A panic in a summing thread is a bug: raised again here.
+                        Ok(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                        Err(c) => part(c),
+                    });
+                }
+                sums
+            })
         };
-        self.add_words(plus.0);
-        self.sub_words(minus.0);
+        for (plus, minus) in sums {
+            self.add_words(plus.0);
+            self.sub_words(minus.0);
+        }
     }
 
     /// The root of a whole map.
@@ -295,35 +316,44 @@ impl ContentRoot {
 /// A page's change as the content root sees it: (page, hash before, hash after).
 pub(crate) type RootChange = (u64, Option<[u8; 32]>, Option<[u8; 32]>);
 
-/// Changes from which [`ContentRoot::change_all`] sums the terms on every core.
+/// Changes from which [`ContentRoot::change_all`] sums the terms on more than one thread (and at
+/// least this many per thread).
 const PARALLEL_TERMS: usize = 4096;
 
-/// `map` with `delta` (ascending, one entry per page: `None` removes the page) applied, built
-/// in one pass: for a delta that is a large part of the map, a merge and a bulk build instead of
-/// an insert per entry.
-pub(crate) fn merged(map: &PageMap, delta: &[(u64, Option<Ref>)]) -> PageMap {
-    debug_assert!(
-        delta.windows(2).all(|w| w[0].0 < w[1].0),
-        "delta not ascending"
-    );
-    let mut out: Vec<(u64, Ref)> = Vec::with_capacity(map.len() + delta.len());
-    let mut d = delta.iter().peekable();
-    for (k, r) in map {
-        while let Some((dk, dv)) = d.next_if(|(dk, _)| dk < k) {
-            if let Some(v) = dv {
-                out.push((*dk, *v));
+/// Threads [`ContentRoot::change_all`] sums on at most, the calling one included.
+const MAX_TERM_THREADS: usize = 4;
+
+/// Applies `delta` (ascending, one entry per page: `None` removes the page) to `map`. A delta at
+/// least an eighth of the map's size goes in by one merge ([`BTreeMap::append`] of its new
+/// entries: a pass over both, freeing the old nodes as it goes, and a bulk build) and then its
+/// removals; a smaller one by an insert or a removal per entry.
+pub(crate) fn apply_delta(map: &mut PageMap, delta: &[(u64, Option<Ref>)]) {
+    if delta.len() >= map.len() / MERGE_FRACTION {
+        let mut puts: PageMap = delta
+            .iter()
+            .filter_map(|(k, v)| v.map(|v| (*k, v)))
+            .collect();
+        map.append(&mut puts);
+        for (k, _) in delta.iter().filter(|(_, v)| v.is_none()) {
+            map.remove(k);
+        }
+    } else {
+        for (k, v) in delta {
+            match v {
+                Some(r) => {
+                    map.insert(*k, *r);
+                }
+                None => {
+                    map.remove(k);
+                }
             }
         }
-        match d.next_if(|(dk, _)| dk == k) {
-            Some((_, Some(v))) => out.push((*k, *v)),
-            Some((_, None)) => {}
-            None => out.push((*k, *r)),
-        }
     }
-    out.extend(d.filter_map(|(k, v)| v.map(|v| (*k, v))));
-    // Ascending and without duplicates: `collect` builds the tree in one pass.
-    out.into_iter().collect()
 }
+
+/// A delta with at least 1/MERGE_FRACTION as many entries as the map goes in by one merge
+/// ([`apply_delta`]).
+const MERGE_FRACTION: usize = 8;
 
 #[cfg(test)]
 mod tests {
@@ -353,7 +383,7 @@ mod tests {
     }
 
     #[test]
-    fn a_merged_map_is_the_map_with_the_delta_applied() {
+    fn a_delta_applies_alike_by_merge_and_entry_by_entry() {
         for (n, seed) in [(0, 1), (1, 2), (10, 3), (5000, 4), (20_000, 5)] {
             let (map, delta) = map_and_delta(n, seed);
             let mut want = map.clone();
@@ -367,18 +397,41 @@ mod tests {
                     }
                 }
             }
-            assert_eq!(merged(&map, &delta), want, "{n} pages, seed {seed}");
+            let applied = |map: &PageMap, delta: &[(u64, Option<Ref>)]| {
+                let mut m = map.clone();
+                apply_delta(&mut m, delta);
+                m
+            };
+            assert_eq!(applied(&map, &delta), want, "{n} pages, seed {seed}");
+            // The other way in: a delta less than an eighth of the map.
+            let small: Vec<_> = delta.iter().step_by(9).copied().collect();
+            let mut want_small = map.clone();
+            for (k, v) in &small {
+                match v {
+                    Some(v) => {
+                        want_small.insert(*k, *v);
+                    }
+                    None => {
+                        want_small.remove(k);
+                    }
+                }
+            }
             assert_eq!(
-                merged(&PageMap::new(), &delta).len(),
+                applied(&map, &small),
+                want_small,
+                "{n} pages, seed {seed}, small"
+            );
+            assert_eq!(
+                applied(&PageMap::new(), &delta).len(),
                 delta.iter().filter(|d| d.1.is_some()).count()
             );
-            assert_eq!(merged(&map, &[]), map);
+            assert_eq!(applied(&map, &[]), map);
         }
     }
 
     #[test]
     fn the_root_of_many_changes_is_the_root_of_each_in_turn() {
-        // Past PARALLEL_TERMS, so the terms are summed on every core.
+        // Past PARALLEL_TERMS, so the terms are summed on more than one thread.
         for (n, seed) in [(3, 7), (PARALLEL_TERMS as u64 * 3 + 17, 8)] {
             let (map, delta) = map_and_delta(n, seed);
             let changes: Vec<_> = delta
@@ -397,7 +450,9 @@ mod tests {
             let mut all = ContentRoot::of(&map);
             all.change_all(&changes);
             assert_eq!(all, one_by_one);
-            assert_eq!(all, ContentRoot::of(&merged(&map, &delta)));
+            let mut new = map.clone();
+            apply_delta(&mut new, &delta);
+            assert_eq!(all, ContentRoot::of(&new));
         }
     }
 

@@ -259,11 +259,14 @@ impl Store {
     /// an intermediate index root (whose superseded nodes gc reclaims), so a snapshot of any size
     /// is written in bounded memory.
     fn flush_if_large(&mut self) -> Result<(), StoreError> {
+        let limit = self.opts.max_pending_changes.max(1);
+        // Counted once per page: a page changed again out of order counts again until the list
+        // is sorted, which is done first.
         let full = self
             .writer
-            .as_ref()
-            .and_then(|w| w.pending.as_ref())
-            .is_some_and(|p| p.changes.len() >= self.opts.max_pending_changes.max(1));
+            .as_mut()
+            .and_then(|w| w.pending.as_mut())
+            .is_some_and(|p| p.changes.len() >= limit && p.changes.sorted().len() >= limit);
         if full {
             self.flush_pending()?;
         }

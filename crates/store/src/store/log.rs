@@ -42,18 +42,6 @@ const CHECKPOINT_EVERY: u64 = 64;
 /// Page maps kept in memory (the writer's parent, the newest snapshots read).
 const MAP_CACHE: usize = 4;
 
-/// How a failed commit puts the parent's page map back.
-enum Undo {
-    /// The parent's map, whole (the new one was built by a merge).
-    Map(PageMap),
-    /// Each page the delta changed, as the parent had it (`None`: absent).
-    Entries(Vec<(u64, Option<Ref>)>),
-}
-
-/// A commit whose delta has at least 1/MERGE_FRACTION as many entries as the parent's map builds
-/// the new map by one merge (a pass over both and a bulk build) instead of an insert per entry.
-const MERGE_FRACTION: usize = 8;
-
 /// The snapshot catalog of a format 3 store, as the commit log gives it.
 #[derive(Debug, Default)]
 pub(crate) struct Catalog {
@@ -1356,31 +1344,18 @@ impl Store {
             ),
             None => (0, 0, 0, None),
         };
-        let apply = |map: &mut PageMap| {
-            for (k, v) in &delta {
-                match v {
-                    Some(r) => {
-                        map.insert(*k, *r);
-                    }
-                    None => {
-                        map.remove(k);
-                    }
-                }
-            }
-        };
-        // If writing fails below, the map must go back to the parent's: the parent's map kept
-        // aside whole when the new one is built by a merge, else the entries the delta changes.
-        let undo = if delta.len() >= map_mut.len() / MERGE_FRACTION {
-            let new = crate::index::merged(map_mut, &delta);
-            Undo::Map(std::mem::replace(map_mut, new))
+        // If writing fails below, the map must go back to the parent's: the entries the delta
+        // changes, as the parent had them (`None`: absent); nothing to keep for an empty parent.
+        let undo: Vec<(u64, Option<Ref>)> = if map_mut.is_empty() {
+            Vec::new()
         } else {
-            let entries = delta
+            delta
                 .iter()
                 .map(|(k, _)| (*k, map_mut.get(k).copied()))
-                .collect();
-            apply(map_mut);
-            Undo::Entries(entries)
+                .collect()
         };
+        let parent_was_empty = map_mut.is_empty();
+        crate::index::apply_delta(map_mut, &delta);
         let result = (|| {
             let head = if delta.is_empty() {
                 parent_head
@@ -1452,20 +1427,10 @@ impl Store {
             Err(e) => {
                 // The parent's map, as it was, back into the cache.
                 let m = Arc::make_mut(&mut map);
-                match undo {
-                    Undo::Map(parent) => *m = parent,
-                    Undo::Entries(entries) => {
-                        for (k, v) in entries {
-                            match v {
-                                Some(r) => {
-                                    m.insert(k, r);
-                                }
-                                None => {
-                                    m.remove(&k);
-                                }
-                            }
-                        }
-                    }
+                if parent_was_empty {
+                    m.clear();
+                } else {
+                    crate::index::apply_delta(m, &undo);
                 }
                 if let Some(p) = pending.parent {
                     self.maps

@@ -64,13 +64,21 @@ pub enum Mode {
 /// The changes of a snapshot being written: page → its new place (`None`: the page becomes
 /// zero); the last change of a page wins. Kept as a list: pages put in ascending order (the
 /// engine's snapshots and image snapshots put them so) are appended, and any other order is
-/// sorted once, when the list is read, instead of keeping a search tree up to date on every put.
+/// sorted when the list is read, instead of keeping a search tree up to date on every put. An
+/// unsorted list is also compacted (sorted, each page once) whenever it has doubled since it
+/// last was, so pages put again and again out of order hold memory for the pages, not the puts.
 #[derive(Default)]
 struct Changes {
     entries: Vec<(u64, Option<Ref>)>,
     /// Some entry is out of order or repeats a page.
     unsorted: bool,
+    /// The length after the last compaction.
+    compacted: usize,
 }
+
+/// An unsorted change list is compacted once it holds this many entries, or twice as many as
+/// after its last compaction.
+const COMPACT_FROM: usize = 4096;
 
 impl Changes {
     fn insert(&mut self, vpn: u64, to: Option<Ref>) {
@@ -82,9 +90,13 @@ impl Changes {
             }
             _ => self.entries.push((vpn, to)),
         }
+        if self.unsorted && self.entries.len() >= COMPACT_FROM.max(2 * self.compacted) {
+            self.sorted();
+        }
     }
 
-    /// Entries held, a page's repeated changes counted each until the list is next read.
+    /// Entries held (a page changed again out of order counts again until the next
+    /// compaction).
     fn len(&self) -> usize {
         self.entries.len()
     }
@@ -92,17 +104,18 @@ impl Changes {
     /// Ascending by page, one entry per page (its last change).
     fn sorted(&mut self) -> &mut Vec<(u64, Option<Ref>)> {
         if self.unsorted {
-            // Stable: a page's changes stay in the order they were made, and the last is kept.
+            // Stable: a page's changes stay in the order they were made; of each run of one
+            // page, the first entry is kept and takes the last one's place.
             self.entries.sort_by_key(|e| e.0);
-            let mut kept: Vec<(u64, Option<Ref>)> = Vec::with_capacity(self.entries.len());
-            for e in self.entries.drain(..) {
-                match kept.last_mut() {
-                    Some(last) if last.0 == e.0 => *last = e,
-                    _ => kept.push(e),
+            self.entries.dedup_by(|later, kept| {
+                let same = later.0 == kept.0;
+                if same {
+                    kept.1 = later.1;
                 }
-            }
-            self.entries = kept;
+                same
+            });
             self.unsorted = false;
+            self.compacted = self.entries.len();
         }
         &mut self.entries
     }
@@ -590,8 +603,8 @@ mod tests {
     }
 
     /// A commit that fails after its new page map was built puts the parent's map back, whether
-    /// the new one was built in place (a small delta) or by a merge (a large one): the next
-    /// commit on the same parent sees none of the failed one's changes.
+    /// the new one was built entry by entry (a small delta), by a merge (a large one) or on an
+    /// empty parent: the next commit on the same parent sees none of the failed one's changes.
     #[test]
     fn a_failed_commit_leaves_the_parents_page_map_as_it_was() {
         use crate::fault::FaultPlan;
@@ -599,14 +612,15 @@ mod tests {
             page_size: 512,
             ..StoreOptions::default()
         };
-        // 2 of 64 pages: in place; 40 of 64: by a merge (MERGE_FRACTION).
-        for changed in [2u64, 40] {
+        // (pages in the parent, pages the failing commit changes): 2 of 64 entry by entry, 40
+        // of 64 by a merge (`index::apply_delta`), 40 on an empty parent.
+        for (parent_pages, changed) in [(64u64, 2u64), (64, 40), (0, 40)] {
             let mut failures = 0;
             for k in 0.. {
                 let io = Arc::new(FaultyStorage::new());
                 let mut store = Store::init_with(io.clone(), opts).expect("init");
                 store.begin(None).expect("begin");
-                for vpn in 0..64u64 {
+                for vpn in 0..parent_pages {
                     store.put(Vpn(vpn), &[vpn as u8 + 1; 512]).expect("put");
                 }
                 let first = store.commit(SnapshotMeta::default()).expect("commit").id;
@@ -633,11 +647,16 @@ mod tests {
                     .expect("commit again")
                     .id;
                 for vpn in 0..64u64 {
-                    let want = if vpn == 10 { 99 } else { vpn as u8 + 1 };
+                    let want = match vpn {
+                        10 => Some(vec![99; 512]),
+                        v if v < parent_pages => Some(vec![v as u8 + 1; 512]),
+                        _ => None,
+                    };
                     assert_eq!(
                         store.read_page(next, Vpn(vpn)).expect("read"),
-                        Some(vec![want; 512]),
-                        "{changed} changed, failure at operation +{k}: page {vpn}"
+                        want,
+                        "parent of {parent_pages}, {changed} changed, failure at operation \
+                         +{k}: page {vpn}"
                     );
                 }
                 let report = store.verify(&[first, next]).expect("verify");
