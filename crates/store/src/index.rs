@@ -386,17 +386,18 @@ mod tests {
     fn a_delta_applies_alike_by_merge_and_entry_by_entry() {
         for (n, seed) in [(0, 1), (1, 2), (10, 3), (5000, 4), (20_000, 5)] {
             let (map, delta) = map_and_delta(n, seed);
-            let mut want = map.clone();
-            for (k, v) in &delta {
-                match v {
-                    Some(v) => {
-                        want.insert(*k, *v);
-                    }
-                    None => {
-                        want.remove(k);
-                    }
+            // Entry by entry, as a reader of the chain applies it.
+            let naive = |map: &PageMap, delta: &[(u64, Option<Ref>)]| {
+                let mut m = map.clone();
+                for (k, v) in delta {
+                    match v {
+                        Some(v) => m.insert(*k, *v),
+                        None => m.remove(k),
+                    };
                 }
-            }
+                m
+            };
+            let want = naive(&map, &delta);
             let applied = |map: &PageMap, delta: &[(u64, Option<Ref>)]| {
                 let mut m = map.clone();
                 apply_delta(&mut m, delta);
@@ -405,17 +406,7 @@ mod tests {
             assert_eq!(applied(&map, &delta), want, "{n} pages, seed {seed}");
             // The other way in: a delta less than an eighth of the map.
             let small: Vec<_> = delta.iter().step_by(9).copied().collect();
-            let mut want_small = map.clone();
-            for (k, v) in &small {
-                match v {
-                    Some(v) => {
-                        want_small.insert(*k, *v);
-                    }
-                    None => {
-                        want_small.remove(k);
-                    }
-                }
-            }
+            let want_small = naive(&map, &small);
             assert_eq!(
                 applied(&map, &small),
                 want_small,

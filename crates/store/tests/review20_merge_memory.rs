@@ -11,37 +11,10 @@
 //! in units of one page map of N pages.
 
 use pagesnap_store::{Compression, Ref, SnapshotMeta, Store, StoreOptions, Vpn};
-use std::alloc::{GlobalAlloc, Layout, System};
+mod counting_alloc;
+use counting_alloc::{Counting, LIVE, PEAK};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicIsize, Ordering};
-
-struct Counting;
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-static PEAK: AtomicIsize = AtomicIsize::new(0);
-
-fn grew(by: isize) {
-    let now = LIVE.fetch_add(by, Ordering::Relaxed) + by;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-// SAFETY: every call is passed on to `System` unchanged; the counters only observe sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        grew(l.size() as isize);
-        // SAFETY: the caller upholds `alloc`\'s contract, which `System.alloc` shares.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
-        // SAFETY: `p` came from this allocator, that is from `System`, with layout `l`.
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        grew(n as isize - l.size() as isize);
-        // SAFETY: `p` came from `System` with layout `l`; the caller upholds `realloc`\'s contract.
-        unsafe { System.realloc(p, l, n) }
-    }
-}
+use std::sync::atomic::Ordering;
 
 #[global_allocator]
 static A: Counting = Counting;

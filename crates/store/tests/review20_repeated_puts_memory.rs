@@ -11,30 +11,9 @@
 //! Measured with a counting global allocator (its own test binary).
 
 use pagesnap_store::{Compression, SnapshotMeta, Store, StoreOptions, Vpn};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
-
-struct Counting;
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: every call is passed on to `System` unchanged; the counters only observe sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-        // SAFETY: the caller upholds `alloc`\'s contract, which `System.alloc` shares.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
-        // SAFETY: `p` came from this allocator, that is from `System`, with layout `l`.
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        LIVE.fetch_add(n as isize - l.size() as isize, Ordering::Relaxed);
-        // SAFETY: `p` came from `System` with layout `l`; the caller upholds `realloc`\'s contract.
-        unsafe { System.realloc(p, l, n) }
-    }
-}
+mod counting_alloc;
+use counting_alloc::{Counting, LIVE};
+use std::sync::atomic::Ordering;
 
 #[global_allocator]
 static A: Counting = Counting;
