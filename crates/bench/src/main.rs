@@ -9,8 +9,8 @@
 //! metadata per data; see `write_path.rs`), and, only by name, `pagetable-targets` (issue 18) and
 //! `compression` (issue 16: the default compression against none on random and compressible
 //! pages, write and restore, wall and CPU time; `--rounds N`; see `compression.rs`).
-//! `--profile-write raw|store|engine [ROUNDS]` (with `--full`: at 1 Mi pages) runs one path of `write-path` alone, for
-//! `perf record`.
+//! `--profile-write raw|store|engine [ROUNDS]` (with `--full`: at 1 Mi pages) runs one path of
+//! `write-path` alone, for `perf record`.
 
 use pagesnap_bench::{
     keys, live_bytes, page, pagesnap, Brown, Counting, Dash, Flat, Map, Papaya, Pattern, Radix4,

@@ -169,9 +169,6 @@ pub(crate) fn segment_bytes(dir: &Path) -> anyhow::Result<(u64, u64)> {
     Ok((len, alloc))
 }
 
-/// Flushes every dirty page of the system (`sync(2)`) and lets the disk drain for a moment, so a
-/// timed write does not pay for the writeback of what the previous one left behind (a removed
-/// file, an untimed setup).
 /// Tells a `perf record --control fifo:CTL --delay=-1` to record (`on`) or stop, when the bench
 /// runs with `PAGESNAP_PERF_CTL=CTL`, so a profile holds only the timed part of a round.
 pub(crate) fn perf_window(on: bool) {
@@ -187,6 +184,9 @@ pub(crate) fn perf_window(on: bool) {
     }
 }
 
+/// Flushes every dirty page of the system (`sync(2)`) and lets the disk drain for a moment, so a
+/// timed write does not pay for the writeback of what the previous one left behind (a removed
+/// file, an untimed setup).
 pub(crate) fn settle() {
     // SAFETY: `sync` takes no arguments and has no preconditions.
     unsafe { libc::sync() };

@@ -75,8 +75,9 @@ const STRIPES: usize = 256;
 
 /// The engine's page table: writers (map, unmap, a page's first write in an epoch) park on a
 /// parking_lot mutex instead of spinning. The spin lock is the page table's `no_std` default, for
-/// a kernel that cannot be preempted while holding it; in a process, a writer preempted while holding a spin lock makes every other writer burn its time
-/// slice (on a 2-core machine shared with other work, whole slices), so the engine blocks instead.
+/// a kernel that cannot be preempted while holding it; in a process, a writer preempted while
+/// holding a spin lock makes every other writer burn its time slice (on a 2-core machine shared
+/// with other work, whole slices), so the engine blocks instead.
 /// Readers (`get_page`) take no lock either way.
 ///
 /// A descriptor here carries the frame and the epoch of the page's last write; its flags are

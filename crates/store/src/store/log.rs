@@ -1346,7 +1346,8 @@ impl Store {
         };
         // If writing fails below, the map must go back to the parent's: the entries the delta
         // changes, as the parent had them (`None`: absent); nothing to keep for an empty parent.
-        let undo: Vec<(u64, Option<Ref>)> = if map_mut.is_empty() {
+        let parent_was_empty = map_mut.is_empty();
+        let undo: Vec<(u64, Option<Ref>)> = if parent_was_empty {
             Vec::new()
         } else {
             delta
@@ -1354,7 +1355,6 @@ impl Store {
                 .map(|(k, _)| (*k, map_mut.get(k).copied()))
                 .collect()
         };
-        let parent_was_empty = map_mut.is_empty();
         crate::index::apply_delta(map_mut, &delta);
         let result = (|| {
             let head = if delta.is_empty() {
