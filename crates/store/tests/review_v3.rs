@@ -239,6 +239,75 @@ fn gc_leaves_no_leak_across_random_workloads() {
     }
 }
 
+/// Finding 3, its cost: a hint inside a commit drains the writer and syncs the segment and both
+/// superblock slots, so a commit writes one only every 128 MiB (the scan window, 192 MiB, less
+/// a margin for the records appended after it), not every 64 MiB. A commit of 140 MiB into one
+/// segment writes exactly one while it appends (two slot writes): none would lose it to a crash
+/// after a failed hint (the test above), two would be the old, dearer spacing. Its segment grows
+/// a handful of times, doubling, for the same reason.
+#[test]
+fn a_large_commit_writes_one_hint_per_128_mib() {
+    const BIG: usize = 1 << 20;
+    let o = pagesnap_store::StoreOptions {
+        page_size: BIG as u32,
+        segment_bytes: 1 << 30,
+        // Plain pages: 140 MiB appended (these pages would compress to a few).
+        compression: pagesnap_store::Compression::None,
+        ..pagesnap_store::StoreOptions::default()
+    };
+    let big = |seed: u64| {
+        let mut p = vec![0u8; BIG];
+        for (i, c) in p.chunks_mut(8).enumerate() {
+            c.copy_from_slice(&(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64).to_le_bytes());
+        }
+        p
+    };
+    let slot_writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (count, grown) = (slot_writes.clone(), sizes.clone());
+    let io = Arc::new(Intercept::new(Arc::new(FaultyStorage::new()), move |op| {
+        match op {
+            Op::Write {
+                name: "superblock", ..
+            } => {
+                count.fetch_add(1, Ordering::SeqCst);
+            }
+            Op::SetLen(_, len) => grown.lock().expect("sizes").push(*len),
+            _ => {}
+        }
+        Ok(())
+    }));
+    let mut store = Store::init_with(io, o).expect("init");
+    store.begin(None).expect("begin");
+    store.put(Vpn(0), &big(0)).expect("put");
+    let first = store.commit(SnapshotMeta::default()).expect("commit 1").id;
+    let before = slot_writes.load(Ordering::SeqCst);
+    sizes.lock().expect("sizes").clear();
+    store.begin(Some(first)).expect("begin 2");
+    for v in 1..=140u64 {
+        store.put(Vpn(v), &big(v)).expect("put");
+    }
+    assert_eq!(
+        slot_writes.load(Ordering::SeqCst) - before,
+        2,
+        "one hint (both slots) while a commit appends 140 MiB"
+    );
+    // The segment is pre-sized to about 8 MiB, then grows by doubling (each growth drains the
+    // writes in flight): to about 16, 32, 64, 128, 256 MiB — not in 8 MiB steps (17 growths).
+    let sizes = sizes.lock().expect("sizes").clone();
+    assert_eq!(
+        sizes.len(),
+        5,
+        "the segment's sizes while a commit appends 140 MiB: {sizes:?}"
+    );
+    assert!(
+        sizes.windows(2).all(|w| w[1] >= 2 * w[0]) && sizes[4] >= 140 << 20,
+        "each growth at least doubles: {sizes:?}"
+    );
+    let second = store.commit(SnapshotMeta::default()).expect("commit 2").id;
+    assert_eq!(store.snapshot_ids().expect("ids"), vec![first, second]);
+}
+
 /// Finding 3: open scans at most MAX_SCAN (192 MiB) after the hint, and the hint is only
 /// rewritten *after* a commit (or at a segment roll). A single commit of more than that into one
 /// segment (the default segment is 256 MiB) whose post-commit hint fails returns Ok, yet after a

@@ -36,6 +36,15 @@ use std::sync::Arc;
 pub(crate) const HINT_EVERY: u64 = 256;
 /// ... or once this many bytes were appended since it (bounds open's scan).
 pub(crate) const HINT_BYTES: u64 = 64 << 20;
+/// A commit writes a hint inside itself once it has appended this many bytes since the last one:
+/// open scans at most [`MAX_SCAN`] after the hint, and a commit starts less than [`HINT_BYTES`]
+/// after one (a hint owed is written by `begin`), so what it appends after its last hint — less
+/// than this, then what one check lets through (an extent or frame of at most one 16 MiB page or
+/// 1 MiB, a page map chunk of 3.5 MiB, or a commit record's two copies of at most 16 MiB each) —
+/// ends inside the window. A hint inside a commit drains the writer and syncs the segment and
+/// both superblock slots (15–30 ms each on the benchmark machine): spaced at 128 MiB rather than
+/// every [`HINT_BYTES`], a 256 MiB first snapshot takes one instead of three.
+const COMMIT_HINT_BYTES: u64 = MAX_SCAN - (64 << 20);
 /// A catalog checkpoint is written once this many commits (or more than the retained snapshots)
 /// passed since the last one (bounds the walk that lists snapshots).
 const CHECKPOINT_EVERY: u64 = 64;
@@ -934,12 +943,12 @@ impl Store {
             let w = self.log_writer()?;
             w.off + len > opts.segment_bytes && w.off > SEG_HEADER
         };
-        // A commit that appended HINT_BYTES since the hint writes one at its position (as a roll
-        // does): open scans at most MAX_SCAN after the hint, so a record further on would be
-        // lost whenever the hint after the commit fails.
+        // A commit that appended COMMIT_HINT_BYTES since the hint writes one at its position (as
+        // a roll does): open scans at most MAX_SCAN after the hint, so a record further on would
+        // be lost whenever the hint after the commit fails.
         let hint_due = may_roll && !roll && {
             let w = self.log_writer()?;
-            !w.log.bulk && w.log.bytes_since_hint >= HINT_BYTES
+            !w.log.bulk && w.log.bytes_since_hint >= COMMIT_HINT_BYTES
         };
         if hint_due {
             self.seal_extent()?;
@@ -967,9 +976,8 @@ impl Store {
         let w = self.log_writer()?;
         if w.off + len > w.cap {
             let name = seg_name(w.seg);
-            let cap = (w.cap + opts.preallocate)
-                .max(w.off + len)
-                .min(opts.segment_bytes.max(w.off + len));
+            let cap =
+                super::commit::grown_cap(w.cap, w.off + len, opts.preallocate, opts.segment_bytes);
             io.set_len(&name, cap)
                 .map_err(io_err(&*io, &name, "grow segment"))?;
             w.cap = cap;
@@ -1073,7 +1081,7 @@ impl Store {
         let end = w.off + (w.buf.len() - at) as u64 + page + 8;
         if end > w.cap {
             let name = seg_name(w.seg);
-            let cap = (w.cap + preallocate).max(end).min(segment_bytes.max(end));
+            let cap = super::commit::grown_cap(w.cap, end, preallocate, segment_bytes);
             io.set_len(&name, cap)
                 .map_err(io_err(&*io, &name, "grow segment"))?;
             w.cap = cap;
