@@ -205,9 +205,10 @@ pub struct StoreOptions {
     /// A segment file is closed once it reaches this size. Recorded in the superblock when the
     /// store is created; opening a format 2 store uses the recorded size, not this one.
     pub segment_bytes: u64,
-    /// Segment files are pre-sized to this many bytes, then grow by at least as much and at
-    /// least double (so appends rarely extend the file, and a large snapshot grows it a handful
-    /// of times: each growth waits for the writes in flight).
+    /// Segment files are pre-sized to this many bytes, then grow by at least as much: formats 3
+    /// and 4 double them, in steps of at most 32 MiB (or this, if larger), so appends rarely
+    /// extend the file and a large snapshot grows it a few times (each growth waits for the
+    /// writes in flight); formats 1 and 2 grow in steps of exactly this.
     pub preallocate: u64,
     /// Pending page changes held in memory before they are applied to an intermediate index root
     /// (bounds a snapshot's memory; superseded intermediate nodes are reclaimed by gc).

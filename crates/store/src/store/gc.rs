@@ -666,7 +666,7 @@ mod log_space {
             Ok(if keep_old { 0 } else { old_segments.len() })
         }
 
-        fn abandon_rewrite(&mut self) {
+        pub(in crate::store) fn abandon_rewrite(&mut self) {
             // Back to the committed state (in doubt: the old segments stay readable, nothing
             // is reused).
             self.rollback();

@@ -278,23 +278,33 @@ pub(crate) fn scan_log(
 ) -> Result<Scanned, StoreError> {
     let mut out = Scanned::default();
     let name = seg_name(sb.active_segment);
-    let file_len = io
-        .len(&name)
-        .map_err(io_err(io, &name, "open active segment"))?;
     let start = sb.active_len;
-    if file_len <= start {
-        return Ok(out);
-    }
-    let window = (file_len - start).min(MAX_SCAN);
-    let mut buf = vec![0u8; usize::try_from(window).unwrap_or(usize::MAX)];
-    io.read_meta(&name, start, &mut buf)
-        .map_err(|e| StoreError::Read {
-            path: io.location().join(&name),
-            what: "commit log",
-            offset: start,
-            len: u32::try_from(window).unwrap_or(u32::MAX),
-            source: e,
-        })?;
+    // The window up to the file's end. A writer trims the segment's preallocated zeros when it
+    // closes (or rolls to a new segment): a read that meets the new end reads the window again.
+    let mut tries = 0;
+    let buf = loop {
+        let file_len = io
+            .len(&name)
+            .map_err(io_err(io, &name, "open active segment"))?;
+        if file_len <= start {
+            return Ok(out);
+        }
+        let window = (file_len - start).min(MAX_SCAN);
+        let mut buf = vec![0u8; usize::try_from(window).unwrap_or(usize::MAX)];
+        match io.read_meta(&name, start, &mut buf) {
+            Ok(()) => break buf,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && tries < 3 => tries += 1,
+            Err(e) => {
+                return Err(StoreError::Read {
+                    path: io.location().join(&name),
+                    what: "commit log",
+                    offset: start,
+                    len: u32::try_from(window).unwrap_or(u32::MAX),
+                    source: e,
+                })
+            }
+        }
+    };
     let mut head = link_of(sb).map(|l| l.a.hash);
     let mut range_start = 0usize;
     let mut i = 0usize;
@@ -750,7 +760,23 @@ impl Store {
         Ok(())
     }
 
-    /// A hint in the middle of a commit (a new segment, or 64 MiB appended): the commit's bytes so
+    /// At a clean close: the active segment trimmed to its last record, so that the zeros it was
+    /// grown by (`grown_cap`) are not read by every later open's scan. Nothing committed lies
+    /// past the writer's position, and a crash during the trim leaves either length. Best effort.
+    pub(super) fn trim_active_segment(&mut self) {
+        let io = self.io.clone();
+        if let Some(w) = self.writer.as_mut() {
+            if !w.in_doubt
+                && w.pending.is_none()
+                && w.cap > w.off
+                && io.set_len(&seg_name(w.seg), w.off).is_ok()
+            {
+                w.cap = w.off;
+            }
+        }
+    }
+
+    /// A hint in the middle of a commit (a new segment, or 128 MiB appended): the commit's bytes so
     /// far are synced by it and the range crc starts again after it. If it fails, the hint stays
     /// owed, so the commit record is not written before one (`write_commit`).
     fn hint_inside_commit(&mut self) -> Result<(), StoreError> {
@@ -1371,12 +1397,18 @@ impl Store {
                 || chain_entries + delta.len() as u64 > base_entries
                 || chain_deltas >= MAX_CHAIN_DELTAS
             {
-                let all: Vec<(u64, Option<Ref>)> =
-                    map_mut.iter().map(|(k, r)| (*k, Some(*r))).collect();
-                base_entries = all.len() as u64;
+                base_entries = map_mut.len() as u64;
                 chain_entries = 0;
                 chain_deltas = 0;
-                self.write_chunks(true, None, &all)?
+                if parent_was_empty {
+                    // The map is the delta (on an empty parent it holds no removals: a change
+                    // that leaves a page as it was is dropped above), in the same order.
+                    self.write_chunks(true, None, &delta)?
+                } else {
+                    let all: Vec<(u64, Option<Ref>)> =
+                        map_mut.iter().map(|(k, r)| (*k, Some(*r))).collect();
+                    self.write_chunks(true, None, &all)?
+                }
             } else {
                 chain_entries += delta.len() as u64;
                 chain_deltas += 1;
