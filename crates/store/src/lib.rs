@@ -206,7 +206,7 @@ pub struct StoreOptions {
     /// store is created; opening a format 2 store uses the recorded size, not this one.
     pub segment_bytes: u64,
     /// Segment files are pre-sized to this many bytes, then grow by at least as much: formats 3
-    /// and 4 double them, in steps of at most 32 MiB (or this, if larger), so appends rarely
+    /// and 4 double them, in steps of at most 16 MiB (or this, if larger), so appends rarely
     /// extend the file and a large snapshot grows it a few times (each growth waits for the
     /// writes in flight); formats 1 and 2 grow in steps of exactly this.
     pub preallocate: u64,

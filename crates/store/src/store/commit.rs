@@ -734,17 +734,17 @@ pub(super) fn new_segment(
 
 /// The largest step a segment grows by (unless [`StoreOptions::preallocate`] is larger): open
 /// scans the active segment from the hint to the file's end, so the zeros past the last record
-/// are read by every open while a writer has the store (a writer trims them when it closes).
-const MAX_GROWTH: u64 = 32 << 20;
+/// (at most one step) are read by every open.
+const MAX_GROWTH: u64 = 16 << 20;
 
 /// The size a segment of size `cap` is grown to when a write must reach `end`: by
 /// [`StoreOptions::preallocate`] or by `cap` (doubling) up to [`MAX_GROWTH`], never past the
 /// segment size (or past `end`, for a record larger than that). Growing the file waits for the
 /// direct writes in flight (the file system drains them before it changes the size) and holds
 /// the writer thread off the device meanwhile, so a large snapshot grows its segment in steps of
-/// 8, 16, then 32 MiB instead of 8 MiB: 10 growths for a 256 MiB segment instead of 32, each a
-/// pause of 1–2 ms in the writes (measured on the engine's 256 MiB first snapshot), and a
-/// checkpointing space (3 MiB a commit) grows it every tenth commit instead of every third.
+/// 8, then 16 MiB: 16 growths for a 256 MiB segment instead of 32, each a pause of 1–2 ms in the
+/// writes (measured on the engine's 256 MiB first snapshot), and a checkpointing space (3 MiB a
+/// commit) grows it every fifth commit instead of every third.
 pub(super) fn grown_cap(cap: u64, end: u64, preallocate: u64, segment_bytes: u64) -> u64 {
     cap.saturating_add(preallocate.max(cap.min(MAX_GROWTH)))
         .max(end)

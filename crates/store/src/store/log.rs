@@ -279,8 +279,8 @@ pub(crate) fn scan_log(
     let mut out = Scanned::default();
     let name = seg_name(sb.active_segment);
     let start = sb.active_len;
-    // The window up to the file's end. A writer trims the segment's preallocated zeros when it
-    // closes (or rolls to a new segment): a read that meets the new end reads the window again.
+    // The window up to the file's end. A writer trims the segment to its records when it rolls
+    // to a new one: a read that meets the new end reads the window again.
     let mut tries = 0;
     let buf = loop {
         let file_len = io
@@ -758,22 +758,6 @@ impl Store {
         w.dir_dirty = false;
         self.sb = sb;
         Ok(())
-    }
-
-    /// At a clean close: the active segment trimmed to its last record, so that the zeros it was
-    /// grown by (`grown_cap`) are not read by every later open's scan. Nothing committed lies
-    /// past the writer's position, and a crash during the trim leaves either length. Best effort.
-    pub(super) fn trim_active_segment(&mut self) {
-        let io = self.io.clone();
-        if let Some(w) = self.writer.as_mut() {
-            if !w.in_doubt
-                && w.pending.is_none()
-                && w.cap > w.off
-                && io.set_len(&seg_name(w.seg), w.off).is_ok()
-            {
-                w.cap = w.off;
-            }
-        }
     }
 
     /// A hint in the middle of a commit (a new segment, or 128 MiB appended): the commit's bytes so
