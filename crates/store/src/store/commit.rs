@@ -734,7 +734,8 @@ pub(super) fn new_segment(
 
 /// The largest step a segment grows by (unless [`StoreOptions::preallocate`] is larger): open
 /// scans the active segment from the hint to the file's end, so the zeros past the last record
-/// (at most one step) are read by every open.
+/// (at most one step) are read by every open while a writer has the store (a writer trims them
+/// when it closes).
 const MAX_GROWTH: u64 = 16 << 20;
 
 /// The size a segment of size `cap` is grown to when a write must reach `end`: by

@@ -280,7 +280,7 @@ pub(crate) fn scan_log(
     let name = seg_name(sb.active_segment);
     let start = sb.active_len;
     // The window up to the file's end. A writer trims the segment to its records when it rolls
-    // to a new one: a read that meets the new end reads the window again.
+    // to a new one or closes: a read that meets the new end reads the window again.
     let mut tries = 0;
     let buf = loop {
         let file_len = io
@@ -758,6 +758,23 @@ impl Store {
         w.dir_dirty = false;
         self.sb = sb;
         Ok(())
+    }
+
+    /// At a clean close: the active segment trimmed to its last record, so that the zeros it was
+    /// grown by (`grown_cap`) are not read by every later open's scan. Nothing committed lies
+    /// past the writer's position, and a crash before the trim reaches the disk leaves either
+    /// length (the scan reads zeros past the last record either way). Best effort.
+    pub(super) fn trim_active_segment(&mut self) {
+        let io = self.io.clone();
+        if let Some(w) = self.writer.as_mut() {
+            if !w.in_doubt
+                && w.pending.is_none()
+                && w.cap > w.off
+                && io.set_len(&seg_name(w.seg), w.off).is_ok()
+            {
+                w.cap = w.off;
+            }
+        }
     }
 
     /// A hint in the middle of a commit (a new segment, or 128 MiB appended): the commit's bytes so

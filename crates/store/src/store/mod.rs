@@ -208,8 +208,11 @@ impl Drop for Store {
             let owed = self.writer.as_ref().is_some_and(|w| {
                 !w.in_doubt && w.pending.is_none() && (w.log.since_hint > 0 || w.log.need_hint)
             });
-            if self.is_log() && owed {
-                let _ = self.write_hint();
+            if self.is_log() {
+                self.trim_active_segment();
+                if owed {
+                    let _ = self.write_hint();
+                }
             }
         }
     }
