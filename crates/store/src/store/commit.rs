@@ -86,13 +86,27 @@ impl Store {
     }
 
     /// Before a change: leave doubt, and restore the superblock's redundancy.
-    pub(super) fn settle(&mut self) -> Result<(), StoreError> {
-        // A rewrite (gc, upgrade) that never returned — its backend panicked — left the writer in
-        // its bulk mode, which writes no hint at a segment roll or inside a commit: abandoned as
-        // a failed one is (back to the committed state, a hint owed) before anything else.
-        if self.writer.as_ref().is_some_and(|w| w.log.bulk) {
-            self.abandon_rewrite();
+    /// A rewrite (gc, upgrade) that never returned — its backend panicked — left the writer in
+    /// its bulk mode, which writes no hint at a segment roll or inside a commit. Before its commit
+    /// point (the superblock generation has not moved) it is abandoned as a failed one is: back
+    /// to the committed state, a hint owed. After it, the rewrite stands, and the catalog is moved
+    /// to it as the rewrite would have done.
+    fn settle_rewrite(&mut self) -> Result<(), StoreError> {
+        let bulk_from = self
+            .writer
+            .as_ref()
+            .filter(|w| w.log.bulk)
+            .map(|w| w.log.bulk_from);
+        match bulk_from {
+            Some(from) if self.sb.generation == from => self.abandon_rewrite(),
+            Some(_) => self.finish_rewrite()?,
+            None => {}
         }
+        Ok(())
+    }
+
+    pub(super) fn settle(&mut self) -> Result<(), StoreError> {
+        self.settle_rewrite()?;
         self.recover_in_doubt()?;
         self.restore_redundancy();
         Ok(())

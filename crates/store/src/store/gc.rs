@@ -601,10 +601,12 @@ mod log_space {
             } else {
                 self.sb.version
             };
+            let generation = self.sb.generation;
             let started = {
                 let w = self.log_writer()?;
                 w.log = LogWriter {
                     bulk: true,
+                    bulk_from: generation,
                     ..LogWriter::default()
                 };
                 // New records go to fresh segments only.
@@ -664,6 +666,33 @@ mod log_space {
                 .sync_dir()
                 .map_err(super::io_err(&*self.io, "", "sync store directory"))?;
             Ok(if keep_old { 0 } else { old_segments.len() })
+        }
+
+        /// A rewrite whose backend panicked after its commit point (its first superblock slot
+        /// is durable and `self.sb` is its state) but before it moved the catalog there: the
+        /// catalog reloaded from the superblock as open does, the caches dropped, a hint owed.
+        /// Its old segments, no longer listed, are removed by the next writer's open.
+        pub(in crate::store) fn finish_rewrite(&mut self) -> Result<(), StoreError> {
+            let mut damage = Vec::new();
+            let mut catalog = super::super::log::load_catalog(
+                &*self.io,
+                &self.sb,
+                &mut damage,
+                self.crypt.as_deref(),
+            )?;
+            catalog.damage = damage;
+            self.catalog = catalog;
+            self.maps.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            if let Some(w) = self.writer.as_mut() {
+                w.log = LogWriter {
+                    need_hint: true,
+                    ..LogWriter::default()
+                };
+                w.frames.reset();
+            }
+            self.forget_frames();
+            Ok(())
         }
 
         pub(in crate::store) fn abandon_rewrite(&mut self) {

@@ -119,6 +119,9 @@ pub(crate) struct LogWriter {
     /// gc or an upgrade is copying into segments no superblock lists yet (its own superblock
     /// write is the commit point): a new segment needs no hint.
     pub(crate) bulk: bool,
+    /// With `bulk`: the superblock generation the rewrite started from (a later one means it
+    /// passed its commit point).
+    pub(crate) bulk_from: u64,
 }
 
 impl std::fmt::Debug for LogWriter {

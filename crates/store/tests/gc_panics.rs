@@ -1,0 +1,241 @@
+//! A gc whose storage backend panics (unwinds out of a storage call) at any point: the next
+//! change either abandons it (before its commit point) or completes it in memory (after), and
+//! nothing committed before or after is lost, in the writer or in any crash image.
+
+use pagesnap_store::fault::{FaultyStorage, Intercept, Op};
+use pagesnap_store::{Mode, SnapshotId, SnapshotMeta, Store, Vpn};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+mod common;
+use common::{opts, page};
+
+type Expected = BTreeMap<SnapshotId, BTreeMap<u64, Vec<u8>>>;
+
+fn check(store: &Store, expected: &Expected, context: &str) -> Result<(), String> {
+    let ids = store
+        .snapshot_ids()
+        .map_err(|e| format!("{context}: list: {e}"))?;
+    if ids != expected.keys().copied().collect::<Vec<_>>() {
+        return Err(format!("{context}: listed {ids:?}"));
+    }
+    for (id, pages) in expected {
+        let mut got = BTreeMap::new();
+        store
+            .for_each_page(*id, |v, r| {
+                got.insert(v.0, store.read_ref(r)?);
+                Ok(())
+            })
+            .map_err(|e| format!("{context}: snapshot {id} reads back: {e}"))?;
+        if &got != pages {
+            return Err(format!("{context}: snapshot {id} differs"));
+        }
+    }
+    Ok(())
+}
+
+/// gc whose backend panics at the write of the superblock's second slot (after the first slot,
+/// the commit point, was written and synced).
+fn store_after_gc_panic_past_commit_point() -> (Arc<FaultyStorage>, Store, Expected) {
+    let inner = Arc::new(FaultyStorage::new());
+    // 0: off; n > 0: armed, counting superblock writes.
+    let armed = Arc::new(AtomicU32::new(0));
+    let a = armed.clone();
+    let io = Arc::new(Intercept::new(inner.clone(), move |op| {
+        if let Op::Write {
+            name: "superblock", ..
+        } = op
+        {
+            if a.load(Ordering::SeqCst) > 0 && a.fetch_add(1, Ordering::SeqCst) == 2 {
+                panic!("backend panic at the second superblock slot");
+            }
+        }
+        Ok(())
+    }));
+    let mut store = Store::init_with(io, opts()).expect("init");
+    let mut expected = Expected::new();
+    let mut ids = Vec::new();
+    let mut cur: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    for round in 0..3u64 {
+        store.begin(ids.last().copied()).expect("begin");
+        for v in 0..8u64 {
+            let p = page(round * 100 + v);
+            store.put(Vpn(v), &p).expect("put");
+            cur.insert(v, p);
+        }
+        let id = store.commit(SnapshotMeta::default()).expect("commit").id;
+        ids.push(id);
+        expected.insert(id, cur.clone());
+    }
+    store.delete(&[ids[0]]).expect("delete");
+    expected.remove(&ids[0]);
+    armed.store(1, Ordering::SeqCst);
+    let gc = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.gc()));
+    assert!(gc.is_err(), "gc panicked in its backend");
+    assert_eq!(
+        armed.load(Ordering::SeqCst),
+        3,
+        "panicked at the second slot write"
+    );
+    armed.store(0, Ordering::SeqCst);
+    (inner, store, expected)
+}
+
+/// The gc did commit (its first slot is durable). The next change's settle calls
+/// abandon_rewrite, which "rolls back" to self.sb — gc's new state — while the catalog, the page
+/// map cache and catalog.seq are still the pre-gc ones (rewrite panicked before updating them).
+#[test]
+fn a_gc_that_panicked_after_its_commit_point_loses_nothing() {
+    let (inner, mut store, mut expected) = store_after_gc_panic_past_commit_point();
+    // A fresh reader of a crash image now sees gc's state: fine.
+    for seed in 0..4 {
+        let (r, _) =
+            Store::open_with(Arc::new(inner.crash_image(seed)), Mode::Read, opts()).expect("open");
+        check(
+            &r,
+            &expected,
+            &format!("reader after the panic, image {seed}"),
+        )
+        .unwrap();
+    }
+    let mut errs = Vec::new();
+    if let Err(e) = check(&store, &expected, "the writer after the panic") {
+        errs.push(e);
+    }
+    // A child changing one page (its index a delta on the parent's).
+    let parent = *expected.keys().last().unwrap();
+    let r = store.begin(Some(parent));
+    let committed = r.and_then(|()| {
+        store.put(Vpn(3), &page(777))?;
+        store.commit(SnapshotMeta::default())
+    });
+    match committed {
+        Err(e) => errs.push(format!("commit after the panic: {e}")),
+        Ok(rep) => {
+            let mut m = expected[&parent].clone();
+            m.insert(3, page(777));
+            expected.insert(rep.id, m);
+            if let Err(e) = check(&store, &expected, "the writer after its commit") {
+                errs.push(e);
+            }
+            for seed in 0..8 {
+                match Store::open_with(Arc::new(inner.crash_image(seed)), Mode::Read, opts()) {
+                    Err(e) => errs.push(format!("crash image {seed}: open: {e}")),
+                    Ok((r, _)) => {
+                        if let Err(e) = check(&r, &expected, &format!("crash image {seed}")) {
+                            errs.push(e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    std::mem::forget(store);
+    assert!(errs.is_empty(), "{errs:#?}");
+}
+
+/// Same, closed right after the panic and reopened by a writer.
+#[test]
+fn a_store_closed_after_a_gc_that_panicked_past_its_commit_point_reopens() {
+    let (inner, store, mut expected) = store_after_gc_panic_past_commit_point();
+    drop(store);
+    let (mut store, _) = Store::open_with(inner.clone(), Mode::Write, opts()).expect("reopen");
+    check(&store, &expected, "reopened").unwrap();
+    let parent = *expected.keys().last().unwrap();
+    store.begin(Some(parent)).unwrap();
+    store.put(Vpn(3), &page(777)).unwrap();
+    let id = store.commit(SnapshotMeta::default()).unwrap().id;
+    let mut m = expected[&parent].clone();
+    m.insert(3, page(777));
+    expected.insert(id, m);
+    check(&store, &expected, "after commit").unwrap();
+}
+
+/// Every storage operation of a gc, in turn, panics; then a child is committed and every crash
+/// image must hold all of it.
+#[test]
+fn a_gc_panicking_at_any_operation_loses_nothing() {
+    let mut report = Vec::new();
+    for k in 0..400u32 {
+        let inner = Arc::new(FaultyStorage::new());
+        let count = Arc::new(AtomicU32::new(u32::MAX));
+        let c = count.clone();
+        let desc = Arc::new(std::sync::Mutex::new(String::new()));
+        let d = desc.clone();
+        let io = Arc::new(Intercept::new(inner.clone(), move |op| {
+            if c.load(Ordering::SeqCst) != u32::MAX && c.fetch_add(1, Ordering::SeqCst) == k {
+                // A panic, not an error: the rewrite's error paths do not run.
+                *d.lock().unwrap() = format!("{op:?}").chars().take(60).collect();
+                panic!("backend panic at op {k}");
+            }
+            Ok(())
+        }));
+        let mut store = Store::init_with(io, opts()).expect("init");
+        let mut expected = Expected::new();
+        let mut ids = Vec::new();
+        let mut cur: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        for round in 0..3u64 {
+            store.begin(ids.last().copied()).expect("begin");
+            for v in 0..8u64 {
+                let p = page(round * 100 + v);
+                store.put(Vpn(v), &p).expect("put");
+                cur.insert(v, p);
+            }
+            let id = store.commit(SnapshotMeta::default()).expect("commit").id;
+            ids.push(id);
+            expected.insert(id, cur.clone());
+        }
+        store.delete(&[ids[0]]).expect("delete");
+        expected.remove(&ids[0]);
+        count.store(0, Ordering::SeqCst);
+        let gc = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.gc()));
+        count.store(u32::MAX, Ordering::SeqCst);
+        if gc.is_ok() {
+            // Every operation of the gc was tried.
+            assert!(
+                k > 20,
+                "a gc of this store takes more than {k} storage operations"
+            );
+            std::mem::forget(store);
+            break;
+        }
+        let at = desc.lock().unwrap().clone();
+        let mut errs = Vec::new();
+        let parent = *expected.keys().last().unwrap();
+        let committed = store.begin(Some(parent)).and_then(|()| {
+            store.put(Vpn(3), &page(777))?;
+            store.commit(SnapshotMeta::default())
+        });
+        match committed {
+            Err(e) => errs.push(format!("commit: {e}")),
+            Ok(rep) => {
+                let mut m = expected[&parent].clone();
+                m.insert(3, page(777));
+                expected.insert(rep.id, m);
+                if let Err(e) = check(&store, &expected, "writer") {
+                    errs.push(e);
+                }
+                for seed in 0..4 {
+                    match Store::open_with(Arc::new(inner.crash_image(seed)), Mode::Read, opts()) {
+                        Err(e) => errs.push(format!("image {seed}: open: {e}")),
+                        Ok((r, _)) => {
+                            if let Err(e) = check(&r, &expected, &format!("image {seed}")) {
+                                errs.push(e);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        std::mem::forget(store);
+        if !errs.is_empty() {
+            report.push(format!(
+                "op {k} ({at}): {} errors, first: {}",
+                errs.len(),
+                errs[0]
+            ));
+        }
+    }
+    assert!(report.is_empty(), "{report:#?}");
+}
