@@ -117,6 +117,11 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+fn without_zero_tail(bytes: &[u8]) -> &[u8] {
+    let end = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+    &bytes[..end]
+}
+
 fn bless() {
     // Once per run: the tests run in parallel and all read the fixture.
     static BLESS: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
@@ -220,6 +225,14 @@ fn this_build_writes_the_golden_bytes() {
             golden.iter().map(|f| &f.0).collect::<Vec<_>>()
         );
         for ((name, a), (_, b)) in ours.iter().zip(golden.iter()) {
+            // A segment's zeros past its last record are not format: a writer pre-sizes its
+            // active segment and trims it when it closes (the fixtures of formats 3 and 4 were
+            // written before the trim and keep their zeros).
+            let (a, b) = if name.starts_with("seg-") {
+                (without_zero_tail(a), without_zero_tail(b))
+            } else {
+                (&a[..], &b[..])
+            };
             assert!(a == b, "{name} differs from the golden store v{version}: the on-disk format changed (bump FORMAT_VERSION, add a fixture)");
         }
     }
