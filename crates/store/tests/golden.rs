@@ -117,11 +117,6 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-fn without_zero_tail(bytes: &[u8]) -> &[u8] {
-    let end = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
-    &bytes[..end]
-}
-
 fn bless() {
     // Once per run: the tests run in parallel and all read the fixture.
     static BLESS: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
@@ -224,12 +219,18 @@ fn this_build_writes_the_golden_bytes() {
             ours.iter().map(|f| &f.0).collect::<Vec<_>>(),
             golden.iter().map(|f| &f.0).collect::<Vec<_>>()
         );
+        // The active segment (the last) of formats 3 and 4: this build trims the zeros past its
+        // last record when the writer closes; the fixtures were written before and keep them.
+        // Every other file, and every byte before those zeros, must be the same.
+        let active = ours
+            .iter()
+            .map(|f| &f.0)
+            .filter(|n| n.starts_with("seg-"))
+            .max();
         for ((name, a), (_, b)) in ours.iter().zip(golden.iter()) {
-            // A segment's zeros past its last record are not format: a writer pre-sizes its
-            // active segment and trims it when it closes (the fixtures of formats 3 and 4 were
-            // written before the trim and keep their zeros).
-            let (a, b) = if name.starts_with("seg-") {
-                (without_zero_tail(a), without_zero_tail(b))
+            let trimmed = version >= 3 && Some(name) == active;
+            let (a, b) = if trimmed && a.len() < b.len() && b[a.len()..].iter().all(|x| *x == 0) {
+                (&a[..], &b[..a.len()])
             } else {
                 (&a[..], &b[..])
             };

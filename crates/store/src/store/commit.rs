@@ -88,18 +88,19 @@ impl Store {
     /// Before a change: leave doubt, and restore the superblock's redundancy.
     /// A rewrite (gc, upgrade) that never returned — its backend panicked — left the writer in
     /// its bulk mode, which writes no hint at a segment roll or inside a commit. Before its commit
-    /// point (the superblock generation has not moved) it is abandoned as a failed one is: back
-    /// to the committed state, a hint owed. After it, the rewrite stands, and the catalog is moved
-    /// to it as the rewrite would have done.
+    /// point (`publish` did not see its first superblock slot land) it is abandoned as a failed
+    /// one is — again, if a panic interrupted the abandon itself: back to the committed state, a
+    /// hint owed. After it, the rewrite stands, and the catalog is moved to it as the rewrite
+    /// would have done.
     fn settle_rewrite(&mut self) -> Result<(), StoreError> {
-        let bulk_from = self
+        let committed = self
             .writer
             .as_ref()
             .filter(|w| w.log.bulk)
-            .map(|w| w.log.bulk_from);
-        match bulk_from {
-            Some(from) if self.sb.generation == from => self.abandon_rewrite(),
-            Some(_) => self.finish_rewrite()?,
+            .map(|w| w.log.bulk_committed);
+        match committed {
+            Some(false) => self.abandon_rewrite(),
+            Some(true) => self.finish_rewrite()?,
             None => {}
         }
         Ok(())
@@ -358,10 +359,13 @@ impl Store {
         }
         if let Some(w) = self.writer.as_mut().filter(|w| !w.in_doubt) {
             w.pending = None;
-            for id in w.created.drain(..) {
-                // Best effort; open removes segments the superblock does not list anyway.
+            // Best effort; open removes segments the superblock does not list anyway. Forgotten
+            // only once all are removed: if a backend panics here, the next rollback removes them
+            // again, and no new segment takes one of their names meanwhile (`new_segment`).
+            for id in w.created.clone() {
                 let _ = self.io.remove(&seg_name(id));
             }
+            w.created.clear();
             w.segments = sb.segments.clone();
             w.seg = sb.active_segment;
             w.off = sb.active_len;
@@ -574,6 +578,8 @@ impl Store {
         w.touched.clear();
         w.created.clear();
         w.dir_dirty = false;
+        // A rewrite's (gc, upgrade) commit point: what `settle_rewrite` goes by if it panics.
+        w.log.bulk_committed = w.log.bulk;
         self.sb = sb;
         w.degraded = true;
         let copied = io

@@ -601,12 +601,10 @@ mod log_space {
             } else {
                 self.sb.version
             };
-            let generation = self.sb.generation;
             let started = {
                 let w = self.log_writer()?;
                 w.log = LogWriter {
                     bulk: true,
-                    bulk_from: generation,
                     ..LogWriter::default()
                 };
                 // New records go to fresh segments only.
@@ -673,14 +671,24 @@ mod log_space {
         /// catalog reloaded from the superblock as open does, the caches dropped, a hint owed.
         /// Its old segments, no longer listed, are removed by the next writer's open.
         pub(in crate::store) fn finish_rewrite(&mut self) -> Result<(), StoreError> {
+            // As open does: a catalog that cannot be read is reported, not fatal.
             let mut damage = Vec::new();
-            let mut catalog = super::super::log::load_catalog(
+            let loaded = super::super::log::load_catalog(
                 &*self.io,
                 &self.sb,
                 &mut damage,
                 self.crypt.as_deref(),
-            )?;
+            );
+            let mut catalog = match loaded {
+                Ok(c) => c,
+                Err(e) if e.is_corruption() => super::super::log::Catalog {
+                    unreadable: Some(e.to_string()),
+                    ..Default::default()
+                },
+                Err(e) => return Err(e),
+            };
             catalog.damage = damage;
+            catalog.discarded = self.catalog.discarded.take();
             self.catalog = catalog;
             self.maps.lock().unwrap_or_else(|e| e.into_inner()).clear();
             self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();

@@ -119,9 +119,9 @@ pub(crate) struct LogWriter {
     /// gc or an upgrade is copying into segments no superblock lists yet (its own superblock
     /// write is the commit point): a new segment needs no hint.
     pub(crate) bulk: bool,
-    /// With `bulk`: the superblock generation the rewrite started from (a later one means it
-    /// passed its commit point).
-    pub(crate) bulk_from: u64,
+    /// With `bulk`: the rewrite's superblock reached the disk (its commit point; set by
+    /// `publish`). A moved generation does not say so: a failed slot write moves it too.
+    pub(crate) bulk_committed: bool,
 }
 
 impl std::fmt::Debug for LogWriter {
