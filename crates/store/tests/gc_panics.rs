@@ -157,20 +157,39 @@ fn a_store_closed_after_a_gc_that_panicked_past_its_commit_point_reopens() {
 #[test]
 fn a_gc_panicking_at_any_operation_loses_nothing() {
     let mut report = Vec::new();
-    for k in 0..400u32 {
+    // The panic before operation k, then after it (the operation done: a segment created, a
+    // slot written).
+    // Set once a gc completes before its k-th operation: every operation was tried.
+    let mut done = [false; 2];
+    for (after, k) in [false, true]
+        .into_iter()
+        .flat_map(|a| (0..400u32).map(move |k| (a, k)))
+    {
+        if done[usize::from(after)] {
+            continue;
+        }
         let inner = Arc::new(FaultyStorage::new());
         let count = Arc::new(AtomicU32::new(u32::MAX));
-        let c = count.clone();
         let desc = Arc::new(std::sync::Mutex::new(String::new()));
-        let d = desc.clone();
-        let io = Arc::new(Intercept::new(inner.clone(), move |op| {
-            if c.load(Ordering::SeqCst) != u32::MAX && c.fetch_add(1, Ordering::SeqCst) == k {
-                // A panic, not an error: the rewrite's error paths do not run.
-                *d.lock().unwrap() = format!("{op:?}").chars().take(60).collect();
-                panic!("backend panic at op {k}");
+        let fire = {
+            let (c, d) = (count.clone(), desc.clone());
+            move |op: &Op<'_>| {
+                if c.load(Ordering::SeqCst) != u32::MAX && c.fetch_add(1, Ordering::SeqCst) == k {
+                    // A panic, not an error: the rewrite's error paths do not run.
+                    *d.lock().unwrap() = format!("{op:?}").chars().take(60).collect();
+                    panic!("backend panic at op {k} (after: {after})");
+                }
             }
-            Ok(())
-        }));
+        };
+        let io = if after {
+            Intercept::new(inner.clone(), |_| Ok(())).after(fire)
+        } else {
+            Intercept::new(inner.clone(), move |op| {
+                fire(op);
+                Ok(())
+            })
+        };
+        let io = Arc::new(io);
         let mut store = Store::init_with(io, opts()).expect("init");
         let mut expected = Expected::new();
         let mut ids = Vec::new();
@@ -198,7 +217,8 @@ fn a_gc_panicking_at_any_operation_loses_nothing() {
                 "a gc of this store takes more than {k} storage operations"
             );
             std::mem::forget(store);
-            break;
+            done[usize::from(after)] = true;
+            continue;
         }
         let at = desc.lock().unwrap().clone();
         let mut errs = Vec::new();
@@ -237,6 +257,10 @@ fn a_gc_panicking_at_any_operation_loses_nothing() {
             ));
         }
     }
+    assert!(
+        done == [true; 2],
+        "a gc of this store takes fewer than 400 operations"
+    );
     assert!(report.is_empty(), "{report:#?}");
 }
 

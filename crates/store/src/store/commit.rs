@@ -712,29 +712,38 @@ pub(super) fn new_segment(
     version: u32,
 ) -> Result<(), StoreError> {
     // Above every listed segment and every file this writer created (one whose sizing failed is
-    // created but not listed).
-    let id = w
+    // created but not listed). A file of that name that exists already (left by a create whose
+    // backend panicked after it made the file, or by anything else) is never touched: the next
+    // name is tried.
+    let first = w
         .segments
         .last()
         .copied()
         .into_iter()
         .chain(w.created.iter().copied())
         .max()
-        .unwrap_or(0)
-        .checked_add(1)
-        .ok_or(StoreError::TooManySegments {
-            count: w.segments.len(),
-        })?;
-    let mut with_new = w.segments.clone();
-    with_new.push(id);
-    if with_new.len() > MAX_SEGMENT_IDS || segment_runs(&with_new).len() > MAX_SEGMENT_RUNS {
-        return Err(StoreError::TooManySegments {
-            count: w.segments.len(),
-        });
-    }
-    let name = seg_name(id);
-    io.create(&name)
-        .map_err(io_err(io, &name, "create segment"))?;
+        .unwrap_or(0);
+    let mut tries = 0u32;
+    let (id, name) = loop {
+        let id = first
+            .checked_add(1 + tries)
+            .ok_or(StoreError::TooManySegments {
+                count: w.segments.len(),
+            })?;
+        let mut with_new = w.segments.clone();
+        with_new.push(id);
+        if with_new.len() > MAX_SEGMENT_IDS || segment_runs(&with_new).len() > MAX_SEGMENT_RUNS {
+            return Err(StoreError::TooManySegments {
+                count: w.segments.len(),
+            });
+        }
+        let name = seg_name(id);
+        match io.create(&name) {
+            Ok(()) => break (id, name),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 4 => tries += 1,
+            Err(e) => return Err(io_err(io, &name, "create segment")(e)),
+        }
+    };
     // Removed again by a rollback; listed only once it has its size and header.
     w.created.push(id);
     w.dir_dirty = true;
