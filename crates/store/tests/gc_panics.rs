@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 mod common;
-use common::{opts, page};
+use common::{opts, page, pages_of};
 
 type Expected = BTreeMap<SnapshotId, BTreeMap<u64, Vec<u8>>>;
 
@@ -21,18 +21,69 @@ fn check(store: &Store, expected: &Expected, context: &str) -> Result<(), String
         return Err(format!("{context}: listed {ids:?}"));
     }
     for (id, pages) in expected {
-        let mut got = BTreeMap::new();
-        store
-            .for_each_page(*id, |v, r| {
-                got.insert(v.0, store.read_ref(r)?);
-                Ok(())
-            })
+        let got = pages_of(store, *id)
             .map_err(|e| format!("{context}: snapshot {id} reads back: {e}"))?;
         if &got != pages {
             return Err(format!("{context}: snapshot {id} differs"));
         }
     }
     Ok(())
+}
+
+/// A store on `io` with three snapshots of 8 pages each, the first deleted (so gc has work).
+fn three_snapshots_first_deleted(io: Arc<Intercept>) -> (Store, Expected) {
+    let mut store = Store::init_with(io, opts()).expect("init");
+    let mut expected = Expected::new();
+    let mut ids = Vec::new();
+    let mut cur: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    for round in 0..3u64 {
+        store.begin(ids.last().copied()).expect("begin");
+        for v in 0..8u64 {
+            let p = page(round * 100 + v);
+            store.put(Vpn(v), &p).expect("put");
+            cur.insert(v, p);
+        }
+        let id = store.commit(SnapshotMeta::default()).expect("commit").id;
+        ids.push(id);
+        expected.insert(id, cur.clone());
+    }
+    store.delete(&[ids[0]]).expect("delete");
+    expected.remove(&ids[0]);
+    (store, expected)
+}
+
+/// Commits a snapshot changing one page on `parent` (its map a delta on the parent's), or a
+/// fresh one; then checks the writer and `images` crash images of `inner` against `expected`
+/// (which gains it). What went wrong, as messages.
+fn commit_and_check(
+    store: &mut Store,
+    inner: &FaultyStorage,
+    expected: &mut Expected,
+    parent: Option<SnapshotId>,
+    images: u64,
+) -> Vec<String> {
+    let committed = store.begin(parent).and_then(|()| {
+        store.put(Vpn(3), &page(777))?;
+        store.commit(SnapshotMeta::default())
+    });
+    let id = match committed {
+        Ok(rep) => rep.id,
+        Err(e) => return vec![format!("commit: {e}")],
+    };
+    let mut m = parent.map(|p| expected[&p].clone()).unwrap_or_default();
+    m.insert(3, page(777));
+    expected.insert(id, m);
+    let mut errs: Vec<String> = check(store, expected, "the writer")
+        .err()
+        .into_iter()
+        .collect();
+    for seed in 0..images {
+        match Store::open_with(Arc::new(inner.crash_image(seed)), Mode::Read, opts()) {
+            Err(e) => errs.push(format!("crash image {seed}: open: {e}")),
+            Ok((r, _)) => errs.extend(check(&r, expected, &format!("crash image {seed}")).err()),
+        }
+    }
+    errs
 }
 
 /// gc whose backend panics at the write of the superblock's second slot (after the first slot,
@@ -53,23 +104,7 @@ fn store_after_gc_panic_past_commit_point() -> (Arc<FaultyStorage>, Store, Expec
         }
         Ok(())
     }));
-    let mut store = Store::init_with(io, opts()).expect("init");
-    let mut expected = Expected::new();
-    let mut ids = Vec::new();
-    let mut cur: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-    for round in 0..3u64 {
-        store.begin(ids.last().copied()).expect("begin");
-        for v in 0..8u64 {
-            let p = page(round * 100 + v);
-            store.put(Vpn(v), &p).expect("put");
-            cur.insert(v, p);
-        }
-        let id = store.commit(SnapshotMeta::default()).expect("commit").id;
-        ids.push(id);
-        expected.insert(id, cur.clone());
-    }
-    store.delete(&[ids[0]]).expect("delete");
-    expected.remove(&ids[0]);
+    let (mut store, expected) = three_snapshots_first_deleted(io);
     armed.store(1, Ordering::SeqCst);
     let gc = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.gc()));
     assert!(gc.is_err(), "gc panicked in its backend");
@@ -82,13 +117,11 @@ fn store_after_gc_panic_past_commit_point() -> (Arc<FaultyStorage>, Store, Expec
     (inner, store, expected)
 }
 
-/// The gc did commit (its first slot is durable). The next change's settle calls
-/// abandon_rewrite, which "rolls back" to self.sb — gc's new state — while the catalog, the page
-/// map cache and catalog.seq are still the pre-gc ones (rewrite panicked before updating them).
+/// The gc did commit (its first slot is durable), but the catalog, the page map cache and the
+/// sequence number were still the ones before it: the next change moves them to the gc's state.
 #[test]
 fn a_gc_that_panicked_after_its_commit_point_loses_nothing() {
     let (inner, mut store, mut expected) = store_after_gc_panic_past_commit_point();
-    // A fresh reader of a crash image now sees gc's state: fine.
     for seed in 0..4 {
         let (r, _) =
             Store::open_with(Arc::new(inner.crash_image(seed)), Mode::Read, opts()).expect("open");
@@ -99,38 +132,8 @@ fn a_gc_that_panicked_after_its_commit_point_loses_nothing() {
         )
         .unwrap();
     }
-    let mut errs = Vec::new();
-    if let Err(e) = check(&store, &expected, "the writer after the panic") {
-        errs.push(e);
-    }
-    // A child changing one page (its index a delta on the parent's).
-    let parent = *expected.keys().last().unwrap();
-    let r = store.begin(Some(parent));
-    let committed = r.and_then(|()| {
-        store.put(Vpn(3), &page(777))?;
-        store.commit(SnapshotMeta::default())
-    });
-    match committed {
-        Err(e) => errs.push(format!("commit after the panic: {e}")),
-        Ok(rep) => {
-            let mut m = expected[&parent].clone();
-            m.insert(3, page(777));
-            expected.insert(rep.id, m);
-            if let Err(e) = check(&store, &expected, "the writer after its commit") {
-                errs.push(e);
-            }
-            for seed in 0..8 {
-                match Store::open_with(Arc::new(inner.crash_image(seed)), Mode::Read, opts()) {
-                    Err(e) => errs.push(format!("crash image {seed}: open: {e}")),
-                    Ok((r, _)) => {
-                        if let Err(e) = check(&r, &expected, &format!("crash image {seed}")) {
-                            errs.push(e);
-                        }
-                    }
-                }
-            }
-        }
-    }
+    let parent = expected.keys().last().copied();
+    let errs = commit_and_check(&mut store, &inner, &mut expected, parent, 8);
     std::mem::forget(store);
     assert!(errs.is_empty(), "{errs:#?}");
 }
@@ -142,23 +145,17 @@ fn a_store_closed_after_a_gc_that_panicked_past_its_commit_point_reopens() {
     drop(store);
     let (mut store, _) = Store::open_with(inner.clone(), Mode::Write, opts()).expect("reopen");
     check(&store, &expected, "reopened").unwrap();
-    let parent = *expected.keys().last().unwrap();
-    store.begin(Some(parent)).unwrap();
-    store.put(Vpn(3), &page(777)).unwrap();
-    let id = store.commit(SnapshotMeta::default()).unwrap().id;
-    let mut m = expected[&parent].clone();
-    m.insert(3, page(777));
-    expected.insert(id, m);
-    check(&store, &expected, "after commit").unwrap();
+    let parent = expected.keys().last().copied();
+    let errs = commit_and_check(&mut store, &inner, &mut expected, parent, 0);
+    assert!(errs.is_empty(), "{errs:#?}");
 }
 
-/// Every storage operation of a gc, in turn, panics; then a child is committed and every crash
-/// image must hold all of it.
+/// Every storage operation of a gc, in turn, panics — before it, then after it (the operation
+/// done: a segment created, a slot written); then a child is committed, and the writer and every
+/// crash image must hold all of it.
 #[test]
 fn a_gc_panicking_at_any_operation_loses_nothing() {
     let mut report = Vec::new();
-    // The panic before operation k, then after it (the operation done: a segment created, a
-    // slot written).
     // Set once a gc completes before its k-th operation: every operation was tried.
     let mut done = [false; 2];
     for (after, k) in [false, true]
@@ -189,29 +186,11 @@ fn a_gc_panicking_at_any_operation_loses_nothing() {
                 Ok(())
             })
         };
-        let io = Arc::new(io);
-        let mut store = Store::init_with(io, opts()).expect("init");
-        let mut expected = Expected::new();
-        let mut ids = Vec::new();
-        let mut cur: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-        for round in 0..3u64 {
-            store.begin(ids.last().copied()).expect("begin");
-            for v in 0..8u64 {
-                let p = page(round * 100 + v);
-                store.put(Vpn(v), &p).expect("put");
-                cur.insert(v, p);
-            }
-            let id = store.commit(SnapshotMeta::default()).expect("commit").id;
-            ids.push(id);
-            expected.insert(id, cur.clone());
-        }
-        store.delete(&[ids[0]]).expect("delete");
-        expected.remove(&ids[0]);
+        let (mut store, mut expected) = three_snapshots_first_deleted(Arc::new(io));
         count.store(0, Ordering::SeqCst);
         let gc = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.gc()));
         count.store(u32::MAX, Ordering::SeqCst);
         if gc.is_ok() {
-            // Every operation of the gc was tried.
             assert!(
                 k > 20,
                 "a gc of this store takes more than {k} storage operations"
@@ -221,39 +200,13 @@ fn a_gc_panicking_at_any_operation_loses_nothing() {
             continue;
         }
         let at = desc.lock().unwrap().clone();
-        let mut errs = Vec::new();
-        let parent = *expected.keys().last().unwrap();
-        let committed = store.begin(Some(parent)).and_then(|()| {
-            store.put(Vpn(3), &page(777))?;
-            store.commit(SnapshotMeta::default())
-        });
-        match committed {
-            Err(e) => errs.push(format!("commit: {e}")),
-            Ok(rep) => {
-                let mut m = expected[&parent].clone();
-                m.insert(3, page(777));
-                expected.insert(rep.id, m);
-                if let Err(e) = check(&store, &expected, "writer") {
-                    errs.push(e);
-                }
-                for seed in 0..4 {
-                    match Store::open_with(Arc::new(inner.crash_image(seed)), Mode::Read, opts()) {
-                        Err(e) => errs.push(format!("image {seed}: open: {e}")),
-                        Ok((r, _)) => {
-                            if let Err(e) = check(&r, &expected, &format!("image {seed}")) {
-                                errs.push(e);
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        let parent = expected.keys().last().copied();
+        let errs = commit_and_check(&mut store, &inner, &mut expected, parent, 4);
         std::mem::forget(store);
-        if !errs.is_empty() {
+        if let Some(first) = errs.first() {
             report.push(format!(
-                "op {k} ({at}): {} errors, first: {}",
-                errs.len(),
-                errs[0]
+                "op {k} after {after} ({at}): {} errors, first: {first}",
+                errs.len()
             ));
         }
     }
@@ -295,45 +248,16 @@ fn a_gc_that_failed_then_panicked_in_its_rollback_loses_nothing() {
             }
             Ok(())
         }));
-        let mut store = Store::init_with(io, opts()).expect("init");
-        let mut expected = Expected::new();
-        let mut ids = Vec::new();
-        let mut cur: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-        for round in 0..3u64 {
-            store.begin(ids.last().copied()).expect("begin");
-            for v in 0..8u64 {
-                let p = page(round * 100 + v);
-                store.put(Vpn(v), &p).expect("put");
-                cur.insert(v, p);
-            }
-            let id = store.commit(SnapshotMeta::default()).expect("commit").id;
-            ids.push(id);
-            expected.insert(id, cur.clone());
-        }
-        store.delete(&[ids[0]]).expect("delete");
-        expected.remove(&ids[0]);
+        let (mut store, mut expected) = three_snapshots_first_deleted(io);
         state.store(1, Ordering::SeqCst);
         let gc = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.gc()));
         assert!(
             gc.is_err() && state.load(Ordering::SeqCst) == 3,
             "both faults hit"
         );
-        let parent = (!fresh).then(|| ids[2]);
-        store.begin(parent).expect("begin after the faults");
-        store.put(Vpn(3), &page(777)).expect("put");
-        let id = store
-            .commit(SnapshotMeta::default())
-            .expect("commit after the faults")
-            .id;
-        let mut m = parent.map(|p| expected[&p].clone()).unwrap_or_default();
-        m.insert(3, page(777));
-        expected.insert(id, m);
-        check(&store, &expected, &format!("fresh {fresh}: the writer")).unwrap();
-        for seed in 0..4 {
-            let (r, _) = Store::open_with(Arc::new(inner.crash_image(seed)), Mode::Read, opts())
-                .expect("open a crash image");
-            check(&r, &expected, &format!("fresh {fresh}: crash image {seed}")).unwrap();
-        }
+        let parent = expected.keys().last().copied().filter(|_| !fresh);
+        let errs = commit_and_check(&mut store, &inner, &mut expected, parent, 4);
         std::mem::forget(store);
+        assert!(errs.is_empty(), "fresh {fresh}: {errs:#?}");
     }
 }

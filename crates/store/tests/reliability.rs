@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 const SLOT: u64 = 4096;
 
 mod common;
-use common::{opts, page};
+use common::{opts, page, pages_of};
 
 type Expected = BTreeMap<SnapshotId, BTreeMap<u64, Vec<u8>>>;
 
@@ -24,12 +24,7 @@ fn assert_holds(store: &Store, expected: &Expected, context: &str) {
         "{context}: the snapshots listed"
     );
     for (id, pages) in expected {
-        let mut got = BTreeMap::new();
-        store
-            .for_each_page(*id, |v, r| {
-                got.insert(v.0, store.read_ref(r)?);
-                Ok(())
-            })
+        let got = pages_of(store, *id)
             .unwrap_or_else(|e| panic!("{context}: snapshot {id} reads back: {e}"));
         assert_eq!(&got, pages, "{context}: snapshot {id}");
     }

@@ -20,3 +20,18 @@ pub fn opts() -> StoreOptions {
         ..StoreOptions::default()
     }
 }
+
+/// Every page of snapshot `id`, read back and checked.
+// Not every test binary that includes this module reads snapshots back.
+#[allow(dead_code)]
+pub fn pages_of(
+    store: &pagesnap_store::Store,
+    id: pagesnap_store::SnapshotId,
+) -> Result<std::collections::BTreeMap<u64, Vec<u8>>, pagesnap_store::StoreError> {
+    let mut got = std::collections::BTreeMap::new();
+    store.for_each_page(id, |v, r| {
+        got.insert(v.0, store.read_ref(r)?);
+        Ok(())
+    })?;
+    Ok(got)
+}
