@@ -86,21 +86,25 @@ fn commit_and_check(
     errs
 }
 
-/// gc whose backend panics at the write of the superblock's second slot (after the first slot,
-/// the commit point, was written and synced).
-fn store_after_gc_panic_past_commit_point() -> (Arc<FaultyStorage>, Store, Expected) {
+/// A gc whose backend panics: past its commit point, at the write of the superblock's second
+/// slot (the first, the commit point, written and synced); before it, at the sync of its new
+/// segment.
+fn store_after_gc_panic(past_commit_point: bool) -> (Arc<FaultyStorage>, Store, Expected) {
     let inner = Arc::new(FaultyStorage::new());
-    // 0: off; n > 0: armed, counting superblock writes.
+    // 0: off; n > 0: armed, counting the operations the panic is aimed at.
     let armed = Arc::new(AtomicU32::new(0));
     let a = armed.clone();
     let io = Arc::new(Intercept::new(inner.clone(), move |op| {
-        if let Op::Write {
-            name: "superblock", ..
-        } = op
-        {
-            if a.load(Ordering::SeqCst) > 0 && a.fetch_add(1, Ordering::SeqCst) == 2 {
-                panic!("backend panic at the second superblock slot");
-            }
+        let aimed = match op {
+            Op::Write {
+                name: "superblock", ..
+            } => past_commit_point,
+            Op::Sync(name) => !past_commit_point && name.starts_with("seg-"),
+            _ => false,
+        };
+        let nth = if past_commit_point { 2 } else { 1 };
+        if aimed && a.load(Ordering::SeqCst) > 0 && a.fetch_add(1, Ordering::SeqCst) == nth {
+            panic!("backend panic in gc (past its commit point: {past_commit_point})");
         }
         Ok(())
     }));
@@ -108,11 +112,6 @@ fn store_after_gc_panic_past_commit_point() -> (Arc<FaultyStorage>, Store, Expec
     armed.store(1, Ordering::SeqCst);
     let gc = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.gc()));
     assert!(gc.is_err(), "gc panicked in its backend");
-    assert_eq!(
-        armed.load(Ordering::SeqCst),
-        3,
-        "panicked at the second slot write"
-    );
     armed.store(0, Ordering::SeqCst);
     (inner, store, expected)
 }
@@ -121,7 +120,7 @@ fn store_after_gc_panic_past_commit_point() -> (Arc<FaultyStorage>, Store, Expec
 /// sequence number were still the ones before it: the next change moves them to the gc's state.
 #[test]
 fn a_gc_that_panicked_after_its_commit_point_loses_nothing() {
-    let (inner, mut store, mut expected) = store_after_gc_panic_past_commit_point();
+    let (inner, mut store, mut expected) = store_after_gc_panic(true);
     for seed in 0..4 {
         let (r, _) =
             Store::open_with(Arc::new(inner.crash_image(seed)), Mode::Read, opts()).expect("open");
@@ -138,16 +137,22 @@ fn a_gc_that_panicked_after_its_commit_point_loses_nothing() {
     assert!(errs.is_empty(), "{errs:#?}");
 }
 
-/// Same, closed right after the panic and reopened by a writer.
+/// A store closed right after a gc panicked, on either side of its commit point: a writer
+/// reopens it, lists what it held, and commits as usual.
 #[test]
-fn a_store_closed_after_a_gc_that_panicked_past_its_commit_point_reopens() {
-    let (inner, store, mut expected) = store_after_gc_panic_past_commit_point();
-    drop(store);
-    let (mut store, _) = Store::open_with(inner.clone(), Mode::Write, opts()).expect("reopen");
-    check(&store, &expected, "reopened").unwrap();
-    let parent = expected.keys().last().copied();
-    let errs = commit_and_check(&mut store, &inner, &mut expected, parent, 0);
-    assert!(errs.is_empty(), "{errs:#?}");
+fn a_store_closed_after_a_gc_that_panicked_reopens_and_commits() {
+    for past_commit_point in [false, true] {
+        let (inner, store, mut expected) = store_after_gc_panic(past_commit_point);
+        drop(store);
+        let (mut store, _) = Store::open_with(inner.clone(), Mode::Write, opts()).expect("reopen");
+        check(&store, &expected, "reopened").unwrap();
+        let parent = expected.keys().last().copied();
+        let errs = commit_and_check(&mut store, &inner, &mut expected, parent, 4);
+        assert!(
+            errs.is_empty(),
+            "past its commit point: {past_commit_point}: {errs:#?}"
+        );
+    }
 }
 
 /// Every storage operation of a gc, in turn, panics — before it, then after it (the operation

@@ -85,7 +85,6 @@ impl Store {
         w.degraded = copied.is_err();
     }
 
-    /// Before a change: leave doubt, and restore the superblock's redundancy.
     /// A rewrite (gc, upgrade) that never returned — its backend panicked — left the writer in
     /// its bulk mode, which writes no hint at a segment roll or inside a commit. Before its commit
     /// point (`publish` did not see its first superblock slot land) it is abandoned as a failed
@@ -106,6 +105,8 @@ impl Store {
         Ok(())
     }
 
+    /// Before a change: settle a rewrite that panicked, leave doubt, and restore the
+    /// superblock's redundancy.
     pub(super) fn settle(&mut self) -> Result<(), StoreError> {
         self.settle_rewrite()?;
         self.recover_in_doubt()?;
