@@ -369,7 +369,11 @@ impl Store {
             w.created.clear();
             w.segments = sb.segments.clone();
             w.seg = sb.active_segment;
-            w.off = sb.active_len;
+            w.off = if sb.version >= 3 {
+                super::log::committed_end(&sb)
+            } else {
+                sb.active_len
+            };
             w.cap = self.io.len(&seg_name(sb.active_segment)).unwrap_or(0);
             w.touched.clear();
             w.buf.restart(w.off);

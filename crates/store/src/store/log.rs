@@ -45,6 +45,17 @@ pub(crate) const HINT_BYTES: u64 = 64 << 20;
 /// both superblock slots (15–30 ms each on the benchmark machine): spaced at 128 MiB rather than
 /// every [`HINT_BYTES`], a 256 MiB first snapshot takes one instead of three.
 const COMMIT_HINT_BYTES: u64 = MAX_SCAN - (64 << 20);
+
+/// What a hint makes durable before the superblock names its position.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HintSync {
+    /// Everything appended so far: the log buffer written out, every segment written since the
+    /// last sync synced (a hint between commits).
+    Log,
+    /// Only what the hint names: the segments created since the last hint (their size and
+    /// header) and their directory entries (a hint inside a commit, `hint_inside_commit`).
+    Named,
+}
 /// A catalog checkpoint is written once this many commits (or more than the retained snapshots)
 /// passed since the last one (bounds the walk that lists snapshots).
 const CHECKPOINT_EVERY: u64 = 64;
@@ -139,6 +150,25 @@ pub(super) fn link_of(sb: &Superblock) -> Option<Link> {
         a: RecordRef::new(a.loc, a.merkle),
         b: RecordRef::new(b.loc, b.merkle),
     })
+}
+
+/// Where a writer appends in the active segment (format 3 and later): right after the last
+/// commit's record when it lies there, else at the segment's start (a segment that a commit added
+/// and named in a hint holds nothing committed); never past the hint's position. A hint inside a
+/// commit syncs none of the commit's bytes before it (`hint_inside_commit`): after a crash or a
+/// rollback those may be torn or missing, and appending from the hint's position would leave
+/// them between whole records, where the walk of a segment's records (`segment_records`: verify,
+/// gc) stops. From here they are overwritten instead. Nothing past here counts: open's scan
+/// found no commit after it, and a writer writes a hint naming this position before it appends.
+pub(super) fn committed_end(sb: &Superblock) -> u64 {
+    let end = match link_of(sb) {
+        Some(l) if l.a.segment == sb.active_segment && l.b.segment == sb.active_segment => {
+            let end = |r: RecordRef| r.offset + u64::from(r.len);
+            end(l.a).max(end(l.b))
+        }
+        _ => SEG_HEADER,
+    };
+    end.min(sb.active_len)
 }
 
 pub(super) fn set_link(sb: &mut Superblock, link: Option<Link>) {
@@ -706,18 +736,29 @@ impl Store {
 
     /// Writes a superblock hint: the committed state (as the log holds it), at the next
     /// generation, naming the active segment and where the scan starts (the writer's position:
-    /// the committed end between commits, the start of a new segment inside one). Segments
-    /// written so far are synced first. As in a format 2 commit, slot (generation mod 2) is
-    /// written and synced first: if that fails, the other slot (the only copy known good) is
-    /// left alone and the writer is in doubt; if only the second fails, the hint stands in one
-    /// slot and the copy is retried before the next change.
+    /// the committed end between commits, somewhere inside one). Segments written so far are
+    /// synced first. As in a format 2 commit, slot (generation mod 2) is written and synced
+    /// first: if that fails, the other slot (the only copy known good) is left alone and the
+    /// writer is in doubt; if only the second fails, the hint stands in one slot and the copy is
+    /// retried before the next change.
     pub(super) fn publish_hint(&mut self) -> Result<(), StoreError> {
+        self.publish_hint_with(HintSync::Log)
+    }
+
+    /// [`Store::publish_hint`], syncing first what `sync` says.
+    fn publish_hint_with(&mut self, sync: HintSync) -> Result<(), StoreError> {
         let io = self.io.clone();
         let mut sb = self.sb.clone();
         let w = self.writer.as_mut().ok_or(StoreError::ReadOnly)?;
-        super::commit::flush_buffer(&*io, w)?;
-        for id in &w.touched {
-            let name = seg_name(*id);
+        let synced: Vec<u32> = match sync {
+            HintSync::Log => {
+                super::commit::flush_buffer(&*io, w)?;
+                w.touched.iter().copied().collect()
+            }
+            HintSync::Named => w.created.clone(),
+        };
+        for id in synced {
+            let name = seg_name(id);
             io.sync_data(&name)
                 .map_err(io_err(&*io, &name, "sync segment"))?;
         }
@@ -756,7 +797,9 @@ impl Store {
         };
         w.in_doubt = false;
         w.degraded = ok < 2;
-        w.touched.clear();
+        if sync == HintSync::Log {
+            w.touched.clear();
+        }
         w.created.clear();
         w.dir_dirty = false;
         self.sb = sb;
@@ -780,11 +823,18 @@ impl Store {
         }
     }
 
-    /// A hint in the middle of a commit (a new segment, or 128 MiB appended): the commit's bytes so
-    /// far are synced by it and the range crc starts again after it. If it fails, the hint stays
-    /// owed, so the commit record is not written before one (`write_commit`).
+    /// A hint in the middle of a commit (a new segment, or 128 MiB appended), at the writer's
+    /// position; the range crc starts again after it. It syncs only what it names (a new segment
+    /// and its directory entry), not the commit's bytes so far: those count only through the
+    /// commit's record, which lies past the hint and is written after the commit's one sync of
+    /// every segment it touched. A crash before that leaves the hint naming a position in bytes
+    /// that may be torn or missing (even past the file's durable end): open's scan finds no
+    /// record there, as for any unfinished commit, and the bytes before it are never read. So
+    /// the writer thread keeps writing through the hint (no drain, no segment sync: both cost
+    /// 15–30 ms a hint). If it fails, the hint stays owed, so the commit record is not written
+    /// before one (`write_commit`).
     fn hint_inside_commit(&mut self) -> Result<(), StoreError> {
-        self.write_hint().inspect_err(|_| {
+        self.write_hint_with(HintSync::Named).inspect_err(|_| {
             if let Some(w) = self.writer.as_mut() {
                 w.log.need_hint = true;
             }
@@ -793,7 +843,11 @@ impl Store {
 
     /// Writes the superblock hint now (the committed state, generation + 1).
     pub(super) fn write_hint(&mut self) -> Result<(), StoreError> {
-        self.publish_hint()?;
+        self.write_hint_with(HintSync::Log)
+    }
+
+    fn write_hint_with(&mut self, sync: HintSync) -> Result<(), StoreError> {
+        self.publish_hint_with(sync)?;
         if let Some(w) = self.writer.as_mut() {
             w.log.since_hint = 0;
             w.log.bytes_since_hint = 0;

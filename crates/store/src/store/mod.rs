@@ -488,10 +488,15 @@ impl Writer {
         let cap = io
             .len(&name)
             .map_err(io_err(io, &name, "open active segment"))?;
+        let off = if sb.version >= 3 {
+            log::committed_end(sb)
+        } else {
+            sb.active_len
+        };
         Ok(Writer {
             _lock: lock,
             seg: sb.active_segment,
-            off: sb.active_len,
+            off,
             cap,
             segments: sb.segments.clone(),
             touched: BTreeSet::new(),
@@ -502,11 +507,7 @@ impl Writer {
             pending: None,
             in_doubt: false,
             degraded: false,
-            buf: buffer::LogBuffer::new(
-                2 * WRITE_BUFFER + (64 << 10),
-                sb.active_len,
-                shared.clone(),
-            ),
+            buf: buffer::LogBuffer::new(2 * WRITE_BUFFER + (64 << 10), off, shared.clone()),
             log: log::LogWriter::default(),
             frames: frames::Framer::default(),
         })
