@@ -255,7 +255,7 @@ impl ContentRoot {
     /// which a caller holding a lock the pool's jobs wait for would deadlock), a part that
     /// cannot get a thread on the calling thread.
     pub(crate) fn change_all(&mut self, changes: &[RootChange]) {
-        let part = |c: &[RootChange]| {
+        self.sum_parts(changes, |c| {
             let (mut plus, mut minus) = (ContentRoot::default(), ContentRoot::default());
             for (vpn, before, after) in c {
                 if let Some(h) = before {
@@ -266,17 +266,41 @@ impl ContentRoot {
                 }
             }
             (plus, minus)
-        };
+        });
+    }
+
+    /// Adds the term of every page `delta` puts (a commit on an empty parent: nothing before),
+    /// in parts on threads as [`ContentRoot::change_all`] does.
+    pub(crate) fn add_delta(&mut self, delta: &[(u64, Option<Ref>)]) {
+        self.sum_parts(delta, |c| {
+            let mut plus = ContentRoot::default();
+            for (vpn, r) in c {
+                if let Some(r) = r {
+                    plus.add(*vpn, &r.hash);
+                }
+            }
+            (plus, ContentRoot::default())
+        });
+    }
+
+    /// Adds, for each part of `items`, what `part` sums to add and subtracts what it sums to
+    /// subtract.
+    fn sum_parts<T: Sync>(
+        &mut self,
+        items: &[T],
+        part: impl Fn(&[T]) -> (ContentRoot, ContentRoot) + Sync,
+    ) {
+        let part = &part;
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .clamp(1, MAX_TERM_THREADS)
-            .min(changes.len().div_ceil(PARALLEL_TERMS).max(1));
+            .min(items.len().div_ceil(PARALLEL_TERMS).max(1));
         let sums: Vec<(ContentRoot, ContentRoot)> = if threads == 1 {
-            vec![part(changes)]
+            vec![part(items)]
         } else {
-            let size = changes.len().div_ceil(threads);
+            let size = items.len().div_ceil(threads);
             std::thread::scope(|s| {
-                let mut parts = changes.chunks(size);
+                let mut parts = items.chunks(size);
                 let mine = parts.next().unwrap_or(&[]);
                 let spawned: Vec<_> = parts
                     .map(|c| {

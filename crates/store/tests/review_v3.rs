@@ -239,8 +239,8 @@ fn gc_leaves_no_leak_across_random_workloads() {
 /// a margin for the records appended after it), not every 64 MiB. A commit of 140 MiB into one
 /// segment writes exactly one while it appends (two slot writes): none would lose it to a crash
 /// after a failed hint (the test above), two would be the old, dearer spacing. That hint syncs
-/// nothing of the segment (the commit's one sync does, at its end): a sync there drains the
-/// writes in flight. Its segment grows a few times, doubling up to 16 MiB steps, for the same
+/// nothing of the segment (a sync there drains the writes in flight): the commit syncs it
+/// before its record, then after. Its segment grows a few times, doubling up to 16 MiB steps, for the same
 /// reason.
 #[test]
 fn a_large_commit_writes_one_hint_per_128_mib() {
@@ -309,139 +309,10 @@ fn a_large_commit_writes_one_hint_per_128_mib() {
     let second = store.commit(SnapshotMeta::default()).expect("commit 2").id;
     assert_eq!(
         segment_syncs.load(Ordering::SeqCst) - syncs_before,
-        1,
-        "one segment sync per commit"
+        2,
+        "two segment syncs for the commit: before its record, and after"
     );
     assert_eq!(store.snapshot_ids().expect("ids"), vec![first, second]);
-}
-
-/// The hint inside a large commit syncs nothing of the commit's bytes before it, so a crash right
-/// after it can leave its position in bytes that are torn, garbage or missing, past the file's
-/// durable length too (the crash images choose each unsynced write's and size change's fate).
-/// Open then finds the snapshot before, a writer appends from the hint's position, and its next
-/// commit is found after another crash and reads back whole.
-#[test]
-fn a_crash_after_the_hint_inside_a_commit_loses_nothing() {
-    const BIG: usize = 1 << 20;
-    let o = pagesnap_store::StoreOptions {
-        page_size: BIG as u32,
-        segment_bytes: 1 << 30,
-        compression: pagesnap_store::Compression::None,
-        ..pagesnap_store::StoreOptions::default()
-    };
-    let big = |seed: u64| {
-        let mut p = vec![0u8; BIG];
-        for (i, c) in p.chunks_mut(8).enumerate() {
-            c.copy_from_slice(&(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64).to_le_bytes());
-        }
-        p
-    };
-    let inner = Arc::new(FaultyStorage::new());
-    let mut store = Store::init_with(inner.clone(), o).expect("init");
-    store.begin(None).expect("begin");
-    store.put(Vpn(0), &big(0)).expect("put");
-    let first = store.commit(SnapshotMeta::default()).expect("commit 1").id;
-    let generation = store.generation();
-    store.begin(Some(first)).expect("begin 2");
-    let mut v = 1;
-    // Past the hint and a few pages more (their writes unsynced after it).
-    while store.generation() == generation || v < 135 {
-        store.put(Vpn(v), &big(v)).expect("put");
-        v += 1;
-    }
-    assert!(v < 160, "the hint came after {v} MiB");
-    let mut expected: Expected = BTreeMap::new();
-    expected.insert(first, BTreeMap::from([(0, big(0))]));
-    for seed in 0..6 {
-        let img = Arc::new(inner.crash_image(seed));
-        let (mut w, _) = Store::open_with(img.clone(), Mode::Write, o).expect("open after crash");
-        assert_holds(&w, &expected, &format!("seed {seed}: after the crash"));
-        w.begin(Some(first)).expect("begin");
-        w.put(Vpn(7), &big(1000 + seed)).expect("put");
-        let next = w
-            .commit(SnapshotMeta::default())
-            .expect("commit after the crash")
-            .id;
-        drop(w);
-        let again = Arc::new(img.crash_image(seed + 100));
-        let (r, _) = Store::open_with(again, Mode::Read, o).expect("open after a second crash");
-        let mut want = expected.clone();
-        want.insert(next, BTreeMap::from([(0, big(0)), (7, big(1000 + seed))]));
-        assert_holds(&r, &want, &format!("seed {seed}: after the second crash"));
-        let report = r.verify(&[]).expect("verify");
-        assert!(report.damage.is_empty(), "seed {seed}: {:?}", report.damage);
-    }
-    drop(store);
-}
-
-/// The same bytes after a commit that fails past its inner hint (a write of its pages fails): the
-/// writer rolls back to the last commit's end, not to the hint's position (its next write lands
-/// there), so the bytes the failed commit left unwritten before the hint are not left between
-/// the records of the next commit and the ones before (`verify` walks a segment's records in
-/// order).
-#[test]
-fn a_commit_that_fails_after_its_inner_hint_leaves_no_gap() {
-    const BIG: usize = 1 << 20;
-    let o = pagesnap_store::StoreOptions {
-        page_size: BIG as u32,
-        segment_bytes: 1 << 30,
-        compression: pagesnap_store::Compression::None,
-        ..pagesnap_store::StoreOptions::default()
-    };
-    let big = |seed: u64| vec![(seed % 251) as u8 + 1; BIG];
-    let inner = Arc::new(FaultyStorage::new());
-    let armed = Arc::new(AtomicBool::new(false));
-    let first_write = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
-    let (fail, seen) = (armed.clone(), first_write.clone());
-    let io = Arc::new(Intercept::new(inner.clone(), move |op| {
-        if let Op::Write { name, offset, .. } = op {
-            if name.starts_with("seg-") {
-                if fail.load(Ordering::SeqCst) {
-                    return Err(ioerr());
-                }
-                seen.fetch_min(*offset, Ordering::SeqCst);
-            }
-        }
-        Ok(())
-    }));
-    let mut store = Store::init_with(io, o).expect("init");
-    store.begin(None).expect("begin");
-    store.put(Vpn(0), &big(0)).expect("put");
-    let first = store.commit(SnapshotMeta::default()).expect("commit 1").id;
-    let generation = store.generation();
-    store.begin(Some(first)).expect("begin 2");
-    let mut v = 1;
-    while store.generation() == generation {
-        store.put(Vpn(v), &big(v)).expect("put");
-        v += 1;
-    }
-    // The bytes buffered at the hint (before its position) are never written.
-    armed.store(true, Ordering::SeqCst);
-    let failed = (0..8).any(|k| store.put(Vpn(v + k), &big(v + k)).is_err())
-        || store.commit(SnapshotMeta::default()).is_err();
-    assert!(failed, "a write failed");
-    store.abort();
-    armed.store(false, Ordering::SeqCst);
-    first_write.store(u64::MAX, Ordering::SeqCst);
-    store.begin(Some(first)).expect("begin 3");
-    store.put(Vpn(7), &big(7)).expect("put");
-    let next = store.commit(SnapshotMeta::default()).expect("commit 3").id;
-    let at = first_write.load(Ordering::SeqCst);
-    assert!(
-        at < 2 << 20,
-        "the next commit wrote first at {at}, not after the first commit"
-    );
-    let report = store.verify(&[]).expect("verify");
-    assert!(report.damage.is_empty(), "{:?}", report.damage);
-    let mut expected: Expected = BTreeMap::new();
-    expected.insert(first, BTreeMap::from([(0, big(0))]));
-    expected.insert(next, BTreeMap::from([(0, big(0)), (7, big(7))]));
-    assert_holds(&store, &expected, "after the failed commit");
-    drop(store);
-    let img = Arc::new(inner.crash_image(1));
-    let (r, _) = Store::open_with(img, Mode::Read, o).expect("open after a crash");
-    assert_holds(&r, &expected, "after a crash");
-    assert!(r.verify(&[]).expect("verify").damage.is_empty());
 }
 
 /// Finding 3: open scans at most MAX_SCAN (192 MiB) after the hint, and the hint is only

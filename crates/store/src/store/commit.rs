@@ -374,6 +374,13 @@ impl Store {
             } else {
                 sb.active_len
             };
+            // Below the hint's position (a hint inside the dropped commit): the next commit
+            // must not be written before a hint names where it starts, or open, scanning from
+            // the old hint, would not find it (`abort` writes no hint of its own).
+            if w.off != sb.active_len {
+                w.log.need_hint = true;
+            }
+            w.log.unsynced_before_hint = false;
             w.cap = self.io.len(&seg_name(sb.active_segment)).unwrap_or(0);
             w.touched.clear();
             w.buf.restart(w.off);

@@ -46,8 +46,8 @@ pub(crate) const HINT_BYTES: u64 = 64 << 20;
 /// [`HINT_BYTES`], a 256 MiB first snapshot takes one instead of three.
 const COMMIT_HINT_BYTES: u64 = MAX_SCAN - (64 << 20);
 
-/// Changes from which a commit writes its page-map chunks on its own thread while another sums
-/// the content root and applies them to the map (`commit3_inner`).
+/// Changes from which a commit on an empty parent writes its page-map chunks while another
+/// thread sums the content root and builds the map (`commit3_inner`).
 const PARALLEL_COMMIT: usize = 4096;
 
 /// What a hint makes durable before the superblock names its position.
@@ -125,6 +125,10 @@ pub(crate) struct LogWriter {
     /// superblock generation must move on before the next commit (records of the abandoned one
     /// then never count).
     pub(crate) need_hint: bool,
+    /// A hint inside this commit synced none of the bytes the commit appended before it (its
+    /// record's range crc starts after the hint): they are synced before the record is written
+    /// (`write_commit`), so the record never lands without them.
+    pub(crate) unsynced_before_hint: bool,
     /// Content hash to the place of a stored page, for every page a retained snapshot uses (built
     /// on first need).
     pub(crate) dedup: Option<crate::index::ByContent<Location>>,
@@ -801,8 +805,12 @@ impl Store {
         };
         w.in_doubt = false;
         w.degraded = ok < 2;
-        if sync == HintSync::Log {
-            w.touched.clear();
+        match sync {
+            HintSync::Log => {
+                w.touched.clear();
+                w.log.unsynced_before_hint = false;
+            }
+            HintSync::Named => w.log.unsynced_before_hint = true,
         }
         w.created.clear();
         w.dir_dirty = false;
@@ -830,13 +838,15 @@ impl Store {
     /// A hint in the middle of a commit (a new segment, or 128 MiB appended), at the writer's
     /// position; the range crc starts again after it. It syncs only what it names (a new segment
     /// and its directory entry), not the commit's bytes so far: those count only through the
-    /// commit's record, which lies past the hint and is written after the commit's one sync of
-    /// every segment it touched. A crash before that leaves the hint naming a position in bytes
-    /// that may be torn or missing (even past the file's durable end): open's scan finds no
-    /// record there, as for any unfinished commit, and the bytes before it are never read. So
+    /// commit's record, which lies past the hint, and `write_commit` syncs every segment the
+    /// commit touched before it appends the record (the record's crc does not cover them). A
+    /// crash before that leaves the hint naming a position in bytes that may be torn or missing
+    /// (even past the file's durable end): open's scan finds no record there, as for any
+    /// unfinished commit, and a writer appends from the last commit's end (`committed_end`). So
     /// the writer thread keeps writing through the hint (no drain, no segment sync: both cost
-    /// 15–30 ms a hint). If it fails, the hint stays owed, so the commit record is not written
-    /// before one (`write_commit`).
+    /// 15–30 ms a hint on a busy machine), and a commit of any size pays one sync more than it
+    /// did, not one per hint. If it fails, the hint stays owed, so the commit record is not
+    /// written before one (`write_commit`).
     fn hint_inside_commit(&mut self) -> Result<(), StoreError> {
         self.write_hint_with(HintSync::Named).inspect_err(|_| {
             if let Some(w) = self.writer.as_mut() {
@@ -1263,6 +1273,7 @@ impl Store {
         // Both copies in one segment, back to back (a segment change here writes a hint, so
         // the generation and the crc are read after it).
         self.reserve3(2 * len)?;
+        self.sync_before_record()?;
         rec.hint_gen = self.sb.generation;
         let w = self.log_writer()?;
         rec.range_crc = w.log.range_crc.clone().finalize();
@@ -1292,6 +1303,7 @@ impl Store {
         }
         w.touched.clear();
         w.created.clear();
+        w.log.unsynced_before_hint = false;
         w.log.range_crc = crc32fast::Hasher::new();
         w.log.since_hint += 1;
         w.log.in_commit = false;
@@ -1317,6 +1329,33 @@ impl Store {
             self.catalog.manifests.insert(m.id, m);
         }
         Ok(link)
+    }
+
+    /// After a hint inside this commit that synced none of its bytes before it: every segment
+    /// the commit touched synced now, before its record is appended, so that a record found
+    /// after a crash has everything before its hint under it (its range crc covers only what
+    /// follows the hint). The record's own sync then covers the record.
+    fn sync_before_record(&mut self) -> Result<(), StoreError> {
+        let io = self.io.clone();
+        let w = self.log_writer()?;
+        if !w.log.unsynced_before_hint {
+            return Ok(());
+        }
+        super::commit::flush_buffer(&*io, w)?;
+        for id in &w.touched {
+            let name = seg_name(*id);
+            io.sync_data(&name)
+                .map_err(io_err(&*io, &name, "sync segment"))?;
+        }
+        if w.dir_dirty {
+            io.sync_dir()
+                .map_err(io_err(&*io, "", "sync store directory"))?;
+            w.dir_dirty = false;
+        }
+        let active = w.seg;
+        w.touched.retain(|id| *id == active);
+        w.log.unsynced_before_hint = false;
+        Ok(())
     }
 
     fn checkpoint_due(&self) -> bool {
@@ -1402,7 +1441,9 @@ impl Store {
         let mut root =
             ContentRoot::from_bytes(&parent_m.as_ref().map(|m| m.content_root).unwrap_or([0; 32]));
         let mut count = parent_m.as_ref().map_or(0, |m| m.page_count);
-        let mut terms = Vec::with_capacity(delta.len());
+        // On an empty parent the root's terms are the delta's pages (`ContentRoot::add_delta`).
+        let on_empty = parent_map.is_empty();
+        let mut terms = Vec::with_capacity(if on_empty { 0 } else { delta.len() });
         delta.retain(|(k, v)| {
             let old = parent_map.get(k);
             if old.map(|r| r.hash) == v.map(|r| r.hash) {
@@ -1414,9 +1455,13 @@ impl Store {
             if v.is_some() {
                 count += 1;
             }
-            terms.push((*k, old.map(|r| r.hash), v.map(|r| r.hash)));
+            if !on_empty {
+                terms.push((*k, old.map(|r| r.hash), v.map(|r| r.hash)));
+            }
             true
         });
+        root.change_all(&terms);
+        drop(terms);
         // The new map: the parent's, changed in place when nobody else holds it.
         drop(pending.map);
         let mut map = match pending.parent {
@@ -1454,19 +1499,21 @@ impl Store {
             && (parent_head.is_none()
                 || chain_entries + delta.len() as u64 > base_entries
                 || chain_deltas >= MAX_CHAIN_DELTAS);
-        // The chunks of a delta, or of a base on an empty parent, are the delta itself (on an
-        // empty parent it holds no removals: a change that leaves a page as it was is dropped
-        // above): a large commit writes them while another thread sums the content root and
-        // applies the delta to the map (at 64 Ki pages about 8 and 12 ms, beside 8 ms of chunks).
+        // On an empty parent the base's chunks are the delta itself (it holds no removals: a
+        // change that leaves a page as it was is dropped above): a large first snapshot writes
+        // them while another thread sums the content root and builds the map from the delta (at
+        // 64 Ki pages about 6 and 9 ms, beside 8 ms of chunks). Not on a larger parent: the
+        // merge's scratch and the chunks' bytes would then be live at once, a commit's peak
+        // memory above one page map (`review20_merge_memory`).
         let mut early: Option<Result<Option<ChunkRef>, StoreError>> = None;
         let mut mapped = false;
-        if delta.len() >= PARALLEL_COMMIT && (!rebase || parent_was_empty) {
+        if delta.len() >= PARALLEL_COMMIT && on_empty && parent_was_empty {
             let prev = if rebase { None } else { parent_head };
             std::thread::scope(|s| {
                 let side = std::thread::Builder::new()
                     .name("pagesnap-map".into())
                     .spawn_scoped(s, || {
-                        root.change_all(&terms);
+                        root.add_delta(&delta);
                         crate::index::apply_delta(map_mut, &delta);
                     });
                 if let Ok(side) = side {
@@ -1479,10 +1526,11 @@ impl Store {
             });
         }
         if !mapped {
-            root.change_all(&terms);
+            if on_empty {
+                root.add_delta(&delta);
+            }
             crate::index::apply_delta(map_mut, &delta);
         }
-        drop(terms);
         let result = (|| {
             let head = if !rebase {
                 if !delta.is_empty() {

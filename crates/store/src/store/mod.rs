@@ -618,8 +618,8 @@ mod tests {
         };
         // (pages in the parent, pages the failing commit changes): 2 of 64 entry by entry, 40
         // of 64 by a merge (`index::apply_delta`), 40 on an empty parent; and past
-        // `log::PARALLEL_COMMIT`, where the chunks are written while another thread changes the
-        // map: a base on an empty parent, a delta on a larger one.
+        // `log::PARALLEL_COMMIT`: on an empty parent (the chunks written while another thread
+        // builds the map) and on a larger one.
         for (parent_pages, changed) in [(64u64, 2u64), (64, 40), (0, 40), (0, 5000), (8192, 5000)] {
             let mut failures = 0;
             for k in 0.. {
