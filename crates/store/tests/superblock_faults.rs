@@ -2,12 +2,15 @@
 //! hostile review of the second reliability pass; each test failed before its fix.
 
 use pagesnap_store::fault::{FaultyStorage, Intercept, Op};
-use pagesnap_store::{Mode, SnapshotId, SnapshotMeta, Storage, Store, Vpn};
+use pagesnap_store::{
+    Compression, Mode, SnapshotId, SnapshotMeta, Storage, Store, StoreOptions, Vpn,
+};
 use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 mod common;
-use common::{opts, page};
+use common::{opts, page, pages_of};
 
 /// What the scripted backend does to superblock operations.
 #[derive(Default)]
@@ -503,4 +506,102 @@ fn format3_a_slot_that_cannot_be_written_loses_nothing() {
             }
         }
     }
+}
+
+fn small_segments(c: Compression) -> StoreOptions {
+    StoreOptions {
+        page_size: 512,
+        segment_bytes: 1 << 20,
+        compression: c,
+        ..StoreOptions::default()
+    }
+}
+
+/// Once armed, every second superblock write fails: the first slot lands, the copy fails (the
+/// writer is degraded and restores the redundancy before its next change).
+fn degrading(inner: Arc<FaultyStorage>) -> (Arc<Intercept>, Arc<AtomicBool>) {
+    let armed = Arc::new(AtomicBool::new(false));
+    let n = Arc::new(AtomicU64::new(0));
+    let a = armed.clone();
+    let io = Intercept::new(inner, move |op| match op {
+        Op::Write {
+            name: "superblock", ..
+        } if a.load(Ordering::SeqCst) => {
+            if n.fetch_add(1, Ordering::SeqCst) % 2 == 1 {
+                Err(io::Error::from_raw_os_error(5))
+            } else {
+                Ok(())
+            }
+        }
+        _ => Ok(()),
+    });
+    (Arc::new(io), armed)
+}
+
+/// A degraded writer dropped in the middle of a snapshot restored the redundancy there: its hint
+/// wrote the log buffer (an open extent) below its place, over the last commit's records.
+#[test]
+fn dropping_a_degraded_writer_mid_snapshot_keeps_the_last_commit() {
+    let o = small_segments(Compression::None);
+    let inner = Arc::new(FaultyStorage::new());
+    let (io, armed) = degrading(inner.clone());
+    let first = {
+        let mut s = Store::init_with(io.clone(), o).expect("init");
+        s.begin(None).expect("begin");
+        for v in 0..4 {
+            s.put(Vpn(v), &page(v)).expect("put");
+        }
+        s.commit(SnapshotMeta::default()).expect("commit").id
+    };
+    armed.store(true, Ordering::SeqCst);
+    let (mut s, _) = Store::open_with(io.clone(), Mode::Write, o).expect("open");
+    s.begin(Some(first)).expect("begin");
+    for v in 10..14 {
+        s.put(Vpn(v), &page(v)).expect("put");
+    }
+    drop(s);
+    let (r, rep) = Store::open_with(inner.clone(), Mode::Read, o).expect("reopen");
+    let got = pages_of(&r, first);
+    assert!(
+        got.is_ok() && r.snapshot_ids().expect("ids") == vec![first],
+        "{got:?} {rep:?}"
+    );
+}
+
+/// A call refused because a snapshot is being written (here `delete`) restored the redundancy
+/// first: its hint moved the scan past bytes the commit's range crc covers, so the commit,
+/// acknowledged, was dropped after a crash as a torn tail.
+#[test]
+fn a_busy_call_while_degraded_does_not_lose_the_next_commit() {
+    let o = small_segments(Compression::Lz4);
+    let inner = Arc::new(FaultyStorage::new());
+    let (io, armed) = degrading(inner.clone());
+    let first = {
+        let mut s = Store::init_with(io.clone(), o).expect("init");
+        s.begin(None).expect("begin");
+        s.put(Vpn(0), &page(0)).expect("put");
+        s.commit(SnapshotMeta::default()).expect("commit").id
+    };
+    armed.store(true, Ordering::SeqCst);
+    let (mut s, _) = Store::open_with(io.clone(), Mode::Write, o).expect("open");
+    s.begin(Some(first)).expect("begin");
+    for v in 10..400 {
+        s.put(Vpn(v), &page(v)).expect("put");
+    }
+    assert!(
+        s.delete(&[first]).is_err(),
+        "refused: a snapshot is being written"
+    );
+    for v in 400..800 {
+        s.put(Vpn(v), &page(v)).expect("put");
+    }
+    let second = s.commit(SnapshotMeta::default()).expect("commit").id;
+    let img = Arc::new(inner.crash_image(1));
+    std::mem::forget(s);
+    let (r, rep) = Store::open_with(img, Mode::Read, o).expect("open after a crash");
+    assert_eq!(
+        r.snapshot_ids().expect("ids"),
+        vec![first, second],
+        "{rep:?}"
+    );
 }

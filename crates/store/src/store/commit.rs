@@ -62,9 +62,17 @@ impl Store {
 
     /// After a commit whose second superblock copy could not be written: try again, so that one
     /// damaged slot cannot lose that commit. Called before every change and when the store is
-    /// dropped; while it keeps failing the store still works (and gc keeps old files).
+    /// dropped; while it keeps failing the store still works (and gc keeps old files). Not
+    /// while a snapshot is being written or a commit was abandoned by a panic: a hint then would
+    /// write out the log buffer under an open extent at the wrong place, or move the scan past
+    /// bytes the commit's range crc covers (the next change retries; a commit abandoned by a
+    /// panic gets its hint from `hint_if_owed`, which restores both slots too).
     pub(super) fn restore_redundancy(&mut self) {
-        let Some(w) = self.writer.as_mut().filter(|w| w.degraded && !w.in_doubt) else {
+        let Some(w) = self
+            .writer
+            .as_mut()
+            .filter(|w| w.degraded && !w.in_doubt && w.pending.is_none() && !w.log.in_commit)
+        else {
             return;
         };
         if self.sb.version >= 3 {
