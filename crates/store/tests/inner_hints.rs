@@ -4,30 +4,14 @@
 //! before the hint are missing, and leave no gap between a segment's records.
 
 use pagesnap_store::fault::{FaultyStorage, Intercept, Op};
-use pagesnap_store::{Mode, SnapshotId, SnapshotMeta, Storage, Store, Vpn};
+use pagesnap_store::{Mode, SnapshotMeta, Storage, Store, Vpn};
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 mod common;
-use common::{opts, page, pages_of};
-
-type Expected = BTreeMap<SnapshotId, BTreeMap<u64, Vec<u8>>>;
-
-fn assert_holds(store: &Store, expected: &Expected, context: &str) {
-    let ids = store.snapshot_ids().expect("list");
-    assert_eq!(
-        ids,
-        expected.keys().copied().collect::<Vec<_>>(),
-        "{context}: the snapshots listed"
-    );
-    for (id, pages) in expected {
-        let got = pages_of(store, *id)
-            .unwrap_or_else(|e| panic!("{context}: snapshot {id} reads back: {e}"));
-        assert_eq!(&got, pages, "{context}: snapshot {id}");
-    }
-}
+use common::{assert_holds, opts, page, pages_of, Expected};
 
 fn ioerr() -> io::Error {
     io::Error::from_raw_os_error(5)
@@ -52,6 +36,53 @@ fn big(seed: u64) -> Vec<u8> {
     p
 }
 
+/// A store of 1 MiB pages on `io` with a first snapshot of one page (then `after_first` runs);
+/// then a second snapshot begun on it and given pages until the hint inside it (128 MiB
+/// appended) was written. Returns the store, the first snapshot and the next page number.
+fn past_the_inner_hint(
+    io: Arc<dyn Storage>,
+    after_first: impl FnOnce(),
+) -> (Store, pagesnap_store::SnapshotId, u64) {
+    let mut store = Store::init_with(io, big_opts()).expect("init");
+    store.begin(None).expect("begin");
+    store.put(Vpn(0), &big(0)).expect("put");
+    let first = store.commit(SnapshotMeta::default()).expect("commit 1").id;
+    after_first();
+    let generation = store.generation();
+    store.begin(Some(first)).expect("begin 2");
+    let mut v = 1;
+    while store.generation() == generation {
+        store.put(Vpn(v), &big(v)).expect("put");
+        v += 1;
+    }
+    (store, first, v)
+}
+
+/// After a crash image in which the commit's bytes before its inner hint are lost: open takes
+/// the first snapshot only, or the second whole (never one that does not read back).
+fn assert_not_taken_torn(
+    img: Arc<FaultyStorage>,
+    o: pagesnap_store::StoreOptions,
+    first: pagesnap_store::SnapshotId,
+    second: pagesnap_store::SnapshotId,
+) {
+    let (r, _) = Store::open_with(img, Mode::Read, o).expect("open after the crash");
+    let ids = r.snapshot_ids().expect("ids");
+    if ids.contains(&second) {
+        let read = pages_of(&r, second);
+        let damage = r.verify(&[]).expect("verify").damage;
+        assert!(
+            read.is_ok() && damage.is_empty(),
+            "open took commit 2 whose bytes before the inner hint never reached the disk: \
+             reading it back: {:?}; verify: {} damage entries",
+            read.err(),
+            damage.len()
+        );
+    } else {
+        assert_eq!(ids, vec![first]);
+    }
+}
+
 /// `abort` after a hint inside the commit (128 MiB appended) rolls the writer back to
 /// the last commit's end, *below* the durable hint's position, and writes no hint. The next
 /// commit is appended there under the same generation and returns Ok (synced), but open scans
@@ -60,17 +91,7 @@ fn big(seed: u64) -> Vec<u8> {
 fn a_commit_after_an_abort_past_an_inner_hint_survives_a_crash() {
     let o = big_opts();
     let inner = Arc::new(FaultyStorage::new());
-    let mut store = Store::init_with(inner.clone(), o).expect("init");
-    store.begin(None).expect("begin");
-    store.put(Vpn(0), &big(0)).expect("put");
-    let first = store.commit(SnapshotMeta::default()).expect("commit 1").id;
-    let generation = store.generation();
-    store.begin(Some(first)).expect("begin 2");
-    let mut v = 1;
-    while store.generation() == generation {
-        store.put(Vpn(v), &big(v)).expect("put");
-        v += 1;
-    }
+    let (mut store, first, _) = past_the_inner_hint(inner.clone(), || {});
     store.abort();
     store.begin(Some(first)).expect("begin 3");
     store.put(Vpn(7), &big(7)).expect("put");
@@ -208,41 +229,15 @@ fn a_torn_commit_across_an_inner_hint_is_not_taken() {
     assert!(t.lock().unwrap().hints > 0, "a hint inside the commit");
     let img = torn_image(&inner, &t);
     std::mem::forget(store);
-    let (r, _) = Store::open_with(img, Mode::Read, o).expect("open after the crash");
-    let ids = r.snapshot_ids().expect("ids");
-    if ids.contains(&second) {
-        let read = pages_of(&r, second);
-        let damage = r.verify(&[]).expect("verify").damage;
-        assert!(
-            read.is_ok() && damage.is_empty(),
-            "open took commit 2 whose bytes before the inner hint never reached the disk: \
-             reading it back: {:?}; verify: {} damage entries",
-            read.err(),
-            damage.len()
-        );
-    } else {
-        assert_eq!(ids, vec![first]);
-    }
+    assert_not_taken_torn(img, o, first, second);
 }
 
 /// The same with the 128 MiB hint (one segment).
 #[test]
 fn a_torn_large_commit_across_its_128_mib_hint_is_not_taken() {
-    let o = big_opts();
     let inner = Arc::new(FaultyStorage::new());
     let (io, t) = tracked(inner.clone());
-    let mut store = Store::init_with(io, o).expect("init");
-    store.begin(None).expect("begin");
-    store.put(Vpn(0), &big(0)).expect("put");
-    let first = store.commit(SnapshotMeta::default()).expect("commit 1").id;
-    arm(&inner, &t);
-    let generation = store.generation();
-    store.begin(Some(first)).expect("begin 2");
-    let mut v = 1;
-    while store.generation() == generation {
-        store.put(Vpn(v), &big(v)).expect("put");
-        v += 1;
-    }
+    let (mut store, first, v) = past_the_inner_hint(io, || arm(&inner, &t));
     for k in 0..4 {
         store.put(Vpn(v + k), &big(v + k)).expect("put");
     }
@@ -254,19 +249,7 @@ fn a_torn_large_commit_across_its_128_mib_hint_is_not_taken() {
     );
     let img = torn_image(&inner, &t);
     std::mem::forget(store);
-    let (r, _) = Store::open_with(img, Mode::Read, o).expect("open after the crash");
-    let ids = r.snapshot_ids().expect("ids");
-    if ids.contains(&second) {
-        let read = pages_of(&r, second);
-        assert!(
-            read.is_ok(),
-            "open took commit 2 whose pages before the 128 MiB hint never reached the disk: \
-             reading it back: {:?}",
-            read.err()
-        );
-    } else {
-        assert_eq!(ids, vec![first]);
-    }
+    assert_not_taken_torn(img, big_opts(), first, second);
 }
 
 /// The hint inside a large commit syncs nothing of the commit's bytes before it, so a crash right
@@ -278,19 +261,13 @@ fn a_torn_large_commit_across_its_128_mib_hint_is_not_taken() {
 fn a_crash_after_the_hint_inside_a_commit_loses_nothing() {
     let o = big_opts();
     let inner = Arc::new(FaultyStorage::new());
-    let mut store = Store::init_with(inner.clone(), o).expect("init");
-    store.begin(None).expect("begin");
-    store.put(Vpn(0), &big(0)).expect("put");
-    let first = store.commit(SnapshotMeta::default()).expect("commit 1").id;
-    let generation = store.generation();
-    store.begin(Some(first)).expect("begin 2");
-    let mut v = 1;
-    // Past the hint and a few pages more (their writes unsynced after it).
-    while store.generation() == generation || v < 135 {
+    let (mut store, first, mut v) = past_the_inner_hint(inner.clone(), || {});
+    assert!(v < 160, "the hint came after {v} MiB");
+    // A few pages more (their writes unsynced after it).
+    for _ in 0..4 {
         store.put(Vpn(v), &big(v)).expect("put");
         v += 1;
     }
-    assert!(v < 160, "the hint came after {v} MiB");
     let mut expected: Expected = BTreeMap::new();
     expected.insert(first, BTreeMap::from([(0, big(0))]));
     for seed in 0..6 {
@@ -338,17 +315,7 @@ fn a_commit_that_fails_after_its_inner_hint_leaves_no_gap() {
         }
         Ok(())
     }));
-    let mut store = Store::init_with(io, o).expect("init");
-    store.begin(None).expect("begin");
-    store.put(Vpn(0), &big(0)).expect("put");
-    let first = store.commit(SnapshotMeta::default()).expect("commit 1").id;
-    let generation = store.generation();
-    store.begin(Some(first)).expect("begin 2");
-    let mut v = 1;
-    while store.generation() == generation {
-        store.put(Vpn(v), &big(v)).expect("put");
-        v += 1;
-    }
+    let (mut store, first, v) = past_the_inner_hint(io, || {});
     // The bytes buffered at the hint (before its position) are never written.
     armed.store(true, Ordering::SeqCst);
     let failed = (0..8).any(|k| store.put(Vpn(v + k), &big(v + k)).is_err())

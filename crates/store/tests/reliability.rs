@@ -11,24 +11,7 @@ use std::sync::{Arc, Mutex};
 const SLOT: u64 = 4096;
 
 mod common;
-use common::{opts, page, pages_of};
-
-type Expected = BTreeMap<SnapshotId, BTreeMap<u64, Vec<u8>>>;
-
-/// Every snapshot of `store` reads back exactly as `expected` says.
-fn assert_holds(store: &Store, expected: &Expected, context: &str) {
-    let ids = store.snapshot_ids().expect("list");
-    assert_eq!(
-        ids,
-        expected.keys().copied().collect::<Vec<_>>(),
-        "{context}: the snapshots listed"
-    );
-    for (id, pages) in expected {
-        let got = pages_of(store, *id)
-            .unwrap_or_else(|e| panic!("{context}: snapshot {id} reads back: {e}"));
-        assert_eq!(&got, pages, "{context}: snapshot {id}");
-    }
-}
+use common::{assert_holds, opts, page, Expected};
 
 /// A store with a few snapshots; with `gc`, one is deleted and the store collected (so the
 /// segments the older state named are gone).

@@ -8,23 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 mod common;
-use common::{opts, page, pages_of};
-
-type Expected = BTreeMap<SnapshotId, BTreeMap<u64, Vec<u8>>>;
-
-fn assert_holds(store: &Store, expected: &Expected, context: &str) {
-    let ids = store.snapshot_ids().expect("list");
-    assert_eq!(
-        ids,
-        expected.keys().copied().collect::<Vec<_>>(),
-        "{context}: the snapshots listed"
-    );
-    for (id, pages) in expected {
-        let got = pages_of(store, *id)
-            .unwrap_or_else(|e| panic!("{context}: snapshot {id} reads back: {e}"));
-        assert_eq!(&got, pages, "{context}: snapshot {id}");
-    }
-}
+use common::{assert_holds, opts, page, Expected};
 
 fn ioerr() -> io::Error {
     io::Error::from_raw_os_error(5)

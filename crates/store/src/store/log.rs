@@ -179,6 +179,23 @@ pub(super) fn committed_end(sb: &Superblock) -> u64 {
     end.min(sb.active_len)
 }
 
+/// Everything appended durable: the log buffer written out, every segment written since its
+/// last sync synced, the directory if a segment was created.
+fn sync_appended(io: &dyn Storage, w: &mut Writer) -> Result<(), StoreError> {
+    super::commit::flush_buffer(io, w)?;
+    for id in &w.touched {
+        let name = seg_name(*id);
+        io.sync_data(&name)
+            .map_err(io_err(io, &name, "sync segment"))?;
+    }
+    if w.dir_dirty {
+        io.sync_dir()
+            .map_err(io_err(io, "", "sync store directory"))?;
+        w.dir_dirty = false;
+    }
+    Ok(())
+}
+
 pub(super) fn set_link(sb: &mut Superblock, link: Option<Link>) {
     use crate::format::NodePtr;
     sb.catalog = link.map(|l| NodePtr {
@@ -758,21 +775,19 @@ impl Store {
         let io = self.io.clone();
         let mut sb = self.sb.clone();
         let w = self.writer.as_mut().ok_or(StoreError::ReadOnly)?;
-        let synced: Vec<u32> = match sync {
-            HintSync::Log => {
-                super::commit::flush_buffer(&*io, w)?;
-                w.touched.iter().copied().collect()
+        match sync {
+            HintSync::Log => sync_appended(&*io, w)?,
+            HintSync::Named => {
+                for id in &w.created {
+                    let name = seg_name(*id);
+                    io.sync_data(&name)
+                        .map_err(io_err(&*io, &name, "sync segment"))?;
+                }
+                if w.dir_dirty {
+                    io.sync_dir()
+                        .map_err(io_err(&*io, "", "sync store directory"))?;
+                }
             }
-            HintSync::Named => w.created.clone(),
-        };
-        for id in synced {
-            let name = seg_name(id);
-            io.sync_data(&name)
-                .map_err(io_err(&*io, &name, "sync segment"))?;
-        }
-        if w.dir_dirty {
-            io.sync_dir()
-                .map_err(io_err(&*io, "", "sync store directory"))?;
         }
         sb.generation += 1;
         sb.active_segment = w.seg;
@@ -1289,18 +1304,8 @@ impl Store {
         let b = self.append3_in(Kind::Commit, rec.seq, &hash, &bytes, false)?;
         let io = self.io.clone();
         let w = self.log_writer()?;
-        super::commit::flush_buffer(&*io, w)?;
         // One sync: the segment (normally one file; more if this commit filled a segment).
-        for id in &w.touched {
-            let name = seg_name(*id);
-            io.sync_data(&name)
-                .map_err(io_err(&*io, &name, "sync segment"))?;
-        }
-        if w.dir_dirty {
-            io.sync_dir()
-                .map_err(io_err(&*io, "", "sync store directory"))?;
-            w.dir_dirty = false;
-        }
+        sync_appended(&*io, w)?;
         w.touched.clear();
         w.created.clear();
         w.log.unsynced_before_hint = false;
@@ -1341,17 +1346,7 @@ impl Store {
         if !w.log.unsynced_before_hint {
             return Ok(());
         }
-        super::commit::flush_buffer(&*io, w)?;
-        for id in &w.touched {
-            let name = seg_name(*id);
-            io.sync_data(&name)
-                .map_err(io_err(&*io, &name, "sync segment"))?;
-        }
-        if w.dir_dirty {
-            io.sync_dir()
-                .map_err(io_err(&*io, "", "sync store directory"))?;
-            w.dir_dirty = false;
-        }
+        sync_appended(&*io, w)?;
         let active = w.seg;
         w.touched.retain(|id| *id == active);
         w.log.unsynced_before_hint = false;

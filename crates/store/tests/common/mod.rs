@@ -35,3 +35,27 @@ pub fn pages_of(
     })?;
     Ok(got)
 }
+
+/// Each snapshot's pages, as a test expects to read them back.
+#[allow(dead_code)]
+pub type Expected = std::collections::BTreeMap<
+    pagesnap_store::SnapshotId,
+    std::collections::BTreeMap<u64, Vec<u8>>,
+>;
+
+/// Every snapshot of `store` is listed and reads back exactly as `expected` says.
+// Not every test binary that includes this module checks whole stores.
+#[allow(dead_code)]
+pub fn assert_holds(store: &pagesnap_store::Store, expected: &Expected, context: &str) {
+    let ids = store.snapshot_ids().expect("list");
+    assert_eq!(
+        ids,
+        expected.keys().copied().collect::<Vec<_>>(),
+        "{context}: the snapshots listed"
+    );
+    for (id, pages) in expected {
+        let got = pages_of(store, *id)
+            .unwrap_or_else(|e| panic!("{context}: snapshot {id} reads back: {e}"));
+        assert_eq!(&got, pages, "{context}: snapshot {id}");
+    }
+}
