@@ -225,7 +225,6 @@ impl FaultyStorage {
                 },
             );
         }
-
         let state = State {
             inodes,
             next_inode: s.next_inode,

@@ -1436,9 +1436,10 @@ impl Store {
         let mut root =
             ContentRoot::from_bytes(&parent_m.as_ref().map(|m| m.content_root).unwrap_or([0; 32]));
         let mut count = parent_m.as_ref().map_or(0, |m| m.page_count);
-        // On an empty parent the root's terms are the delta's pages (`ContentRoot::add_delta`).
-        let on_empty = parent_map.is_empty();
-        let mut terms = Vec::with_capacity(if on_empty { 0 } else { delta.len() });
+        // On an empty parent the root's terms are the delta's pages (`ContentRoot::add_delta`),
+        // and the new map is the delta.
+        let parent_was_empty = parent_map.is_empty();
+        let mut terms = Vec::with_capacity(if parent_was_empty { 0 } else { delta.len() });
         delta.retain(|(k, v)| {
             let old = parent_map.get(k);
             if old.map(|r| r.hash) == v.map(|r| r.hash) {
@@ -1450,7 +1451,7 @@ impl Store {
             if v.is_some() {
                 count += 1;
             }
-            if !on_empty {
+            if !parent_was_empty {
                 terms.push((*k, old.map(|r| r.hash), v.map(|r| r.hash)));
             }
             true
@@ -1480,7 +1481,6 @@ impl Store {
         };
         // If writing fails below, the map must go back to the parent's: the entries the delta
         // changes, as the parent had them (`None`: absent); nothing to keep for an empty parent.
-        let parent_was_empty = map_mut.is_empty();
         let undo: Vec<(u64, Option<Ref>)> = if parent_was_empty {
             Vec::new()
         } else {
@@ -1503,7 +1503,7 @@ impl Store {
         // instead of 0.76, next to its bound of one).
         let mut early: Option<Result<Option<ChunkRef>, StoreError>> = None;
         let mut mapped = false;
-        if delta.len() >= PARALLEL_COMMIT && on_empty && parent_was_empty {
+        if delta.len() >= PARALLEL_COMMIT && parent_was_empty {
             let prev = if rebase { None } else { parent_head };
             std::thread::scope(|s| {
                 let side = std::thread::Builder::new()
@@ -1522,7 +1522,7 @@ impl Store {
             });
         }
         if !mapped {
-            if on_empty {
+            if parent_was_empty {
                 root.add_delta(&delta);
             }
             crate::index::apply_delta(map_mut, &delta);
