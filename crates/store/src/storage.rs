@@ -34,15 +34,16 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     }
     /// Writes `data` at `offset`, growing the file if needed. Not durable until [`Storage::sync`].
     fn write(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()>;
-    /// [`Storage::write`], past the page cache where the backend can (`O_DIRECT`): for large
-    /// appends, which would otherwise be copied into the cache only to be written back. The
-    /// caller passes `offset`, `data.len()` and `data`'s address as multiples of
-    /// [`DIRECT_ALIGN`]; anything else, or a file system that refuses direct I/O, is written
-    /// through the cache. The default is [`Storage::write`].
-    fn write_direct(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
+    /// [`Storage::write`] of a large append: whole blocks of a segment, written in ascending
+    /// order of offset. A backend may keep such writes from piling up in the page cache
+    /// ([`FsStorage`] makes their writeback wait for the device a few megabytes behind, or writes
+    /// past the cache with `O_DIRECT` when asked). The caller passes `offset`, `data.len()` and
+    /// `data`'s address as multiples of [`DIRECT_ALIGN`]. Not durable until [`Storage::sync`].
+    /// The default is [`Storage::write`].
+    fn write_bulk(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
         self.write(name, offset, data)
     }
-    /// Whether [`Storage::write_direct`] waits for the device, so that appends gain from being
+    /// Whether [`Storage::write_bulk`] waits for the device, so that appends gain from being
     /// handed to a writer thread (the store then writes whole blocks from a second thread, in
     /// order; see `store/buffer.rs`). The default, `false`, keeps every write on the caller's
     /// thread.
@@ -75,7 +76,7 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn try_lock(&self, name: &str) -> io::Result<Option<Box<dyn LockGuard>>>;
 }
 
-/// The alignment [`Storage::write_direct`] asks of offsets, lengths and buffers: a block of every
+/// The alignment [`Storage::write_bulk`] asks of offsets, lengths and buffers: a block of every
 /// device in use (logical blocks are 512 or 4096 bytes).
 pub const DIRECT_ALIGN: usize = 4096;
 
@@ -88,12 +89,22 @@ pub struct FsStorage {
     dir: PathBuf,
     writable: bool,
     files: Mutex<HashMap<String, Arc<File>>>,
-    /// The file last opened with `O_DIRECT`, for [`Storage::write_direct`] (the writer appends
+    /// The file last opened with `O_DIRECT`, for [`Storage::write_bulk`] (the writer appends
     /// to one segment at a time: one descriptor, not one per segment ever written).
     direct: Mutex<Option<(String, Arc<File>)>>,
-    /// Cleared when the file system refuses direct I/O: then everything goes through the cache.
+    /// Bulk writes go past the page cache (`PAGESNAP_DIRECT_IO=1`); cleared when the file
+    /// system refuses direct I/O. Otherwise they go through the cache with a bounded writeback.
     direct_ok: AtomicBool,
 }
+
+/// The writeback window of bulk appends through the page cache ([`FsStorage`]'s
+/// [`Storage::write_bulk`]). Each bulk write starts its own writeback at once (so a small
+/// commit's `fdatasync` finds its bytes on their way, as with direct writes); each time an append
+/// fills a window of this many bytes (aligned in the file), the window before it is waited for
+/// and dropped from the cache. The device thus has up to two windows queued, the commit's
+/// `fdatasync` has at most two left to wait for, and a snapshot of any size keeps at most two
+/// windows of each segment in the page cache instead of evicting the machine's cache.
+pub const WRITEBACK_WINDOW: u64 = 8 << 20;
 
 #[derive(Debug)]
 struct FsLock(#[allow(dead_code)] File);
@@ -108,7 +119,7 @@ impl FsStorage {
             files: Mutex::new(HashMap::new()),
             direct: Mutex::new(None),
             direct_ok: AtomicBool::new(
-                writable && std::env::var_os("PAGESNAP_NO_DIRECT_IO").is_none(),
+                writable && std::env::var_os("PAGESNAP_DIRECT_IO").is_some_and(|v| v == "1"),
             ),
         }
     }
@@ -191,6 +202,14 @@ impl FsStorage {
     pub fn direct_io(&self) -> bool {
         self.direct_ok.load(Ordering::Relaxed)
     }
+
+    /// Asks for bulk writes past the page cache (as `PAGESNAP_DIRECT_IO=1` does; for tests and
+    /// benchmarks).
+    #[doc(hidden)]
+    pub fn with_direct_io(self, on: bool) -> Self {
+        self.direct_ok.store(on && self.writable, Ordering::Relaxed);
+        self
+    }
 }
 
 impl Storage for FsStorage {
@@ -235,7 +254,7 @@ impl Storage for FsStorage {
         std::os::unix::fs::FileExt::write_all_at(&*self.file(name)?, data, offset)
     }
 
-    fn write_direct(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
+    fn write_bulk(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
         let aligned = offset.is_multiple_of(DIRECT_ALIGN as u64)
             && data.len().is_multiple_of(DIRECT_ALIGN)
             && (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN);
@@ -250,11 +269,18 @@ impl Storage for FsStorage {
                 Err(e) => return Err(e),
             }
         }
-        self.write(name, offset, data)
+        let file = self.file(name)?;
+        std::os::unix::fs::FileExt::write_all_at(&*file, data, offset)?;
+        start_writeback(&file, offset, data.len() as u64).or_else(unsupported)?;
+        let end = offset.saturating_add(data.len() as u64);
+        if end / WRITEBACK_WINDOW > offset / WRITEBACK_WINDOW {
+            bound_writeback(&file, end / WRITEBACK_WINDOW * WRITEBACK_WINDOW)?;
+        }
+        Ok(())
     }
 
     fn write_behind(&self) -> bool {
-        cfg!(target_os = "linux") && self.direct_ok.load(Ordering::Relaxed)
+        cfg!(target_os = "linux")
     }
 
     fn set_len(&self, name: &str, len: u64) -> io::Result<()> {
@@ -310,6 +336,53 @@ impl Storage for FsStorage {
 /// Shared handle to a backend.
 pub type SharedStorage = Arc<dyn Storage>;
 
+/// An append through the page cache filled the window that ends at `end` (a multiple of
+/// [`WRITEBACK_WINDOW`]), whose writeback has started: waits for the window before it and drops
+/// that one from the cache. A failed wait is an error: the kernel reports a writeback error to one
+/// waiter of the file, so a later `fdatasync` may not see it again, and the commit that
+/// appended these bytes must fail instead (its writes are then redone from the last commit's
+/// end). Nothing elsewhere than Linux: the commit's sync does it all.
+fn bound_writeback(file: &File, end: u64) -> io::Result<()> {
+    let Some(before) = end.checked_sub(2 * WRITEBACK_WINDOW) else {
+        return Ok(());
+    };
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let (Ok(off), Ok(n)) = (
+            libc::off64_t::try_from(before),
+            libc::off64_t::try_from(WRITEBACK_WINDOW),
+        ) else {
+            return Ok(()); // past what the calls can name: the sync does it all
+        };
+        let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        // SAFETY: `file` is borrowed, so its descriptor stays open for the call;
+        // sync_file_range reads and writes no memory of ours: it writes the range back and
+        // waits for it, with flags the kernel defines.
+        let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), off, n, wait) };
+        if rc != 0 {
+            return unsupported(io::Error::last_os_error());
+        }
+        // SAFETY: as above; posix_fadvise only drops the range's clean cached pages (all of
+        // them, after the wait). Advice: a failure costs memory, not data, and is ignored.
+        let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), off, n, libc::POSIX_FADV_DONTNEED) };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, before);
+    Ok(())
+}
+
+/// `Ok` for an error that says a file system does not do `sync_file_range` (the commit's sync
+/// then does all the writing); any other error (EIO, ENOSPC: a writeback that failed) as is.
+fn unsupported(e: io::Error) -> io::Result<()> {
+    match e.raw_os_error() {
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::ESPIPE) => Ok(()),
+        _ => Err(e),
+    }
+}
+
 /// Starts writing `len` bytes of `file` at `offset` to the device without waiting
 /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)` on Linux; nothing elsewhere), so that a sync that
 /// follows has less left to wait for. A hint only: it promises no durability. A `len` of 0 does
@@ -363,26 +436,134 @@ mod tests {
         assert!(io.start_writeback("missing", 0, 1).is_err());
     }
 
-    /// Direct writes: a block-aligned buffer goes past the cache (where the file system allows
-    /// it), anything unaligned through it; both read back, next to buffered writes in the
-    /// blocks around them, and after a rename and a re-create of the name.
+    /// A file system without `sync_file_range` costs only the early writeback; a writeback that
+    /// failed (EIO, ENOSPC) fails the write that waited for it.
     #[test]
-    fn direct_writes_read_back_beside_buffered_ones() {
+    fn only_unsupported_writeback_is_ignored() {
+        for errno in [libc::EINVAL, libc::ENOSYS, libc::EOPNOTSUPP, libc::ESPIPE] {
+            assert!(
+                unsupported(io::Error::from_raw_os_error(errno)).is_ok(),
+                "{errno}"
+            );
+        }
+        for errno in [libc::EIO, libc::ENOSPC, libc::EBADF, libc::ENOMEM] {
+            assert!(
+                unsupported(io::Error::from_raw_os_error(errno)).is_err(),
+                "{errno}"
+            );
+        }
+    }
+
+    /// Bulk appends through the page cache: every byte reads back across window boundaries, and
+    /// the windows the append has gone two past are out of the cache (where the file system
+    /// caches: tmpfs has no writeback to wait for and keeps every page).
+    #[test]
+    fn bulk_appends_read_back_and_leave_the_cache() {
         let dir = tempfile::tempdir().expect("tmp");
         let io = FsStorage::new(dir.path(), true);
+        assert!(!io.direct_io(), "direct I/O is opt-in");
+        io.create("seg").expect("create");
+        let window = WRITEBACK_WINDOW as usize;
+        let mib = 1 << 20;
+        let total = 3 * window + window / 2;
+        let mut block = rkyv::util::AlignedVec::<DIRECT_ALIGN>::with_capacity(mib);
+        for k in 0..total / mib {
+            block.clear();
+            block.extend_from_slice(&vec![k as u8 + 1; mib]);
+            io.write_bulk("seg", (k * mib) as u64, &block)
+                .expect("bulk write");
+        }
+        let resident = resident_pages(&dir.path().join("seg"), 2 * window);
+        io.sync_data("seg").expect("sync");
+        let mut back = vec![0u8; total];
+        io.read("seg", 0, &mut back).expect("read");
+        for (k, chunk) in back.chunks(mib).enumerate() {
+            assert!(chunk.iter().all(|b| *b == k as u8 + 1), "megabyte {k}");
+        }
+        if let Some(resident) = resident {
+            println!("pages of the first two windows still cached: {resident}");
+            assert!(
+                resident <= 2 * window / 4096 / 16,
+                "{resident} pages of the first two windows are still cached"
+            );
+        }
+        // A missing file is an error, never a silent drop.
+        assert!(io.write_bulk("missing", 0, &block[..4096]).is_err());
+    }
+
+    /// How many of the first `len` bytes' pages of `path` are in the page cache; `None` on
+    /// tmpfs (its pages are the file) or where `mincore` is not available.
+    fn resident_pages(path: &Path, len: usize) -> Option<usize> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let file = File::open(path).expect("open");
+            let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+            // SAFETY: statfs writes one `statfs` into the zeroed value we pass, for a
+            // NUL-terminated path that outlives the call.
+            let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            if unsafe { libc::statfs(c.as_ptr(), &mut fs) } != 0 || fs.f_type == libc::TMPFS_MAGIC {
+                return None;
+            }
+            // SAFETY: a fresh shared read-only mapping of `len` bytes of an open file (at least
+            // that long), unmapped below before the file closes; nothing reads through it.
+            let map = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    file.as_raw_fd(),
+                    0,
+                )
+            };
+            assert_ne!(map, libc::MAP_FAILED, "mmap");
+            let mut vec = vec![0u8; len / 4096];
+            // SAFETY: `map` is the mapping of `len` bytes made above and `vec` has one byte per
+            // 4 KiB page of it (the page size here: asserted by `sysconf` below).
+            let rc = unsafe { libc::mincore(map, len, vec.as_mut_ptr()) };
+            // SAFETY: the mapping made above, not used after this.
+            unsafe { libc::munmap(map, len) };
+            // SAFETY: sysconf has no preconditions.
+            assert_eq!(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }, 4096);
+            assert_eq!(rc, 0, "mincore");
+            Some(vec.iter().filter(|b| **b & 1 == 1).count())
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = (path, len);
+            None
+        }
+    }
+
+    /// Bulk writes, through the cache and (asked for) past it: a block-aligned buffer goes past
+    /// the cache where the file system allows it, anything unaligned through it; both read back,
+    /// next to buffered writes in the blocks around them, and after a rename and a re-create of
+    /// the name.
+    #[test]
+    fn direct_writes_read_back_beside_buffered_ones() {
+        for direct in [false, true] {
+            bulk_writes_read_back_beside_buffered_ones(direct);
+        }
+    }
+
+    fn bulk_writes_read_back_beside_buffered_ones(direct: bool) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let io = FsStorage::new(dir.path(), true).with_direct_io(direct);
         io.create("f").expect("create");
         io.set_len("f", 64 << 10).expect("size");
         let mut block = rkyv::util::AlignedVec::<DIRECT_ALIGN>::with_capacity(3 * DIRECT_ALIGN);
         block.extend_from_slice(&[5u8; 3 * DIRECT_ALIGN]);
         io.write("f", 100, &[1u8; 3996])
             .expect("head, through the cache");
-        io.write_direct("f", 4096, &block).expect("aligned");
+        io.write_bulk("f", 4096, &block).expect("aligned");
         io.write("f", 4 * 4096, &[2u8; 10])
             .expect("tail, through the cache");
         // Unaligned offset, length or address: through the cache.
-        io.write_direct("f", 5 * 4096 + 1, &block[..4096])
+        io.write_bulk("f", 5 * 4096 + 1, &block[..4096])
             .expect("unaligned offset");
-        io.write_direct("f", 7 * 4096, &block[1..4097])
+        io.write_bulk("f", 7 * 4096, &block[1..4097])
             .expect("unaligned address");
         io.sync_data("f").expect("sync");
         let mut back = vec![0u8; 8 * 4096 + 1];
@@ -393,12 +574,15 @@ mod tests {
         assert!(back[4 * 4096..4 * 4096 + 10].iter().all(|b| *b == 2));
         assert!(back[5 * 4096 + 1..6 * 4096 + 1].iter().all(|b| *b == 5));
         assert!(back[7 * 4096..8 * 4096].iter().all(|b| *b == 5));
-        println!("direct I/O on this file system: {}", io.direct_io());
+        println!(
+            "asked {direct}, direct I/O on this file system: {}",
+            io.direct_io()
+        );
         // A renamed name and a new file of the old name: no stale direct handle writes the old.
         io.rename("f", "g").expect("rename");
         io.create("f").expect("create again");
         io.set_len("f", 16 << 10).expect("size");
-        io.write_direct("f", 4096, &block[..4096])
+        io.write_bulk("f", 4096, &block[..4096])
             .expect("direct, new file");
         let mut g = vec![0u8; 4096];
         io.read("g", 4096, &mut g).expect("read g");
@@ -406,7 +590,7 @@ mod tests {
         io.read("f", 4096, &mut f).expect("read f");
         assert!(g.iter().all(|b| *b == 5) && f.iter().all(|b| *b == 5));
         let before = io.direct_io();
-        assert!(io.write_direct("missing", 0, &block[..4096]).is_err());
+        assert!(io.write_bulk("missing", 0, &block[..4096]).is_err());
         assert_eq!(
             io.direct_io(),
             before,

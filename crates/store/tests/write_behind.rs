@@ -1,6 +1,6 @@
-//! The write path past the page cache: whole blocks of appended records go out through
-//! `Storage::write_direct` from the store's writer thread (`store/buffer.rs`). Whatever the file
-//! system, these tests force that path with a backend that asks for it, and check that every
+//! The bulk write path: whole blocks of appended records go out through `Storage::write_bulk`
+//! from the store's writer thread (`store/buffer.rs`). Whatever the file system, these tests
+//! force that path with a backend that asks for it, and check that every
 //! byte reads back, that a failed background write fails its commit and loses nothing
 //! committed, and that a dropped commit's pages are never reused by the next one.
 
@@ -13,12 +13,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// `FsStorage`, asking for write-behind; the `fail_at`-th direct write (1-based; 0: none) fails,
+/// `FsStorage`, asking for write-behind; the `fail_at`-th bulk write (1-based; 0: none) fails,
 /// the `panic_at`-th panics, and each sleeps `sleep_ms` first.
 #[derive(Debug)]
 struct Behind {
     fs: FsStorage,
-    direct_writes: AtomicU64,
+    bulk_writes: AtomicU64,
     fail_at: AtomicU64,
     panic_at: AtomicU64,
     sleep_ms: AtomicU64,
@@ -28,7 +28,7 @@ impl Behind {
     fn new(dir: &Path) -> Arc<Behind> {
         Arc::new(Behind {
             fs: FsStorage::new(dir, true),
-            direct_writes: AtomicU64::new(0),
+            bulk_writes: AtomicU64::new(0),
             fail_at: AtomicU64::new(0),
             panic_at: AtomicU64::new(0),
             sleep_ms: AtomicU64::new(0),
@@ -55,26 +55,26 @@ impl Storage for Behind {
     fn write(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
         self.fs.write(name, offset, data)
     }
-    fn write_direct(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
-        let n = self.direct_writes.fetch_add(1, Ordering::SeqCst) + 1;
+    fn write_bulk(&self, name: &str, offset: u64, data: &[u8]) -> io::Result<()> {
+        let n = self.bulk_writes.fetch_add(1, Ordering::SeqCst) + 1;
         if n == self.fail_at.load(Ordering::SeqCst) {
-            return Err(io::Error::other("injected: direct write failed"));
+            return Err(io::Error::other("injected: bulk write failed"));
         }
         if n == self.panic_at.load(Ordering::SeqCst) {
-            panic!("injected: backend panic in write_direct");
+            panic!("injected: backend panic in write_bulk");
         }
         let ms = self.sleep_ms.load(Ordering::SeqCst);
         if ms > 0 {
             std::thread::sleep(Duration::from_millis(ms)); // a slow device, not a wait to pass
         }
-        assert_eq!(offset % 4096, 0, "direct write at an unaligned offset");
-        assert_eq!(data.len() % 4096, 0, "direct write of a partial block");
+        assert_eq!(offset % 4096, 0, "bulk write at an unaligned offset");
+        assert_eq!(data.len() % 4096, 0, "bulk write of a partial block");
         assert_eq!(
             data.as_ptr() as usize % 4096,
             0,
-            "direct write from unaligned memory"
+            "bulk write from unaligned memory"
         );
-        self.fs.write_direct(name, offset, data)
+        self.fs.write_bulk(name, offset, data)
     }
     fn write_behind(&self) -> bool {
         true
@@ -157,8 +157,8 @@ fn appends_written_behind_read_back_after_reopen() {
         ids.push(write_snapshot(&mut store, s as u64, n).expect("snapshot"));
     }
     assert!(
-        io.direct_writes.load(Ordering::SeqCst) > 10,
-        "the direct path was not taken"
+        io.bulk_writes.load(Ordering::SeqCst) > 10,
+        "the bulk path was not taken"
     );
     for (s, &n) in sizes.iter().enumerate() {
         check(&store, ids[s], s as u64, n);
@@ -179,7 +179,7 @@ fn a_failed_write_behind_fails_its_commit_and_loses_nothing() {
         let io = Behind::new(dir.path());
         let mut store = Store::init_with(io.clone() as SharedStorage, opts()).expect("init");
         let first = write_snapshot(&mut store, 0, 50).expect("first");
-        let done = io.direct_writes.load(Ordering::SeqCst);
+        let done = io.bulk_writes.load(Ordering::SeqCst);
         io.fail_at.store(done + fail_at, Ordering::SeqCst);
         let failed = write_snapshot(&mut store, 1, 3000);
         assert!(
@@ -259,10 +259,8 @@ fn a_commit_after_a_reported_write_behind_error_is_not_acknowledged_with_a_hole(
     let io = Behind::new(dir.path());
     let mut store = Store::init_with(io.clone() as SharedStorage, StoreOptions::default()).unwrap();
     store.begin(None).unwrap();
-    io.fail_at.store(
-        io.direct_writes.load(Ordering::SeqCst) + 1,
-        Ordering::SeqCst,
-    );
+    io.fail_at
+        .store(io.bulk_writes.load(Ordering::SeqCst) + 1, Ordering::SeqCst);
     let mut errors = 0;
     let mut put = 0;
     for v in 0..2000u64 {
@@ -301,10 +299,8 @@ fn a_backend_panic_in_the_writer_thread_does_not_hang_the_store() {
     let io = Behind::new(dir.path());
     let mut store = Store::init_with(io.clone() as SharedStorage, StoreOptions::default()).unwrap();
     store.begin(None).unwrap();
-    io.panic_at.store(
-        io.direct_writes.load(Ordering::SeqCst) + 1,
-        Ordering::SeqCst,
-    );
+    io.panic_at
+        .store(io.bulk_writes.load(Ordering::SeqCst) + 1, Ordering::SeqCst);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for v in 0..2000u64 {

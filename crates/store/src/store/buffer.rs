@@ -1,16 +1,19 @@
 //! The writer's buffer of appended records not yet written, laid out so that its whole blocks can
-//! be written past the page cache (`O_DIRECT`, [`Storage::write_direct`]) by a second thread.
+//! be written in bulk ([`Storage::write_bulk`]) by a second thread.
 //!
-//! Direct I/O wants the file offset, the length and the memory address all multiples of
-//! [`DIRECT_ALIGN`]. Records are not block-sized, so the buffer keeps its bytes at the same
-//! position within a block in memory as in the file: logical byte 0 (file offset `start`) sits
-//! `start % DIRECT_ALIGN` bytes into a block-aligned allocation. A flush then writes the partial
-//! block at the front through the page cache, every whole block after it directly, and either
-//! writes the partial block at the end through the page cache (a full flush, before a sync) or
-//! moves it to the front of a fresh buffer, where it is block-aligned (a flush of whole blocks,
-//! while a commit goes on). Bytes already committed are never written again.
+//! [`crate::FsStorage`] writes bulk blocks through the page cache and bounds their writeback
+//! (each write's writeback started at once, the 8 MiB window two behind waited for and dropped
+//! from the cache), or past the cache with `O_DIRECT` when asked. Direct I/O wants the file
+//! offset, the length and the memory address all multiples of [`DIRECT_ALIGN`]. Records are not
+//! block-sized, so the buffer keeps its bytes at the same position within a block in memory as in
+//! the file: logical byte 0 (file offset `start`) sits `start % DIRECT_ALIGN` bytes into a
+//! block-aligned allocation. A flush then writes the partial block at the front through the page
+//! cache, every whole block after it in bulk, and either writes the partial block at the end
+//! through the page cache (a full flush, before a sync) or moves it to the front of a fresh
+//! buffer, where it is block-aligned (a flush of whole blocks, while a commit goes on). Bytes
+//! already committed are never written again.
 //!
-//! A direct write waits for the device, so where the backend says appends gain from it
+//! A bulk write may wait for the device, so where the backend says appends gain from it
 //! ([`Storage::write_behind`]) the whole blocks are handed to a writer thread and the caller
 //! goes on filling the next buffer: at most [`DEPTH`] buffers are in flight, and a full flush
 //! waits for all of them (and reports the first error) before it returns, so that the sync that
@@ -33,7 +36,7 @@ const DEPTH: usize = 8;
 
 type Block = AlignedVec<DIRECT_ALIGN>;
 
-/// A direct write for the writer thread: `bytes[range]` at `offset` of file `name`.
+/// A bulk write for the writer thread: `bytes[range]` at `offset` of file `name`.
 struct Job {
     name: String,
     offset: u64,
@@ -60,7 +63,7 @@ impl WriteBehind {
             .name("pagesnap-write".into())
             .spawn(move || {
                 for job in rx {
-                    let r = io.write_direct(&job.name, job.offset, &job.bytes[job.range.clone()]);
+                    let r = io.write_bulk(&job.name, job.offset, &job.bytes[job.range.clone()]);
                     if tx.send((job.bytes, r)).is_err() {
                         break;
                     }
@@ -203,7 +206,7 @@ impl LogBuffer {
     }
 
     /// Writes the buffer, which ends at `end` in file `name`: the partial block at the front
-    /// through the page cache, whole blocks directly, and the partial block at the end through
+    /// through the page cache, whole blocks in bulk, and the partial block at the end through
     /// the page cache if `all`, else kept (then the buffer holds it alone, block-aligned). With
     /// `all`, every write has reached the file when this returns `Ok`.
     pub(super) fn write_out(
@@ -283,7 +286,7 @@ impl LogBuffer {
                 behind.in_flight += 1;
             }
             None => {
-                io.write_direct(name, first, &self.bytes[blocks])?;
+                io.write_bulk(name, first, &self.bytes[blocks])?;
                 // The tail, block-aligned at the front (less than a block: a short copy).
                 let from = self.lead + b;
                 let tail = self.bytes.len() - from;
@@ -293,8 +296,9 @@ impl LogBuffer {
             }
         }
         if all {
-            // Every direct write done before the tail goes through the cache: on a kernel with
-            // pages larger than a block, the tail's cache page covers blocks written directly.
+            // Every bulk write done before the tail goes through the cache: on a kernel with
+            // pages larger than a block, the tail's cache page covers blocks written in bulk
+            // (past the cache, when asked).
             self.drain()?;
             if last < end {
                 io.write(name, last, self)?;
