@@ -63,3 +63,8 @@ crash-long:
     PAGESNAP_CRASH_WORKLOADS=1800 cargo test --release -p pagesnap-store --test crash -- --nocapture
     PAGESNAP_CORRUPTIONS=100000 cargo test --release -p pagesnap-store --test corruption -- --nocapture
     PAGESNAP_ENGINE_CRASH_CASES=5000 cargo test --release -p pagesnap-engine --test crash_machine -- --nocapture
+
+# Late write errors from a real file system: a FUSE server failing writes with EIO, EINVAL,
+# ENOSYS and EOPNOTSUPP under a store (root and /dev/fuse; `.ci/run` runs it too).
+writeback-errors:
+    bash scripts/writeback-errors.sh

@@ -227,7 +227,8 @@ fn raw_direct(dir: &Path, pool: &mut Pool, pages: u64) -> anyhow::Result<Option<
 /// started as it fills and the one before waited for and dropped), then `fdatasync`.
 fn raw_windowed(dir: &Path, pool: &mut Pool, pages: u64) -> anyhow::Result<Duration> {
     let name = "raw-windowed";
-    let io = FsStorage::new(dir, true);
+    // Whatever PAGESNAP_DIRECT_IO says: this row is the bounded writeback.
+    let io = FsStorage::new(dir, true).with_direct_io(false);
     io.create(name)
         .with_context(|| format!("create {}", dir.join(name).display()))?;
     settle();

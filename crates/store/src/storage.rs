@@ -271,10 +271,11 @@ impl Storage for FsStorage {
         }
         let file = self.file(name)?;
         std::os::unix::fs::FileExt::write_all_at(&*file, data, offset)?;
-        start_writeback(&file, offset, data.len() as u64).or_else(unsupported)?;
+        start_writeback(&file, offset, data.len() as u64)?;
         let end = offset.saturating_add(data.len() as u64);
-        if end / WRITEBACK_WINDOW > offset / WRITEBACK_WINDOW {
-            bound_writeback(&file, end / WRITEBACK_WINDOW * WRITEBACK_WINDOW)?;
+        // Every window boundary the write crossed (one, for the writer's megabyte writes).
+        for boundary in offset / WRITEBACK_WINDOW + 1..=end / WRITEBACK_WINDOW {
+            bound_writeback(&file, boundary * WRITEBACK_WINDOW)?;
         }
         Ok(())
     }
@@ -338,10 +339,11 @@ pub type SharedStorage = Arc<dyn Storage>;
 
 /// An append through the page cache filled the window that ends at `end` (a multiple of
 /// [`WRITEBACK_WINDOW`]), whose writeback has started: waits for the window before it and drops
-/// that one from the cache. A failed wait is an error: the kernel reports a writeback error to one
-/// waiter of the file, so a later `fdatasync` may not see it again, and the commit that
-/// appended these bytes must fail instead (its writes are then redone from the last commit's
-/// end). Nothing elsewhere than Linux: the commit's sync does it all.
+/// that one from the cache. A failed wait is an error, whatever its errno: the kernel reports a
+/// writeback error to one waiter of a file description, so the commit's `fdatasync` would not
+/// see it again, and the commit that appended these bytes must fail instead (its writes are then
+/// redone from the last commit's end). Nothing elsewhere than Linux: the commit's sync does it
+/// all.
 fn bound_writeback(file: &File, end: u64) -> io::Result<()> {
     let Some(before) = end.checked_sub(2 * WRITEBACK_WINDOW) else {
         return Ok(());
@@ -349,24 +351,18 @@ fn bound_writeback(file: &File, end: u64) -> io::Result<()> {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
-        let (Ok(off), Ok(n)) = (
-            libc::off64_t::try_from(before),
-            libc::off64_t::try_from(WRITEBACK_WINDOW),
-        ) else {
-            return Ok(()); // past what the calls can name: the sync does it all
-        };
         let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE
             | libc::SYNC_FILE_RANGE_WRITE
             | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-        // SAFETY: `file` is borrowed, so its descriptor stays open for the call;
-        // sync_file_range reads and writes no memory of ours: it writes the range back and
-        // waits for it, with flags the kernel defines.
-        let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), off, n, wait) };
-        if rc != 0 {
-            return unsupported(io::Error::last_os_error());
+        if !sync_range(file, before, WRITEBACK_WINDOW, wait)? {
+            return Ok(());
         }
-        // SAFETY: as above; posix_fadvise only drops the range's clean cached pages (all of
-        // them, after the wait). Advice: a failure costs memory, not data, and is ignored.
+        // Both fit an off64_t: `sync_range` took them.
+        let (off, n) = (before as libc::off64_t, WRITEBACK_WINDOW as libc::off64_t);
+        // SAFETY: `file` is borrowed, so its descriptor stays open for the call, and
+        // posix_fadvise reads and writes no memory of ours. DONTNEED drops the range's clean
+        // pages that nothing maps or locks: after the wait above succeeded, every byte of the
+        // range is on the device. Advice: a failure costs memory only, and is ignored.
         let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), off, n, libc::POSIX_FADV_DONTNEED) };
     }
     #[cfg(not(target_os = "linux"))]
@@ -374,41 +370,56 @@ fn bound_writeback(file: &File, end: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// `Ok` for an error that says a file system does not do `sync_file_range` (the commit's sync
-/// then does all the writing); any other error (EIO, ENOSPC: a writeback that failed) as is.
+/// `sync_file_range(file, offset, len, flags)`: `Ok(true)` when done, `Ok(false)` where it cannot
+/// be called (the call is first made with no flags, which only checks its arguments: ENOSYS on a
+/// kernel without it, EPERM under a filter that forbids it, ESPIPE or EINVAL on a descriptor it
+/// does not take; nothing is written or waited for, and no writeback error is taken). Once the
+/// call exists, every error of the real one is returned as is: EINVAL or EOPNOTSUPP then come from
+/// a file system's writeback (FUSE, NFS), and a wait has taken them from the file. Also `Ok(false)`
+/// for a range past what the call can name (the commit's sync then does it all).
+#[cfg(target_os = "linux")]
+fn sync_range(file: &File, offset: u64, len: u64, flags: libc::c_uint) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(n)) = (
+        libc::off64_t::try_from(offset),
+        libc::off64_t::try_from(len),
+    ) else {
+        return Ok(false);
+    };
+    // SAFETY: `file` is borrowed, so its descriptor stays open for the call; sync_file_range
+    // reads and writes no memory of ours, and with no flags only checks its arguments.
+    if unsafe { libc::sync_file_range(file.as_raw_fd(), off, n, 0) } != 0 {
+        return unsupported(io::Error::last_os_error()).map(|()| false);
+    }
+    // SAFETY: as above; with flags the kernel defines it starts the range's writeback and, with
+    // the WAIT flags, waits for it.
+    if unsafe { libc::sync_file_range(file.as_raw_fd(), off, n, flags) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(true)
+}
+
+/// `Ok` for an error of `sync_file_range` with no flags that says it cannot be called here (see
+/// [`sync_range`]); any other error as is.
 fn unsupported(e: io::Error) -> io::Result<()> {
     match e.raw_os_error() {
-        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::ESPIPE) => Ok(()),
+        Some(libc::ENOSYS | libc::EPERM | libc::ESPIPE | libc::EINVAL) => Ok(()),
         _ => Err(e),
     }
 }
 
 /// Starts writing `len` bytes of `file` at `offset` to the device without waiting
-/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)` on Linux; nothing elsewhere), so that a sync that
-/// follows has less left to wait for. A hint only: it promises no durability. A `len` of 0 does
-/// nothing (to the kernel it would mean "to the end of the file").
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)` on Linux; nothing elsewhere, nor where the call is
+/// not available), so that a sync that follows has less left to wait for. It promises no
+/// durability; an error it returns (EIO from a file system that writes at once) means the range
+/// did not reach the file. A `len` of 0 does nothing (to the kernel it would mean "to the end of
+/// the file").
 pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
     if len == 0 {
         return Ok(());
     }
     #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        let (Ok(off), Ok(n)) = (
-            libc::off64_t::try_from(offset),
-            libc::off64_t::try_from(len),
-        ) else {
-            return Ok(()); // past what the call can name: the sync does it all
-        };
-        // SAFETY: `file` is borrowed, so its descriptor stays open for the call;
-        // sync_file_range reads no memory of ours and only starts writeback of the range, with a
-        // flag the kernel defines.
-        let rc =
-            unsafe { libc::sync_file_range(file.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
+    sync_range(file, offset, len, libc::SYNC_FILE_RANGE_WRITE)?;
     #[cfg(not(target_os = "linux"))]
     let _ = (file, offset, len);
     Ok(())
@@ -418,8 +429,8 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    /// The one `unsafe` call of the crate: starting writeback of a written range succeeds, a
-    /// range past what the call can name is skipped, and a missing file is an error.
+    /// Starting writeback (`sync_range` with the write flag): a written range succeeds, a range
+    /// past what the call can name is skipped, and a missing file is an error.
     #[test]
     fn writeback_starts_on_written_ranges() {
         let dir = tempfile::tempdir().expect("tmp");
@@ -436,22 +447,40 @@ mod tests {
         assert!(io.start_writeback("missing", 0, 1).is_err());
     }
 
-    /// A file system without `sync_file_range` costs only the early writeback; a writeback that
-    /// failed (EIO, ENOSPC) fails the write that waited for it.
+    /// Only the probe's answers that say the call cannot be made here are ignored; a writeback
+    /// error (EIO, ENOSPC, or a FUSE or NFS server's EOPNOTSUPP) never is.
     #[test]
     fn only_unsupported_writeback_is_ignored() {
-        for errno in [libc::EINVAL, libc::ENOSYS, libc::EOPNOTSUPP, libc::ESPIPE] {
+        for errno in [libc::ENOSYS, libc::EPERM, libc::ESPIPE, libc::EINVAL] {
             assert!(
                 unsupported(io::Error::from_raw_os_error(errno)).is_ok(),
                 "{errno}"
             );
         }
-        for errno in [libc::EIO, libc::ENOSPC, libc::EBADF, libc::ENOMEM] {
+        for errno in [
+            libc::EIO,
+            libc::ENOSPC,
+            libc::EOPNOTSUPP,
+            libc::EBADF,
+            libc::ENOMEM,
+        ] {
             assert!(
                 unsupported(io::Error::from_raw_os_error(errno)).is_err(),
                 "{errno}"
             );
         }
+    }
+
+    /// A descriptor `sync_file_range` does not take (a pipe: ESPIPE from the probe) is "not
+    /// available": nothing is started or waited for, and no error.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_descriptor_without_sync_file_range_is_skipped() {
+        let (reader, _writer) = std::io::pipe().expect("pipe");
+        let file = File::from(std::os::fd::OwnedFd::from(reader));
+        assert!(!sync_range(&file, 0, 4096, libc::SYNC_FILE_RANGE_WRITE).expect("skipped"));
+        start_writeback(&file, 0, 4096).expect("skipped");
+        bound_writeback(&file, 2 * WRITEBACK_WINDOW).expect("skipped");
     }
 
     /// Bulk appends through the page cache: every byte reads back across window boundaries, and
@@ -460,8 +489,7 @@ mod tests {
     #[test]
     fn bulk_appends_read_back_and_leave_the_cache() {
         let dir = tempfile::tempdir().expect("tmp");
-        let io = FsStorage::new(dir.path(), true);
-        assert!(!io.direct_io(), "direct I/O is opt-in");
+        let io = FsStorage::new(dir.path(), true).with_direct_io(false);
         io.create("seg").expect("create");
         let window = WRITEBACK_WINDOW as usize;
         let mib = 1 << 20;
@@ -499,10 +527,14 @@ mod tests {
             use std::os::fd::AsRawFd;
             let file = File::open(path).expect("open");
             let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
-            // SAFETY: statfs writes one `statfs` into the zeroed value we pass, for a
-            // NUL-terminated path that outlives the call.
+            // SAFETY: sysconf has no preconditions.
+            if unsafe { libc::sysconf(libc::_SC_PAGESIZE) } != 4096 {
+                return None; // the count below is of 4 KiB pages
+            }
+            // SAFETY: `statfs` is a struct of plain integers: all zero is a valid value.
             let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-            // SAFETY: as above.
+            // SAFETY: statfs writes one `statfs` into `fs`, for a NUL-terminated path that
+            // outlives the call.
             if unsafe { libc::statfs(c.as_ptr(), &mut fs) } != 0 || fs.f_type == libc::TMPFS_MAGIC {
                 return None;
             }
@@ -521,12 +553,10 @@ mod tests {
             assert_ne!(map, libc::MAP_FAILED, "mmap");
             let mut vec = vec![0u8; len / 4096];
             // SAFETY: `map` is the mapping of `len` bytes made above and `vec` has one byte per
-            // 4 KiB page of it (the page size here: asserted by `sysconf` below).
+            // page of it (4 KiB pages: checked above).
             let rc = unsafe { libc::mincore(map, len, vec.as_mut_ptr()) };
             // SAFETY: the mapping made above, not used after this.
             unsafe { libc::munmap(map, len) };
-            // SAFETY: sysconf has no preconditions.
-            assert_eq!(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }, 4096);
             assert_eq!(rc, 0, "mincore");
             Some(vec.iter().filter(|b| **b & 1 == 1).count())
         }

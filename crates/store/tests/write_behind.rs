@@ -25,9 +25,11 @@ struct Behind {
 }
 
 impl Behind {
-    fn new(dir: &Path) -> Arc<Behind> {
+    /// `direct`: the bulk writes past the page cache (where the file system allows it), else
+    /// through it with a bounded writeback (the default).
+    fn new(dir: &Path, direct: bool) -> Arc<Behind> {
         Arc::new(Behind {
-            fs: FsStorage::new(dir, true),
+            fs: FsStorage::new(dir, true).with_direct_io(direct),
             bulk_writes: AtomicU64::new(0),
             fail_at: AtomicU64::new(0),
             panic_at: AtomicU64::new(0),
@@ -146,8 +148,14 @@ fn check(store: &Store, id: u64, snapshot: u64, pages: u64) {
 
 #[test]
 fn appends_written_behind_read_back_after_reopen() {
+    for direct in [false, true] {
+        appends_written_behind_read_back_after_reopen_with(direct);
+    }
+}
+
+fn appends_written_behind_read_back_after_reopen_with(direct: bool) {
     let dir = tempfile::tempdir().expect("tmp");
-    let io = Behind::new(dir.path());
+    let io = Behind::new(dir.path(), direct);
     let mut store = Store::init_with(io.clone() as SharedStorage, opts()).expect("init");
     // One page (no whole block), a few hundred (a few buffers), and 5,000 (20 MiB: several
     // segments, buffers in flight across a roll).
@@ -164,8 +172,12 @@ fn appends_written_behind_read_back_after_reopen() {
         check(&store, ids[s], s as u64, n);
     }
     drop(store);
-    let (store, _) = Store::open_with(Behind::new(dir.path()) as SharedStorage, Mode::Read, opts())
-        .expect("reopen");
+    let (store, _) = Store::open_with(
+        Behind::new(dir.path(), direct) as SharedStorage,
+        Mode::Read,
+        opts(),
+    )
+    .expect("reopen");
     for (s, &n) in sizes.iter().enumerate() {
         check(&store, ids[s], s as u64, n);
     }
@@ -174,9 +186,15 @@ fn appends_written_behind_read_back_after_reopen() {
 
 #[test]
 fn a_failed_write_behind_fails_its_commit_and_loses_nothing() {
+    for direct in [false, true] {
+        a_failed_write_behind_fails_its_commit_and_loses_nothing_with(direct);
+    }
+}
+
+fn a_failed_write_behind_fails_its_commit_and_loses_nothing_with(direct: bool) {
     for fail_at in [1u64, 2, 5, 9] {
         let dir = tempfile::tempdir().expect("tmp");
-        let io = Behind::new(dir.path());
+        let io = Behind::new(dir.path(), direct);
         let mut store = Store::init_with(io.clone() as SharedStorage, opts()).expect("init");
         let first = write_snapshot(&mut store, 0, 50).expect("first");
         let done = io.bulk_writes.load(Ordering::SeqCst);
@@ -194,9 +212,12 @@ fn a_failed_write_behind_fails_its_commit_and_loses_nothing() {
         check(&store, first, 0, 50);
         check(&store, third, 2, 3000);
         drop(store);
-        let (store, _) =
-            Store::open_with(Behind::new(dir.path()) as SharedStorage, Mode::Read, opts())
-                .expect("reopen");
+        let (store, _) = Store::open_with(
+            Behind::new(dir.path(), direct) as SharedStorage,
+            Mode::Read,
+            opts(),
+        )
+        .expect("reopen");
         assert_eq!(
             store.snapshots().expect("list").len(),
             2,
@@ -210,8 +231,14 @@ fn a_failed_write_behind_fails_its_commit_and_loses_nothing() {
 
 #[test]
 fn pages_of_a_dropped_commit_are_not_reused_by_the_next() {
+    for direct in [false, true] {
+        pages_of_a_dropped_commit_are_not_reused_by_the_next_with(direct);
+    }
+}
+
+fn pages_of_a_dropped_commit_are_not_reused_by_the_next_with(direct: bool) {
     let dir = tempfile::tempdir().expect("tmp");
-    let io = Behind::new(dir.path());
+    let io = Behind::new(dir.path(), direct);
     let mut store = Store::init_with(io.clone() as SharedStorage, opts()).expect("init");
     let first = write_snapshot(&mut store, 0, 10).expect("first");
     // A commit that appends content X and is dropped; then one with other pages first (so they
@@ -233,8 +260,12 @@ fn pages_of_a_dropped_commit_are_not_reused_by_the_next() {
     store.put(Vpn(100), &page(9, 9)).expect("put X again");
     let id = store.commit(SnapshotMeta::default()).expect("commit").id;
     drop(store);
-    let (store, _) = Store::open_with(Behind::new(dir.path()) as SharedStorage, Mode::Read, opts())
-        .expect("reopen");
+    let (store, _) = Store::open_with(
+        Behind::new(dir.path(), direct) as SharedStorage,
+        Mode::Read,
+        opts(),
+    )
+    .expect("reopen");
     assert_eq!(
         store.read_page(id, Vpn(100)).expect("read"),
         Some(page(9, 9))
@@ -255,8 +286,14 @@ fn pages_of_a_dropped_commit_are_not_reused_by_the_next() {
 /// poisoning). The commit then succeeds although the failed blocks were never written.
 #[test]
 fn a_commit_after_a_reported_write_behind_error_is_not_acknowledged_with_a_hole() {
+    for direct in [false, true] {
+        a_commit_after_a_reported_write_behind_error_is_not_acknowledged_with_a_hole_with(direct);
+    }
+}
+
+fn a_commit_after_a_reported_write_behind_error_is_not_acknowledged_with_a_hole_with(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let io = Behind::new(dir.path());
+    let io = Behind::new(dir.path(), direct);
     let mut store = Store::init_with(io.clone() as SharedStorage, StoreOptions::default()).unwrap();
     store.begin(None).unwrap();
     io.fail_at
@@ -295,8 +332,14 @@ fn a_commit_after_a_reported_write_behind_error_is_not_acknowledged_with_a_hole(
 /// The writer thread dies (a backend panic inside it): abort / commit must not hang.
 #[test]
 fn a_backend_panic_in_the_writer_thread_does_not_hang_the_store() {
+    for direct in [false, true] {
+        a_backend_panic_in_the_writer_thread_does_not_hang_the_store_with(direct);
+    }
+}
+
+fn a_backend_panic_in_the_writer_thread_does_not_hang_the_store_with(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let io = Behind::new(dir.path());
+    let io = Behind::new(dir.path(), direct);
     let mut store = Store::init_with(io.clone() as SharedStorage, StoreOptions::default()).unwrap();
     store.begin(None).unwrap();
     io.panic_at
@@ -329,8 +372,14 @@ fn a_backend_panic_in_the_writer_thread_does_not_hang_the_store() {
 /// last, and the second writer gets it only once those writes have landed.
 #[test]
 fn a_store_dropped_mid_commit_writes_nothing_after_releasing_its_lock() {
+    for direct in [false, true] {
+        a_store_dropped_mid_commit_writes_nothing_after_releasing_its_lock_with(direct);
+    }
+}
+
+fn a_store_dropped_mid_commit_writes_nothing_after_releasing_its_lock_with(direct: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let io = Behind::new(dir.path());
+    let io = Behind::new(dir.path(), direct);
     let mut store = Store::init_with(io.clone() as SharedStorage, StoreOptions::default()).unwrap();
     store.begin(None).unwrap();
     store.put(Vpn(0), &page(0, 0)).unwrap();
