@@ -618,38 +618,43 @@ pub(crate) fn write_path(opts: &Opts) -> anyhow::Result<()> {
 
     // Report.
     println!("### Full snapshot against the raw limit\n");
-    println!("Ratios are against the fastest of the three raw writes (median): through the page cache (the issue's raw limit), past it (`O_DIRECT`), and through it with the writeback bounded as the store writes its extents (`FsStorage::write_bulk`: each 8 MiB window's writeback started as it fills, the window before waited for and dropped from the cache).\n");
-    println!("| pages (bytes) | path | median time | min / max | MB/s | ÷ fastest raw (throughput) | metadata written |");
-    println!("|---|---|---:|---:|---:|---:|---:|");
+    println!("The target's ratio is against the faster of two raw writes (medians): through the page cache (the issue's raw limit) and past it (`O_DIRECT`). The last column is against a third, stricter one: the same writes with the writeback bounded as the store now writes its extents (`FsStorage::write_bulk`: each write's writeback started at once, the 8 MiB window two behind waited for and dropped from the cache), the fastest way of writing these bytes known here; what the store and the engine lose against it is their own CPU and commit.\n");
+    println!("| pages (bytes) | path | median time | min / max | MB/s | ÷ faster raw (the target's) | ÷ bounded-writeback raw | metadata written |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
     let mut ratios = Vec::new();
     for row in &rows {
         let bytes = row.pages * PAGE as u64;
         let label = format!("{} ({:.0} MiB)", row.pages, mib(bytes));
-        // Against the fastest of the raw writes: the (through the page cache), the one
-        // past it, and the one as the store writes (through it, writeback bounded).
-        let raw_med = [&row.raw, &row.raw_direct, &row.raw_windowed]
+        // The target's reference: the faster of the raw write (through the page cache)
+        // and the one past it. And the stricter one: as the store writes (writeback bounded).
+        let raw_med = [&row.raw, &row.raw_direct]
             .into_iter()
             .filter(|v| !v.is_empty())
             .map(|v| median(v))
             .min()
             .unwrap_or_default();
+        let win_med = median(&row.raw_windowed);
         let line = |name: &str, v: &[Duration], meta: Option<u64>| {
             let med = median(v);
             let (lo, hi) = (
                 v.iter().min().copied().unwrap_or_default(),
                 v.iter().max().copied().unwrap_or_default(),
             );
+            let ratio = |reference: Duration| {
+                if meta.is_some() {
+                    format!("{:.2}×", reference.as_secs_f64() / med.as_secs_f64())
+                } else {
+                    "–".into()
+                }
+            };
             println!(
-                "| {label} | {name} | {:.0} ms | {:.0} / {:.0} ms | {:.0} | {} | {} |",
+                "| {label} | {name} | {:.0} ms | {:.0} / {:.0} ms | {:.0} | {} | {} | {} |",
                 ms(med),
                 ms(lo),
                 ms(hi),
                 mbps(bytes, med),
-                if meta.is_some() {
-                    format!("{:.2}×", raw_med.as_secs_f64() / med.as_secs_f64())
-                } else {
-                    "1.00× (reference)".into()
-                },
+                ratio(raw_med),
+                ratio(win_med),
                 meta.map_or("–".into(), |m| format!("{:.2} MiB", mib(m)))
             );
         };
@@ -675,6 +680,7 @@ pub(crate) fn write_path(opts: &Opts) -> anyhow::Result<()> {
             ratios.push((
                 format!("store, {}", label),
                 raw_med.as_secs_f64() / median(&row.store).as_secs_f64(),
+                win_med.as_secs_f64() / median(&row.store).as_secs_f64(),
             ));
             if !row.engine.is_empty() {
                 line(
@@ -685,6 +691,7 @@ pub(crate) fn write_path(opts: &Opts) -> anyhow::Result<()> {
                 ratios.push((
                     format!("engine, {}", label),
                     raw_med.as_secs_f64() / median(&row.engine).as_secs_f64(),
+                    win_med.as_secs_f64() / median(&row.engine).as_secs_f64(),
                 ));
             }
         }
@@ -781,9 +788,9 @@ pub(crate) fn write_path(opts: &Opts) -> anyhow::Result<()> {
     println!("\n### Against the targets\n");
     println!("| target | measured | |");
     println!("|---|---:|---|");
-    for (name, ratio) in &ratios {
+    for (name, ratio, strict) in &ratios {
         println!(
-            "| full snapshot ≥ 0.7× raw throughput ({name}) | {ratio:.2}× | {} |",
+            "| full snapshot ≥ 0.7× raw throughput ({name}) | {ratio:.2}× (the bounded-writeback raw: {strict:.2}×) | {} |",
             yes(*ratio >= 0.7)
         );
     }
