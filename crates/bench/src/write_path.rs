@@ -668,7 +668,7 @@ pub(crate) fn write_path(opts: &Opts) -> anyhow::Result<()> {
                 );
             }
             line(
-                "raw, windowed writeback (as the store writes): 1 MiB pwrites + `fdatasync`",
+                "raw, bounded writeback (as the store writes): 1 MiB pwrites + `fdatasync`",
                 &row.raw_windowed,
                 None,
             );
