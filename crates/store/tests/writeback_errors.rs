@@ -9,7 +9,9 @@
 //! sets `PAGESNAP_ERRFS_DIR` (the mount) and `PAGESNAP_ERRFS_CONTROL` (the file that arms it:
 //! "errno start end [name [delay]]"). Without them they return at once; `.ci/run` runs the script
 //! where the machine allows it. Found by the hostile review of the bounded writeback: its first
-//! version took EINVAL and EOPNOTSUPP from the wait for "not supported" (257 pages lost).
+//! version took EINVAL and EOPNOTSUPP from the wait for "not supported" (257 pages lost). On a
+//! kernel whose FUSE writeback ends before the server answers, the wait sees nothing and the
+//! commit's `fdatasync` fails it instead: the test then still holds, without reaching the wait.
 
 use pagesnap_store::{
     FsStorage, Mode, SharedStorage, SnapshotId, SnapshotMeta, Store, StoreError, StoreOptions, Vpn,
@@ -82,14 +84,31 @@ fn a_late_write_error_fails_its_commit_whatever_its_errno() {
         .expect("arm errfs");
         let second = write_snapshot(&mut store, 1, 12_000);
         std::fs::remove_file(&control).expect("disarm errfs");
+        let Err(e) = second else {
+            panic!(
+                "errno {errno}: snapshot {second:?} acknowledged although 64 KiB of it never \
+                 reached the file system"
+            );
+        };
+        // Failed for the server's error, not another one.
+        let reported = format!("{e}");
         assert!(
-            second.is_err(),
-            "errno {errno}: snapshot {:?} acknowledged although 64 KiB of it never reached the \
-             file system",
-            second
+            reported.contains(&format!("os error {errno}")),
+            "errno {errno}: the commit failed for another reason: {reported}"
         );
         store.abort();
-        let third = write_snapshot(&mut store, 2, 3_000).expect("a snapshot after the failure");
+        // A write of the failed commit that the server failed in several requests may report
+        // its error once more, to the next commit's sync (the kernel reports each error once):
+        // a commit may fail again, never succeed with a hole.
+        let third = (0..3)
+            .find_map(|_| match write_snapshot(&mut store, 2, 3_000) {
+                Ok(id) => Some(id),
+                Err(_) => {
+                    store.abort();
+                    None
+                }
+            })
+            .expect("a snapshot after the failure");
         drop(store);
         let all: Vec<u64> = (0..16).collect();
         assert_eq!(
@@ -104,63 +123,4 @@ fn a_late_write_error_fails_its_commit_whatever_its_errno() {
             "errno {errno}: snapshot after"
         );
     }
-}
-
-/// EIO, one second late, for 64 KiB at 124 MiB of the segment a 274 MiB commit creates (it
-/// rolls at 140 MiB; its hint after 128 MiB syncs that segment). No 8 MiB boundary lies between
-/// those bytes and the hint, so the writer thread's wait does not see the error first: the
-/// hint's `fdatasync` does. A retried `put` must not cure it: the commit fails, or every page it
-/// acknowledged reads back.
-#[test]
-fn a_failed_hint_sync_inside_a_commit_is_not_cured_by_a_retry() {
-    let Some((dir, control)) = errfs() else {
-        return;
-    };
-    let opts = StoreOptions {
-        segment_bytes: 140 << 20,
-        ..StoreOptions::default()
-    };
-    let io: SharedStorage = Arc::new(FsStorage::new(&dir, true));
-    let mut store = Store::init_with(io, opts).expect("init");
-    write_snapshot(&mut store, 0, 1).expect("first");
-    std::fs::write(
-        &control,
-        format!(
-            "{} {} {} seg-00000002.pss 1.0",
-            libc::EIO,
-            124 << 20,
-            (124 << 20) + (64 << 10)
-        ),
-    )
-    .expect("arm errfs");
-    let parent = store.latest().expect("latest");
-    store.begin(parent).expect("begin");
-    let pages = (140u64 + 134) << 8;
-    let mut stored = Vec::new();
-    for v in 0..pages {
-        if store.put(Vpn(v), &page(1, v)).is_err() && store.put(Vpn(v), &page(1, v)).is_err() {
-            continue;
-        }
-        stored.push(v);
-    }
-    let commit = store.commit(SnapshotMeta::default());
-    std::fs::remove_file(&control).expect("disarm errfs");
-    let Ok(c) = commit else {
-        return; // failed: nothing acknowledged
-    };
-    drop(store);
-    let bad = {
-        std::fs::write("/proc/sys/vm/drop_caches", "3").expect("drop caches");
-        let io: SharedStorage = Arc::new(FsStorage::new(&dir, false));
-        let (store, _) = Store::open_with(io, Mode::Read, opts).expect("reopen");
-        stored
-            .iter()
-            .filter(|&&v| !matches!(store.read_page(c.id, Vpn(v)), Ok(Some(p)) if p == page(1, v)))
-            .count()
-    };
-    assert_eq!(
-        bad, 0,
-        "commit {:?} acknowledged with {bad} pages that do not read back",
-        c.id
-    );
 }

@@ -790,7 +790,7 @@ const MAX_GROWTH: u64 = 16 << 20;
 /// The size a segment of size `cap` is grown to when a write must reach `end`: by
 /// [`StoreOptions::preallocate`] or by `cap` (doubling) up to [`MAX_GROWTH`], never past the
 /// segment size (or past `end`, for a record larger than that). Growing the file waits for the
-/// direct writes in flight (the file system drains them before it changes the size) and holds
+/// bulk writes in flight (the file system drains them before it changes the size) and holds
 /// the writer thread off the device meanwhile, so a large snapshot grows its segment in steps of
 /// 8, then 16 MiB: 16 growths for a 256 MiB segment instead of 32, each a pause of 1–2 ms in the
 /// writes (measured on the engine's 256 MiB first snapshot), and a checkpointing space (3 MiB a
@@ -805,7 +805,7 @@ pub(super) fn grown_cap(cap: u64, end: u64, preallocate: u64, segment_bytes: u64
 /// filesystem zero-filling the rest of each fresh page (records are not page-sized).
 pub(super) const WRITE_BUFFER: usize = 1 << 20;
 
-/// Writes the buffered records of the active segment (whole blocks past the page cache, see
+/// Writes the buffered records of the active segment (whole blocks in bulk, see
 /// `buffer.rs`).
 pub(super) fn flush_buffer(io: &dyn Storage, w: &mut Writer) -> Result<(), StoreError> {
     write_buffer(io, w, true)
