@@ -11,6 +11,9 @@ use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+mod bulk;
+use bulk::{page, write_snapshot};
 use std::time::Duration;
 
 /// `FsStorage`, asking for write-behind; the `fail_at`-th bulk write (1-based; 0: none) fails,
@@ -104,16 +107,6 @@ impl Storage for Behind {
     }
 }
 
-/// A 4 KiB page that differs for every `(snapshot, vpn)`.
-fn page(snapshot: u64, vpn: u64) -> Vec<u8> {
-    let mut p = vec![0u8; 4096];
-    for (i, c) in p.chunks_mut(8).enumerate() {
-        let x = (snapshot << 40 ^ vpn << 12 ^ i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        c.copy_from_slice(&x.to_le_bytes());
-    }
-    p
-}
-
 /// Small segments, so that commits roll over segments in the middle of the write-behind.
 fn opts() -> StoreOptions {
     StoreOptions {
@@ -121,19 +114,6 @@ fn opts() -> StoreOptions {
         preallocate: 1 << 20,
         ..StoreOptions::default()
     }
-}
-
-fn write_snapshot(
-    store: &mut Store,
-    snapshot: u64,
-    pages: u64,
-) -> Result<u64, pagesnap_store::StoreError> {
-    let parent = store.latest()?;
-    store.begin(parent)?;
-    for v in 0..pages {
-        store.put(Vpn(v), &page(snapshot, v))?;
-    }
-    Ok(store.commit(SnapshotMeta::default())?.id.0)
 }
 
 fn check(store: &Store, id: u64, snapshot: u64, pages: u64) {

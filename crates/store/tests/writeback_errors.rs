@@ -4,38 +4,21 @@
 //! description, so if the store's bounded writeback (`FsStorage::write_bulk`) swallowed it, the
 //! commit's `fdatasync` would return 0 and a snapshot with a hole would be acknowledged.
 //!
-//! These tests need a real file system that fails writes on demand: `scripts/errfs.py` (a FUSE
+//! The test needs a real file system that fails writes on demand: `scripts/errfs.py` (a FUSE
 //! server, root and /dev/fuse needed), mounted and driven by `scripts/writeback-errors.sh`, which
 //! sets `PAGESNAP_ERRFS_DIR` (the mount) and `PAGESNAP_ERRFS_CONTROL` (the file that arms it:
-//! "errno start end [name [delay]]"). Without them they return at once; `.ci/run` runs the script
+//! "errno start end [name [delay]]"). Without them it returns at once; `.ci/run` runs the script
 //! where the machine allows it. Found by the hostile review of the bounded writeback: its first
 //! version took EINVAL and EOPNOTSUPP from the wait for "not supported" (257 pages lost). On a
 //! kernel whose FUSE writeback ends before the server answers, the wait sees nothing and the
 //! commit's `fdatasync` fails it instead: the test then still holds, without reaching the wait.
 
-use pagesnap_store::{
-    FsStorage, Mode, SharedStorage, SnapshotId, SnapshotMeta, Store, StoreError, StoreOptions, Vpn,
-};
+use pagesnap_store::{FsStorage, Mode, SharedStorage, SnapshotId, Store, StoreOptions, Vpn};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-fn page(snapshot: u64, vpn: u64) -> Vec<u8> {
-    let mut p = vec![0u8; 4096];
-    for (i, c) in p.chunks_mut(8).enumerate() {
-        let x = (snapshot << 40 ^ vpn << 12 ^ i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        c.copy_from_slice(&x.to_le_bytes());
-    }
-    p
-}
-
-fn write_snapshot(s: &mut Store, snapshot: u64, pages: u64) -> Result<u64, StoreError> {
-    let parent = s.latest()?;
-    s.begin(parent)?;
-    for v in 0..pages {
-        s.put(Vpn(v), &page(snapshot, v))?;
-    }
-    Ok(s.commit(SnapshotMeta::default())?.id.0)
-}
+mod bulk;
+use bulk::{page, write_snapshot};
 
 /// The mount (emptied) and its control file, or `None` outside `scripts/writeback-errors.sh`.
 fn errfs() -> Option<(PathBuf, PathBuf)> {
