@@ -117,16 +117,17 @@ impl FsStorage {
     /// `sync_file_range` reaches no pages, so the writeback could not be bounded there).
     pub fn new(dir: impl Into<PathBuf>, writable: bool) -> Self {
         let dir = dir.into();
+        // Only a writer makes bulk writes: a reader asks nothing of the file system.
+        let direct = writable
+            && (std::env::var_os("PAGESNAP_DIRECT_IO").is_some_and(|v| v == "1")
+                || on_overlayfs(&dir));
         FsStorage {
-            dir: dir.clone(),
+            dir,
             writable,
             files: Mutex::new(HashMap::new()),
             direct: Mutex::new(None),
-            direct_ok: AtomicBool::new(false),
+            direct_ok: AtomicBool::new(direct),
         }
-        .with_direct_io(
-            std::env::var_os("PAGESNAP_DIRECT_IO").is_some_and(|v| v == "1") || on_overlayfs(&dir),
-        )
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -437,9 +438,9 @@ fn fs_type(_path: &Path) -> Option<i64> {
 /// Starts writing `len` bytes of `file` at `offset` to the device without waiting
 /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)` on Linux; nothing elsewhere, nor where the call is
 /// not available), so that a sync that follows has less left to wait for. It promises no
-/// durability; an error it returns (EIO from a file system that writes at once) means the range
-/// did not reach the file. A `len` of 0 does nothing (to the kernel it would mean "to the end of
-/// the file").
+/// durability; an error it returns is the file system's (a writeback it could not start), and a
+/// bulk write that asked for it fails. A `len` of 0 does nothing (to the kernel it would mean "to
+/// the end of the file").
 pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
     if len == 0 {
         return Ok(());
