@@ -443,6 +443,28 @@ impl EpochTree {
         self.root.mark(vpn.0, epoch);
     }
 
+    /// Records `vpn` as modified in `epoch`, an epoch already sealed or the current one, unless it
+    /// is recorded in a later one: for a modification recorded late (a writer that notes its
+    /// pages and lets the snapshot fold them in). An `epoch` after the current one is taken as
+    /// the current one; one at or before the floor is not recorded (history there is retired).
+    pub fn mark_at(&mut self, vpn: Vpn, epoch: Epoch) {
+        let epoch = epoch.min(self.current);
+        if epoch <= self.floor {
+            return;
+        }
+        if self.root.get(vpn.0).is_some_and(|e| e >= epoch) {
+            return;
+        }
+        self.root.mark(vpn.0, epoch);
+    }
+
+    /// Makes `epoch` the current one if the current one is earlier (the epochs between are empty):
+    /// for a writer that counts epochs itself and records its modifications late, with
+    /// [`EpochTree::mark_at`], before it seals.
+    pub fn advance_to(&mut self, epoch: Epoch) {
+        self.current = self.current.max(epoch);
+    }
+
     /// Records every page of `vpns` (in any order) as modified in the current epoch.
     pub fn mark_all(&mut self, vpns: impl IntoIterator<Item = Vpn>) {
         for vpn in vpns {
