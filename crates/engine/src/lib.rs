@@ -49,6 +49,8 @@
 //! assert_eq!(&buf, b"persistent hello");
 //! ```
 
+mod cow;
+mod frames;
 pub mod image;
 pub mod names;
 pub mod retention;
@@ -62,7 +64,7 @@ use pagesnap_pagetable::{
 use pagesnap_store::{
     pagehash, Mode, SharedStorage, SnapshotId, SnapshotMeta, Store, StoreError, StoreOptions,
 };
-use parking_lot::{Condvar, Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -127,6 +129,10 @@ pub enum EngineError {
         /// Why.
         detail: String,
     },
+    /// No frame for a new page: the space holds as many as it can (512 GiB of frames, more with
+    /// pages over 2 MiB), or the system gave no more memory.
+    #[error("no memory for another page: {0}; unmap pages to map others")]
+    OutOfFrames(String),
     /// An internal epoch-tree query failed.
     #[error(transparent)]
     Epochs(#[from] EpochTreeError),
@@ -165,7 +171,21 @@ pub struct Opened {
     pub damaged: Vec<(SnapshotId, String)>,
 }
 
-struct Frame(Mutex<Box<[u8]>>);
+/// A page stripe: its lock, and the pages of the stripe written for the first time in an epoch
+/// that the epoch tree does not record yet. Alone in its cache lines (two: the prefetcher pulls
+/// lines in pairs), so a thread taking one stripe does not take the stripes beside it from
+/// another core.
+#[repr(align(128))]
+struct Stripe(Mutex<Written>);
+
+/// First writes of pages (page, epoch of the write) not yet folded into the epoch tree: a writer
+/// notes them under the page's stripe instead of taking the tree's lock, and the snapshot that
+/// seals their epoch folds them in before it asks the tree what changed ([`Inner::fold_written`]).
+#[derive(Default)]
+struct Written(Vec<(u64, Epoch)>);
+
+/// A stripe's noted first writes keep their room up to this many entries after a fold.
+const WRITTEN_KEPT: usize = 1024;
 
 struct MapBlock {
     bits: Vec<u8>,
@@ -191,15 +211,6 @@ const EAGER_COPY_BYTES: u64 = 64 << 20;
 struct Job {
     epoch: Epoch,
     since: Epoch,
-    view: EpochView,
-    /// Content at the pause of keys changed since (None: unmapped page / empty block).
-    preserved: Mutex<HashMap<u64, Option<Vec<u8>>>>,
-    /// Every key below this one has had its state at the pause taken (keys are taken in
-    /// ascending order): later changes to them need no copy. Set by the taker under the key's
-    /// lock (its stripe; the maps lock for a mapping block) and read by writers under the same
-    /// lock, so a writer that sees a key as not yet taken copies it aside before the taker gets
-    /// there, and the taker then finds the copy.
-    swept: AtomicU64,
     /// Every key's state at the pause has been taken: writers need no copy-on-write at all (and
     /// take none of the job's locks).
     all_copied: std::sync::atomic::AtomicBool,
@@ -256,8 +267,7 @@ impl LazySource {
 struct Inner {
     ps: PageSize,
     table: Table,
-    frames: RwLock<Vec<Arc<Frame>>>,
-    free: Mutex<Vec<usize>>,
+    frames: frames::Frames,
     maps: Mutex<BTreeMap<u64, MapBlock>>,
     tree: Mutex<EpochTree>,
     current: AtomicU64,
@@ -273,7 +283,12 @@ struct Inner {
     lazy: Mutex<Option<Arc<LazySource>>>,
     /// The snapshots this space pinned in the store (its parent and its lazy source).
     pins: Mutex<BTreeSet<SnapshotId>>,
-    stripes: Vec<Mutex<()>>,
+    stripes: Vec<Stripe>,
+    /// Copies on write for the snapshot being persisted, sharded by stripe.
+    cow: cow::CowShards,
+    /// Mapping blocks changed for the first time in an epoch, not yet in the epoch tree (taken
+    /// under the mapping blocks' lock, as a stripe's [`Written`] is under the stripe's).
+    map_written: Mutex<Written>,
     /// Dirty sets up to this many bytes are copied in one sweep after the pause.
     eager_copy: AtomicU64,
     /// Batch buffers of earlier snapshots, kept for the next (at most [`KEPT_BUFFERS`] of at
@@ -298,6 +313,7 @@ impl Drop for Finish<'_> {
             self.inner.store.lock().abort();
         }
         *self.inner.job.write() = None;
+        self.inner.cow.clear();
         *self.inner.running.lock() = false;
         self.inner.idle.notify_all();
     }
@@ -383,8 +399,7 @@ impl Inner {
         Ok(Inner {
             ps,
             table: Table::with_config(ps, 0),
-            frames: RwLock::new(Vec::new()),
-            free: Mutex::new(Vec::new()),
+            frames: frames::Frames::new(ps.shift()),
             maps: Mutex::new(BTreeMap::new()),
             tree: Mutex::new(EpochTree::starting_at(next)),
             current: AtomicU64::new(next.0),
@@ -397,7 +412,11 @@ impl Inner {
             lazy_mode: lazy.is_some(),
             lazy: Mutex::new(lazy.map(Arc::new)),
             pins: Mutex::new(pins),
-            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            stripes: (0..STRIPES)
+                .map(|_| Stripe(Mutex::new(Written::default())))
+                .collect(),
+            cow: cow::CowShards::new(STRIPES, ps.bytes() as usize),
+            map_written: Mutex::new(Written::default()),
             eager_copy: AtomicU64::new(EAGER_COPY_BYTES),
             buffers: Mutex::new(Vec::new()),
         })
@@ -407,41 +426,42 @@ impl Inner {
         (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as usize % STRIPES
     }
 
-    fn stripe(&self, key: u64) -> &Mutex<()> {
-        &self.stripes[self.stripe_index(key)]
+    fn stripe(&self, key: u64) -> &Mutex<Written> {
+        &self.stripes[self.stripe_index(key)].0
     }
 
-    fn frame(&self, page: &Page) -> Arc<Frame> {
-        let idx = (page.paddr.0 >> self.ps.shift()) as usize;
-        match self.frames.read().get(idx) {
-            Some(f) => f.clone(),
-            None => unreachable!("descriptor names frame {idx}, which does not exist"),
+    /// The bytes of the frame `page` is mapped to, to read.
+    ///
+    /// # Safety
+    /// The stripe of `page` is held (since `page` was looked up), so its frame is the one mapped
+    /// there and no other thread writes it meanwhile.
+    unsafe fn frame(&self, page: &Page) -> &[u8] {
+        // SAFETY: the caller's contract is the frames' contract.
+        unsafe {
+            self.frames
+                .bytes((page.paddr.0 >> self.ps.shift()) as usize)
         }
     }
 
-    fn alloc_frame(&self, content: Option<&[u8]>) -> PhysAddr {
-        let bytes = self.ps.bytes() as usize;
-        let idx = match self.free.lock().pop() {
-            Some(i) => {
-                let f = self.frames.read()[i].clone();
-                let mut g = f.0.lock();
-                match content {
-                    Some(c) => g.copy_from_slice(c),
-                    None => g.fill(0),
-                }
-                i
-            }
-            None => {
-                let data: Box<[u8]> = match content {
-                    Some(c) => c.into(),
-                    None => vec![0u8; bytes].into_boxed_slice(),
-                };
-                let mut frames = self.frames.write();
-                frames.push(Arc::new(Frame(Mutex::new(data))));
-                frames.len() - 1
-            }
-        };
-        PhysAddr((idx as u64) << self.ps.shift())
+    /// The bytes of the frame `page` is mapped to, to write.
+    ///
+    /// # Safety
+    /// As [`Inner::frame`]: the stripe of `page` is held, so no other thread reads or writes it.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn frame_mut(&self, page: &Page) -> &mut [u8] {
+        // SAFETY: the caller's contract is the frames' contract.
+        unsafe {
+            self.frames
+                .bytes_mut((page.paddr.0 >> self.ps.shift()) as usize)
+        }
+    }
+
+    fn alloc_frame(&self, content: Option<&[u8]>) -> Result<PhysAddr, EngineError> {
+        let idx = self
+            .frames
+            .alloc(content)
+            .map_err(|e| EngineError::OutOfFrames(e.0))?;
+        Ok(PhysAddr((idx as u64) << self.ps.shift()))
     }
 
     fn lazy_source(&self) -> Option<Arc<LazySource>> {
@@ -585,7 +605,7 @@ impl Inner {
             // operation leads into that state), so this is not reached; reading here is correct.
             None => self.lazy_read(vpn)?,
         };
-        let paddr = self.alloc_frame(content.as_deref());
+        let paddr = self.alloc_frame(content.as_deref())?;
         let page = Page {
             paddr,
             flags: PageFlags::PHYS_MEM,
@@ -625,8 +645,9 @@ impl Inner {
         }
     }
 
-    /// Locks the stripes of every page in `vpns`, in stripe order (all of them for a large range).
-    fn lock_stripes(&self, vpns: std::ops::Range<u64>) -> Vec<parking_lot::MutexGuard<'_, ()>> {
+    /// Locks the stripes of every page in `vpns`, in stripe order (all of them for a large range):
+    /// (stripe index, guard), sorted by index.
+    fn lock_stripes(&self, vpns: std::ops::Range<u64>) -> Vec<(usize, MutexGuard<'_, Written>)> {
         let mut idx: Vec<usize> = if vpns.end - vpns.start >= STRIPES as u64 {
             (0..STRIPES).collect()
         } else {
@@ -634,7 +655,42 @@ impl Inner {
         };
         idx.sort_unstable();
         idx.dedup();
-        idx.into_iter().map(|i| self.stripes[i].lock()).collect()
+        idx.into_iter()
+            .map(|i| (i, self.stripes[i].0.lock()))
+            .collect()
+    }
+
+    /// Folds the changes noted up to `epoch` (in the stripes, and for mapping blocks) into the
+    /// epoch tree, at the epochs they were made in, and seals the tree there: the view of every
+    /// change up to `epoch`. Called by the snapshot of `epoch`, first thing: the writers note their
+    /// first change of a key in an epoch under the key's own lock, and never take the tree's.
+    fn fold_written(&self, epoch: Epoch) -> EpochView {
+        let mut noted = Vec::new();
+        let mut due = |w: &mut Written| {
+            w.0.retain(|&(key, e)| {
+                let due = e <= epoch;
+                if due {
+                    noted.push((key, e));
+                }
+                !due
+            });
+            if w.0.capacity() > WRITTEN_KEPT && w.0.len() < w.0.capacity() / 4 {
+                let keep = w.0.len().max(WRITTEN_KEPT);
+                w.0.shrink_to(keep);
+            }
+        };
+        for stripe in &self.stripes {
+            due(&mut stripe.0.lock());
+        }
+        due(&mut self.map_written.lock());
+        // In key order, the tree's walks share their paths.
+        noted.sort_unstable();
+        let mut tree = self.tree.lock();
+        tree.advance_to(epoch);
+        for &(key, e) in &noted {
+            tree.mark_at(Vpn(key), e);
+        }
+        tree.seal()
     }
 
     /// The resident descriptors of every page in `vpns` (stripes held), or the first unmapped one.
@@ -678,23 +734,40 @@ impl Inner {
     }
 
     /// Copy-on-write: before the first change of `key` after a pause, keep its state at the pause
-    /// for the snapshot being persisted, if that snapshot still needs it.
-    fn preserve(&self, key: u64, state: impl FnOnce() -> Option<Vec<u8>>) {
-        let job = self.job.read().clone();
-        let Some(job) = job else { return };
+    /// for the snapshot being persisted, if that snapshot still needs it (`cow.rs`). The key's
+    /// lock is held (its stripe; the mapping blocks' lock for a block). `last` is the epoch of the
+    /// key's last change (a resident page's descriptor, a mapping block's; the epoch tree records
+    /// the same): the snapshot holds the key only if that is after its parent's. Without it (a
+    /// page not mapped, or not resident) the state is kept anyway: a copy of a key the snapshot
+    /// does not hold is never taken, and goes when the snapshot ends.
+    fn preserve<'a>(
+        &self,
+        key: u64,
+        last: Option<Epoch>,
+        state: impl FnOnce() -> Option<&'a [u8]>,
+    ) {
+        let job = self.job.read();
+        let Some(job) = job.as_ref() else { return };
         if job.all_copied.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
-        if key < job.swept.load(Ordering::Acquire) {
-            return;
-        }
-        if job
-            .view
-            .last_modified(Vpn(key))
-            .is_some_and(|e| e > job.since)
-        {
-            job.preserved.lock().entry(key).or_insert_with(state);
-        }
+        let needed = || last.is_none_or(|e| e > job.since);
+        self.cow
+            .keep(self.stripe_index(key), job.epoch, key, needed, state);
+    }
+
+    /// The first write to `page` in `epoch`: its state before is kept for a snapshot that needs
+    /// it, its descriptor takes the epoch, and the write is noted in `written`, its stripe's, for
+    /// the epoch tree. Stripe of `page` held (`written` is its guarded state).
+    fn first_write(&self, page: &Page, epoch: Epoch, written: &mut Written) {
+        let vpn = self.ps.vpn(page.vaddr);
+        self.preserve(vpn.0, Some(page.epoch), || {
+            // SAFETY: the page's stripe is held (the caller's contract).
+            let bytes = unsafe { self.frame(page) };
+            Some(bytes)
+        });
+        self.table.update(page.vaddr, |p| p.epoch = epoch);
+        written.0.push((vpn.0, epoch));
     }
 
     /// Sets or clears the mapping bit of `vpn`. Stripe of `vpn` held.
@@ -716,10 +789,12 @@ impl Inner {
             unreachable!("inserted above")
         };
         if block.epoch < epoch {
-            let before = block.bits.clone();
-            self.preserve(key, || Some(before).filter(|b| b.iter().any(|x| *x != 0)));
+            let before = &block.bits[..];
+            self.preserve(key, Some(block.epoch), || {
+                Some(before).filter(|b| b.iter().any(|x| *x != 0))
+            });
             block.epoch = epoch;
-            self.tree.lock().mark(Vpn(key));
+            self.map_written.lock().0.push((key, epoch));
         }
         let byte = &mut block.bits[(bit / 8) as usize];
         if on {
@@ -749,24 +824,24 @@ impl Inner {
                 page_size: out.len() as u32,
             }),
         };
+        let shard = self.stripe_index(key);
         if key >= MAP_KEY_BASE {
             let maps = self.maps.lock();
-            job.swept.store(key + 1, Ordering::Release);
-            if let Some(p) = job.preserved.lock().remove(&key) {
-                put(p.as_deref(), out)?;
+            if let Some(r) = self.cow.take(shard, job.epoch, key, |p| put(p, &mut *out)) {
+                r?;
                 return Ok(true);
             }
             put(maps.get(&(key - MAP_KEY_BASE)).map(|b| &b.bits[..]), out)?;
             return Ok(false);
         }
         let _s = self.stripe(key).lock();
-        job.swept.store(key + 1, Ordering::Release);
-        if let Some(p) = job.preserved.lock().remove(&key) {
-            put(p.as_deref(), out)?;
+        if let Some(r) = self.cow.take(shard, job.epoch, key, |p| put(p, &mut *out)) {
+            r?;
             return Ok(true);
         }
         match self.table.get_page(self.ps.addr(Vpn(key))) {
-            Some(page) => put(Some(&self.frame(&page).0.lock()), out)?,
+            // SAFETY: the stripe of `key` is held since before the lookup.
+            Some(page) => put(Some(unsafe { self.frame(&page) }), out)?,
             None => put(None, out)?,
         }
         Ok(false)
@@ -837,12 +912,11 @@ impl Inner {
         started: Instant,
         pause: Duration,
     ) -> Result<SnapshotReport, EngineError> {
-        let mut keys: Vec<u64> = job
-            .view
-            .modified_since(job.since)?
-            .map(|(v, _)| v.0)
-            .collect();
-        // Taken in ascending order (`Job::swept`); the tree yields them so, this makes sure.
+        // First, whatever happens next: the changes noted up to this epoch go into the tree (a
+        // later snapshot, after this one fails say, finds them there), sealed at this epoch.
+        let view = self.fold_written(job.epoch);
+        let mut keys: Vec<u64> = view.modified_since(job.since)?.map(|(v, _)| v.0).collect();
+        // Taken in ascending order (`cow.rs`); the tree yields them so, this makes sure.
         if !keys.is_sorted() {
             keys.sort_unstable();
         }
@@ -873,7 +947,6 @@ impl Inner {
             }
             job.all_copied
                 .store(true, std::sync::atomic::Ordering::Release);
-            job.preserved.lock().clear();
         }
         let result = (|| -> Result<_, StoreError> {
             if let Some(e) = swept_err {
@@ -1025,7 +1098,7 @@ impl Space {
             .collect();
         for vpn in mapped {
             let bytes = content.remove(&vpn);
-            let paddr = inner.alloc_frame(bytes.as_deref());
+            let paddr = inner.alloc_frame(bytes.as_deref())?;
             let vaddr = inner.ps.addr(Vpn(vpn));
             inner.table.set_page(Page {
                 paddr,
@@ -1191,13 +1264,17 @@ impl Space {
         let _g = inner.gate.read();
         let epoch = self.current_epoch();
         for vpn in pages {
-            let _s = inner.stripe(vpn).lock();
+            let mut stripe = inner.stripe(vpn).lock();
             if inner.is_mapped(vpn)? {
                 continue;
             }
-            inner.preserve(vpn, || None);
-            inner.set_mapped(vpn, true, epoch)?;
-            let paddr = inner.alloc_frame(None);
+            // Unmapped at the pause, if a snapshot is being taken: kept as such (a page the
+            // snapshot does not hold never has its copy taken).
+            inner.preserve(vpn, None, || None);
+            // Each step that can fail undoes the ones before it: the page is mapped whole or not
+            // at all.
+            let paddr = inner.alloc_frame(None)?;
+            let frame = (paddr.0 >> inner.ps.shift()) as usize;
             let vaddr = inner.ps.addr(Vpn(vpn));
             let page = Page {
                 paddr,
@@ -1205,8 +1282,16 @@ impl Space {
                 flags: PageFlags::PHYS_MEM,
                 ..inner.table.page_init(vaddr)
             };
-            inner.table.set_page(page)?;
-            inner.tree.lock().mark(Vpn(vpn));
+            if let Err(e) = inner.table.set_page(page) {
+                inner.frames.free(frame);
+                return Err(e.into());
+            }
+            if let Err(e) = inner.set_mapped(vpn, true, epoch) {
+                inner.table.remove(vaddr);
+                inner.frames.free(frame);
+                return Err(e);
+            }
+            stripe.0.push((vpn, epoch));
         }
         Ok(())
     }
@@ -1219,25 +1304,21 @@ impl Space {
         let _g = inner.gate.read();
         let epoch = self.current_epoch();
         for vpn in pages {
-            let _s = inner.stripe(vpn).lock();
+            let mut stripe = inner.stripe(vpn).lock();
             if !inner.is_mapped(vpn)? {
                 continue;
             }
             let vaddr = inner.ps.addr(Vpn(vpn));
-            inner.preserve(vpn, || {
-                inner
-                    .table
-                    .get_page(vaddr)
-                    .map(|p| inner.frame(&p).0.lock().to_vec())
+            let page = inner.table.get_page(vaddr);
+            inner.preserve(vpn, page.map(|p| p.epoch), || {
+                // SAFETY: the stripe of `vpn` is held since before the lookup.
+                page.map(|p| unsafe { inner.frame(&p) })
             });
             inner.set_mapped(vpn, false, epoch)?;
             if let Some(p) = inner.table.remove(vaddr) {
-                inner
-                    .free
-                    .lock()
-                    .push((p.paddr.0 >> inner.ps.shift()) as usize);
+                inner.frames.free((p.paddr.0 >> inner.ps.shift()) as usize);
             }
-            inner.tree.lock().mark(Vpn(vpn));
+            stripe.0.push((vpn, epoch));
         }
         Ok(())
     }
@@ -1248,11 +1329,23 @@ impl Space {
         let pages = self.pages(addr, buf.len() as u64)?;
         let inner = &self.inner;
         let mut loaded = inner.prefetch(pages.clone())?;
+        if pages.end - pages.start == 1 {
+            // One page (the common case): one stripe, nothing allocated.
+            let _s = inner.stripe(pages.start).lock();
+            let page = inner
+                .resident(pages.start, &mut loaded)?
+                .ok_or(EngineError::NotMapped(addr))?;
+            let off = (addr.0 & (inner.ps.bytes() - 1)) as usize;
+            // SAFETY: the page's stripe is held since before the lookup.
+            buf.copy_from_slice(&unsafe { inner.frame(&page) }[off..off + buf.len()]);
+            return Ok(());
+        }
         let _locks = inner.lock_stripes(pages.clone());
         let resident = inner.resident_range(addr, pages, &mut loaded)?;
         inner.chunks(addr, buf.len(), |i, off, range| {
+            // SAFETY: the stripes of every page in the range are held since before the lookup.
             buf[range.clone()]
-                .copy_from_slice(&inner.frame(&resident[i]).0.lock()[off..off + range.len()]);
+                .copy_from_slice(&unsafe { inner.frame(&resident[i]) }[off..off + range.len()]);
         });
         Ok(())
     }
@@ -1266,19 +1359,36 @@ impl Space {
         let mut loaded = inner.prefetch(pages.clone())?;
         let _g = inner.gate.read();
         let epoch = self.current_epoch();
-        let _locks = inner.lock_stripes(pages.clone());
+        if pages.end - pages.start == 1 {
+            // One page (the common case): one stripe, nothing allocated.
+            let mut stripe = inner.stripe(pages.start).lock();
+            let page = inner
+                .resident(pages.start, &mut loaded)?
+                .ok_or(EngineError::NotMapped(addr))?;
+            if page.epoch < epoch {
+                inner.first_write(&page, epoch, &mut stripe);
+            }
+            let off = (addr.0 & (inner.ps.bytes() - 1)) as usize;
+            // SAFETY: the page's stripe is held since before the lookup.
+            let frame = unsafe { inner.frame_mut(&page) };
+            frame[off..off + data.len()].copy_from_slice(data);
+            return Ok(epoch);
+        }
+        let mut locks = inner.lock_stripes(pages.clone());
         let resident = inner.resident_range(addr, pages, &mut loaded)?;
         for page in &resident {
             if page.epoch < epoch {
-                let vpn = inner.ps.vpn(page.vaddr);
-                inner.preserve(vpn.0, || Some(inner.frame(page).0.lock().to_vec()));
-                inner.table.update(page.vaddr, |p| p.epoch = epoch);
-                inner.tree.lock().mark(vpn);
+                let idx = inner.stripe_index(inner.ps.vpn(page.vaddr).0);
+                let Ok(at) = locks.binary_search_by_key(&idx, |(i, _)| *i) else {
+                    unreachable!("every page's stripe is locked")
+                };
+                inner.first_write(page, epoch, &mut locks[at].1);
             }
         }
         inner.chunks(addr, data.len(), |i, off, range| {
-            inner.frame(&resident[i]).0.lock()[off..off + range.len()]
-                .copy_from_slice(&data[range.clone()]);
+            // SAFETY: the stripes of every page in the range are held since before the lookup.
+            let frame = unsafe { inner.frame_mut(&resident[i]) };
+            frame[off..off + range.len()].copy_from_slice(&data[range.clone()]);
         });
         Ok(epoch)
     }
@@ -1321,24 +1431,24 @@ impl Space {
             }
             *running = true;
         }
+        // Made before the pause, so the pause allocates nothing; `since` cannot change meanwhile
+        // (only a snapshot's commit moves it, and no other snapshot runs: `running`).
+        let mut job = Arc::new(Job {
+            epoch: Epoch(0),
+            since: inner.persisted.lock().epoch,
+            all_copied: std::sync::atomic::AtomicBool::new(false),
+        });
         let started = Instant::now();
-        let job = {
+        {
             let _pause = inner.gate.write();
-            let view = inner.tree.lock().seal();
-            let epoch = view.epoch();
+            let epoch = Epoch(inner.current.load(Ordering::Relaxed));
             inner.current.store(epoch.0 + 1, Ordering::Release);
-            let since = inner.persisted.lock().epoch;
-            let job = Arc::new(Job {
-                epoch,
-                since,
-                view,
-                preserved: Mutex::new(HashMap::new()),
-                swept: AtomicU64::new(0),
-                all_copied: std::sync::atomic::AtomicBool::new(false),
-            });
+            match Arc::get_mut(&mut job) {
+                Some(j) => j.epoch = epoch,
+                None => unreachable!("the job is not shared before it is published"),
+            }
             *inner.job.write() = Some(job.clone());
-            job
-        };
+        }
         let pause = started.elapsed();
         let (hold, go) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()

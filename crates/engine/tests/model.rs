@@ -1,6 +1,8 @@
 //! The engine against a model: a `BTreeMap` from page number to page bytes, and a copy of it per
 //! snapshot. Random sequences of map, write, unmap, snapshot (blocking and background), restore
-//! (eager and lazy) and reopen, on the in-memory store backend.
+//! (eager and lazy) and reopen, on the in-memory store backend. A snapshot may also be held open
+//! after its pause (`Op::Hold`) while the next operations run, so that they change pages the
+//! snapshot has not taken yet (copy on write), and is then checked against the state at its pause.
 
 use pagesnap_engine::{EngineError, Space};
 use pagesnap_pagetable::VirtAddr;
@@ -28,9 +30,21 @@ enum Op {
     Map(u64, u64),
     Unmap(u64, u64),
     Write(u64, u64, Vec<u8>),
-    Snapshot { background: bool },
-    Restore { which: usize, lazy: bool },
-    Reopen { lazy: bool },
+    Snapshot {
+        background: bool,
+    },
+    /// Pause for a snapshot and hold its persisting until the next snapshot, restore or reopen
+    /// (or the end); `eager`: its dirty set is copied in one sweep, else batch by batch.
+    Hold {
+        eager: bool,
+    },
+    Restore {
+        which: usize,
+        lazy: bool,
+    },
+    Reopen {
+        lazy: bool,
+    },
 }
 
 fn vpn() -> impl Strategy<Value = u64> {
@@ -47,6 +61,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (vpn(), 1..3u64).prop_map(|(v, n)| Op::Unmap(v, n)),
         6 => (vpn(), 0..PS, proptest::collection::vec(any::<u8>(), 1..700)).prop_map(|(v, o, d)| Op::Write(v, o, d)),
         2 => any::<bool>().prop_map(|background| Op::Snapshot { background }),
+        1 => any::<bool>().prop_map(|eager| Op::Hold { eager }),
         1 => (any::<usize>(), any::<bool>()).prop_map(|(which, lazy)| Op::Restore { which, lazy }),
         1 => any::<bool>().prop_map(|lazy| Op::Reopen { lazy }),
     ]
@@ -94,6 +109,20 @@ fn check(space: &Space, model: &Model) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Lets a held snapshot persist and records it with the state at its pause.
+fn finish(
+    held: &mut Option<(pagesnap_engine::SnapshotHandle, BTreeMap<u64, Vec<u8>>)>,
+    snaps: &mut Vec<(SnapshotId, BTreeMap<u64, Vec<u8>>)>,
+) -> Result<(), TestCaseError> {
+    if let Some((handle, at_pause)) = held.take() {
+        let report = handle
+            .wait()
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        snaps.push((report.id, at_pause));
+    }
+    Ok(())
+}
+
 fn run(ops: &[Op]) -> Result<(), TestCaseError> {
     let io = Arc::new(FaultyStorage::new());
     let store =
@@ -103,7 +132,14 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
         pages: BTreeMap::new(),
     };
     let mut snaps: Vec<(SnapshotId, BTreeMap<u64, Vec<u8>>)> = Vec::new();
+    let mut held = None;
     for op in ops {
+        if matches!(
+            op,
+            Op::Snapshot { .. } | Op::Hold { .. } | Op::Restore { .. } | Op::Reopen { .. }
+        ) {
+            finish(&mut held, &mut snaps)?;
+        }
         let s = space.as_ref().expect("space");
         match op {
             Op::Map(v, n) | Op::Unmap(v, n) if (v * PS).checked_add(n * PS - 1).is_none() => {
@@ -169,6 +205,13 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 snaps.push((report.id, model.pages.clone()));
             }
+            Op::Hold { eager } => {
+                s.set_eager_copy_limit(if *eager { u64::MAX } else { 0 });
+                let handle = s
+                    .begin_snapshot_held()
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                held = Some((handle, model.pages.clone()));
+            }
             Op::Restore { which, lazy } if !snaps.is_empty() => {
                 let (id, pages) = snaps[which % snaps.len()].clone();
                 drop(space.take());
@@ -201,6 +244,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
         }
         check(space.as_ref().expect("space"), &model)?;
     }
+    finish(&mut held, &mut snaps)?;
     // Every snapshot still restores exactly.
     for (id, pages) in &snaps {
         drop(space.take());
