@@ -16,13 +16,16 @@ fmt:
 clippy:
     cargo clippy --workspace --all-targets -- -D warnings
 
-# Model-check the page table's protocol with loom (all models, preemption bound 2: ~10 minutes).
+# Model-check the page table's protocol with loom (all models, preemption bound 2: ~10 minutes),
+# and the engine's copy-on-write shards.
 loom:
     RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test -p pagesnap-pagetable --release --test loom --target-dir target/loom
+    RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test -p pagesnap-engine --release --lib --target-dir target/loom cow::loom_model
 
 # The reduced loom run CI does (preemption bound 1, the long model skipped).
 loom-ci:
     RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=1 cargo test -p pagesnap-pagetable --release --test loom --target-dir target/loom -- --skip across_a_split
+    RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test -p pagesnap-engine --release --lib --target-dir target/loom cow::loom_model
 
 # The benchmark tables (quick mode, under 3 minutes), plus the examples' figures.
 bench:

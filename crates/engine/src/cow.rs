@@ -12,9 +12,29 @@
 //! Shards outlive snapshots: each state names the snapshot (its epoch) it belongs to, and a shard
 //! found holding another snapshot's state is reset first. A snapshot's end clears them all.
 
+#[cfg(loom)]
+use loom_sync::Mutex;
 use pagesnap_pagetable::Epoch;
+#[cfg(not(loom))]
 use parking_lot::Mutex;
 use std::collections::HashMap;
+
+/// Under `--cfg loom` the shards' locks are loom's, so the model below explores every order in
+/// which a writer and the taker reach them.
+#[cfg(loom)]
+mod loom_sync {
+    pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
+
+    impl<T> Mutex<T> {
+        pub(crate) fn new(t: T) -> Self {
+            Mutex(loom::sync::Mutex::new(t))
+        }
+
+        pub(crate) fn lock(&self) -> loom::sync::MutexGuard<'_, T> {
+            self.0.lock().unwrap_or_else(|e| e.into_inner())
+        }
+    }
+}
 
 /// Buffers a shard keeps for the next copies (copies of pages up to [`SPARE_MAX_BYTES`]): a few
 /// per shard is a snapshot's worth of copies on write for a hot set, and at most 4 MiB in all
@@ -194,5 +214,56 @@ mod tests {
         cow.keep(0, Epoch(5), 1, || true, || Some(&[4u8; 4][..]));
         assert_eq!(cow.shards[0].0.lock().spare.len(), spare - 1);
         assert_eq!(take(&cow, 5, 1), Some(Some(vec![4; 4])));
+    }
+}
+
+/// `RUSTFLAGS="--cfg loom" cargo test -p pagesnap-engine --release --lib cow::loom_model`: every
+/// interleaving of a writer changing keys after a pause and the taker taking them, the keys in one
+/// shard (one position for all of them, the hardest case) and each under its own lock (the stripe).
+#[cfg(all(test, loom))]
+mod loom_model {
+    use super::*;
+    use loom::sync::atomic::{AtomicBool, Ordering};
+    use loom::sync::{Arc, Mutex as KeyLock};
+
+    /// The writer changes keys 2, 0 and 1 (in that order) once each after the pause, keeping a copy
+    /// first unless the snapshot has every state (`all_copied`); the taker takes 0, 1, 2 in order
+    /// under each key's lock, then sets `all_copied`. Whatever the interleaving, it gets the states
+    /// at the pause, and the writer's changes all land.
+    #[test]
+    fn the_taker_gets_every_state_at_the_pause() {
+        loom::model(|| {
+            let cow = Arc::new(CowShards::new(1, 1));
+            let keys: Arc<Vec<KeyLock<u8>>> =
+                Arc::new((0..3u8).map(|k| KeyLock::new(10 * (k + 1))).collect());
+            let all_copied = Arc::new(AtomicBool::new(false));
+            let writer = {
+                let (cow, keys, all_copied) = (cow.clone(), keys.clone(), all_copied.clone());
+                loom::thread::spawn(move || {
+                    for k in [2u64, 0, 1] {
+                        let mut v = keys[k as usize].lock().unwrap_or_else(|e| e.into_inner());
+                        if !all_copied.load(Ordering::Acquire) {
+                            let now = [*v];
+                            cow.keep(0, Epoch(1), k, || true, || Some(&now[..]));
+                        }
+                        *v += 1;
+                    }
+                })
+            };
+            let mut taken = Vec::new();
+            for k in 0..3u64 {
+                let v = keys[k as usize].lock().unwrap_or_else(|e| e.into_inner());
+                let copy = cow.take(0, Epoch(1), k, |s| s.map(|b| b[0]));
+                taken.push(copy.unwrap_or(Some(*v)));
+            }
+            all_copied.store(true, Ordering::Release);
+            writer.join().expect("writer");
+            assert_eq!(taken, vec![Some(10), Some(20), Some(30)]);
+            let after: Vec<u8> = keys
+                .iter()
+                .map(|k| *k.lock().unwrap_or_else(|e| e.into_inner()))
+                .collect();
+            assert_eq!(after, vec![11, 21, 31]);
+        });
     }
 }

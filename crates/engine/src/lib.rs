@@ -2,9 +2,10 @@
 //!
 //! A persistent virtual address space ([`Space`]): what PhantomOS does to all of memory, as a
 //! library. Pages live in frames the engine owns, mapped through the page table
-//! (`pagesnap-pagetable`); the first write to a page in an epoch stamps its descriptor and marks it
-//! in the epoch tree (`pagesnap-epochtree`); snapshots persist exactly the pages modified since the
-//! last successful snapshot into the store (`pagesnap-store`).
+//! (`pagesnap-pagetable`); the first write to a page in an epoch stamps its descriptor and notes the
+//! page under its stripe, and the snapshot that seals the epoch folds those notes into the epoch
+//! tree (`pagesnap-epochtree`); snapshots persist exactly the pages modified since the last
+//! successful snapshot into the store (`pagesnap-store`).
 //!
 //! - **Snapshot, PhantomOS style but better**: [`Space::begin_snapshot`] pauses the mutator only to
 //!   seal the epoch — O(1), whatever the number of mapped pages — and persists in the background
@@ -24,8 +25,10 @@
 //! - **A panic while persisting is an error, not a wedge**: the store's pending snapshot is
 //!   aborted, [`SnapshotHandle::wait`] returns [`EngineError::PersistPanicked`], nothing advances.
 //!
-//! Locks: the mutators' gate, 256 page stripes, the mapping blocks, the copy-on-write map and the
-//! frames, in that order; the store is taken only by the persisting thread and `with_store`, never
+//! Locks: the mutators' gate, 256 page stripes, the mapping blocks, the running snapshot's job and
+//! its copy-on-write shards, in that order (frames have no lock: a page's stripe guards its frame;
+//! the epoch tree is taken only by the persisting thread); the store is taken only by the
+//! persisting thread and `with_store`, never
 //! by a mutator, and no store I/O happens under a lock a mutator needs (`docs/concurrency.md`).
 //! - Mapped-but-zero pages survive: mappings are persisted as bitmap blocks (one store page per
 //!   `8 × page size` pages) under store keys at and above 2^62, beside the page data.

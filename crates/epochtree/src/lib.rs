@@ -8,6 +8,9 @@
 //! - [`EpochTree::mark`] records a page as modified in the current epoch: a walk down at most 11
 //!   levels, copying only nodes still shared with a sealed view (the first mark below them in an
 //!   epoch).
+//! - [`EpochTree::mark_at`] records a modification late, at the epoch it was made in (never over a
+//!   later record), for a writer that notes its first writes cheaply and lets the snapshot fold them
+//!   in before it seals ([`EpochTree::advance_to`] brings the current epoch up to the writer's).
 //! - [`EpochTree::seal`] ends the epoch in O(1) — it clones one `Arc` — and returns an immutable
 //!   [`EpochView`]; the next epoch shares every unchanged node with it.
 //! - On a view: [`EpochView::modified_since`] / [`EpochView::modified_in`] iterate modified pages in
