@@ -36,11 +36,11 @@ mod loom_sync {
     }
 }
 
-/// Buffers a shard keeps for the next copies (copies of pages up to [`SPARE_MAX_BYTES`]): a few
-/// per shard is a snapshot's worth of copies on write for a hot set, and at most 4 MiB in all
-/// for 4 KiB pages.
-const SPARES: usize = 4;
-const SPARE_MAX_BYTES: usize = 64 << 10;
+/// Bytes of buffers a shard keeps for the next copies, and at most this many buffers: four 4 KiB
+/// pages a shard is a snapshot's worth of copies on write for a hot set, and 4 MiB in all; pages
+/// over 16 KiB keep none.
+const SPARE_BYTES: usize = 16 << 10;
+const SPARES_MAX: usize = 4;
 /// Entries a shard's map keeps room for between snapshots.
 const KEPT_CAPACITY: usize = 64;
 
@@ -48,6 +48,8 @@ const KEPT_CAPACITY: usize = 64;
 pub(crate) struct CowShards {
     shards: Box<[Shard]>,
     page_bytes: usize,
+    /// Buffers a shard keeps: [`SPARE_BYTES`] worth, at most [`SPARES_MAX`].
+    spares: usize,
 }
 
 /// One shard, alone in its cache lines (the taker and a writer lock different shards).
@@ -69,22 +71,23 @@ struct Kept {
 
 impl Kept {
     /// The shard's state for snapshot `job`, reset if it holds an earlier one's.
-    fn of(&mut self, job: Epoch) -> &mut Kept {
+    fn of(&mut self, job: Epoch, page_bytes: usize, spares: usize) -> &mut Kept {
         if self.job != job {
-            self.reset();
+            self.reset(page_bytes, spares);
             self.job = job;
         }
         self
     }
 
-    fn reset(&mut self) {
+    /// Forgets the snapshot's state, keeping up to `spares` buffers of `page_bytes`.
+    fn reset(&mut self, page_bytes: usize, spares: usize) {
         self.swept = 0;
         if self.copies.is_empty() {
             return;
         }
         for (_, copy) in self.copies.drain() {
             if let Some(buf) = copy {
-                if self.spare.len() < SPARES && buf.len() <= SPARE_MAX_BYTES {
+                if self.spare.len() < spares && buf.len() == page_bytes {
                     self.spare.push(buf);
                 }
             }
@@ -109,6 +112,7 @@ impl CowShards {
                 })
                 .collect(),
             page_bytes,
+            spares: (SPARE_BYTES / page_bytes.max(1)).min(SPARES_MAX),
         }
     }
 
@@ -126,7 +130,7 @@ impl CowShards {
         state: impl FnOnce() -> Option<&'a [u8]>,
     ) {
         let mut g = self.shards[shard].0.lock();
-        let k = g.of(job);
+        let k = g.of(job, self.page_bytes, self.spares);
         if key < k.swept || k.copies.contains_key(&key) || !needed() {
             return;
         }
@@ -150,25 +154,34 @@ impl CowShards {
         f: impl FnOnce(Option<&[u8]>) -> R,
     ) -> Option<R> {
         let mut g = self.shards[shard].0.lock();
-        let k = g.of(job);
+        let k = g.of(job, self.page_bytes, self.spares);
         k.swept = key + 1;
         let copy = k.copies.remove(&key)?;
         let r = f(copy.as_deref());
         if let Some(buf) = copy {
-            if k.spare.len() < SPARES
-                && buf.len() == self.page_bytes
-                && buf.len() <= SPARE_MAX_BYTES
-            {
+            if k.spare.len() < self.spares && buf.len() == self.page_bytes {
                 k.spare.push(buf);
             }
         }
         Some(r)
     }
 
+    /// Copies held, and the bytes of page they hold, over all shards.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> (usize, usize) {
+        let (mut n, mut bytes) = (0, 0);
+        for s in self.shards.iter() {
+            let g = s.0.lock();
+            n += g.copies.len();
+            bytes += g.copies.values().flatten().map(|b| b.len()).sum::<usize>();
+        }
+        (n, bytes)
+    }
+
     /// After a snapshot: drops the copies it left (a failed one leaves those it did not take).
     pub(crate) fn clear(&self) {
         for s in self.shards.iter() {
-            s.0.lock().reset();
+            s.0.lock().reset(self.page_bytes, self.spares);
         }
     }
 }

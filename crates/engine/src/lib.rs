@@ -181,11 +181,33 @@ pub struct Opened {
 #[repr(align(128))]
 struct Stripe(Mutex<Written>);
 
-/// First writes of pages (page, epoch of the write) not yet folded into the epoch tree: a writer
-/// notes them under the page's stripe instead of taking the tree's lock, and the snapshot that
-/// seals their epoch folds them in before it asks the tree what changed ([`Inner::fold_written`]).
+/// First changes of keys (key, epoch of the change) not yet folded into the epoch tree: a writer
+/// notes them under the key's lock instead of taking the tree's, and the snapshot that seals their
+/// epoch folds them in before it asks the tree what changed ([`Inner::fold_written`]).
 #[derive(Default)]
-struct Written(Vec<(u64, Epoch)>);
+struct Written {
+    notes: Vec<(u64, Epoch)>,
+    /// The list is sorted and rid of repeats when it grows past this (and [`WRITTEN_KEPT`]).
+    compact_at: usize,
+}
+
+impl Written {
+    /// Notes a change of `key` in `epoch`. Writes note a page once an epoch (its descriptor says
+    /// when it was first changed); a map and unmap loop may note one page many times, so the same
+    /// note twice in a row is dropped, and a list that doubles is compacted: it never holds more
+    /// than about twice the keys changed since the last fold.
+    fn note(&mut self, key: u64, epoch: Epoch) {
+        if self.notes.last() == Some(&(key, epoch)) {
+            return;
+        }
+        self.notes.push((key, epoch));
+        if self.notes.len() > self.compact_at.max(WRITTEN_KEPT) {
+            self.notes.sort_unstable();
+            self.notes.dedup();
+            self.compact_at = 2 * self.notes.len();
+        }
+    }
+}
 
 /// A stripe's noted first writes keep their room up to this many entries after a fold.
 const WRITTEN_KEPT: usize = 1024;
@@ -217,6 +239,9 @@ struct Job {
     /// Every key's state at the pause has been taken: writers need no copy-on-write at all (and
     /// take none of the job's locks).
     all_copied: std::sync::atomic::AtomicBool,
+    /// The epoch tree sealed at this snapshot's epoch, once the snapshot has folded the notes in:
+    /// what a writer asks about a key whose last change it cannot see (a page being mapped).
+    view: std::sync::OnceLock<EpochView>,
 }
 
 struct Persisted {
@@ -460,6 +485,13 @@ impl Inner {
     }
 
     fn alloc_frame(&self, content: Option<&[u8]>) -> Result<PhysAddr, EngineError> {
+        if let Some(c) = content.filter(|c| c.len() as u64 != self.ps.bytes()) {
+            return Err(StoreError::PageSize {
+                len: c.len(),
+                page_size: self.ps.bytes() as u32,
+            }
+            .into());
+        }
         let idx = self
             .frames
             .alloc(content)
@@ -614,7 +646,10 @@ impl Inner {
             flags: PageFlags::PHYS_MEM,
             ..self.table.page_init(vaddr)
         };
-        self.table.set_page(page)?;
+        if let Err(e) = self.table.set_page(page) {
+            self.frames.free((paddr.0 >> self.ps.shift()) as usize);
+            return Err(e.into());
+        }
         Ok(Some(page))
     }
 
@@ -667,33 +702,49 @@ impl Inner {
     /// epoch tree, at the epochs they were made in, and seals the tree there: the view of every
     /// change up to `epoch`. Called by the snapshot of `epoch`, first thing: the writers note their
     /// first change of a key in an epoch under the key's own lock, and never take the tree's.
+    /// The snapshot `job`'s view of every change up to its pause: folds the notes in (once) and
+    /// publishes the view to writers ([`Job::view`]).
+    fn fold(&self, job: &Job) -> EpochView {
+        job.view
+            .get_or_init(|| self.fold_written(job.epoch))
+            .clone()
+    }
+
     fn fold_written(&self, epoch: Epoch) -> EpochView {
+        // The notes are copied first and forgotten only once the tree has them, so no failure
+        // between the two can lose one. No note of these epochs is added meanwhile: writers have
+        // used a later epoch since the pause.
         let mut noted = Vec::new();
-        let mut due = |w: &mut Written| {
-            w.0.retain(|&(key, e)| {
-                let due = e <= epoch;
-                if due {
-                    noted.push((key, e));
-                }
-                !due
-            });
-            if w.0.capacity() > WRITTEN_KEPT && w.0.len() < w.0.capacity() / 4 {
-                let keep = w.0.len().max(WRITTEN_KEPT);
-                w.0.shrink_to(keep);
+        let copy_due = |w: &Written, noted: &mut Vec<(u64, Epoch)>| {
+            noted.extend(w.notes.iter().filter(|(_, e)| *e <= epoch));
+        };
+        for stripe in &self.stripes {
+            copy_due(&stripe.0.lock(), &mut noted);
+        }
+        copy_due(&self.map_written.lock(), &mut noted);
+        // In key order, the tree's walks share their paths.
+        noted.sort_unstable();
+        let view = {
+            let mut tree = self.tree.lock();
+            tree.advance_to(epoch);
+            for &(key, e) in &noted {
+                tree.mark_at(Vpn(key), e);
+            }
+            tree.seal()
+        };
+        let forget = |w: &mut Written| {
+            w.notes.retain(|(_, e)| *e > epoch);
+            w.compact_at = 2 * w.notes.len();
+            if w.notes.capacity() > WRITTEN_KEPT && w.notes.len() < w.notes.capacity() / 4 {
+                let keep = w.notes.len().max(WRITTEN_KEPT);
+                w.notes.shrink_to(keep);
             }
         };
         for stripe in &self.stripes {
-            due(&mut stripe.0.lock());
+            forget(&mut stripe.0.lock());
         }
-        due(&mut self.map_written.lock());
-        // In key order, the tree's walks share their paths.
-        noted.sort_unstable();
-        let mut tree = self.tree.lock();
-        tree.advance_to(epoch);
-        for &(key, e) in &noted {
-            tree.mark_at(Vpn(key), e);
-        }
-        tree.seal()
+        forget(&mut self.map_written.lock());
+        view
     }
 
     /// The resident descriptors of every page in `vpns` (stripes held), or the first unmapped one.
@@ -754,7 +805,14 @@ impl Inner {
         if job.all_copied.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
-        let needed = || last.is_none_or(|e| e > job.since);
+        let needed = || match last {
+            // Changed after the pause: that first change decided already.
+            Some(e) => e > job.since && e <= job.epoch,
+            None => job
+                .view
+                .get()
+                .is_none_or(|v| v.last_modified(Vpn(key)).is_some_and(|e| e > job.since)),
+        };
         self.cow
             .keep(self.stripe_index(key), job.epoch, key, needed, state);
     }
@@ -770,7 +828,7 @@ impl Inner {
             Some(bytes)
         });
         self.table.update(page.vaddr, |p| p.epoch = epoch);
-        written.0.push((vpn.0, epoch));
+        written.note(vpn.0, epoch);
     }
 
     /// Sets or clears the mapping bit of `vpn`. Stripe of `vpn` held.
@@ -797,7 +855,7 @@ impl Inner {
                 Some(before).filter(|b| b.iter().any(|x| *x != 0))
             });
             block.epoch = epoch;
-            self.map_written.lock().0.push((key, epoch));
+            self.map_written.lock().note(key, epoch);
         }
         let byte = &mut block.bits[(bit / 8) as usize];
         if on {
@@ -917,7 +975,7 @@ impl Inner {
     ) -> Result<SnapshotReport, EngineError> {
         // First, whatever happens next: the changes noted up to this epoch go into the tree (a
         // later snapshot, after this one fails say, finds them there), sealed at this epoch.
-        let view = self.fold_written(job.epoch);
+        let view = self.fold(job);
         let mut keys: Vec<u64> = view.modified_since(job.since)?.map(|(v, _)| v.0).collect();
         // Taken in ascending order (`cow.rs`); the tree yields them so, this makes sure.
         if !keys.is_sorted() {
@@ -1294,7 +1352,7 @@ impl Space {
                 inner.frames.free(frame);
                 return Err(e);
             }
-            stripe.0.push((vpn, epoch));
+            stripe.note(vpn, epoch);
         }
         Ok(())
     }
@@ -1321,7 +1379,10 @@ impl Space {
             if let Some(p) = inner.table.remove(vaddr) {
                 inner.frames.free((p.paddr.0 >> inner.ps.shift()) as usize);
             }
-            stripe.0.push((vpn, epoch));
+            // A page changed already in this epoch (written or mapped) is noted already.
+            if page.is_none_or(|p| p.epoch < epoch) {
+                stripe.note(vpn, epoch);
+            }
         }
         Ok(())
     }
@@ -1417,8 +1478,9 @@ impl Space {
             .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Test hook: [`Space::begin_snapshot`] whose persisting waits for
-    /// [`SnapshotHandle::release`] (or `wait`), so a test can write between the pause and the
+    /// Test hook: [`Space::begin_snapshot`] whose persisting (after its fold of the noted
+    /// changes, which this waits for) waits for [`SnapshotHandle::release`] (or `wait`), so a test
+    /// can write between the pause and the
     /// persisting and check that the snapshot still holds the state at the pause.
     #[doc(hidden)]
     pub fn begin_snapshot_held(&self) -> Result<SnapshotHandle, EngineError> {
@@ -1440,6 +1502,7 @@ impl Space {
             epoch: Epoch(0),
             since: inner.persisted.lock().epoch,
             all_copied: std::sync::atomic::AtomicBool::new(false),
+            view: std::sync::OnceLock::new(),
         });
         let started = Instant::now();
         {
@@ -1454,6 +1517,7 @@ impl Space {
         }
         let pause = started.elapsed();
         let (hold, go) = std::sync::mpsc::channel::<()>();
+        let (folded_tx, folded) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("pagesnap-snapshot".into())
             .spawn(move || {
@@ -1463,6 +1527,10 @@ impl Space {
                     store_clean: false,
                 };
                 if held {
+                    // Held after the fold (which the caller waits for): from then on a writer
+                    // knows exactly which keys the snapshot holds.
+                    finish.inner.fold(&job);
+                    let _ = folded_tx.send(());
                     // Released by `release` or `wait`; a dropped handle releases too.
                     let _ = go.recv();
                 }
@@ -1482,6 +1550,7 @@ impl Space {
             })
             .map_err(|e| {
                 *self.inner.job.write() = None;
+                self.inner.cow.clear();
                 *self.inner.running.lock() = false;
                 self.inner.idle.notify_all();
                 EngineError::Store(StoreError::Io {
@@ -1490,6 +1559,10 @@ impl Space {
                     source: e,
                 })
             })?;
+        if held {
+            // An error means the thread ended (it panicked): `wait` reports it.
+            let _ = folded.recv();
+        }
         Ok(SnapshotHandle {
             pause,
             thread,
@@ -1519,5 +1592,100 @@ impl Space {
         }
         drop(running);
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pagesnap_store::fault::FaultyStorage;
+
+    const PS: u64 = 512;
+
+    fn new_space() -> Space {
+        let opts = StoreOptions {
+            page_size: PS as u32,
+            segment_bytes: 1 << 20,
+            preallocate: 64 << 10,
+            ..StoreOptions::default()
+        };
+        let io = Arc::new(FaultyStorage::new());
+        Space::create(Store::init_with(io, opts).expect("store")).expect("space")
+    }
+
+    /// Notes waiting in the stripes and for the mapping blocks.
+    fn noted(space: &Space) -> usize {
+        let inner = &space.inner;
+        inner
+            .stripes
+            .iter()
+            .map(|s| s.0.lock().notes.len())
+            .sum::<usize>()
+            + inner.map_written.lock().notes.len()
+    }
+
+    #[test]
+    fn map_and_unmap_loops_between_snapshots_keep_the_notes_bounded() {
+        let space = new_space();
+        for _ in 0..100_000 {
+            space.map(VirtAddr(0), PS).expect("map");
+            space.unmap(VirtAddr(0), PS).expect("unmap");
+        }
+        // One page and its mapping block, changed in one epoch.
+        assert!(noted(&space) <= 2, "{} notes for one page", noted(&space));
+        // Many pages in turn: the lists are compacted, never more than about twice the keys.
+        for round in 0..40u64 {
+            for v in 0..3000u64 {
+                let at = VirtAddr((v * 7 + round) % 3000 * PS);
+                space.map(at, PS).expect("map");
+                space.unmap(at, PS).expect("unmap");
+            }
+        }
+        let n = noted(&space);
+        assert!(
+            n <= 2 * 3001 + STRIPES * WRITTEN_KEPT,
+            "{n} notes for 3,000 pages"
+        );
+        // And a snapshot folds them all in: the next one has nothing to fold.
+        space.snapshot().expect("snapshot");
+        assert_eq!(noted(&space), 0);
+    }
+
+    #[test]
+    fn keys_the_snapshot_does_not_hold_get_no_copies() {
+        let space = new_space();
+        space.set_eager_copy_limit(0);
+        space.map(VirtAddr(0), 1000 * PS).expect("map");
+        for v in 0..1000 {
+            space
+                .write(VirtAddr(v * PS), &[1u8; PS as usize])
+                .expect("write");
+        }
+        space.snapshot().expect("first");
+        // The one page the next snapshot holds.
+        space
+            .write(VirtAddr(999 * PS), &[2u8; PS as usize])
+            .expect("write");
+        let handle = space.begin_snapshot_held().expect("pause");
+        // Pages mapped after the pause, and clean pages written then unmapped after it: none
+        // is in the snapshot, so none needs a copy.
+        space.map(VirtAddr(100_000 * PS), 5000 * PS).expect("map");
+        for v in 0..998 {
+            space
+                .write(VirtAddr(v * PS), &[3u8; PS as usize])
+                .expect("write");
+            space.unmap(VirtAddr(v * PS), PS).expect("unmap");
+        }
+        // The dirty page, changed after the pause: its state at the pause is kept.
+        space.unmap(VirtAddr(999 * PS), PS).expect("unmap");
+        let (entries, bytes) = space.inner.cow.held();
+        let report = handle.wait().expect("snapshot");
+        assert_eq!(report.pages_persisted, 1);
+        assert_eq!(report.copied_on_write, 1);
+        assert_eq!(
+            (entries, bytes),
+            (1, PS as usize),
+            "copies kept for keys the snapshot does not hold"
+        );
     }
 }
