@@ -458,6 +458,11 @@ impl Inner {
         &self.stripes[self.stripe_index(key)].0
     }
 
+    /// The frame a physical address names.
+    fn frame_index(&self, paddr: PhysAddr) -> usize {
+        (paddr.0 >> self.ps.shift()) as usize
+    }
+
     /// The bytes of the frame `page` is mapped to, to read.
     ///
     /// # Safety
@@ -465,10 +470,7 @@ impl Inner {
     /// there and no other thread writes it meanwhile.
     unsafe fn frame(&self, page: &Page) -> &[u8] {
         // SAFETY: the caller's contract is the frames' contract.
-        unsafe {
-            self.frames
-                .bytes((page.paddr.0 >> self.ps.shift()) as usize)
-        }
+        unsafe { self.frames.bytes(self.frame_index(page.paddr)) }
     }
 
     /// The bytes of the frame `page` is mapped to, to write.
@@ -478,10 +480,7 @@ impl Inner {
     #[allow(clippy::mut_from_ref)]
     unsafe fn frame_mut(&self, page: &Page) -> &mut [u8] {
         // SAFETY: the caller's contract is the frames' contract.
-        unsafe {
-            self.frames
-                .bytes_mut((page.paddr.0 >> self.ps.shift()) as usize)
-        }
+        unsafe { self.frames.bytes_mut(self.frame_index(page.paddr)) }
     }
 
     fn alloc_frame(&self, content: Option<&[u8]>) -> Result<PhysAddr, EngineError> {
@@ -647,7 +646,7 @@ impl Inner {
             ..self.table.page_init(vaddr)
         };
         if let Err(e) = self.table.set_page(page) {
-            self.frames.free((paddr.0 >> self.ps.shift()) as usize);
+            self.frames.free(self.frame_index(paddr));
             return Err(e.into());
         }
         Ok(Some(page))
@@ -698,10 +697,6 @@ impl Inner {
             .collect()
     }
 
-    /// Folds the changes noted up to `epoch` (in the stripes, and for mapping blocks) into the
-    /// epoch tree, at the epochs they were made in, and seals the tree there: the view of every
-    /// change up to `epoch`. Called by the snapshot of `epoch`, first thing: the writers note their
-    /// first change of a key in an epoch under the key's own lock, and never take the tree's.
     /// The snapshot `job`'s view of every change up to its pause: folds the notes in (once) and
     /// publishes the view to writers ([`Job::view`]).
     fn fold(&self, job: &Job) -> EpochView {
@@ -710,6 +705,10 @@ impl Inner {
             .clone()
     }
 
+    /// Folds the changes noted up to `epoch` (in the stripes, and for mapping blocks) into the
+    /// epoch tree, at the epochs they were made in, and seals the tree there: the view of every
+    /// change up to `epoch`. Called by the snapshot of `epoch`, first thing: the writers note their
+    /// first change of a key in an epoch under the key's own lock, and never take the tree's.
     fn fold_written(&self, epoch: Epoch) -> EpochView {
         // The notes are copied first and forgotten only once the tree has them, so no failure
         // between the two can lose one. No note of these epochs is added meanwhile: writers have
@@ -791,9 +790,10 @@ impl Inner {
     /// for the snapshot being persisted, if that snapshot still needs it (`cow.rs`). The key's
     /// lock is held (its stripe; the mapping blocks' lock for a block). `last` is the epoch of the
     /// key's last change (a resident page's descriptor, a mapping block's; the epoch tree records
-    /// the same): the snapshot holds the key only if that is after its parent's. Without it (a
-    /// page not mapped, or not resident) the state is kept anyway: a copy of a key the snapshot
-    /// does not hold is never taken, and goes when the snapshot ends.
+    /// the same): the snapshot holds the key only if that is after its parent's and not after the
+    /// pause. Without it (a page not mapped, or not resident) the snapshot's view is asked once it
+    /// is folded; before that the state is kept anyway (a copy of a key the snapshot does not hold
+    /// is never taken, and goes when the snapshot ends).
     fn preserve<'a>(
         &self,
         key: u64,
@@ -1329,13 +1329,12 @@ impl Space {
             if inner.is_mapped(vpn)? {
                 continue;
             }
-            // Unmapped at the pause, if a snapshot is being taken: kept as such (a page the
-            // snapshot does not hold never has its copy taken).
+            // Unmapped at the pause, if a snapshot is being taken and holds the page: kept as such.
             inner.preserve(vpn, None, || None);
             // Each step that can fail undoes the ones before it: the page is mapped whole or not
             // at all.
             let paddr = inner.alloc_frame(None)?;
-            let frame = (paddr.0 >> inner.ps.shift()) as usize;
+            let frame = inner.frame_index(paddr);
             let vaddr = inner.ps.addr(Vpn(vpn));
             let page = Page {
                 paddr,
@@ -1377,7 +1376,7 @@ impl Space {
             });
             inner.set_mapped(vpn, false, epoch)?;
             if let Some(p) = inner.table.remove(vaddr) {
-                inner.frames.free((p.paddr.0 >> inner.ps.shift()) as usize);
+                inner.frames.free(inner.frame_index(p.paddr));
             }
             // A page changed already in this epoch (written or mapped) is noted already.
             if page.is_none_or(|p| p.epoch < epoch) {
